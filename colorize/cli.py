@@ -1,0 +1,148 @@
+"""The ``colorize`` command: parses arguments into a config and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from colorize import data, storage
+
+EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
+EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a colouriser with Ray Train (data-parallel, checkpointed, resumable)",
+        description="Train a colouriser on Ray Train. Running it again with the same --out resumes "
+        "from the last checkpoint.",
+    )
+    p.add_argument("--data", required=True, help="training images: a folder (any nesting), Parquet shards with an "
+                   "'image' bytes column, or the CIFAR-10 python release (.tar.gz or extracted); local or s3://")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints, model.pt, curve.png, grid.png")
+    p.add_argument("--val", help="validation images, same forms as --data (CIFAR-10 python: its test batch)")
+    p.add_argument("--model", default="unet", choices=("unet", "autoencoder"), help="architecture (default: unet)")
+    p.add_argument("--width", type=_positive_int, default=32, help="channels of the first stage (default: 32)")
+    p.add_argument("--depth", type=_positive_int, default=3, help="downsampling stages (default: 3)")
+    p.add_argument("--image-size", type=_positive_int, default=32, help="square training resolution in px (default: 32)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
+    p.add_argument("--loss", default="mse", choices=("mse", "l1", "huber"), help="ab regression loss (default: mse)")
+    p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--val-limit", type=_positive_int, default=1000, help="validation images per epoch (default: 1000)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from colorize.train import TrainConfig, train
+
+    summary = train(TrainConfig.from_dict(_config_values(args)))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="PSNR, SSIM and colourfulness of a model next to the grey baseline",
+        description="Colour the lightness of each image with a model and compare with the original, next to "
+        "the grey baseline (601 luma copied to R, G, B). Prints JSON.",
+    )
+    p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: test batch)")
+    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
+    p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from colorize.evaluate import EvaluateConfig, evaluate
+
+    print(json.dumps(evaluate(EvaluateConfig(**_config_values(args))), indent=2))
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="bulk-colourise images with Ray Data: PNG and Parquet out, failures listed",
+        description="Colourise every image under --input at its original resolution. Re-running with the same "
+        "--output skips what is already written. Exit status: 0 all written, 3 some inputs failed (see "
+        "OUTPUT/failed/), 2 bad arguments or unusable input.",
+    )
+    p.add_argument("--input", required=True, help="a folder (recursive), an image, s3://bucket/prefix, archives "
+                   "(.tar, .tar.gz, .tgz, .zip, WebDataset shards) or a manifest (.txt or .parquet list of paths)")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for images/, parquet/, failed/, _SUMMARY.json")
+    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--format", default="png,parquet", help="comma-separated outputs: png, parquet (default: both)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    gpus = p.add_mutually_exclusive_group()
+    gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
+    gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
+    p.add_argument("--actors", type=_positive_int, help="CPU model actors (default: half the cluster's CPUs, at least 1)")
+    p.add_argument("--limit", type=_positive_int, help="process only the first N inputs")
+    p.add_argument("--max-pixels", type=_positive_int, default=80_000_000,
+                   help="refuse images with more pixels (decompression bombs; default: 80,000,000)")
+    p.add_argument("--png-level", type=int, default=6, choices=range(10), metavar="0-9",
+                   help="PNG zlib compression level (default: 6)")
+    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from colorize.pipeline import BulkConfig, run
+
+    values = _config_values(args)
+    values["formats"] = tuple(f.strip() for f in values.pop("format").split(",") if f.strip())
+    values["num_gpus"] = values["num_gpus"] or 0
+    summary = run(BulkConfig(**values))
+    return EXIT_SOME_FAILED if summary["failed"] else 0
+
+
+def _config_values(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colorize", description="Distributed image colourisation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (storage.StorageError, data.DataError, ValueError) as error:
+        print(f"colorize {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"colorize {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Colour maths: sRGB <-> CIE Lab (D65), ITU-R 601 luma, and the model's normalisation.
+
+Pure functions with no I/O. The torch functions take channels-first tensors ``(..., 3, H, W)``
+on any device; the ``*_np`` wrappers take channels-last numpy images ``(..., H, W, 3)`` as
+image libraries hand them out. RGB values are floats in [0, 1]; L is in [0, 100]; a and b
+are in Lab units (roughly [-110, 110]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# The model sees L and ab normalised with these constants (richzhang/colorization's convention).
+L_CENTER = 50.0
+L_RANGE = 100.0
+AB_RANGE = 110.0
+
+# ITU-R BT.601 luma weights, applied to gamma-encoded sRGB (what PIL's convert("L") does).
+LUMA_601 = (0.299, 0.587, 0.114)
+
+_WHITE_D65 = (0.95047, 1.0, 1.08883)
+_RGB_TO_XYZ = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
+_EPSILON = 216.0 / 24389.0  # CIE's (6/29)^3
+_KAPPA = 24389.0 / 27.0  # CIE's (29/3)^3
+
+
+def _matrix(rows: tuple, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def _apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Multiply each pixel's 3-vector along dim -3 by ``matrix``."""
+    return torch.einsum("ij,...jhw->...ihw", matrix, x)
+
+
+def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
+    rgb = rgb.clamp(0.0, 1.0)
+    return torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
+    linear = linear.clamp(0.0, 1.0)
+    return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], shape (..., 3, H, W) -> Lab, same shape; L in [0, 100]."""
+    rgb = rgb.float() if not rgb.is_floating_point() else rgb
+    xyz = _apply(_matrix(_RGB_TO_XYZ, rgb), srgb_to_linear(rgb))
+    white = torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    t = xyz / white
+    f = torch.where(t > _EPSILON, t.clamp(min=_EPSILON) ** (1 / 3), (_KAPPA * t + 16) / 116)
+    fx, fy, fz = f.unbind(dim=-3)
+    return torch.stack((116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)), dim=-3)
+
+
+def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
+    """Lab -> linear RGB, unclamped, so callers can see what falls outside the gamut."""
+    L, a, b = lab.unbind(dim=-3)
+    fy = (L + 16) / 116
+    fx = fy + a / 500
+    fz = fy - b / 200
+
+    def finv(f: torch.Tensor) -> torch.Tensor:
+        return torch.where(f**3 > _EPSILON, f**3, (116 * f - 16) / _KAPPA)
+
+    y = torch.where(L > _KAPPA * _EPSILON, fy**3, L / _KAPPA)
+    white = torch.tensor(_WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    xyz = torch.stack((finv(fx), y, finv(fz)), dim=-3) * white
+    return _apply(torch.linalg.inv(_matrix(_RGB_TO_XYZ, lab).double()).to(lab.dtype), xyz)
+
+
+def lab_to_rgb(lab: torch.Tensor, *, keep_lightness: bool = True, steps: int = 12) -> torch.Tensor:
+    """Lab (..., 3, H, W) -> sRGB in [0, 1].
+
+    Colours outside the sRGB gamut are brought inside. With ``keep_lightness`` (the default)
+    each such pixel's chroma is scaled down, by bisection over ``steps`` halvings, until it
+    fits, so L is preserved exactly (a neutral grey of any L in [0, 100] is always in gamut);
+    otherwise RGB is simply clipped, which is faster but shifts lightness.
+    """
+    lab = lab.float() if not lab.is_floating_point() else lab
+    L = lab[..., :1, :, :].clamp(0.0, 100.0)
+    ab = lab[..., 1:, :, :]
+    linear = _lab_to_linear(torch.cat((L, ab), dim=-3))
+    tol = 1e-6
+    outside = ((linear < -tol) | (linear > 1 + tol)).any(dim=-3, keepdim=True)
+    if keep_lightness and bool(outside.any()):
+        lo = torch.zeros_like(L)
+        hi = torch.ones_like(L)
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            trial = _lab_to_linear(torch.cat((L, ab * mid), dim=-3))
+            fits = ((trial >= -tol) & (trial <= 1 + tol)).all(dim=-3, keepdim=True)
+            lo = torch.where(fits, mid, lo)
+            hi = torch.where(fits, hi, mid)
+        scale = torch.where(outside, lo, torch.ones_like(lo))
+        linear = _lab_to_linear(torch.cat((L, ab * scale), dim=-3))
+    return linear_to_srgb(linear)
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of sRGB (..., 3, H, W) -> (..., 1, H, W), same range as the input."""
+    weights = torch.tensor(LUMA_601, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * weights).sum(dim=-3, keepdim=True)
+
+
+def normalize_l(L: torch.Tensor) -> torch.Tensor:
+    """L in [0, 100] -> model input in [-0.5, 0.5]."""
+    return (L - L_CENTER) / L_RANGE
+
+
+def normalize_ab(ab: torch.Tensor) -> torch.Tensor:
+    """ab in Lab units -> roughly [-1, 1]."""
+    return ab / AB_RANGE
+
+
+def denormalize_ab(ab: torch.Tensor) -> torch.Tensor:
+    return ab * AB_RANGE
+
+
+def gray_rgb_from_l(L: torch.Tensor) -> torch.Tensor:
+    """The neutral sRGB grey of lightness L: (..., 1, H, W) in [0, 100] -> [0, 1]."""
+    fy = (L + 16) / 116
+    y = torch.where(L > _KAPPA * _EPSILON, fy**3, L / _KAPPA)
+    return linear_to_srgb(y)
+
+
+def rgb_to_lab_np(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (..., H, W, 3), uint8 or float in [0, 1] -> float32 Lab (..., H, W, 3)."""
+    x = torch.from_numpy(_as_unit_float(rgb)).movedim(-1, -3)
+    return rgb_to_lab(x).movedim(-3, -1).numpy()
+
+
+def lab_to_rgb_np(lab: np.ndarray, *, keep_lightness: bool = True) -> np.ndarray:
+    """Lab (..., H, W, 3) -> float32 sRGB in [0, 1], (..., H, W, 3)."""
+    x = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32)).movedim(-1, -3)
+    return lab_to_rgb(x, keep_lightness=keep_lightness).movedim(-3, -1).numpy()
+
+
+def luma_np(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of sRGB (..., H, W, 3) -> float32 (..., H, W) in [0, 1]."""
+    return (_as_unit_float(rgb) @ np.asarray(LUMA_601, dtype=np.float32)).astype(np.float32)
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] -> uint8, rounded to nearest."""
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _as_unit_float(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype == np.uint8:
+        return rgb.astype(np.float32) / 255.0
+    return np.ascontiguousarray(rgb, dtype=np.float32)

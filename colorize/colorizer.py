@@ -1,0 +1,104 @@
+"""The contract every colouriser meets: Lab lightness in, ab chroma out, in Lab units.
+
+The networks in :mod:`colorize.models` speak their own native units (normalised L for the
+U-Net, grey sRGB for the seed autoencoder); this module adapts both to one interface for
+training, evaluation and the bulk job, and reads and writes weight files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colorize import color, storage
+from colorize.models import ModelConfig, build_model
+
+LOSSES = ("mse", "l1", "huber")
+BUNDLED_WEIGHTS = "unet-cifar10.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def predict_ab(model: nn.Module, L: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) L in [0, 100] -> (B, 2, H, W) ab in Lab units."""
+    if unwrap(model).config.arch == "unet":
+        return color.denormalize_ab(model(color.normalize_l(L)).float())
+    rgb = model(color.gray_rgb_from_l(L)).float()
+    return color.rgb_to_lab(rgb)[:, 1:]
+
+
+def predict_rgb(model: nn.Module, L: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) L -> (B, 3, H, W) sRGB in [0, 1], lightness kept from the input."""
+    return color.lab_to_rgb(torch.cat((L, predict_ab(model, L)), dim=1))
+
+
+def loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Training loss for one batch in the model's native units.
+
+    The U-Net regresses normalised ab; the seed autoencoder regresses RGB with MSE (its
+    original objective), whatever ``kind`` says.
+    """
+    if unwrap(model).config.arch == "autoencoder":
+        target = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+        return F.mse_loss(model(color.gray_rgb_from_l(L)).float(), target)
+    pred = model(color.normalize_l(L)).float()
+    target = color.normalize_ab(ab)
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "huber":
+        return F.smooth_l1_loss(pred, target, beta=0.1)
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+def weights_bytes(model: nn.Module) -> bytes:
+    """Serialise config and parameters as a weights-only torch file."""
+    bare = unwrap(model)
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    torch.save({"config": bare.config.to_dict(), "state_dict": state}, buffer)
+    return buffer.getvalue()
+
+
+def model_from_bytes(data: bytes) -> nn.Module:
+    """Rebuild a model from :func:`weights_bytes` output. Never unpickles arbitrary objects."""
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = build_model(ModelConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def bundled_weights_path() -> Path:
+    return Path(str(resources.files("colorize") / "weights" / BUNDLED_WEIGHTS))
+
+
+def weights_id(data: bytes) -> str:
+    """A short content hash that names a weights file in outputs."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def load_weights(uri: str | None, settings: storage.S3Settings | None = None) -> tuple[nn.Module, str]:
+    """A model in eval mode and its weights id, from a file (local or ``s3://``) or the bundled default."""
+    if uri is None:
+        raw = bundled_weights_path().read_bytes()
+    else:
+        fs, path = storage.resolve(uri, settings)
+        storage.check_access(fs, path, uri)
+        if not storage.exists(fs, path):
+            raise storage.StorageError(f"{uri}: no such weights file")
+        raw = storage.read_bytes(fs, path)
+    try:
+        return model_from_bytes(raw), weights_id(raw)
+    except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file ({error})") from None

@@ -1,0 +1,213 @@
+"""Training and evaluation data as streaming Ray Datasets of Lab tensors.
+
+Sources, local or ``s3://``:
+
+- the official CIFAR-10 python release: ``cifar-10-python.tar.gz`` or its extracted
+  ``cifar-10-batches-py/`` (``split="train"`` reads ``data_batch_*``, ``"test"`` ``test_batch``);
+- Parquet shards with an image-bytes column (``image``, or a struct with a ``bytes`` field as
+  Hugging Face writes it): the way to store ImageNet-size sets, one listing per shard;
+- any folder of images, nested to any depth (ImageNet's class-folder layout included).
+
+Every source becomes rows of encoded ``bytes`` or decoded ``rgb``; :func:`prepare_batch` then
+decodes, crops, flips and converts to Lab in Ray Data CPU tasks. A row that cannot be decoded
+is kept with ``ok = False`` so the trainer can skip it and count it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import posixpath
+import tarfile
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+from PIL import Image, ImageOps
+
+from colorize import color, storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+class DataError(ValueError):
+    """A training source that cannot be used, with the reason in one line."""
+
+
+def load_dataset(
+    uri: str,
+    *,
+    split: str = "train",
+    settings: storage.S3Settings | None = None,
+    limit: int | None = None,
+) -> ray.data.Dataset:
+    """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source."""
+    fs, path = storage.resolve(uri, settings)
+    storage.check_access(fs, path, uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: no such file or directory")
+    name = posixpath.basename(path.rstrip("/"))
+    if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
+        ds = _cifar_python(fs, path, split)
+    elif path.endswith(".parquet") or _has_parquet(fs, path, info):
+        ds = _parquet_images(fs, path)
+    else:
+        files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+        files = files[:limit] if limit else files
+        ds = ray.data.read_binary_files(files, filesystem=fs, override_num_blocks=_blocks(len(files)))
+    return ds.limit(limit) if limit else ds
+
+
+def lab_dataset(
+    uri: str,
+    *,
+    image_size: int,
+    augment: bool,
+    split: str = "train",
+    settings: storage.S3Settings | None = None,
+    limit: int | None = None,
+) -> ray.data.Dataset:
+    """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed."""
+    raw = load_dataset(uri, split=split, settings=settings, limit=limit)
+    return raw.map_batches(
+        prepare_batch,
+        fn_kwargs={"image_size": image_size, "augment": augment},
+        batch_format="numpy",
+        batch_size=256,
+    )
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, with_rgb: bool = False
+) -> dict[str, np.ndarray]:
+    """Decode (if needed), crop to a square, resize to ``image_size``, convert to Lab.
+
+    Undecodable rows come out as zeros with ``ok = False`` rather than failing the task.
+    ``with_rgb`` also returns the uint8 ``rgb`` (B, S, S, 3) the Lab values came from.
+    """
+    images = batch["rgb"] if "rgb" in batch else batch["bytes"]
+    n = len(images)
+    rgb = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    rng = np.random.default_rng()
+    for i, item in enumerate(images):
+        try:
+            img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "rgb" in batch else _decode(item)
+            rgb[i] = _crop_resize(img, image_size, rng if augment else None)
+            ok[i] = True
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    lab = color.rgb_to_lab_np(rgb).transpose(0, 3, 1, 2)  # (B, 3, S, S)
+    out = {"L": np.ascontiguousarray(lab[:, :1]), "ab": np.ascontiguousarray(lab[:, 1:]), "ok": ok}
+    if with_rgb:
+        out["rgb"] = rgb
+    return out
+
+
+def _decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def _crop_resize(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A square crop (random scale 0.6-1 and position, and a flip, when ``rng`` is given)."""
+    w, h = img.size
+    side = min(w, h)
+    if rng is not None:
+        side = max(1, int(side * rng.uniform(0.6, 1.0)))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    else:
+        left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if rng is not None and rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _blocks(n_files: int) -> int:
+    # Enough blocks to keep every CPU busy, few enough that per-task overhead stays small.
+    return max(1, min(200, n_files // 500 + 1))
+
+
+# --- CIFAR-10, official python release -----------------------------------------------------
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches (dicts of bytes, lists and numpy arrays) and nothing else."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+
+
+def _is_cifar_dir(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> bool:
+    return info.type == pafs.FileType.Directory and storage.exists(fs, storage.join(path, "data_batch_1"))
+
+
+def _has_parquet(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> bool:
+    if info.type != pafs.FileType.Directory:
+        return False
+    return any(p.endswith(".parquet") for p in storage.list_files(fs, path))
+
+
+def _cifar_python(fs: pafs.FileSystem, path: str, split: str) -> ray.data.Dataset:
+    if split not in _CIFAR_BATCHES:
+        raise DataError(f"split must be one of {sorted(_CIFAR_BATCHES)}, got {split!r}")
+    items = [{"path": path, "batch": b} for b in _CIFAR_BATCHES[split]]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_cifar_batch, fn_kwargs={"fs": fs}, batch_size=1, batch_format="numpy"
+    )
+
+
+def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
+    path, batch = str(items["path"][0]), str(items["batch"][0])
+    if path.endswith(".tar.gz"):
+        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
+            raw = next(tar.extractfile(m).read() for m in tar if posixpath.basename(m.name) == batch)
+    else:
+        raw = storage.read_bytes(fs, storage.join(path, batch))
+    entry = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    rgb = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(entry[b"labels"], dtype=np.int64)
+    for start in range(0, len(rgb), 1000):  # yield in slices so blocks stay small
+        yield {"rgb": rgb[start : start + 1000], "label": labels[start : start + 1000]}
+
+
+# --- Parquet shards ------------------------------------------------------------------------
+
+
+def _parquet_images(fs: pafs.FileSystem, path: str) -> ray.data.Dataset:
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    columns = ds.schema().names
+    if "image" not in columns:
+        raise DataError(f"{path}: Parquet shards need an 'image' column of bytes, found {columns}")
+    return ds.select_columns(["image"]).map_batches(_image_column_to_bytes, batch_format="pyarrow")
+
+
+def _image_column_to_bytes(table):  # noqa: ANN001, ANN202 - pyarrow.Table in and out
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = table.column("image")
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, "bytes")
+    return pa.table({"bytes": column})

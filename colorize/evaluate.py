@@ -1,0 +1,96 @@
+"""Evaluate a colouriser next to the grey baseline on a labelled-by-colour image set.
+
+Images are centre-cropped and resized to the model's working resolution (a no-op on
+CIFAR-10), coloured from their own lightness, and compared as 8-bit sRGB with
+:mod:`colorize.metrics`. The grey baseline is ITU-R 601 luma copied to R, G and B.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from colorize import color, colorizer, data, metrics, plots, storage
+
+GRID_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``weights=None`` evaluates the bundled model; ``out`` receives metrics.json and grid.png."""
+
+    data: str
+    weights: str | None = None
+    limit: int | None = None
+    out: str | None = None
+    batch_size: int = 256
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def gray_baseline(truth: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> its 601 luma, rounded and copied to R, G and B."""
+    gray = np.rint(color.luma_np(truth) * 255.0).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+@torch.inference_mode()
+def colorize_rgb(model: torch.nn.Module, truth: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> the model's colouring of their lightness, uint8 (N, H, W, 3)."""
+    L = torch.from_numpy(color.rgb_to_lab_np(truth)[..., :1]).permute(0, 3, 1, 2)  # (N,1,H,W) in [0,100]
+    rgb = colorizer.predict_rgb(model, L)
+    return color.to_uint8(rgb.permute(0, 2, 3, 1).numpy())
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of the model and the grey baseline on the same images, as a JSON-able dict."""
+    settings = storage.S3Settings.from_env(config.s3_endpoint)
+    model, weights = colorizer.load_weights(config.weights, settings)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    size = model.config.image_size
+    raw = data.load_dataset(config.data, split="test", settings=settings, limit=config.limit)
+    prepared = raw.map_batches(
+        data.prepare_batch, fn_kwargs={"image_size": size, "augment": False, "with_rgb": True}, batch_size=256
+    )
+    model_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
+    unreadable = 0
+    examples: list[tuple[str, np.ndarray]] = []
+    for batch in prepared.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+        truth = batch["rgb"][batch["ok"]]
+        unreadable += int((~batch["ok"]).sum())
+        if len(truth) == 0:
+            continue
+        pred, gray = colorize_rgb(model, truth), gray_baseline(truth)
+        model_acc.update(pred, truth)
+        gray_acc.update(gray, truth)
+        if not examples:
+            examples = [("gray", gray[:GRID_EXAMPLES]), ("prediction", pred[:GRID_EXAMPLES]), ("truth", truth[:GRID_EXAMPLES])]
+    if not examples:
+        raise data.DataError(f"{config.data}: no readable images to evaluate")
+    model_metrics, gray_metrics = model_acc.result(), gray_acc.result()
+    report = {
+        "data": config.data,
+        "weights": config.weights or f"bundled:{colorizer.BUNDLED_WEIGHTS}",
+        "weights_id": weights,
+        "model_config": model.config.to_dict(),
+        "images": model_metrics.pop("images"),
+        "unreadable": unreadable,
+        "model": model_metrics,
+        "gray": {k: v for k, v in gray_metrics.items() if k != "images"},
+    }
+    if config.out:
+        fs, path = storage.resolve(config.out, settings)
+        storage.write_bytes_atomic(fs, storage.join(path, "metrics.json"), json.dumps(report, indent=2).encode())
+        storage.write_bytes_atomic(fs, storage.join(path, "grid.png"), plots.png_bytes(plots.image_grid(examples)))
+    return report

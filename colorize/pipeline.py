@@ -1,0 +1,412 @@
+"""The bulk job: colourise every image under an input, streaming, with Ray Data.
+
+Stages (CPU and model work kept apart):
+
+1. ``read_and_decode`` (CPU tasks): bytes from disk, S3 or an archive; decode; full-size
+   lightness and alpha; lightness resized to the model's working resolution.
+2. :class:`Colorizer` (an actor pool; GPU actors when asked for): loads the model once and
+   predicts chroma for whole batches.
+3. ``compose_and_write`` (CPU tasks): chroma upsampled and merged with the full-resolution
+   lightness, PNGs and one Parquet file per batch written atomically; a status row per input.
+
+The driver only sees status rows, so memory stays flat however many images pass. An input
+that fails at any stage is carried through as a status row with its reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import sys
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+
+from colorize import colorizer, images, sources, storage
+
+FORMATS = ("png", "parquet")
+PARQUET_ROW_GROUP_BYTES = 64 * 2**20  # keeps binary columns far below Arrow's 2 GiB limits
+_PLACEHOLDER = np.zeros((1, 1), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class BulkConfig:
+    """A bulk colourisation run; written as ``OUTPUT/_CONFIG.json``."""
+
+    input: str
+    output: str
+    weights: str | None = None
+    formats: tuple[str, ...] = FORMATS
+    batch_size: int = 64
+    num_gpus: int = 0
+    actors: int | None = None
+    limit: int | None = None
+    max_pixels: int = 80_000_000
+    png_level: int = 6
+    overwrite: bool = False
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown or not self.formats:
+            raise ValueError(f"--format takes a comma-separated subset of {FORMATS}, got {','.join(self.formats)!r}")
+        if self.batch_size < 1 or self.max_pixels < 1:
+            raise ValueError(f"--batch-size and --max-pixels must be positive, got {self.batch_size}, {self.max_pixels}")
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"--png-level must be 0-9, got {self.png_level}")
+
+
+@dataclass(frozen=True)
+class Done:
+    """What earlier runs finished: output relpaths with a PNG, sources with a Parquet row.
+
+    An input counts as done only when every requested format has it, so a run cut off
+    between an input's PNG and its Parquet row redoes that input.
+    """
+
+    formats: tuple[str, ...]
+    pngs: frozenset[str] = frozenset()
+    sources: frozenset[str] = frozenset()
+
+    def contains(self, relpath: str, source: str) -> bool:
+        return ("png" not in self.formats or relpath in self.pngs) and (
+            "parquet" not in self.formats or source in self.sources
+        )
+
+    def under(self, items: list[sources.Item]) -> Done:
+        """Only the entries that belong to the archives among ``items`` (what tasks need)."""
+        prefixes = tuple(i.relpath + "/" for i in items if i.kind == "archive")
+        uris = tuple(i.uri + "/" for i in items if i.kind == "archive")
+        if not prefixes:
+            return Done(self.formats)
+        return Done(
+            self.formats,
+            frozenset(p for p in self.pngs if p.startswith(prefixes)),
+            frozenset(s for s in self.sources if s.startswith(uris)),
+        )
+
+
+# --- stage 1: read and decode (CPU) ----------------------------------------------------------
+
+
+def read_and_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    settings: storage.S3Settings,
+    size: int,
+    max_pixels: int,
+    done: Done,
+    chunk: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Items (files or archives) -> decoded rows, ``chunk`` at a time.
+
+    Archive members that ``done`` says are written come out as ``skipped`` rows.
+    """
+    rows: list[dict[str, Any]] = []
+    for kind, uri, relpath in zip(batch["kind"], batch["uri"], batch["relpath"]):
+        for row in _read_item(str(kind), str(uri), str(relpath), settings, size, max_pixels, done):
+            rows.append(row)
+            if len(rows) == chunk:
+                yield _stack(rows, size)
+                rows = []
+    if rows:
+        yield _stack(rows, size)
+
+
+def _read_item(
+    kind: str, uri: str, relpath: str, settings: storage.S3Settings, size: int, max_pixels: int, done: Done
+) -> Iterator[dict[str, Any]]:
+    try:
+        fs, path = storage.resolve(uri, settings)
+        if kind == "file":
+            yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path), size, max_pixels)
+            return
+        for member, member_relpath, data in sources.archive_members(fs, path, relpath):
+            source = f"{uri}/{member}"
+            if done.contains(member_relpath, source):
+                yield _status_row(source, member_relpath, "skipped")
+            else:
+                yield _decode_row(source, member_relpath, lambda: data, size, max_pixels)
+    except (OSError, EOFError, storage.StorageError, tarfile.TarError, zipfile.BadZipFile) as error:
+        # Members streamed before the archive broke off were already yielded and are kept.
+        yield _status_row(uri, relpath, "failed", f"cannot read: {error}")
+
+
+def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> dict[str, Any]:  # noqa: ANN001
+    try:
+        relpath = storage.safe_relpath(relpath)
+        decoded = images.decode(read(), max_pixels=max_pixels)
+    except (images.ImageError, storage.StorageError, OSError) as error:
+        return _status_row(source, relpath, "failed", str(error))
+    return {
+        "source": source,
+        "relpath": relpath,
+        "status": "ok",
+        "error": "",
+        "L": decoded.L,
+        "alpha": decoded.alpha if decoded.alpha is not None else _PLACEHOLDER.astype(np.uint8),
+        "has_alpha": decoded.alpha is not None,
+        "small": images.resize_lightness(decoded.L, size),
+    }
+
+
+def _status_row(source: str, relpath: str, status: str, error: str = "") -> dict[str, Any]:
+    return {
+        "source": source,
+        "relpath": relpath,
+        "status": status,
+        "error": error,
+        "L": _PLACEHOLDER,
+        "alpha": _PLACEHOLDER.astype(np.uint8),
+        "has_alpha": False,
+        "small": None,
+    }
+
+
+def _stack(rows: list[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
+    def objects(key: str) -> np.ndarray:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [r[key] for r in rows]
+        return column
+
+    small = np.zeros((len(rows), size, size), dtype=np.float32)
+    for i, row in enumerate(rows):
+        if row["small"] is not None:
+            small[i] = row["small"]
+    return {
+        "source": np.array([r["source"] for r in rows], dtype=object),
+        "relpath": np.array([r["relpath"] for r in rows], dtype=object),
+        "status": np.array([r["status"] for r in rows], dtype=object),
+        "error": np.array([r["error"] for r in rows], dtype=object),
+        "L": objects("L"),
+        "alpha": objects("alpha"),
+        "has_alpha": np.array([r["has_alpha"] for r in rows], dtype=bool),
+        "small": small,
+    }
+
+
+# --- stage 2: the model (actor pool) ---------------------------------------------------------
+
+
+class Colorizer:
+    """Loads the model once per actor; predicts chroma for whole batches."""
+
+    def __init__(self, weights: bytes, device: str) -> None:
+        self.device = torch.device(device)
+        self.model = colorizer.model_from_bytes(weights).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["status"] == "ok"
+        size = batch["small"].shape[-1]
+        ab = np.zeros((len(ok), 2, size, size), dtype=np.float32)
+        if ok.any():
+            L = torch.from_numpy(batch["small"][ok]).unsqueeze(1).to(self.device)  # (B,1,S,S), L in [0,100]
+            ab[ok] = colorizer.predict_ab(self.model, L).cpu().numpy()
+        batch["ab"] = ab
+        del batch["small"]
+        return batch
+
+
+# --- stage 3: compose and write (CPU) --------------------------------------------------------
+
+
+def compose_and_write(
+    batch: dict[str, np.ndarray],
+    *,
+    output: str,
+    settings: storage.S3Settings,
+    formats: tuple[str, ...],
+    png_level: int,
+    weights_id: str,
+) -> dict[str, np.ndarray]:
+    """Full-size outputs for the batch's good rows; a status row for every row."""
+    fs, root = storage.resolve(output, settings)
+    status, errors = list(batch["status"]), list(batch["error"])
+    widths, heights = np.zeros(len(status), dtype=np.int64), np.zeros(len(status), dtype=np.int64)
+    records: list[dict[str, Any]] = []
+    for i in range(len(status)):
+        if status[i] != "ok":
+            continue
+        try:
+            L = batch["L"][i]
+            rgb = images.compose(L, batch["ab"][i])
+            png = images.encode_png(rgb, batch["alpha"][i] if batch["has_alpha"][i] else None, level=png_level)
+            if "png" in formats:
+                storage.write_bytes_atomic(fs, storage.join(root, "images", batch["relpath"][i]), png)
+        except (OSError, ValueError, RuntimeError, storage.StorageError) as error:
+            status[i], errors[i] = "failed", f"cannot write output: {error}"
+            continue
+        heights[i], widths[i] = L.shape
+        status[i] = "written"
+        records.append(
+            {"source": batch["source"][i], "relpath": batch["relpath"][i], "width": int(widths[i]),
+             "height": int(heights[i]), "png": png, "weights": weights_id}
+        )
+    if records and "parquet" in formats:
+        # PNGs first, then the Parquet file: a crash in between leaves inputs that a resumed
+        # run redoes (they are not in Parquet yet), never Parquet rows without their PNG.
+        name = hashlib.sha256("\n".join(sorted(r["source"] for r in records)).encode()).hexdigest()[:20]
+        storage.write_bytes_atomic(fs, storage.join(root, "parquet", f"part-{name}.parquet"), _parquet_bytes(records))
+    return {
+        "source": batch["source"],
+        "relpath": batch["relpath"],
+        "status": np.array(status, dtype=object),
+        "error": np.array(errors, dtype=object),
+        "width": widths,
+        "height": heights,
+    }
+
+
+OUTPUT_SCHEMA = pa.schema(
+    [("source", pa.string()), ("relpath", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+     ("png", pa.binary()), ("weights", pa.string())]
+)
+
+
+def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:
+    table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
+    mean_row = max(1, table.nbytes // max(1, table.num_rows))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=max(1, PARQUET_ROW_GROUP_BYTES // mean_row))
+    return buffer.getvalue()
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
+    """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``source`` column."""
+    pngs: set[str] = set()
+    parquet_sources: set[str] = set()
+    images_dir = storage.join(root, "images")
+    if "png" in formats and storage.exists(fs, images_dir):
+        pngs = {posixpath.relpath(p, images_dir) for p in storage.list_files(fs, images_dir) if p.endswith(".png")}
+    parquet_dir = storage.join(root, "parquet")
+    if "parquet" in formats and storage.exists(fs, parquet_dir):
+        for path in storage.list_files(fs, parquet_dir):
+            if path.endswith(".parquet"):
+                with fs.open_input_file(path) as f:
+                    parquet_sources.update(pq.read_table(f, columns=["source"]).column("source").to_pylist())
+    return Done(formats, frozenset(pngs), frozenset(parquet_sources))
+
+
+def _default_actors(num_gpus: int) -> int:
+    if num_gpus:
+        return num_gpus
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+
+
+def run(config: BulkConfig) -> dict[str, Any]:
+    """Colourise everything under ``config.input``; returns the summary written to ``_SUMMARY.json``."""
+    started = time.perf_counter()
+    settings = storage.S3Settings.from_env(config.s3_endpoint)
+    out_fs, out_root = storage.resolve(config.output, settings)
+    storage.check_access(out_fs, out_root, config.output)
+    weights_raw = (
+        colorizer.bundled_weights_path().read_bytes() if config.weights is None else _read_weights(config.weights, settings)
+    )
+    model = colorizer.model_from_bytes(weights_raw)  # fail here, not in every actor, on a bad file
+    weights_id = colorizer.weights_id(weights_raw)
+    items = sources.discover(config.input, settings)
+    if config.limit:
+        items = items[: config.limit]
+
+    done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
+    todo = [i for i in items if i.kind == "archive" or not done.contains(i.relpath, i.uri)]
+    skipped = len(items) - len(todo)
+    done = done.under(todo)
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    storage.write_bytes_atomic(out_fs, storage.join(out_root, "_CONFIG.json"), json.dumps(asdict(config), indent=2).encode())
+    counts = {"written": 0, "failed": 0, "skipped": skipped}
+    failures: list[dict[str, str]] = []
+    print(
+        f"colourising {len(todo)} item(s) from {config.input} ({skipped} already done) with "
+        f"{weights_id} into {config.output}",
+        file=sys.stderr, flush=True,
+    )
+    if todo:
+        size = model.config.image_size
+        use_gpu = config.num_gpus > 0
+        actors = config.actors or _default_actors(config.num_gpus)
+        ds = ray.data.from_items(
+            [asdict(i) for i in todo], override_num_blocks=max(1, min(len(todo), 4 * actors + len(todo) // 256))
+        )
+        ds = ds.map_batches(
+            read_and_decode,
+            batch_size=1,  # one item per call: a slow archive or huge image never holds up others
+            fn_kwargs={"settings": settings, "size": size, "max_pixels": config.max_pixels,
+                       "done": done, "chunk": config.batch_size},
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+        ds = ds.map_batches(
+            Colorizer,
+            fn_constructor_kwargs={"weights": weights_raw, "device": "cuda" if use_gpu else "cpu"},
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else None,
+            num_cpus=1 if use_gpu else 0.5,
+        )
+        ds = ds.map_batches(
+            compose_and_write,
+            fn_kwargs={"output": config.output, "settings": settings, "formats": config.formats,
+                       "png_level": config.png_level, "weights_id": weights_id},
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            num_cpus=0.5,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
+                counts[str(status)] += 1
+                if status == "failed":
+                    failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
+
+    failed_path = storage.join(out_root, "failed", "failed.parquet")
+    if failures or storage.exists(out_fs, failed_path):
+        table = pa.Table.from_pylist(failures, schema=pa.schema([("source", pa.string()), ("relpath", pa.string()), ("error", pa.string())]))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes_atomic(out_fs, failed_path, buffer.getvalue())
+    seconds = time.perf_counter() - started
+    summary = {
+        "inputs": counts["written"] + counts["failed"] + counts["skipped"],
+        **counts,
+        "weights": weights_id,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(counts["written"] / seconds, 2) if seconds > 0 else 0.0,
+        "input": config.input,
+        "output": config.output,
+    }
+    storage.write_bytes_atomic(out_fs, storage.join(out_root, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
+    print(
+        f"{summary['inputs']} inputs: {summary['written']} written, {summary['failed']} failed, "
+        f"{summary['skipped']} skipped in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s)"
+        + (f"; failures listed in {storage.to_uri(out_fs, failed_path)}" if failures else ""),
+        file=sys.stderr, flush=True,
+    )
+    return summary
+
+
+def _read_weights(uri: str, settings: storage.S3Settings) -> bytes:
+    fs, path = storage.resolve(uri, settings)
+    storage.check_access(fs, path, uri)
+    if not storage.exists(fs, path):
+        raise storage.StorageError(f"{uri}: no such weights file")
+    return storage.read_bytes(fs, path)

@@ -1,0 +1,132 @@
+"""What the bulk job reads: input discovery, output naming, and streaming archive members.
+
+``--input`` may be a folder (walked recursively), one file, an ``s3://`` prefix, an archive
+(``.tar``, ``.tar.gz``, ``.tgz``, ``.zip``, WebDataset-style tar shards) or a manifest
+(``.txt`` with one path or URI per line, or ``.parquet`` with a ``path``/``uri``/``source``
+column). Every file found is an input, so a stray non-image ends up in ``failed/`` rather
+than vanishing; inside archives only members with an image extension count, since
+WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from colorize import storage
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+MANIFEST_SUFFIXES = (".txt", ".parquet")
+MANIFEST_COLUMNS = ("path", "uri", "source")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of reading: a single file, or an archive whose members are the inputs.
+
+    ``relpath`` is where the output goes under ``images/`` (with ``.png``) for a file, or the
+    folder the members go under for an archive.
+    """
+
+    kind: str  # "file" or "archive"
+    uri: str
+    relpath: str
+
+
+def is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def discover(input_uri: str, settings: storage.S3Settings) -> list[Item]:
+    """Every input under ``input_uri``, in a stable order, with collision-free output names."""
+    fs, path = storage.resolve(input_uri, settings)
+    storage.check_access(fs, path, input_uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise storage.StorageError(f"{input_uri}: no such file or directory")
+    if info.type == pafs.FileType.File and path.lower().endswith(MANIFEST_SUFFIXES):
+        uris = read_manifest(fs, path, input_uri)
+        relpaths = [_manifest_relpath(u) for u in uris]
+    elif info.type == pafs.FileType.File:
+        uris, relpaths = [input_uri], [posixpath.basename(path)]
+    else:
+        files = storage.list_files(fs, path)
+        if not files:
+            raise storage.StorageError(f"{input_uri}: no files found")
+        uris = [storage.to_uri(fs, f) for f in files]
+        relpaths = [posixpath.relpath(f, path) for f in files]
+    archives = [is_archive(r) for r in relpaths]
+    names = output_names([r for r, a in zip(relpaths, archives) if not a])
+    items = []
+    for uri, relpath, archive in zip(uris, relpaths, archives):
+        items.append(Item("archive", uri, relpath) if archive else Item("file", uri, next(names)))
+    return items
+
+
+def output_names(relpaths: list[str]) -> Iterator[str]:
+    """Output names for input relpaths: the extension replaced by ``.png``; where two inputs
+    would share a name (``a.jpg`` and ``a.webp``), each keeps its whole name plus ``.png``."""
+    stems = [posixpath.splitext(r)[0] if posixpath.splitext(r)[1] else r for r in relpaths]
+    counts = Counter(stems)
+    for relpath, stem in zip(relpaths, stems):
+        yield (relpath if counts[stem] > 1 else stem) + ".png"
+
+
+def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
+    """Paths or URIs listed in a manifest; relative local paths are taken from its folder."""
+    if path.lower().endswith(".parquet"):
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        column = next((c for c in MANIFEST_COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise storage.StorageError(
+                f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_COLUMNS}, found {table.column_names}"
+            )
+        entries = [str(v) for v in table.column(column).to_pylist() if v]
+    else:
+        text = storage.read_bytes(fs, path).decode("utf-8")
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not entries:
+        raise storage.StorageError(f"{uri}: the manifest lists no inputs")
+    base = posixpath.dirname(storage.to_uri(fs, path))
+    return [e if storage.is_s3(e) or posixpath.isabs(e) else posixpath.join(base, e) for e in entries]
+
+
+def _manifest_relpath(uri: str) -> str:
+    """``s3://bucket/a/b.jpg`` -> ``bucket/a/b.jpg``; ``/data/a/b.jpg`` -> ``data/a/b.jpg``."""
+    return uri[5:] if storage.is_s3(uri) else uri.lstrip("/")
+
+
+def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[tuple[str, str, bytes]]:
+    """Stream ``(member name, output relpath, bytes)`` for every image member of an archive.
+
+    Tar archives are read twice as streams (names first, for collision-free output names,
+    then the bytes), so nothing is unpacked to disk and nothing needs random access.
+    """
+    if path.lower().endswith(".zip"):
+        with fs.open_input_file(path) as raw, zipfile.ZipFile(raw) as archive:
+            members = [m for m in archive.namelist() if _is_image_member(m)]
+            names = dict(zip(members, output_names(members)))
+            for member in members:
+                yield member, posixpath.join(relpath, names[member]), archive.read(member)
+        return
+    mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
+    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+        members = [m.name for m in archive if m.isfile() and _is_image_member(m.name)]
+    names = dict(zip(members, output_names(members)))
+    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+        for member in archive:
+            if member.isfile() and member.name in names:
+                yield member.name, posixpath.join(relpath, names[member.name]), archive.extractfile(member).read()
+
+
+def _is_image_member(name: str) -> bool:
+    return not name.endswith("/") and name.lower().endswith(IMAGE_SUFFIXES)

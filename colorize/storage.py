@@ -1,0 +1,273 @@
+"""Paths and URIs -> pyarrow filesystems, for training, evaluation and the bulk job.
+
+A user names data as a local path or an ``s3://bucket/key`` URI. :func:`resolve` turns either
+into a ``(filesystem, path)`` pair; everything else here takes that pair. pyarrow ignores
+``AWS_ENDPOINT_URL``, so the endpoint is read once into :class:`S3Settings` and one
+``S3FileSystem`` per settings is built and shared (it pickles to Ray workers, which then find
+credentials through their own AWS environment).
+
+Failures that a user can fix (missing path, unreachable endpoint, wrong keys) surface as
+:class:`StorageError` with one readable line that starts with the URI.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+# A refused port must fail in seconds, not after the AWS SDK's default ten attempts with
+# exponential backoff; a slow but live endpoint still gets a few tries.
+_CONNECT_TIMEOUT_S = 5.0
+# The AWS SDK applies this to a stalled transfer, not to the whole request, so large objects
+# are unaffected.
+_REQUEST_TIMEOUT_S = 30.0
+_MAX_ATTEMPTS = 3
+
+_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+_DENIED_CODES = {
+    "ACCESS_DENIED": "access denied",
+    "SIGNATURE_DOES_NOT_MATCH": "access denied, wrong secret key",
+    "INVALID_ACCESS_KEY_ID": "access denied, unknown access key",
+    "EXPIRED_TOKEN": "access denied, expired session token",
+    "INVALID_CLIENT_TOKEN_ID": "access denied, invalid session token",
+}
+_NOT_FOUND_CODES = {"RESOURCE_NOT_FOUND", "NO_SUCH_KEY"}
+# pyarrow formats S3 failures as "... AWS Error <CODE> during <Op> operation: <message>".
+_AWS_ERROR = re.compile(r"AWS Error (\w+) during")
+_CURL_ERROR = re.compile(r"curlCode: \d+, ([^;]+)")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class StorageError(Exception):
+    """One-line, user-facing storage problem (missing path, unreachable S3, bad credentials)."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 lives; credentials come from the standard AWS chain, not from here.
+
+    ``endpoint`` is a URL such as ``"http://127.0.0.1:8333"`` for an S3-compatible server, or
+    None for AWS itself.
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.endpoint is None:
+            return
+        parts = urlsplit(self.endpoint)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+        ):
+            raise StorageError(
+                f"{self.endpoint!r}: expected an S3 endpoint URL like http://host:port"
+            )
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None) -> S3Settings:
+        """Settings from a command-line ``endpoint`` (which wins) and the AWS environment."""
+        env = os.environ
+        # AWS tools give the S3-specific variable precedence over the global one.
+        endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        return cls(endpoint=endpoint or None, region=region or None)
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` URIs (scheme matched case-insensitively)."""
+    return uri[:5].lower() == "s3://"
+
+
+def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """A local path or ``s3://bucket/key`` -> (filesystem, path within it).
+
+    Local paths come back absolute with ``~`` expanded; S3 paths as ``"bucket/key"``. Without
+    ``settings``, S3 settings are read from the environment.
+    """
+    if is_s3(uri):
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: expected s3://bucket/key, got no bucket name")
+        return s3_filesystem(settings or S3Settings.from_env()), join(bucket, key)
+    scheme = _SCHEME.match(uri)
+    if scheme:
+        raise StorageError(
+            f"{uri}: unsupported scheme {scheme.group(1)!r}; use a local path or s3://bucket/key"
+        )
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+@functools.lru_cache(maxsize=None)
+def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    """The shared S3 filesystem for ``settings`` (built once per settings value)."""
+    options: dict = {}
+    if settings.endpoint is not None:
+        parts = urlsplit(settings.endpoint)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    return pafs.S3FileSystem(
+        region=settings.region,
+        allow_bucket_creation=True,
+        connect_timeout=_CONNECT_TIMEOUT_S,
+        request_timeout=_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_MAX_ATTEMPTS),
+        **options,
+    )
+
+
+def join(base: str, *parts: str) -> str:
+    """Join filesystem path pieces with "/", collapsing repeated and trailing slashes."""
+    joined = re.sub(r"/{2,}", "/", "/".join((base, *parts)))
+    return joined.rstrip("/") or joined[:1]
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of :func:`resolve`, for messages: ``s3://bucket/key`` or the local path."""
+    return f"s3://{path}" if fs.type_name == "s3" else path
+
+
+def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Every regular file under directory ``path``, recursively and sorted; a file -> [path]."""
+    uri = to_uri(fs, path)
+    with _errors(fs, uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: no such file or directory")
+        if info.type == pafs.FileType.File:
+            return [path]
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole content of file ``path``."""
+    with _errors(fs, to_uri(fs, path)):
+        # A stream is one GET on S3; a random-access file would first HEAD the object.
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or all of the new."""
+    with _errors(fs, to_uri(fs, path)):
+        if fs.type_name != "local":
+            # S3 makes an object visible only once its upload completes, so a plain PUT
+            # (or multipart upload, for large data) is already atomic.
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        # Same directory, so the rename cannot cross filesystems; a fixed short name, so a
+        # long file name cannot overflow NAME_MAX. No fsync: this guards against readers and
+        # retried tasks seeing partial files, not against power loss.
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    """True if ``path`` is a file or directory."""
+    with _errors(fs, to_uri(fs, path)):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def check_access(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """Fail fast with a :class:`StorageError` if ``path`` cannot be reached or is forbidden.
+
+    A missing ``path`` is not an error here (outputs may not exist yet). ``uri`` is the user's
+    spelling, used in the message.
+    """
+    with _errors(fs, uri):
+        fs.get_file_info(path)
+
+
+def safe_relpath(relpath: str) -> str:
+    """Normalise a relative output key, refusing any that could escape the output prefix.
+
+    "." components are dropped; absolute paths, "..", empty components, backslashes and
+    control characters raise a :class:`StorageError` naming the value.
+    """
+
+    def refuse(reason: str) -> StorageError:
+        return StorageError(f"{relpath!r}: unsafe output path ({reason})")
+
+    if not relpath:
+        raise refuse("empty")
+    if relpath.startswith("/"):
+        raise refuse("absolute")
+    # Backslashes are separators on Windows and in some archive tools, so "..\\x" could
+    # escape there even though it is one harmless name on POSIX and S3.
+    if "\\" in relpath:
+        raise refuse("backslash")
+    if any(ord(c) < 32 or c == "\x7f" for c in relpath):
+        raise refuse("control character")
+    parts = relpath.split("/")
+    if "" in parts:
+        raise refuse("empty path component")
+    if ".." in parts:
+        raise refuse("'..' component")
+    kept = [p for p in parts if p != "."]
+    if not kept:
+        raise refuse("names no file")
+    return "/".join(kept)
+
+
+@contextmanager
+def _errors(fs: pafs.FileSystem, uri: str) -> Iterator[None]:
+    """Re-raise pyarrow's OSErrors as one-line StorageErrors about ``uri``."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"{uri}: {_reason(fs, e)}") from e
+
+
+def _reason(fs: pafs.FileSystem, error: OSError) -> str:
+    """A short, readable cause for a pyarrow or OS error."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file or directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    text = str(error)
+    match = _AWS_ERROR.search(text)
+    if match is None:
+        return text.splitlines()[0] if text else type(error).__name__
+    code = match.group(1)
+    if code == "NETWORK_CONNECTION":
+        curl = _CURL_ERROR.search(text)
+        detail = curl.group(1).strip() if curl else "network error"
+        return f"cannot reach S3 endpoint {_endpoint(fs)}: {detail[:1].lower()}{detail[1:]}"
+    if code in _DENIED_CODES:
+        return f"{_DENIED_CODES[code]} ({_CREDENTIALS_HINT})"
+    if code == "NO_SUCH_BUCKET":
+        return "no such bucket"
+    if code in _NOT_FOUND_CODES:
+        return "no such file or directory"
+    return f"S3 error {code}: {text.split('operation: ', 1)[-1].splitlines()[0]}"
+
+
+def _endpoint(fs: pafs.FileSystem) -> str:
+    """The URL ``fs`` talks to, for messages."""
+    # S3FileSystem exposes its options only through its pickle state.
+    options = fs.__reduce__()[1][0]
+    if options["endpoint_override"]:
+        return f"{options['scheme']}://{options['endpoint_override']}"
+    return f"AWS S3 ({options['region'] or 'default region'})"

@@ -1,0 +1,320 @@
+"""Data-parallel training of a colouriser with Ray Train.
+
+The step itself is plain torch (:func:`train_step`); Ray Train contributes only
+``prepare_model``, ``get_dataset_shard``, ``report`` and ``get_checkpoint`` around it in
+:func:`train_loop_per_worker`. Calling :func:`train` again with the same ``out`` resumes
+from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from colorize import color, colorizer, data, metrics, plots, storage
+from colorize.models import ModelConfig, build_model, count_parameters
+
+RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
+GRID_EXAMPLES = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; written as ``config.json`` beside its outputs.
+
+    ``batch_size`` is global: each of ``num_workers`` workers takes an equal share.
+    ``cpus_per_worker=None`` picks a share that leaves a CPU for Ray Data's decode tasks.
+    """
+
+    data: str
+    out: str
+    val: str | None = None
+    model: str = "unet"
+    width: int = 32
+    depth: int = 3
+    image_size: int = 32
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    loss: str = "mse"
+    num_workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float | None = None
+    limit: int | None = None
+    val_limit: int = 1000
+    max_failures: int = 2
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in colorizer.LOSSES:
+            raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
+        for name in ("epochs", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        self.model_config()  # validates arch, width, depth and image_size
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(arch=self.model, width=self.width, depth=self.depth, image_size=self.image_size)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *, loss: str = "mse") -> float:
+    """One optimisation step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
+
+    Runs under bf16 autocast on CUDA. Returns the batch loss as a float.
+    """
+    model.train()
+    device = batch["L"].device
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        value = colorizer.loss(model, batch["L"], batch["ab"], loss)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    optimizer.step()
+    return float(value.detach())
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """Learning rate for ``epoch`` (0-based) on a cosine schedule that ends at 5% of ``base``."""
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Loss and image metrics (next to the grey baseline) on up to ``limit`` images.
+
+    Returns the metrics and the first few examples for a picture grid.
+    """
+    model.eval()
+    pred_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
+    losses, seen, examples = [], 0, {}
+    for batch in batches:
+        if seen >= limit:
+            break
+        keep = batch["ok"].bool()
+        L, ab = batch["L"][keep][: limit - seen], batch["ab"][keep][: limit - seen]
+        if len(L) == 0:
+            continue
+        losses.append(float(colorizer.loss(model, L, ab, loss)) * len(L))
+        truth = _to_uint8(color.lab_to_rgb(torch.cat((L, ab), dim=1)))
+        pred = _to_uint8(colorizer.predict_rgb(model, L))
+        gray = np.repeat(np.rint(color.luma_np(truth) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        pred_acc.update(pred, truth)
+        gray_acc.update(gray, truth)
+        if not examples:
+            examples = {"gray": gray[:GRID_EXAMPLES], "prediction": pred[:GRID_EXAMPLES], "truth": truth[:GRID_EXAMPLES]}
+        seen += len(L)
+    if seen == 0:
+        return {}, {}
+    result = {f"val_{k}": v for k, v in pred_acc.result().items() if k != "images"}
+    result.update({f"gray_{k}": v for k, v in gray_acc.result().items() if k in ("mse", "psnr", "ssim")})
+    result["val_loss"] = sum(losses) / seen
+    result["val_images"] = seen
+    return result, examples
+
+
+def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8."""
+    return color.to_uint8(rgb.permute(0, 2, 3, 1).float().cpu().numpy())
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: resume, then epochs of train, validate, checkpoint."""
+    config = TrainConfig.from_dict(loop_config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+
+    model = build_model(config.model_config())
+    optimizer_state, start_epoch, history = None, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            model = colorizer.model_from_bytes(Path(directory, "model.pt").read_bytes())
+            optimizer_state = torch.load(Path(directory, "optimizer.pt"), weights_only=True)
+            state = json.loads(Path(directory, "state.json").read_text())
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    device = ray.train.torch.get_device()
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker_batch = config.batch_size // world
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
+        started = time.perf_counter()
+        totals = torch.zeros(3, dtype=torch.float64)  # loss * n, images, skipped
+        for batch in shard.iter_torch_batches(
+            batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch
+        ):
+            keep = batch["ok"].bool()
+            totals[2] += float((~keep).sum())
+            if not bool(keep.any()):
+                continue
+            step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
+            totals[0] += train_step(model, step, optimizer, loss=config.loss) * int(keep.sum())
+            totals[1] += int(keep.sum())
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        seconds = time.perf_counter() - started
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
+            "images": int(totals[1]),
+            "skipped": int(totals[2]),
+            "seconds": round(seconds, 2),
+            "images_per_second": round(float(totals[1]) / max(seconds, 1e-9), 1),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        examples: dict[str, np.ndarray] = {}
+        if rank == 0 and config.val:
+            val_metrics, examples = validate(
+                model, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
+                limit=config.val_limit, loss=config.loss,
+            )
+            row.update(val_metrics)
+        history.append(row)
+        if rank == 0:
+            print(_progress_line(row, config.epochs), flush=True)
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                _write_checkpoint(Path(directory), model, optimizer, config, history, examples)
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+
+
+def _progress_line(row: dict[str, Any], epochs: int) -> str:
+    line = (
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.5f}  "
+        f"{row['images']} images in {row['seconds']:.1f} s ({row['images_per_second']:.0f}/s)"
+    )
+    if row["skipped"]:
+        line += f"  skipped {row['skipped']} unreadable"
+    if "val_psnr" in row:
+        line += (
+            f"  val: mse {row['val_mse']:.5f} psnr {row['val_psnr']:.2f} dB ssim {row['val_ssim']:.3f} "
+            f"cf {row['val_colourfulness']:.1f}/{row['val_colourfulness_truth']:.1f}  "
+            f"(gray: mse {row['gray_mse']:.5f} psnr {row['gray_psnr']:.2f} dB)"
+        )
+    return line
+
+
+def _write_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    history: list[dict[str, Any]],
+    examples: dict[str, np.ndarray],
+) -> None:
+    """Model, optimizer, progress and figures: everything needed to resume or inspect."""
+    (directory / "model.pt").write_bytes(colorizer.weights_bytes(model))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    state = {"epoch": history[-1]["epoch"] - 1, "history": history, "config": asdict(config)}
+    (directory / "state.json").write_text(json.dumps(state, indent=2))
+    curves = {"train loss": [h["train_loss"] for h in history]}
+    if "val_loss" in history[-1]:
+        curves["val loss"] = [h.get("val_loss", math.nan) for h in history]
+    plots.line_chart(curves, title=f"{config.model} on {config.data}").save(directory / "curve.png")
+    if examples:
+        plots.image_grid(list(examples.items())).save(directory / "grid.png")
+
+
+def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
+    """A CPU share per worker that always leaves one CPU for Ray Data's read and decode tasks.
+
+    On a small machine whole-CPU workers starve those tasks and the run stalls silently.
+    """
+    total = float(ray.cluster_resources().get("CPU", 1))
+    if gpu:
+        return 1.0
+    share = (total - 1.0) / num_workers
+    return max(0.25, min(1.0, math.floor(share * 4) / 4))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the last epoch's metrics and where the model went."""
+    settings = storage.S3Settings.from_env(config.s3_endpoint)
+    out_fs, out_path = storage.resolve(config.out, settings)
+    storage.check_access(out_fs, out_path, config.out)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    datasets = {
+        "train": data.lab_dataset(
+            config.data, image_size=config.image_size, augment=True, settings=settings, limit=config.limit
+        ).randomize_block_order()
+    }
+    if config.val:
+        datasets["val"] = data.lab_dataset(
+            config.val, split="test", image_size=config.image_size, augment=False, settings=settings,
+            limit=config.val_limit,
+        )
+    storage.write_bytes_atomic(out_fs, storage.join(out_path, "config.json"), json.dumps(asdict(config), indent=2).encode())
+    params = count_parameters(build_model(config.model_config()))
+    cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
+    print(
+        f"training {config.model} ({params / 1e6:.2f} M parameters) on {config.data} with "
+        f"{config.num_workers} worker(s), {cpus} CPU{' + 1 GPU' if config.gpu else ''} each; "
+        f"checkpoints in {storage.to_uri(out_fs, storage.join(out_path, RUN_NAME))}",
+        flush=True,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(config),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=out_path,
+            storage_filesystem=out_fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {config.out}")
+    with result.checkpoint.as_directory() as directory:
+        for name in ("model.pt", "curve.png", "grid.png", "state.json"):
+            source = Path(directory, name)
+            if source.exists():
+                storage.write_bytes_atomic(out_fs, storage.join(out_path, name), source.read_bytes())
+        state = json.loads(Path(directory, "state.json").read_text())
+    summary = {**state["history"][-1], "model": storage.to_uri(out_fs, storage.join(out_path, "model.pt"))}
+    return summary

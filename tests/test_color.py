@@ -1,0 +1,130 @@
+"""Property and reference-value tests for colorize.color (sRGB <-> Lab, luma, normalisation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from colorize import color
+
+# Small images keep each example cheap; no deadline because the CI machine may be shared.
+# A decorator rather than a loaded profile, so other test modules keep their own settings.
+fast = settings(max_examples=60, deadline=None)
+
+sizes = st.tuples(st.integers(1, 4), st.integers(1, 4))
+
+
+@st.composite
+def rgb_images(draw: st.DrawFn) -> torch.Tensor:
+    """float32 sRGB (3, H, W) in [0, 1], with the cube's faces and corners reachable."""
+    h, w = draw(sizes)
+    values = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0, width=32))
+    return torch.from_numpy(draw(arrays(np.float32, (3, h, w), elements=values)))
+
+
+@st.composite
+def uint8_images(draw: st.DrawFn) -> np.ndarray:
+    """uint8 sRGB (H, W, 3)."""
+    h, w = draw(sizes)
+    return draw(arrays(np.uint8, (h, w, 3)))
+
+
+@fast
+@given(rgb_images())
+def test_rgb_lab_round_trip(rgb: torch.Tensor) -> None:
+    back = color.lab_to_rgb(color.rgb_to_lab(rgb))
+    assert back.shape == rgb.shape
+    assert (back - rgb).abs().max().item() < 1e-4
+
+
+@fast
+@given(rgb_images())
+def test_lab_ranges_over_gamut(rgb: torch.Tensor) -> None:
+    lab = color.rgb_to_lab(rgb)
+    # float32 rounding can put white a few ulps above 100.
+    assert lab[0].min().item() >= -1e-4
+    assert lab[0].max().item() <= 100 + 1e-4
+    assert lab[1:].abs().max().item() < 130
+
+
+@fast
+@given(rgb_images(), st.floats(1.5, 5.0), st.floats(-40.0, 40.0))
+def test_out_of_gamut_keeps_lightness(rgb: torch.Tensor, scale: float, shift: float) -> None:
+    lab = color.rgb_to_lab(rgb)
+    pushed = torch.cat((lab[:1], lab[1:] * scale + shift), dim=0)  # mostly outside sRGB
+    out = color.lab_to_rgb(pushed, keep_lightness=True)
+    assert out.min().item() >= 0.0 and out.max().item() <= 1.0
+    assert (color.rgb_to_lab(out)[0] - lab[0]).abs().max().item() < 0.05
+
+
+@fast
+@given(rgb_images(), st.floats(1.5, 5.0))
+def test_clipping_mode_stays_in_range(rgb: torch.Tensor, scale: float) -> None:
+    lab = color.rgb_to_lab(rgb)
+    out = color.lab_to_rgb(torch.cat((lab[:1], lab[1:] * scale), dim=0), keep_lightness=False)
+    assert out.min().item() >= 0.0 and out.max().item() <= 1.0
+
+
+@fast
+@given(uint8_images())
+def test_numpy_wrappers_agree_with_torch(img: np.ndarray) -> None:
+    unit = torch.from_numpy(img.astype(np.float32) / 255.0).movedim(-1, -3)  # (3, H, W)
+    lab = color.rgb_to_lab(unit)
+    lab_np = color.rgb_to_lab_np(img)
+    assert lab_np.dtype == np.float32 and lab_np.shape == img.shape
+    np.testing.assert_allclose(lab_np, lab.movedim(-3, -1).numpy(), atol=1e-4)
+    # Float input in [0, 1] is taken as-is, uint8 is scaled by 1/255.
+    np.testing.assert_allclose(color.rgb_to_lab_np(img / 255.0), lab_np, atol=1e-4)
+
+    pushed = lab * torch.tensor([1.0, 2.0, 2.0]).view(3, 1, 1)
+    rgb_np = color.lab_to_rgb_np(pushed.movedim(-3, -1).numpy())
+    np.testing.assert_allclose(rgb_np, color.lab_to_rgb(pushed).movedim(-3, -1).numpy(), atol=1e-5)
+
+    np.testing.assert_allclose(color.luma_np(img), color.luma(unit)[0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rgb", "expected"),
+    [
+        ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+        ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+        ((1.0, 0.0, 0.0), (53.24, 80.09, 67.20)),
+        ((0.0, 1.0, 0.0), (87.73, -86.18, 83.18)),
+        ((0.0, 0.0, 1.0), (32.30, 79.19, -107.86)),
+    ],
+)
+def test_published_lab_values(rgb: tuple, expected: tuple) -> None:
+    lab = color.rgb_to_lab(torch.tensor(rgb).view(3, 1, 1)).flatten()
+    np.testing.assert_allclose(lab.numpy(), expected, atol=0.05)
+
+
+@fast
+@given(uint8_images())
+def test_luma_matches_pil(img: np.ndarray) -> None:
+    pil = np.asarray(Image.fromarray(img).convert("L"), dtype=np.int32)
+    unit = torch.from_numpy(img.astype(np.float32) / 255.0).movedim(-1, -3)
+    ours = np.rint(color.luma(unit)[0].numpy() * 255.0).astype(np.int32)
+    assert np.abs(ours - pil).max() <= 1
+
+
+def test_gray_rgb_from_l_inverts_every_grey_level() -> None:
+    levels = torch.arange(256, dtype=torch.float32) / 255.0
+    greys = levels.view(1, 1, 256).expand(3, 1, 256)
+    lab = color.rgb_to_lab(greys)
+    assert lab[1:].abs().max().item() < 1e-3  # neutral greys have no chroma
+    back = color.gray_rgb_from_l(lab[:1])  # (1, 1, 256)
+    assert (back[0, 0] - levels).abs().max().item() < 1e-5
+    assert np.array_equal(color.to_uint8(back[0, 0].numpy()), np.arange(256, dtype=np.uint8))
+
+
+def test_normalisation_constants() -> None:
+    L = torch.tensor([0.0, 50.0, 100.0])
+    assert color.normalize_l(L).tolist() == [-0.5, 0.0, 0.5]
+    ab = torch.tensor([-110.0, 0.0, 55.0])
+    assert color.normalize_ab(ab).tolist() == [-1.0, 0.0, 0.5]
+    assert torch.equal(color.denormalize_ab(color.normalize_ab(ab)), ab)

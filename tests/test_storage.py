@@ -1,0 +1,198 @@
+"""colorize.storage against the local filesystem and a real S3 server (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import time
+from collections.abc import Iterator
+
+import pyarrow.fs as pafs
+import pytest
+import ray
+
+from colorize import storage
+from colorize.storage import S3Settings, StorageError
+from conftest import S3Server, free_ports
+
+NESTED = {
+    "top.txt": b"top",
+    "a/x.bin": bytes(range(256)),
+    "a/b c/ü.png": b"\x89PNG not really",
+    "a/b c/d/deep name é.jpg": b"deep",
+}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3: S3Server) -> str:
+    return s3.bucket("storage-tests")
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, empty directory) on each backend."""
+    if request.param == "local":
+        return storage.resolve(str(tmp_path / "root"))
+    s3 = request.getfixturevalue("s3")
+    bucket = request.getfixturevalue("bucket")
+    return storage.resolve(f"{bucket}/{request.node.originalname}", s3.settings)
+
+
+def test_resolve_local(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    fs, path = storage.resolve("rel/dir/")
+    assert isinstance(fs, pafs.LocalFileSystem)
+    assert path == str(tmp_path / "rel" / "dir")
+    assert storage.resolve("~/x")[1] == str(tmp_path / "home" / "x")
+    assert storage.resolve("/abs//y")[1] == "/abs/y"
+
+
+def test_resolve_s3_shares_one_filesystem(s3: S3Server) -> None:
+    fs, path = storage.resolve("s3://bkt/a//b/", s3.settings)
+    assert isinstance(fs, pafs.S3FileSystem)
+    assert path == "bkt/a/b"
+    assert storage.resolve("S3://bkt", s3.settings) == (fs, "bkt")
+    assert storage.resolve("s3://other/k", s3.settings)[0] is fs
+    assert storage.s3_filesystem(S3Settings(s3.endpoint, s3.settings.region)) is fs
+    assert storage.to_uri(fs, path) == "s3://bkt/a/b"
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/key", "s3://", "s3:///key"])
+def test_resolve_rejects(uri: str) -> None:
+    with pytest.raises(StorageError, match=uri):
+        storage.resolve(uri, S3Settings())
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert S3Settings.from_env() == S3Settings(None, None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://global:1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert S3Settings.from_env() == S3Settings("http://global:1", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3only:2")
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert S3Settings.from_env() == S3Settings("http://s3only:2", "us-west-2")
+    assert S3Settings.from_env("https://flag:3").endpoint == "https://flag:3"
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "ftp://host:1", "http://host:1/path"])
+def test_settings_reject_bad_endpoint(endpoint: str) -> None:
+    with pytest.raises(StorageError, match=endpoint):
+        S3Settings(endpoint=endpoint)
+
+
+def test_join() -> None:
+    assert storage.join("bkt", "a", "b.png") == "bkt/a/b.png"
+    assert storage.join("bkt/", "/a/", "b") == "bkt/a/b"
+    assert storage.join("/", "x") == "/x"
+    assert storage.join("/base", "") == "/base"
+
+
+def test_round_trip(root: tuple[pafs.FileSystem, str]) -> None:
+    fs, base = root
+    assert not storage.exists(fs, base)
+    for rel, data in NESTED.items():
+        storage.write_bytes_atomic(fs, storage.join(base, rel), data)
+    expected = sorted(storage.join(base, rel) for rel in NESTED)
+    assert storage.list_files(fs, base) == expected
+    assert storage.list_files(fs, storage.join(base, "a/b c")) == [
+        p for p in expected if "/a/b c/" in p
+    ]
+    single = storage.join(base, "a/b c/ü.png")
+    assert storage.list_files(fs, single) == [single]
+    for rel, data in NESTED.items():
+        assert storage.read_bytes(fs, storage.join(base, rel)) == data
+    assert storage.exists(fs, storage.join(base, "a"))
+    assert not storage.exists(fs, storage.join(base, "nope"))
+
+
+def test_overwrite_leaves_no_temporaries(root: tuple[pafs.FileSystem, str]) -> None:
+    fs, base = root
+    path = storage.join(base, "same.bin")
+    storage.write_bytes_atomic(fs, path, b"first")
+    storage.write_bytes_atomic(fs, path, b"second")
+    assert storage.read_bytes(fs, path) == b"second"
+    assert storage.list_files(fs, base) == [path]
+
+
+def test_missing_path_names_uri(root: tuple[pafs.FileSystem, str]) -> None:
+    fs, base = root
+    expected = re.escape(storage.to_uri(fs, storage.join(base, "missing")))
+    with pytest.raises(StorageError, match=f"^{expected}: no such file or directory$"):
+        storage.list_files(fs, storage.join(base, "missing"))
+    with pytest.raises(StorageError, match=f"^{expected}: no such file or directory$"):
+        storage.read_bytes(fs, storage.join(base, "missing"))
+
+
+def test_write_to_missing_bucket(s3: S3Server) -> None:
+    fs, path = storage.resolve("s3://no-such-bucket/x.png", s3.settings)
+    with pytest.raises(StorageError, match="^s3://no-such-bucket/x.png: no such bucket$"):
+        storage.write_bytes_atomic(fs, path, b"x")
+
+
+def test_check_access_unreachable_fails_fast() -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    uri = "s3://bucket/x"
+    fs, path = storage.resolve(uri, S3Settings(endpoint=f"http://127.0.0.1:{port}"))
+    start = time.monotonic()
+    with pytest.raises(StorageError) as excinfo:
+        storage.check_access(fs, path, uri)
+    assert time.monotonic() - start < 10
+    message = str(excinfo.value)
+    assert message.startswith(f"{uri}: cannot reach S3 endpoint http://127.0.0.1:{port}: ")
+    assert "\n" not in message
+
+
+@pytest.fixture
+def wrong_secret(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Credentials with a wrong secret, and no cached filesystem built with the right one."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    storage.s3_filesystem.cache_clear()
+    yield
+    storage.s3_filesystem.cache_clear()
+
+
+@pytest.mark.usefixtures("wrong_secret")
+def test_bad_credentials(s3: S3Server, bucket: str) -> None:
+    uri = f"{bucket}/x"
+    fs, path = storage.resolve(uri, s3.settings)
+    for attempt in (
+        lambda: storage.check_access(fs, path, uri),
+        lambda: storage.list_files(fs, bucket[5:]),
+    ):
+        with pytest.raises(StorageError, match="access denied.*AWS_SECRET_ACCESS_KEY") as excinfo:
+            attempt()
+        assert str(excinfo.value).startswith(bucket)
+
+
+@pytest.mark.parametrize(
+    "relpath", ["../x", "/abs", "a/../../b", "", "a//b", "a/", "a\\..\\b", "a/\x00b", "."]
+)
+def test_safe_relpath_rejects(relpath: str) -> None:
+    with pytest.raises(StorageError, match="unsafe output path") as excinfo:
+        storage.safe_relpath(relpath)
+    assert repr(relpath) in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("relpath", "expected"), [("a/b c/ü.png", "a/b c/ü.png"), ("./a/./b.png", "a/b.png")]
+)
+def test_safe_relpath_accepts(relpath: str, expected: str) -> None:
+    assert storage.safe_relpath(relpath) == expected
+
+
+@ray.remote(num_cpus=0.25)
+def _read_remote(fs: pafs.FileSystem, path: str) -> tuple[bytes, int]:
+    return storage.read_bytes(fs, path), os.getpid()
+
+
+def test_filesystem_pickles_to_ray_task(ray_cluster: str, s3: S3Server, bucket: str) -> None:
+    fs, path = storage.resolve(f"{bucket}/pickled/ü.bin", s3.settings)
+    storage.write_bytes_atomic(fs, path, b"from the driver")
+    assert pickle.loads(pickle.dumps(fs)) == fs
+    data, pid = ray.get(_read_remote.remote(fs, path), timeout=120)
+    assert data == b"from the driver"
+    assert pid != os.getpid()
