@@ -37,20 +37,27 @@ def predict_ab(model: nn.Module, L: torch.Tensor) -> torch.Tensor:
     return color.rgb_to_lab(rgb)[:, 1:]
 
 
-def predict_rgb(model: nn.Module, L: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) L -> (B, 3, H, W) sRGB in [0, 1], lightness kept from the input."""
+def predict_rgb(model: nn.Module, L: torch.Tensor, gray: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, H, W) L -> (B, 3, H, W) sRGB in [0, 1].
+
+    The U-Net's chroma is merged with the input's own lightness. The seed autoencoder's RGB
+    comes back as it is, as the seed evaluated it; it sees ``gray`` (the 601 luma of the
+    original, in [0, 1]) when known, else the neutral grey of lightness L.
+    """
+    if unwrap(model).config.arch == "autoencoder":
+        return model(color.gray_rgb_from_l(L) if gray is None else gray).float().clamp(0.0, 1.0)
     return color.lab_to_rgb(torch.cat((L, predict_ab(model, L)), dim=1))
 
 
 def loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """Training loss for one batch in the model's native units.
 
-    The U-Net regresses normalised ab; the seed autoencoder regresses RGB with MSE (its
-    original objective), whatever ``kind`` says.
+    The U-Net regresses normalised ab; the seed autoencoder maps the 601 luma of the
+    original to its RGB under MSE (its original objective), whatever ``kind`` says.
     """
     if unwrap(model).config.arch == "autoencoder":
         target = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
-        return F.mse_loss(model(color.gray_rgb_from_l(L)).float(), target)
+        return F.mse_loss(model(color.luma(target)).float(), target)
     pred = model(color.normalize_l(L)).float()
     target = color.normalize_ab(ab)
     if kind == "mse":
@@ -88,17 +95,29 @@ def weights_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
+def read_weights(uri: str | None, settings: storage.S3Settings | None = None) -> bytes:
+    """The bytes of a weights file (local or ``s3://``), or of the bundled default for None."""
+    if uri is None:
+        path = bundled_weights_path()
+        if not path.exists():
+            raise storage.StorageError(f"{path}: the bundled weights are missing; reinstall colorize or pass --weights")
+        return path.read_bytes()
+    fs, path = storage.resolve(uri, settings)
+    storage.check_access(fs, path, uri)
+    if not storage.exists(fs, path):
+        raise storage.StorageError(f"{uri}: no such weights file")
+    return storage.read_bytes(fs, path)
+
+
 def load_weights(uri: str | None, settings: storage.S3Settings | None = None) -> tuple[nn.Module, str]:
     """A model in eval mode and its weights id, from a file (local or ``s3://``) or the bundled default."""
-    if uri is None:
-        raw = bundled_weights_path().read_bytes()
-    else:
-        fs, path = storage.resolve(uri, settings)
-        storage.check_access(fs, path, uri)
-        if not storage.exists(fs, path):
-            raise storage.StorageError(f"{uri}: no such weights file")
-        raw = storage.read_bytes(fs, path)
+    raw = read_weights(uri, settings)
     try:
         return model_from_bytes(raw), weights_id(raw)
     except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file ({error})") from None
+        # torch's own messages run over many lines; the first says enough.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
+            f"with 'config' and 'state_dict' ({reason[:200]})"
+        ) from None

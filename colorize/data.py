@@ -18,8 +18,10 @@ from __future__ import annotations
 import io
 import pickle
 import posixpath
+import random
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -39,14 +41,22 @@ class DataError(ValueError):
     """A training source that cannot be used, with the reason in one line."""
 
 
-def load_dataset(
-    uri: str,
-    *,
-    split: str = "train",
-    settings: storage.S3Settings | None = None,
-    limit: int | None = None,
-) -> ray.data.Dataset:
-    """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source."""
+@dataclass(frozen=True)
+class Source:
+    """A located, checked training source; building its Dataset needs no further listing."""
+
+    uri: str
+    kind: str  # "cifar", "parquet" or "files"
+    fs: pafs.FileSystem
+    path: str
+    files: tuple[str, ...] = ()
+
+
+def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None) -> Source:
+    """Find out what ``uri`` holds, raising a one-line error for anything unusable.
+
+    Runs on the driver before Ray starts, so bad input fails fast.
+    """
     fs, path = storage.resolve(uri, settings)
     storage.check_access(fs, path, uri)
     info = fs.get_file_info(path)
@@ -54,20 +64,39 @@ def load_dataset(
         raise DataError(f"{uri}: no such file or directory")
     name = posixpath.basename(path.rstrip("/"))
     if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
-        ds = _cifar_python(fs, path, split)
-    elif path.endswith(".parquet") or _has_parquet(fs, path, info):
-        ds = _parquet_images(fs, path)
+        return Source(uri, "cifar", fs, path)
+    if path.endswith(".parquet") or _has_parquet(fs, path, info):
+        return Source(uri, "parquet", fs, path)
+    files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files))
+
+
+def load_dataset(
+    source: Source | str,
+    *,
+    split: str = "train",
+    settings: storage.S3Settings | None = None,
+    limit: int | None = None,
+) -> ray.data.Dataset:
+    """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source."""
+    if isinstance(source, str):
+        source = locate(source, settings=settings, limit=limit)
+    if source.kind == "cifar":
+        ds = _cifar_python(source.fs, source.path, split)
+    elif source.kind == "parquet":
+        ds = _parquet_images(source.fs, source.path)
     else:
-        files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
-        files = files[:limit] if limit else files
-        ds = ray.data.read_binary_files(files, filesystem=fs, override_num_blocks=_blocks(len(files)))
+        files = list(source.files)
+        # Class folders list class by class; shuffle once so every block mixes classes.
+        random.Random(0).shuffle(files)
+        ds = ray.data.read_binary_files(files, filesystem=source.fs, override_num_blocks=_blocks(len(files)))
     return ds.limit(limit) if limit else ds
 
 
 def lab_dataset(
-    uri: str,
+    source: Source | str,
     *,
     image_size: int,
     augment: bool,
@@ -76,7 +105,7 @@ def lab_dataset(
     limit: int | None = None,
 ) -> ray.data.Dataset:
     """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed."""
-    raw = load_dataset(uri, split=split, settings=settings, limit=limit)
+    raw = load_dataset(source, split=split, settings=settings, limit=limit)
     return raw.map_batches(
         prepare_batch,
         fn_kwargs={"image_size": image_size, "augment": augment},

@@ -8,6 +8,7 @@ CIFAR-10), coloured from their own lightness, and compared as 8-bit sRGB with
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,39 +47,56 @@ def gray_baseline(truth: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def colorize_rgb(model: torch.nn.Module, truth: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> the model's colouring of their lightness, uint8 (N, H, W, 3)."""
+    """uint8 (N, H, W, 3) -> the model's colouring of their greyscale, uint8 (N, H, W, 3)."""
     L = torch.from_numpy(color.rgb_to_lab_np(truth)[..., :1]).permute(0, 3, 1, 2)  # (N,1,H,W) in [0,100]
-    rgb = colorizer.predict_rgb(model, L)
+    gray = torch.from_numpy(color.luma_np(truth))[:, None]  # (N,1,H,W) in [0,1]
+    rgb = colorizer.predict_rgb(model, L, gray)
     return color.to_uint8(rgb.permute(0, 2, 3, 1).numpy())
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Metrics of the model and the grey baseline on the same images, as a JSON-able dict."""
-    settings = storage.S3Settings.from_env(config.s3_endpoint)
-    model, weights = colorizer.load_weights(config.weights, settings)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    size = model.config.image_size
-    raw = data.load_dataset(config.data, split="test", settings=settings, limit=config.limit)
-    prepared = raw.map_batches(
-        data.prepare_batch, fn_kwargs={"image_size": size, "augment": False, "with_rgb": True}, batch_size=256
-    )
+def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, dict, list]:
+    """Metrics of ``model`` and of the grey baseline over uint8 (N, H, W, 3) batches.
+
+    Returns the model's metrics, the baseline's, and a few examples for a picture grid.
+    """
     model_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
-    unreadable = 0
     examples: list[tuple[str, np.ndarray]] = []
-    for batch in prepared.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-        truth = batch["rgb"][batch["ok"]]
-        unreadable += int((~batch["ok"]).sum())
-        if len(truth) == 0:
-            continue
+    for truth in batches:
         pred, gray = colorize_rgb(model, truth), gray_baseline(truth)
         model_acc.update(pred, truth)
         gray_acc.update(gray, truth)
         if not examples:
             examples = [("gray", gray[:GRID_EXAMPLES]), ("prediction", pred[:GRID_EXAMPLES]), ("truth", truth[:GRID_EXAMPLES])]
     if not examples:
-        raise data.DataError(f"{config.data}: no readable images to evaluate")
-    model_metrics, gray_metrics = model_acc.result(), gray_acc.result()
+        raise data.DataError("no readable images to evaluate")
+    return model_acc.result(), gray_acc.result(), examples
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of the model and the grey baseline on the same images, as a JSON-able dict."""
+    settings = storage.S3Settings.from_env(config.s3_endpoint)
+    model, weights = colorizer.load_weights(config.weights, settings)
+    source = data.locate(config.data, settings=settings, limit=config.limit)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    size = model.config.image_size
+    raw = data.load_dataset(source, split="test", limit=config.limit)
+    prepared = raw.map_batches(
+        data.prepare_batch, fn_kwargs={"image_size": size, "augment": False, "with_rgb": True}, batch_size=256
+    )
+    unreadable = 0
+
+    def readable() -> Iterator[np.ndarray]:
+        nonlocal unreadable
+        for batch in prepared.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+            unreadable += int((~batch["ok"]).sum())
+            if batch["ok"].any():
+                yield batch["rgb"][batch["ok"]]
+
+    try:
+        model_metrics, gray_metrics, examples = score(model, readable())
+    except data.DataError:
+        raise data.DataError(f"{config.data}: no readable images to evaluate") from None
     report = {
         "data": config.data,
         "weights": config.weights or f"bundled:{colorizer.BUNDLED_WEIGHTS}",

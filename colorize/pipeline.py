@@ -316,11 +316,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
     storage.check_access(out_fs, out_root, config.output)
-    weights_raw = (
-        colorizer.bundled_weights_path().read_bytes() if config.weights is None else _read_weights(config.weights, settings)
-    )
-    model = colorizer.model_from_bytes(weights_raw)  # fail here, not in every actor, on a bad file
-    weights_id = colorizer.weights_id(weights_raw)
+    model, weights_id = colorizer.load_weights(config.weights, settings)  # fail here, not in every actor
+    weights_raw = colorizer.weights_bytes(model)
     items = sources.discover(config.input, settings)
     if config.limit:
         items = items[: config.limit]
@@ -402,11 +399,3 @@ def run(config: BulkConfig) -> dict[str, Any]:
         file=sys.stderr, flush=True,
     )
     return summary
-
-
-def _read_weights(uri: str, settings: storage.S3Settings) -> bytes:
-    fs, path = storage.resolve(uri, settings)
-    storage.check_access(fs, path, uri)
-    if not storage.exists(fs, path):
-        raise storage.StorageError(f"{uri}: no such weights file")
-    return storage.read_bytes(fs, path)

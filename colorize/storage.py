@@ -101,7 +101,9 @@ def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSyst
         bucket, _, key = uri[5:].partition("/")
         if not bucket:
             raise StorageError(f"{uri}: expected s3://bucket/key, got no bucket name")
-        return s3_filesystem(settings or S3Settings.from_env()), join(bucket, key)
+        if settings is None:
+            settings = S3Settings.from_env()
+        return s3_filesystem(settings), join(bucket, key)
     scheme = _SCHEME.match(uri)
     if scheme:
         raise StorageError(
@@ -113,7 +115,7 @@ def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSyst
 @functools.lru_cache(maxsize=None)
 def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     """The shared S3 filesystem for ``settings`` (built once per settings value)."""
-    options: dict = {}
+    options: dict[str, str] = {}
     if settings.endpoint is not None:
         parts = urlsplit(settings.endpoint)
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
@@ -129,7 +131,7 @@ def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
 
 def join(base: str, *parts: str) -> str:
     """Join filesystem path pieces with "/", collapsing repeated and trailing slashes."""
-    joined = re.sub(r"/{2,}", "/", "/".join((base, *parts)))
+    joined = re.sub(r"/{2,}", "/", "/".join(p for p in (base, *parts) if p))
     return joined.rstrip("/") or joined[:1]
 
 

@@ -27,7 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, metrics, plots, storage
+from colorize import color, colorizer, data, evaluate, metrics, plots, storage
 from colorize.models import ModelConfig, build_model, count_parameters
 
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
@@ -122,8 +122,8 @@ def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[
             continue
         losses.append(float(colorizer.loss(model, L, ab, loss)) * len(L))
         truth = _to_uint8(color.lab_to_rgb(torch.cat((L, ab), dim=1)))
-        pred = _to_uint8(colorizer.predict_rgb(model, L))
-        gray = np.repeat(np.rint(color.luma_np(truth) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        pred = evaluate.colorize_rgb(model, truth)
+        gray = evaluate.gray_baseline(truth)
         pred_acc.update(pred, truth)
         gray_acc.update(gray, truth)
         if not examples:
@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
 
     model = build_model(config.model_config())
-    optimizer_state, start_epoch, history = None, 0, []
+    optimizer_state, start_epoch, history, resumed_at = None, 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -159,6 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer_state = torch.load(Path(directory, "optimizer.pt"), weights_only=True)
             state = json.loads(Path(directory, "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
+        resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
     model = ray.train.torch.prepare_model(model)
@@ -200,8 +201,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         examples: dict[str, np.ndarray] = {}
         if rank == 0 and config.val:
+            # The bare module: a DDP forward would wait for collectives the other ranks never join.
             val_metrics, examples = validate(
-                model, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
+                colorizer.unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
                 limit=config.val_limit, loss=config.loss,
             )
             row.update(val_metrics)
@@ -211,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                _write_checkpoint(Path(directory), model, optimizer, config, history, examples)
+                _write_checkpoint(Path(directory), model, optimizer, config, history, resumed_at, examples)
                 checkpoint = Checkpoint.from_directory(directory)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
@@ -238,12 +240,16 @@ def _write_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
     history: list[dict[str, Any]],
+    resumed_at: list[int],
     examples: dict[str, np.ndarray],
 ) -> None:
-    """Model, optimizer, progress and figures: everything needed to resume or inspect."""
+    """Model, optimizer, progress and figures: everything needed to resume or inspect.
+
+    ``resumed_at`` lists the epochs (0-based) at which this run picked up from a checkpoint.
+    """
     (directory / "model.pt").write_bytes(colorizer.weights_bytes(model))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    state = {"epoch": history[-1]["epoch"] - 1, "history": history, "config": asdict(config)}
+    state = {"epoch": history[-1]["epoch"] - 1, "history": history, "resumed_at": resumed_at, "config": asdict(config)}
     (directory / "state.json").write_text(json.dumps(state, indent=2))
     curves = {"train loss": [h["train_loss"] for h in history]}
     if "val_loss" in history[-1]:
@@ -270,17 +276,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
     storage.check_access(out_fs, out_path, config.out)
+    train_source = data.locate(config.data, settings=settings, limit=config.limit)
+    val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     datasets = {
         "train": data.lab_dataset(
-            config.data, image_size=config.image_size, augment=True, settings=settings, limit=config.limit
-        ).randomize_block_order()
+            train_source, image_size=config.image_size, augment=True, limit=config.limit
+        )
     }
-    if config.val:
+    if val_source:
         datasets["val"] = data.lab_dataset(
-            config.val, split="test", image_size=config.image_size, augment=False, settings=settings,
-            limit=config.val_limit,
+            val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit
         )
     storage.write_bytes_atomic(out_fs, storage.join(out_path, "config.json"), json.dumps(asdict(config), indent=2).encode())
     params = count_parameters(build_model(config.model_config()))
@@ -316,5 +323,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if source.exists():
                 storage.write_bytes_atomic(out_fs, storage.join(out_path, name), source.read_bytes())
         state = json.loads(Path(directory, "state.json").read_text())
-    summary = {**state["history"][-1], "model": storage.to_uri(out_fs, storage.join(out_path, "model.pt"))}
+    summary = {
+        **state["history"][-1],
+        "resumed_at": state["resumed_at"],
+        "model": storage.to_uri(out_fs, storage.join(out_path, "model.pt")),
+    }
     return summary

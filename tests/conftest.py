@@ -143,7 +143,8 @@ def ray_cluster() -> Iterator[str]:
         try:
             output, _ = proc.communicate(timeout=_RAY_START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"ray start did not finish in {_RAY_START_TIMEOUT_S:.0f} s") from None
+            limit = f"{_RAY_START_TIMEOUT_S:.0f} s"
+            raise RuntimeError(f"ray start did not finish in {limit}") from None
         if proc.returncode != 0:
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{output[-3000:]}")
         ray.init(address=address)
@@ -164,8 +165,8 @@ class S3Server:
     secret_key: str
     settings: S3Settings
 
-    def client(self) -> botocore.client.BaseClient:
-        """A boto3 S3 client for this server."""
+    def client(self, timeout_s: float = 10.0) -> botocore.client.BaseClient:
+        """A boto3 S3 client for this server that gives up after ``timeout_s`` per request."""
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
@@ -174,9 +175,9 @@ class S3Server:
             region_name=self.settings.region,
             config=botocore.config.Config(
                 s3={"addressing_style": "path"},
-                connect_timeout=2,
-                read_timeout=10,
-                retries={"max_attempts": 1},
+                connect_timeout=timeout_s,
+                read_timeout=timeout_s,
+                retries={"total_max_attempts": 1},
             ),
         )
 
@@ -185,7 +186,8 @@ class S3Server:
         try:
             self.client().create_bucket(Bucket=name)
         except botocore.exceptions.ClientError as e:
-            if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            code = e.response["Error"]["Code"]
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
         return f"s3://{name}"
 
@@ -255,7 +257,7 @@ def s3() -> Iterator[S3Server]:
 
 def _wait_for_s3(server: S3Server, proc: subprocess.Popen, root: Path) -> None:
     """Block until a signed ListBuckets succeeds; on failure raise with weed's log tail."""
-    client = server.client()
+    client = server.client(timeout_s=1.0)
     deadline = time.monotonic() + _S3_START_TIMEOUT_S
     while True:
         try:

@@ -14,7 +14,7 @@ import ray
 
 from colorize import storage
 from colorize.storage import S3Settings, StorageError
-from conftest import S3Server, free_ports
+from tests.conftest import S3Server, free_ports
 
 NESTED = {
     "top.txt": b"top",
@@ -89,6 +89,7 @@ def test_join() -> None:
     assert storage.join("bkt/", "/a/", "b") == "bkt/a/b"
     assert storage.join("/", "x") == "/x"
     assert storage.join("/base", "") == "/base"
+    assert storage.join("", "rel") == "rel"
 
 
 def test_round_trip(root: tuple[pafs.FileSystem, str]) -> None:

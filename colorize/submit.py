@@ -1,0 +1,553 @@
+"""Run colorize commands as Ray jobs on a remote cluster, through its job server.
+
+``colorize submit --address http://HEAD:8265 -- train ...`` checks the command line here, then
+hands ``python -m jobs.train ...`` to Ray's :class:`JobSubmissionClient` with a runtime env: the
+project folder (code only), the S3 settings of this shell, and AWS keys only when asked for.
+``colorize jobs`` lists, inspects, follows and stops jobs.
+
+The job server is the head node's dashboard (port 8265). Secrets never go into the entrypoint,
+and their values are replaced by ``***`` in everything printed here, job logs included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import re
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import requests
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
+
+# colorize command -> the module a cluster runs for it (see jobs/).
+JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
+
+# What stays behind when the project folder is uploaded (gitignore syntax, relative to it):
+# environments, VCS, caches and data or outputs that belong in S3. Ray's own defaults (.git,
+# .venv, venv, __pycache__) are repeated so the upload does not depend on them.
+WORKING_DIR_EXCLUDES = (
+    ".git/", ".venv/", "venv/", "__pycache__/", "*.egg-info/", ".pytest_cache/", ".hypothesis/",
+    ".ray/", ".tmp/", "build/", "/data/", "/runs/", "/out/",
+)
+
+# Where S3 lives, passed to every job when set here. Keys are not: clusters should use IAM
+# roles, and --aws-credentials is the explicit opt-in.
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+EXIT_JOB_FAILED = 1  # the job failed without an exit status of its own (e.g. runtime env setup)
+EXIT_JOB_STOPPED = 130  # the job was stopped, as `colorize` returns when interrupted
+
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", re.IGNORECASE)
+_MIN_SECRET_CHARS = 4  # shorter values ("1", "yes") would blank out unrelated text
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONNECT_TIMEOUT_S = 10.0
+_POLL_S = 2.0
+_SETTLE_TIMEOUT_S = 30.0  # a job whose log stream ended reaches its final status within this
+_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+_HTTP_ERROR = re.compile(r"Request failed with status code \d+: (.*)", re.DOTALL)
+
+
+class ClusterError(ValueError):
+    """One-line, user-facing problem with a job or with reaching the cluster's job server."""
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    """One colorize command to run as a Ray job.
+
+    ``job`` is the command line as typed after ``colorize``, e.g. ``("train", "--data", "s3://...")``.
+    ``working_dir`` is the project folder uploaded with the job; None runs the colorize
+    installed on the cluster. ``env`` adds environment variables; ``aws_credentials`` copies
+    this shell's AWS keys into the job. ``num_cpus`` and ``num_gpus`` are reserved for the job's
+    driver process only: training workers and bulk GPU actors reserve their own.
+    """
+
+    address: str
+    job: tuple[str, ...]
+    working_dir: str | None = "."
+    pip: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    aws_credentials: bool = False
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    wait: bool = False
+    submission_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_job(self.job)
+        for name, _ in self.env:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"--env {name!r}: expected NAME or NAME=VALUE with NAME like AWS_REGION")
+        for flag, value in (("--num-cpus", self.num_cpus), ("--num-gpus", self.num_gpus)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be at least 0, got {value}")
+
+
+def check_job(job: Sequence[str]) -> None:
+    """Fail with a one-line ValueError unless ``job`` is a valid train, run or evaluate command line.
+
+    Parses it with the real ``colorize`` parser, so a typo fails here rather than on the cluster.
+    """
+    if not job:
+        raise ValueError(f"no command to run: add -- and one of {', '.join(JOB_MODULES)} with its arguments")
+    command = job[0]
+    if command not in JOB_MODULES:
+        raise ValueError(f"cannot submit {command!r}: expected one of {', '.join(JOB_MODULES)} after --")
+    # Imported here because colorize.cli imports this module to register `submit` and `jobs`.
+    from colorize import cli
+
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):
+            cli.build_parser().parse_args(list(job))
+    except SystemExit as stop:
+        if stop.code == 0:  # `-- train --help` printed the job's help, which is all that was asked
+            raise
+        error = messages.getvalue().strip().splitlines()[-1]
+        error = error.split(": error: ", 1)[-1]
+        raise ValueError(f"{command}: {error} (see colorize {command} --help)") from None
+
+
+def entrypoint(job: Sequence[str]) -> str:
+    """The shell command a cluster runs for ``job``: ``python -m jobs.MODULE ARGS``, shell-quoted."""
+    return shlex.join(["python", "-m", JOB_MODULES[job[0]], *job[1:]])
+
+
+def new_submission_id(command: str, now: datetime | None = None) -> str:
+    """A readable, unique job id such as ``colorize-train-20261126-063512-ab12`` (UTC)."""
+    now = now or datetime.now(timezone.utc)
+    return f"colorize-{command}-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def runtime_env(config: SubmitConfig, environ: Mapping[str, str] = os.environ) -> dict:
+    """The Ray runtime env for ``config``: working dir and excludes, pip, env vars.
+
+    S3 settings are taken from ``environ``; AWS keys too when ``config.aws_credentials``.
+    """
+    env_vars = {name: environ[name] for name in S3_SETTINGS if environ.get(name)}
+    if config.aws_credentials:
+        passed = {name: environ[name] for name in AWS_CREDENTIALS if environ.get(name)}
+        if not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(passed):
+            raise ValueError("--aws-credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must both be set here")
+        env_vars.update(passed)
+    # Progress lines reach `--wait` and the dashboard as they are printed, not at exit.
+    env_vars["PYTHONUNBUFFERED"] = "1"
+    env_vars.update(config.env)
+    result: dict = {"env_vars": env_vars}
+    if config.working_dir is not None:
+        folder = Path(config.working_dir).expanduser().resolve()
+        if not (folder / "colorize").is_dir() or not (folder / "jobs").is_dir():
+            raise ValueError(
+                f"--working-dir {folder}: expected the colorize project folder (with colorize/ and jobs/), "
+                "or --no-working-dir to run the colorize installed on the cluster"
+            )
+        result.update(working_dir=str(folder), excludes=list(WORKING_DIR_EXCLUDES))
+    if config.pip:
+        result["pip"] = list(config.pip)
+    return result
+
+
+def secret_values(*environments: Mapping[str, str]) -> set[str]:
+    """Values of secret-looking variables (keys, tokens, passwords) in ``environments``."""
+    return {
+        value
+        for env in environments
+        for name, value in env.items()
+        if (_SECRET_NAME.search(name) or name in AWS_CREDENTIALS) and len(value) >= _MIN_SECRET_CHARS
+    }
+
+
+class Redactor:
+    """Replaces known secret values with ``***`` in text, also in text that arrives in pieces."""
+
+    def __init__(self, values: Iterable[str]) -> None:
+        self._values = sorted(set(values), key=len, reverse=True)  # longest first: no partial leftovers
+        self._pending = ""
+
+    def __call__(self, text: str) -> str:
+        for value in self._values:
+            text = text.replace(value, "***")
+        return text
+
+    def feed(self, chunk: str) -> str:
+        """Redacted text up to the last line break in what has arrived; the rest waits.
+
+        A secret split across two chunks would otherwise slip through. Secrets hold no line
+        breaks, and progress bars end theirs with a carriage return, so nothing waits for long.
+        """
+        text = self._pending + chunk
+        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+        self._pending = text[cut:]
+        return self(text[:cut])
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return self(text)
+
+
+def describe_env(env_vars: Mapping[str, str]) -> str:
+    """``NAME=value`` pairs for messages, with secret values shown as ``***``."""
+    redact = Redactor(secret_values(env_vars))
+    return " ".join(f"{name}={redact(value)}" for name, value in env_vars.items())
+
+
+def dashboard_url(address: str) -> str:
+    """``http://HEAD:8265`` for a job server address; a bare ``HOST:PORT`` means http."""
+    url = address.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClusterError(
+            f"--address {address!r}: expected the job server (dashboard) URL of the head node, like http://HEAD:8265"
+        )
+    return url
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    """Set (a string) or unset (None) environment variables within the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def connect(address: str) -> JobSubmissionClient:
+    """A client for the job server at ``address``; a ClusterError in seconds if it cannot be reached."""
+    url = dashboard_url(address)
+    try:
+        # The SDK's own check waits for the TCP timeout on a silent host; any HTTP answer,
+        # even 401 from a cluster with token auth, shows the server is there.
+        requests.get(f"{url}/api/version", timeout=_CONNECT_TIMEOUT_S)
+    except requests.RequestException as error:
+        raise ClusterError(
+            f"cannot reach the Ray job server at {url} ({_network_reason(error)}); "
+            "expected the head node's dashboard address, port 8265 unless changed"
+        ) from error
+    # The SDK lets RAY_ADDRESS and RAY_API_SERVER_ADDRESS override the address it is given;
+    # here the address on the command line wins.
+    with _environ(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None), _errors(url, Redactor(())):
+        return JobSubmissionClient(url)
+
+
+def _network_reason(error: requests.RequestException) -> str:
+    if isinstance(error, requests.Timeout):
+        return f"no answer in {_CONNECT_TIMEOUT_S:.0f} s"
+    match = _ERRNO_TEXT.search(str(error))
+    return match.group(1).strip().lower() if match else type(error).__name__
+
+
+@contextlib.contextmanager
+def _errors(url: str, redact: Redactor) -> Iterator[None]:
+    """Re-raise the SDK's and the network's failures as one-line ClusterErrors about ``url``."""
+    try:
+        yield
+    except (requests.RequestException, ConnectionError, aiohttp.ClientError) as error:
+        raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
+    except RuntimeError as error:  # what the SDK raises for an HTTP error answer
+        match = _HTTP_ERROR.match(str(error))
+        message = (match.group(1) if match else str(error)).strip().splitlines()[0].rstrip(".")
+        raise ClusterError(redact(f"{url}: {message}")) from error
+
+
+def submit(config: SubmitConfig) -> int:
+    """Submit ``config.job``; with ``config.wait`` follow its log and return its exit status.
+
+    Without waiting, prints the submission id on stdout and returns 0. Waiting, the job's log
+    goes to stdout and the status is 0 on success, the job's own exit status on failure (or
+    EXIT_JOB_FAILED), EXIT_JOB_STOPPED when it was stopped.
+    """
+    env = runtime_env(config)
+    redact = Redactor(secret_values(os.environ, env["env_vars"]))
+    command = entrypoint(config.job)
+    job_id = config.submission_id or new_submission_id(config.job[0])
+    client = connect(config.address)
+    url = dashboard_url(config.address)
+    where = f"with {env['working_dir']}" if "working_dir" in env else "with the colorize installed there"
+    _status(redact(f"submitting {job_id} to {url} {where}: {command}"))
+    _status(redact(f"environment: {describe_env(env['env_vars'])}"))
+    # Ray's default excludes are part of WORKING_DIR_EXCLUDES; clearing them here only stops
+    # Ray warning that each is excluded now.
+    with _environ(RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES=""), _errors(url, redact):
+        client.submit_job(
+            entrypoint=command,
+            submission_id=job_id,
+            runtime_env=env,
+            metadata={"colorize_command": config.job[0]},
+            entrypoint_num_cpus=config.num_cpus,
+            entrypoint_num_gpus=config.num_gpus,
+        )
+    if not config.wait:
+        print(job_id)
+        _status(f"follow it with: colorize jobs logs {job_id} --follow --address {url}")
+        return 0
+    _status(f"following {job_id}; Ctrl-C stops following, not the job")
+    try:
+        info = follow(client, job_id, url, redact)
+    except KeyboardInterrupt:
+        _status(f"stopped following; {job_id} keeps running (colorize jobs stop {job_id} --address {url})")
+        return EXIT_JOB_STOPPED
+    _status(redact(_outcome(info)))
+    return exit_status(info)
+
+
+def exit_status(info: JobDetails) -> int:
+    """0 for a job that succeeded, its own exit status (or EXIT_JOB_FAILED) for one that failed."""
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    if info.status == JobStatus.STOPPED:
+        return EXIT_JOB_STOPPED
+    code = info.driver_exit_code
+    return code if code and code > 0 else EXIT_JOB_FAILED
+
+
+def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor) -> JobDetails:
+    """Print the job's log to stdout as it grows until the job ends; returns its final details.
+
+    Streams over the job server's websocket; where that breaks off (a proxy without websocket
+    support, a dropped connection), polls the whole log instead and prints what is new.
+    """
+    written = 0
+
+    def write(text: str) -> None:
+        nonlocal written
+        sys.stdout.write(redact.feed(text))
+        sys.stdout.flush()
+        written += len(text)
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    with _errors(url, redact):
+        try:
+            asyncio.run(stream())
+        except (RuntimeError, aiohttp.ClientError) as error:
+            _status(f"the log stream broke off ({error}); polling every {_POLL_S:.0f} s instead")
+            while not client.get_job_status(job_id).is_terminal():
+                write(client.get_job_logs(job_id)[written:])
+                time.sleep(_POLL_S)
+            write(client.get_job_logs(job_id)[written:])
+        sys.stdout.write(redact.flush())
+        deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+        while not (info := client.get_job_info(job_id)).status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return info
+
+
+def _outcome(info: JobDetails) -> str:
+    seconds = f" after {(info.end_time - info.start_time) / 1000:.0f} s" if info.end_time and info.start_time else ""
+    line = f"{info.submission_id or info.job_id} {info.status}{seconds}"
+    if info.status == JobStatus.FAILED and info.message:
+        line += f": {info.message.strip().splitlines()[0]}"
+    return line
+
+
+def _status(message: str) -> None:
+    print(f"colorize submit: {message}", file=sys.stderr, flush=True)
+
+
+def _utc(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def jobs_list(address: str) -> int:
+    """Print a table of the cluster's jobs, oldest first: id, status, start (UTC), entrypoint."""
+    client = connect(address)
+    url = dashboard_url(address)
+    redact = Redactor(secret_values(os.environ))
+    with _errors(url, redact):
+        jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    rows = [("ID", "STATUS", "START (UTC)", "ENTRYPOINT")]
+    rows += [(j.submission_id or j.job_id or "-", str(j.status), _utc(j.start_time), j.entrypoint) for j in jobs]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(redact("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]])))
+    return 0
+
+
+def jobs_status(address: str, job_id: str) -> int:
+    """Print one job's status, timing, exit status and entrypoint."""
+    client = connect(address)
+    url = dashboard_url(address)
+    redact = Redactor(secret_values(os.environ))
+    with _errors(url, redact):
+        info = client.get_job_info(job_id)
+    lines = [
+        f"{job_id}: {info.status}",
+        f"  message:    {(info.message or '-').strip()}",
+        f"  started:    {_utc(info.start_time)} UTC",
+        f"  ended:      {_utc(info.end_time)} UTC",
+        f"  exit code:  {'-' if info.driver_exit_code is None else info.driver_exit_code}",
+        f"  entrypoint: {info.entrypoint}",
+    ]
+    print(redact("\n".join(lines)))
+    return 0
+
+
+def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
+    """Print a job's log so far; with ``follow_log``, keep printing until the job ends."""
+    client = connect(address)
+    url = dashboard_url(address)
+    redact = Redactor(secret_values(os.environ))
+    if follow_log:
+        follow(client, job_id, url, redact)
+        return 0
+    with _errors(url, redact):
+        sys.stdout.write(redact(client.get_job_logs(job_id)))
+    return 0
+
+
+def jobs_stop(address: str, job_id: str) -> int:
+    """Ask the cluster to stop a job (SIGTERM, then SIGKILL after Ray's grace period)."""
+    client = connect(address)
+    url = dashboard_url(address)
+    with _errors(url, Redactor(secret_values(os.environ))):
+        if client.stop_job(job_id):
+            print(f"{job_id}: stopping")
+        else:
+            print(f"{job_id}: not running ({client.get_job_status(job_id)})")
+    return 0
+
+
+# --- the `submit` and `jobs` commands --------------------------------------------------------
+
+
+def _env_var(text: str) -> tuple[str, str]:
+    """``NAME=VALUE``, or ``NAME`` for this shell's value (so secrets stay off the command line)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        if name not in os.environ:
+            raise argparse.ArgumentTypeError(f"{name} is not set here; pass {name}=VALUE")
+        value = os.environ[name]
+    return name, value
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get("RAY_API_SERVER_ADDRESS")
+    p.add_argument(
+        "--address", default=default, required=default is None,
+        help="the cluster's job server, the head node's dashboard: http://HEAD:8265 "
+        "(default: $RAY_API_SERVER_ADDRESS; wins over $RAY_ADDRESS)",
+    )
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="run train, run or evaluate as a job on a Ray cluster",
+        usage="colorize submit --address URL [options] -- {train,run,evaluate} ARGS...",
+        description="Run a colorize command on a Ray cluster as a Ray job. Everything after -- is the command, "
+        "checked here before anything is sent. The project folder goes with the job, so the cluster runs "
+        "this code; paths in the command are read on the cluster, so use s3:// for data and outputs. "
+        "Exit status: without --wait 0 once submitted (the id is printed); with --wait the job's: 0 "
+        "succeeded, its own non-zero status (1 if it has none) failed, 130 stopped; 2 bad arguments or "
+        "unreachable server.",
+    )
+    _add_address(p)
+    p.add_argument("--working-dir", default=".",
+                   help="project folder uploaded with the job (default: .); .venv, .git, data/, runs/, out/ and "
+                   "caches stay behind")
+    p.add_argument("--no-working-dir", dest="working_dir", action="store_const", const=None,
+                   help="upload nothing: run the colorize installed in the cluster's image")
+    p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                   help="extra pip requirement installed at job start, repeatable (better: bake it into the image)")
+    p.add_argument("--env", action="append", default=[], type=_env_var, metavar="NAME[=VALUE]",
+                   help="environment variable for the job, repeatable; NAME alone passes its value here. "
+                   "AWS_ENDPOINT_URL(_S3), AWS_REGION and AWS_DEFAULT_REGION are passed when set")
+    p.add_argument("--aws-credentials", action="store_true",
+                   help="pass AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from here (they "
+                   "show in the job's runtime env on the dashboard; an IAM role on the cluster is better)")
+    p.add_argument("--num-cpus", type=float,
+                   help="CPUs reserved for the job's driver process (default: 0)")
+    p.add_argument("--num-gpus", type=float,
+                   help="GPUs reserved for the job's driver process (default: 0); `train --gpu` and "
+                   "`run --num-gpus` reserve GPUs for their workers themselves")
+    p.add_argument("--wait", action="store_true", help="follow the job's log and exit with its outcome")
+    p.add_argument("job", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_submit)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    _quiet_ray()
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    return submit(
+        SubmitConfig(
+            address=args.address,
+            job=tuple(job),
+            working_dir=args.working_dir,
+            pip=tuple(args.pip),
+            env=tuple(args.env),
+            aws_credentials=args.aws_credentials,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            wait=args.wait,
+        )
+    )
+
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster",
+                       description="Jobs on a Ray cluster, submitted with `colorize submit` or otherwise.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_address(actions.add_parser("list", help="every job: id, status, start time, entrypoint"))
+    for action, help_text in (
+        ("status", "one job's status, times, exit code and entrypoint"),
+        ("logs", "a job's log (stdout and stderr of its driver)"),
+        ("stop", "stop a running job"),
+    ):
+        q = actions.add_parser(action, help=help_text)
+        q.add_argument("id", help="submission id, e.g. colorize-train-20261126-063512-ab12")
+        if action == "logs":
+            q.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+        _add_address(q)
+    p.set_defaults(handler=_jobs)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    _quiet_ray()
+    if args.action == "list":
+        return jobs_list(args.address)
+    if args.action == "status":
+        return jobs_status(args.address, args.id)
+    if args.action == "logs":
+        return jobs_logs(args.address, args.id, follow_log=args.follow)
+    return jobs_stop(args.address, args.id)
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's client-side INFO lines (package uploads) out of the command's output."""
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register the ``submit`` and ``jobs`` commands on the ``colorize`` parser's subcommands."""
+    _add_submit(sub)
+    _add_jobs(sub)

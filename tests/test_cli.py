@@ -1,0 +1,132 @@
+"""The command line as a user meets it: one clear error line for bad input, real exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from colorize.cli import build_parser
+from tests.helpers import write_images
+
+REPO = Path(__file__).resolve().parent.parent
+COLORIZE = [sys.executable, "-m", "colorize.cli"]
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def colorize(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*COLORIZE, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("command", ["run", "train", "evaluate"])
+def test_help_explains_every_flag(command: str) -> None:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = subparsers.choices[command]
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    result = colorize(command, "--help")
+    assert result.returncode == 0 and "--s3-endpoint" in result.stdout
+
+
+def test_jobs_entrypoints_are_the_same_commands() -> None:
+    for module, flag in (("jobs.train", "--epochs"), ("jobs.colorize", "--max-pixels"), ("jobs.evaluate", "--weights")):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 0 and flag in result.stdout, module
+
+
+def test_train_on_a_missing_path(tmp_path: Path) -> None:
+    assert_one_error_line(colorize("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "nope", "no such")
+
+
+def test_train_on_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_one_error_line(colorize("train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")), "no image files")
+
+
+def test_train_with_an_unknown_model(tmp_path: Path) -> None:
+    result = colorize("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "gan")
+    assert_one_error_line(result, "--model", "gan")
+
+
+def test_train_with_a_model_size_that_does_not_divide(tmp_path: Path) -> None:
+    write_images(tmp_path / "d", 2)
+    result = colorize("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--image-size", "20")
+    assert_one_error_line(result, "image_size 20")
+
+
+def test_train_against_unreachable_s3(tmp_path: Path) -> None:
+    result = colorize("train", "--data", "s3://bucket/data", "--out", str(tmp_path / "o"), "--s3-endpoint", UNREACHABLE)
+    assert_one_error_line(result, "s3://bucket/data", "cannot reach")
+
+
+def test_run_on_a_missing_input(tmp_path: Path) -> None:
+    result = colorize("run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
+    assert_one_error_line(result, "no such file")
+
+
+def test_run_to_unreachable_s3_writes_nothing(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", 2)
+    result = colorize("run", "--input", str(tmp_path / "in"), "--output", "s3://out/x", "--s3-endpoint", UNREACHABLE)
+    assert_one_error_line(result, "s3://out/x", "cannot reach")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_run_with_bad_credentials(tmp_path: Path, s3) -> None:
+    bucket = s3.bucket("creds")
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    result = subprocess.run(
+        [*COLORIZE, "run", "--input", str(REPO / "samples"), "--output", f"{bucket}/out", "--s3-endpoint", s3.endpoint],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )
+    assert_one_error_line(result, "access denied")
+
+
+def test_run_with_weights_that_are_not_weights(tmp_path: Path) -> None:
+    (tmp_path / "w.pt").write_bytes(b"not a torch file")
+    result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out"), "--weights", str(tmp_path / "w.pt"))
+    assert_one_error_line(result, "not a colorize weights file")
+
+
+def test_run_with_an_unknown_format(tmp_path: Path) -> None:
+    result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out"), "--format", "png,jpeg")
+    assert_one_error_line(result, "--format")
+
+
+def test_evaluate_with_missing_weights(tmp_path: Path) -> None:
+    write_images(tmp_path / "d", 2)
+    result = colorize("evaluate", "--data", str(tmp_path / "d"), "--weights", str(tmp_path / "none.pt"))
+    assert_one_error_line(result, "none.pt")
+
+
+@pytest.mark.timeout(600)
+def test_quick_start_on_the_samples_with_the_bundled_model(ray_cluster: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = colorize("run", "--input", str(REPO / "samples"), "--output", str(out), timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    samples = [p for p in (REPO / "samples").rglob("*") if p.is_file()]
+    assert summary["inputs"] == summary["written"] == len(samples)
+    assert "written" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.timeout(600)
+def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -> None:
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"broken")
+    result = colorize("run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), timeout=540)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "1 failed" in result.stderr

@@ -1,0 +1,546 @@
+"""Jobs on a real two-node Ray cluster through its job server, and the cluster configs.
+
+The module's cluster is two ``ray start`` nodes on this machine, a head with the job server
+and a worker node, which is all ``colorize submit`` ever sees of a VM or KubeRay cluster: a URL.
+Jobs run the uploaded working dir in processes of their own. The configs under cluster/ cannot
+be launched here; they are checked against Ray's cluster-launcher schema, the KubeRay fields a
+cluster needs, the pinned versions and the real command-line parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import requests
+import yaml
+from packaging.specifiers import SpecifierSet
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.job_submission import JobDetails, JobStatus
+
+from colorize import cli, submit
+from colorize.train import TrainConfig
+from tests.helpers import write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+_BIN = Path(sys.executable).parent
+_START_TIMEOUT_S = 240.0  # two `ray start`s on two busy cores
+_STOP_TIMEOUT_S = 10.0
+_JOB_TIMEOUT_S = 400
+_JOB_ID = re.compile(r"colorize-(?:train|run|evaluate)-\d{8}-\d{6}-[0-9a-f]{4}")
+TINY_MODEL = ["--batch-size", "8", "--width", "8", "--depth", "2", "--image-size", "16", "--limit", "16",
+              "--cpus-per-worker", "0.5"]
+TINY_TRAIN = ["--epochs", "1", *TINY_MODEL]
+
+# Until colorize/cli.py calls submit.add_parsers, the tests run the real `colorize` main with
+# the two commands added; afterwards they run the installed console script.
+_STAND_IN = """
+import argparse, sys
+from colorize import cli, submit
+build = cli.build_parser
+def build_parser():
+    parser = build()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "submit" not in sub.choices:
+        submit.add_parsers(sub)
+    return parser
+cli.build_parser = build_parser
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _colorize_command() -> list[str]:
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [str(_BIN / "colorize")] if "submit" in commands else [sys.executable, "-c", _STAND_IN]
+
+
+def colorize(*args: str, env: dict[str, str] | None = None, timeout: float = _JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the ``colorize`` command as a user would, from the project folder."""
+    return subprocess.run(
+        [*_colorize_command(), *args], cwd=ROOT, env=env or _client_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def _client_env(**extra: str) -> dict[str, str]:
+    """The submitting shell: this process's environment (AWS keys included) without Ray's address."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return {**env, **extra}
+
+
+# --- a two-node cluster on this machine --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running cluster: its job server URL and the temp dir all its nodes share."""
+
+    url: str
+    temp_dir: Path
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _ours(temp_dir: Path, sessions: set[int]) -> list[int]:
+    """Live processes of this cluster: in one of ``sessions``, or working inside ``temp_dir``.
+
+    Job drivers run in sessions of their own, with their working dir under the temp dir.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if state != "Z" and (int(session) in sessions or cwd.startswith(f"{temp_dir}/")):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill(temp_dir: Path, sessions: set[int]) -> None:
+    """SIGKILL this cluster's processes, never another cluster's, and wait until they are gone."""
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    while pids := _ours(temp_dir, sessions):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Ray processes {pids} survived SIGKILL")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _ray_start(args: list[str], env: dict[str, str], sessions: set[int]) -> None:
+    # `ray start` leads a new session that its daemons and workers inherit, so teardown can
+    # kill exactly this cluster; `ray stop` would stop every Ray on the machine.
+    proc = subprocess.Popen([str(_BIN / "ray"), "start", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sessions.add(proc.pid)
+    try:
+        output, _ = proc.communicate(timeout=_START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"ray start {args[0]} did not finish in {_START_TIMEOUT_S:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start exited with {proc.returncode}:\n{output[-3000:]}")
+
+
+def _wait_for_nodes(url: str, n: int) -> None:
+    """Block until the job server answers and the cluster has ``n`` live nodes."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    alive = 0
+    while time.monotonic() < deadline:
+        try:
+            nodes = requests.get(f"{url}/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
+            alive = sum(node["state"] == "ALIVE" for node in nodes)
+            if alive == n:
+                return
+        except (requests.RequestException, KeyError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: {alive} of {n} nodes alive after {_START_TIMEOUT_S:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head node (2 CPUs, job server on loopback) joined by a worker node (2 CPUs)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="colorize-jobs-", dir="/tmp"))
+    # The cluster gets no S3 settings or keys of its own: jobs reach S3 only with what
+    # `colorize submit` passes. `python` is this virtualenv's, as on a node of the image.
+    hidden = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *submit.S3_SETTINGS, *submit.AWS_CREDENTIALS}
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env.update(RAY_TMPDIR=str(temp_dir), PATH=f"{_BIN}{os.pathsep}{os.environ['PATH']}")
+    common = ["--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--object-store-memory=200000000",
+              # 0 and 0: each worker binds a port the kernel picks, instead of Ray's fixed range.
+              "--min-worker-port=0", "--max-worker-port=0"]
+    node_flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                  "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    head_flags = ("port", "ray-client-server-port", "dashboard-port")
+    head = dict(zip(head_flags + node_flags, _free_ports(len(head_flags + node_flags))))
+    worker = dict(zip(node_flags, _free_ports(len(node_flags))))
+    url = f"http://127.0.0.1:{head['dashboard-port']}"
+    sessions: set[int] = set()
+    try:
+        _ray_start(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", *common,
+                    *(f"--{flag}={port}" for flag, port in head.items())], env, sessions)
+        _ray_start([f"--address=127.0.0.1:{head['port']}", *common,
+                    *(f"--{flag}={port}" for flag, port in worker.items())], env, sessions)
+        _wait_for_nodes(url, 2)
+        yield Cluster(url=url, temp_dir=temp_dir)
+    finally:
+        _kill(temp_dir, sessions)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    write_images(folder, 16, size=32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(cluster: Cluster, images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`colorize submit --wait -- train ...` on the cluster: its result and its --out."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = colorize("submit", "--address", cluster.url, "--working-dir", str(ROOT), "--wait", "--",
+                      "train", "--data", str(images), "--out", str(out), *TINY_TRAIN)
+    return result, out
+
+
+# --- jobs on the cluster -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_a_train_job_succeeds_and_writes_its_checkpoints(cluster: Cluster, trained: tuple) -> None:
+    result, out = trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(rf"{_JOB_ID.pattern} SUCCEEDED", result.stderr), result.stderr
+    assert "epoch 1/1" in result.stdout  # the job's log, followed live
+    assert list((out / "train").glob("checkpoint_*/model.pt")), sorted(out.rglob("*"))
+    assert (out / "model.pt").stat().st_size > 0
+
+    # The job ran the uploaded project folder: code, and none of .venv, .git or caches.
+    uploads = list(cluster.temp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
+    assert uploads
+    for upload in uploads:
+        assert (upload / "colorize" / "submit.py").exists() and (upload / "jobs" / "train.py").exists()
+        assert not {".venv", ".git", "__pycache__", ".pytest_cache"} & {p.name for p in upload.rglob("*")}
+
+
+@pytest.mark.timeout(600)
+def test_a_bulk_job_colourises_into_s3_with_the_keys_it_was_given(cluster: Cluster, trained: tuple, images: Path, s3) -> None:
+    _, out = trained
+    bucket = s3.bucket("cluster-jobs")
+    result = colorize(
+        "submit", "--address", cluster.url, "--working-dir", str(ROOT), "--aws-credentials", "--wait", "--",
+        "run", "--input", str(images), "--output", f"{bucket}/colour", "--weights", str(out / "model.pt"),
+        env=_client_env(AWS_ENDPOINT_URL=s3.endpoint),
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="cluster-jobs", Prefix="colour/")["Contents"]]
+    assert len([k for k in keys if k.startswith("colour/images/") and k.endswith(".png")]) == 16
+    assert any(k.startswith("colour/parquet/") and k.endswith(".parquet") for k in keys)
+    summary = json.loads(s3.client().get_object(Bucket="cluster-jobs", Key="colour/_SUMMARY.json")["Body"].read())
+    assert (summary["written"], summary["failed"]) == (16, 0)
+    # The secret went to the job and nowhere visible: not in the entrypoint, not printed.
+    assert "AWS_SECRET_ACCESS_KEY=***" in result.stderr
+    assert s3.secret_key not in result.stdout + result.stderr
+    job_id = _JOB_ID.search(result.stderr).group()
+    details = submit.connect(cluster.url).get_job_info(job_id)
+    assert s3.secret_key not in details.entrypoint
+
+
+@pytest.mark.timeout(600)
+def test_a_failing_job_reports_failed_and_its_log_says_why(cluster: Cluster, tmp_path: Path, capsys) -> None:
+    result = colorize("submit", "--address", cluster.url, "--working-dir", str(ROOT), "--wait", "--",
+                      "train", "--data", "/nonexistent/photos", "--out", str(tmp_path / "run"), *TINY_TRAIN)
+
+    assert result.returncode == cli.EXIT_USAGE, result.stderr[-3000:]  # the job's own exit status
+    assert re.search(rf"{_JOB_ID.pattern} FAILED", result.stderr), result.stderr
+    job_id = _JOB_ID.search(result.stderr).group()
+    capsys.readouterr()
+
+    assert submit.jobs_logs(cluster.url, job_id) == 0
+    assert "colorize train: error: /nonexistent/photos" in capsys.readouterr().out
+    submit.jobs_status(cluster.url, job_id)
+    status = capsys.readouterr().out
+    assert f"{job_id}: FAILED" in status and "exit code:  2" in status
+    submit.jobs_list(cluster.url)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["ID", "STATUS", "START", "(UTC)", "ENTRYPOINT"]
+    row = next(line for line in table if line.startswith(job_id))
+    assert row.split()[1] == "FAILED" and row.endswith(f"--data /nonexistent/photos --out {tmp_path / 'run'} {' '.join(TINY_TRAIN)}")
+
+
+@pytest.mark.timeout(600)
+def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: Path, capsys) -> None:
+    config = submit.SubmitConfig(
+        address=cluster.url, working_dir=str(ROOT),
+        job=("train", "--data", str(images), "--out", str(tmp_path / "run"), "--epochs", "1000", *TINY_MODEL),
+    )
+    assert submit.submit(config) == 0
+    job_id = capsys.readouterr().out.strip()  # without --wait, stdout is just the id
+    assert _JOB_ID.fullmatch(job_id)
+
+    assert submit.jobs_stop(cluster.url, job_id) == 0
+    assert capsys.readouterr().out.startswith(f"{job_id}: ")
+    assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == 0  # returns once the job has ended
+    client = submit.connect(cluster.url)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED
+    assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_address_is_one_error_line_and_exit_2() -> None:
+    port = _free_ports(1)[0]
+    result = colorize("jobs", "list", "--address", f"http://127.0.0.1:{port}")
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"colorize jobs: error: cannot reach the Ray job server at http://127.0.0.1:{port} (connection refused); "
+        "expected the head node's dashboard address, port 8265 unless changed"
+    ]
+
+
+# --- submit without a cluster ------------------------------------------------------------------
+
+
+def test_entrypoints_run_the_job_modules_with_shell_quoted_arguments() -> None:
+    job = ("run", "--input", "s3://bucket/my photos/", "--output", "s3://bucket/out; rm -rf /")
+
+    command = submit.entrypoint(job)
+
+    assert command.startswith("python -m jobs.colorize ")
+    assert shlex.split(command) == ["python", "-m", "jobs.colorize", *job[1:]]
+    assert submit.entrypoint(("train", "--data", "d", "--out", "o")) == "python -m jobs.train --data d --out o"
+    assert submit.entrypoint(("evaluate", "--data", "d")) == "python -m jobs.evaluate --data d"
+
+
+@pytest.mark.parametrize("job, message", [
+    ((), "no command to run"),
+    (("serve", "--data", "d"), "cannot submit 'serve': expected one of train, run, evaluate"),
+    (("train", "--data", "d", "--out", "o", "--epohcs", "3"), "train: unrecognized arguments: --epohcs 3"),
+    (("train", "--data", "d"), "train: the following arguments are required: --out"),
+    (("run", "--input", "i", "--output", "o", "--num-gpus", "0"), "run: argument --num-gpus: must be at least 1, got 0 (see colorize run --help)"),
+])
+def test_job_command_lines_are_checked_before_anything_is_sent(job: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        submit.SubmitConfig(address="http://127.0.0.1:1", job=job)
+
+
+def test_the_runtime_env_passes_s3_settings_and_keys_only_when_asked() -> None:
+    environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+               "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "AWS_EC2_METADATA_DISABLED": "true", "HOME": "/root"}
+    job = ("train", "--data", "s3://b/d", "--out", "s3://b/o")
+
+    plain = submit.runtime_env(submit.SubmitConfig(address="h:1", job=job, working_dir=str(ROOT)), environ)
+    keys = submit.runtime_env(submit.SubmitConfig(address="h:1", job=job, working_dir=None, aws_credentials=True,
+                                                  env=(("MY_FLAG", "1"),), pip=("rich==14.0.0",)), environ)
+
+    assert plain["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1", "PYTHONUNBUFFERED": "1"}
+    assert plain["working_dir"] == str(ROOT)
+    assert {".venv/", ".git/", "/data/", "/runs/", "/out/"} <= set(plain["excludes"])
+    assert keys["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "wJalrXUtnFEMI" and keys["env_vars"]["MY_FLAG"] == "1"
+    assert "working_dir" not in keys and keys["pip"] == ["rich==14.0.0"]
+    with pytest.raises(ValueError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must both be set"):
+        submit.runtime_env(submit.SubmitConfig(address="h:1", job=job, aws_credentials=True), {"AWS_REGION": "x"})
+    with pytest.raises(ValueError, match="expected the colorize project folder"):
+        submit.runtime_env(submit.SubmitConfig(address="h:1", job=job, working_dir=str(ROOT / "cluster")), environ)
+
+
+def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
+    env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
+    assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
+
+    redact = submit.Redactor(submit.secret_values(env))
+    pieces = ["key wJalrX", "UtnFEMI ok\nprogress 50%\r", "tail hunter", "22"]
+    assert "".join(redact.feed(p) for p in pieces) + redact.flush() == "key *** ok\nprogress 50%\rtail ***"
+
+
+def test_submission_ids_are_readable_and_unique() -> None:
+    now = datetime(2026, 11, 26, 6, 35, 12, tzinfo=timezone.utc)
+    ids = {submit.new_submission_id("train", now) for _ in range(20)}
+    assert all(re.fullmatch(r"colorize-train-20261126-063512-[0-9a-f]{4}", i) for i in ids)
+    assert len(ids) > 1
+
+
+def test_the_exit_status_is_the_jobs_own() -> None:
+    def details(status: JobStatus, code: int | None = None) -> JobDetails:
+        return JobDetails(type="SUBMISSION", entrypoint="python -m jobs.train", status=status, driver_exit_code=code)
+
+    assert submit.exit_status(details(JobStatus.SUCCEEDED, 0)) == 0
+    assert submit.exit_status(details(JobStatus.FAILED, 3)) == 3
+    assert submit.exit_status(details(JobStatus.FAILED, None)) == submit.EXIT_JOB_FAILED
+    assert submit.exit_status(details(JobStatus.STOPPED, -15)) == submit.EXIT_JOB_STOPPED
+
+
+class _NoStreamClient:
+    """A job server whose log websocket fails, as behind a proxy without websocket support."""
+
+    def __init__(self, logs: list[str]) -> None:
+        self._logs = logs  # the whole log at each poll; the last one is final
+        self._polls = 0
+
+    async def tail_job_logs(self, job_id: str):  # noqa: ANN201 - an async generator, like the SDK's
+        raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+        yield  # pragma: no cover - makes this an async generator
+
+    def get_job_status(self, job_id: str) -> JobStatus:
+        self._polls += 1
+        return JobStatus.SUCCEEDED if self._polls >= len(self._logs) else JobStatus.RUNNING
+
+    def get_job_logs(self, job_id: str) -> str:
+        return self._logs[min(self._polls, len(self._logs)) - 1]
+
+    def get_job_info(self, job_id: str) -> JobDetails:
+        return JobDetails(type="SUBMISSION", entrypoint="e", status=self.get_job_status(job_id), driver_exit_code=0)
+
+
+def test_a_broken_log_stream_falls_back_to_polling(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(submit, "_POLL_S", 0.0)
+    client = _NoStreamClient(["epoch 1\n", "epoch 1\nepoch 2\n", "epoch 1\nepoch 2\ndone\n"])
+
+    info = submit.follow(client, "job", "http://h:8265", submit.Redactor(()))
+
+    captured = capsys.readouterr()
+    assert info.status == JobStatus.SUCCEEDED
+    assert captured.out == "epoch 1\nepoch 2\ndone\n"
+    assert "polling" in captured.err
+
+
+# --- the configs under cluster/ ----------------------------------------------------------------
+
+
+def _pyproject(pattern: str) -> str:
+    """The first group of ``pattern`` in pyproject.toml (tomllib is Python 3.11+, the project 3.10+)."""
+    return re.search(pattern, (ROOT / "pyproject.toml").read_text()).group(1)
+
+
+def _pinned_ray() -> str:
+    return _pyproject(r'"ray\[[\w,]+\]==([\d.]+)"')
+
+
+def test_the_aws_config_is_a_valid_cluster_launcher_config() -> None:
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(copy.deepcopy(config)))  # with Ray's AWS defaults filled in, as `ray up` does
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert {t["node_config"]["InstanceType"].split(".")[0] for t in workers.values()} == {"g5", "c6i"}
+    for node_type in types.values():
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    for name, node_type in workers.items():
+        assert 0 <= node_type["min_workers"] < node_type["max_workers"] <= config["max_workers"], name
+    # The schema has teeth: a misspelt key fails.
+    types["ray.worker.gpu"]["min_worker"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(config, schema)
+
+
+def test_every_ray_and_python_version_under_cluster_matches_the_project() -> None:
+    ray_version = _pinned_ray()
+    requires_python = SpecifierSet(_pyproject(r'requires-python\s*=\s*"([^"]+)"'))
+    found_ray: set[str] = set()
+    found_python: set[str] = set()
+    for path in [CLUSTER / "Dockerfile", CLUSTER / "aws.yaml", *MANIFESTS]:
+        text = path.read_text()
+        rays = re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)|-ray(\d+\.\d+\.\d+)-|rayVersion: \"?(\d+\.\d+\.\d+)", text)
+        pythons = re.findall(r"-py3(\d+)\b", text)
+        assert rays and pythons, f"{path.name}: names no Ray or Python version"
+        found_ray.update(v for match in rays for v in match if v)
+        found_python.update(f"3.{minor}" for minor in pythons)
+    assert found_ray == {ray_version}
+    assert len(found_python) == 1 and next(iter(found_python)) in requires_python
+    for path in MANIFESTS:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] in ("RayCluster", "RayJob"):
+                spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+                assert spec["rayVersion"] == ray_version, path.name
+
+
+def _ray_specs(path: Path) -> list[tuple[str, dict]]:
+    """(kind, document) for the RayCluster and RayJob documents in a manifest."""
+    return [(d["kind"], d) for d in yaml.safe_load_all(path.read_text()) if d["kind"] in ("RayCluster", "RayJob")]
+
+
+def _check_cluster_spec(spec: dict, where: str) -> None:
+    """The fields KubeRay needs to build a cluster, with GPU limits and autoscaling."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+", spec["rayVersion"]), where
+    assert spec["enableInTreeAutoscaling"] is True, where
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict), where
+    assert head["template"]["spec"]["containers"][0]["image"], where
+    images = {head["template"]["spec"]["containers"][0]["image"]}
+    gpu_groups = 0
+    for group in spec["workerGroupSpecs"]:
+        name = f"{where} group {group.get('groupName')}"
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict), name
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        container = group["template"]["spec"]["containers"][0]
+        images.add(container["image"])
+        limits = container["resources"]["limits"]
+        gpu_groups += "nvidia.com/gpu" in limits
+        if "nvidia.com/gpu" in limits:
+            assert int(limits["nvidia.com/gpu"]) >= 1, name
+        for pod in [head["template"]["spec"], group["template"]["spec"]]:
+            assert pod["serviceAccountName"] == "colorize-s3", name
+    assert gpu_groups >= 1 and len(spec["workerGroupSpecs"]) > gpu_groups, f"{where}: needs GPU and CPU groups"
+    assert len(images) == 1, f"{where}: one image for every node, got {images}"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_kuberay_manifests_carry_what_kuberay_needs(path: Path) -> None:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert [a["metadata"]["name"] for a in accounts] == ["colorize-s3"]
+    assert accounts[0]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    specs = _ray_specs(path)
+    assert len(specs) == 1
+    kind, doc = specs[0]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    if kind == "RayCluster":
+        _check_cluster_spec(doc["spec"], path.name)
+    else:
+        assert doc["spec"]["entrypoint"] and doc["spec"]["shutdownAfterJobFinishes"] is True
+        assert "clusterSelector" not in doc["spec"]  # it brings a cluster of its own, to shut down
+        _check_cluster_spec(doc["spec"]["rayClusterSpec"], path.name)
+
+
+def test_the_rayjob_entrypoints_are_real_colorize_command_lines() -> None:
+    commands = {module: command for command, module in submit.JOB_MODULES.items()}
+    seen = set()
+    for path in MANIFESTS:
+        for kind, doc in _ray_specs(path):
+            if kind != "RayJob":
+                continue
+            python, flag, module, *args = shlex.split(doc["spec"]["entrypoint"])
+            assert (python, flag) == ("python", "-m") and module in commands, path.name
+            parsed = cli.build_parser().parse_args([commands[module], *args])
+            assert all(v.startswith("s3://") for k, v in vars(parsed).items() if k in ("data", "val", "out", "input", "output", "weights") and v)
+            if module == "jobs.train":  # the config checks too: batch per worker, size per depth
+                TrainConfig.from_dict({k: v for k, v in vars(parsed).items() if k not in ("handler", "command")})
+            seen.add(module)
+    assert seen == {"jobs.train", "jobs.colorize"}
+
+
+def test_the_job_modules_are_runnable_entrypoints() -> None:
+    result = subprocess.run([sys.executable, "-m", "jobs.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: colorize train")

@@ -1,0 +1,111 @@
+"""Models and the training step, in plain torch: shapes, gradients, learning, weights files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from colorize import color, colorizer
+from colorize.models import ModelConfig, build_model
+from colorize.train import train_step
+from tests.helpers import scene
+
+CONFIGS = [
+    ModelConfig(arch="unet", width=8, depth=2, image_size=16),
+    ModelConfig(arch="unet", width=4, depth=3, image_size=16),
+    ModelConfig(arch="autoencoder", width=8, depth=2, image_size=16),
+]
+
+
+def lab_batch(n: int = 16, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([scene(rng, size) for _ in range(n)])
+    lab = torch.from_numpy(color.rgb_to_lab_np(rgb)).permute(0, 3, 1, 2)
+    return {"L": lab[:, :1].contiguous(), "ab": lab[:, 1:].contiguous()}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.arch}-w{c.width}-d{c.depth}")
+def test_shapes_finite_and_every_parameter_gets_a_gradient(config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = build_model(config)
+    batch = lab_batch(4)
+    ab = colorizer.predict_ab(model, batch["L"])
+    rgb = colorizer.predict_rgb(model, batch["L"])
+    assert ab.shape == (4, 2, 16, 16)
+    assert rgb.shape == (4, 3, 16, 16)
+    assert torch.isfinite(ab).all() and torch.isfinite(rgb).all()
+    assert rgb.min() >= 0 and rgb.max() <= 1
+
+    colorizer.loss(model, batch["L"], batch["ab"]).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+
+
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=lambda c: c.arch)
+def test_train_step_lowers_the_loss_on_a_tiny_batch(config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = lab_batch(16)
+    losses = [train_step(model, batch, optimizer) for _ in range(40)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", colorizer.LOSSES)
+def test_every_regression_loss_is_finite_and_differentiable(kind: str) -> None:
+    model = build_model(CONFIGS[0])
+    batch = lab_batch(2)
+    value = colorizer.loss(model, batch["L"], batch["ab"], kind)
+    value.backward()
+    assert torch.isfinite(value)
+
+
+def test_unknown_loss_is_refused() -> None:
+    batch = lab_batch(2)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        colorizer.loss(build_model(CONFIGS[0]), batch["L"], batch["ab"], "perceptual")
+
+
+def test_weights_round_trip_without_unpickling_objects() -> None:
+    model = build_model(CONFIGS[0]).eval()
+    raw = colorizer.weights_bytes(model)
+    again = colorizer.model_from_bytes(raw)
+    assert again.config == model.config
+    L = lab_batch(2)["L"]
+    with torch.inference_mode():
+        assert torch.equal(colorizer.predict_ab(model, L), colorizer.predict_ab(again, L))
+    assert colorizer.weights_id(raw) == colorizer.weights_id(colorizer.weights_bytes(again))
+
+
+class Payload:
+    """Unpickling this would run code: a weights loader must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_pickled_object_in_a_weights_file_is_refused(tmp_path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"config": CONFIGS[0].to_dict(), "state_dict": {}, "x": Payload()}, path)
+    with pytest.raises(ValueError, match="not a colorize weights file"):
+        colorizer.load_weights(str(path))
+
+
+def test_the_bundled_weights_load() -> None:
+    model, weights_id = colorizer.load_weights(None)
+    assert model.config.arch == "unet"
+    assert weights_id.startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    "bad", [{"arch": "gan"}, {"width": 0}, {"depth": 3, "image_size": 20}], ids=["arch", "width", "size"]
+)
+def test_model_config_rejects_bad_values(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)
+
+
+def test_model_config_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"arch": "unet", "heads": 4})

@@ -1,0 +1,266 @@
+"""The bulk job on a real local Ray cluster and a real S3 server: every input accounted for."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from colorize import color, colorizer, storage
+from colorize.models import ModelConfig, build_model
+from colorize.pipeline import BulkConfig, run
+from tests.helpers import encode, scene
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small U-Net with random weights: the pipeline's behaviour does not depend on skill."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    path.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+    return str(path)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 40x20 JPEG whose EXIF says 'rotate 90 degrees': it displays as 20x40."""
+    img = Image.fromarray(scene(np.random.default_rng(1), 40)[:20])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def mixed_inputs(folder: Path) -> dict[str, tuple[int, int]]:
+    """Images of many modes, sizes and names; returns relpath -> expected (width, height)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(scene(rng, 48))
+    files = {
+        "photo.jpg": (encode(rgb, "JPEG", quality=90), (48, 48)),
+        "nested/deeper/gray.png": (encode(rgb.convert("L")), (48, 48)),
+        "nested/alpha.png": (encode(rgb.convert("RGBA")), (48, 48)),
+        "nested/la.png": (encode(rgb.convert("LA")), (48, 48)),
+        "palette.gif": (encode(rgb.convert("P"), "GIF"), (48, 48)),
+        "print.tiff": (encode(rgb.convert("CMYK"), "TIFF"), (48, 48)),
+        "deep16.png": (encode(Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16))), (24, 24)),
+        "tiny 1x1.png": (encode(Image.new("RGB", (1, 1), (200, 10, 10))), (1, 1)),
+        "panorama.webp": (encode(Image.fromarray(scene(rng, 600)[:12]), "WEBP", lossless=True), (600, 12)),
+        "ünïcode naïve.bmp": (encode(rgb, "BMP"), (48, 48)),
+        "rotated.jpg": (exif_rotated_jpeg(), (20, 40)),
+    }
+    for relpath, (payload, _) in files.items():
+        (folder / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relpath).write_bytes(payload)
+    return {relpath: size for relpath, (_, size) in files.items()}
+
+
+def lightness(img: Image.Image) -> np.ndarray:
+    img = img.convert("RGB") if img.mode not in ("I;16", "I") else Image.fromarray(
+        np.clip(np.asarray(img) / 257.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return color.rgb_to_lab_np(np.asarray(img))[..., 0]
+
+
+def parquet_rows(root: Path) -> list[dict]:
+    return [row for f in sorted((root / "parquet").glob("*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+
+def test_a_folder_of_mixed_images_keeps_size_and_lightness(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    inputs = mixed_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    summary = run(BulkConfig(input=str(tmp_path / "in"), output=str(out), weights=weights, batch_size=4))
+
+    assert summary["inputs"] == len(inputs) and summary["written"] == len(inputs), summary
+    assert summary["failed"] == 0 and summary["skipped"] == 0
+    for relpath, (width, height) in inputs.items():
+        source = Image.open(tmp_path / "in" / relpath)
+        result = Image.open(out / "images" / (os.path.splitext(relpath)[0] + ".png"))
+        assert result.size == (width, height), relpath
+        source = source if relpath != "rotated.jpg" else source.transpose(Image.Transpose.ROTATE_270)
+        difference = np.abs(lightness(source) - lightness(result))
+        # Within 8-bit rounding of the output, whatever colour the model chose.
+        assert difference.mean() < 0.5 and difference.max() < 2.5, (relpath, difference.max())
+        if relpath in ("nested/alpha.png", "nested/la.png"):
+            assert result.mode == "RGBA"
+            assert np.array_equal(np.asarray(result)[..., 3], np.asarray(source.convert("RGBA"))[..., 3])
+
+    rows = parquet_rows(out)
+    assert sorted(r["relpath"] for r in rows) == sorted(os.path.splitext(r)[0] + ".png" for r in inputs)
+    for row in rows:
+        assert row["png"] == (out / "images" / row["relpath"]).read_bytes()
+        assert (row["width"], row["height"]) == Image.open(io.BytesIO(row["png"])).size
+        assert row["weights"] == summary["weights"]
+    assert json.loads((out / "_SUMMARY.json").read_text()) == summary
+
+
+def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    good = encode(Image.fromarray(scene(np.random.default_rng(2), 32)), "JPEG")
+    broken = {
+        "empty.jpg": b"",
+        "text.jpg": b"hello, I am not a picture",
+        "truncated.jpg": good[: len(good) // 2],
+        "notes.txt": b"a stray file",
+        "bomb.png": encode(Image.new("L", (300, 300))),
+    }
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, payload in broken.items():
+        (folder / name).write_bytes(payload)
+    for i in range(3):
+        (folder / f"good{i}.jpg").write_bytes(good)
+
+    summary = run(BulkConfig(input=str(folder), output=str(tmp_path / "out"), weights=weights, max_pixels=50_000))
+
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (8, 3, 5)
+    failed = {Path(r["source"]).name: r["error"] for r in pq.read_table(tmp_path / "out/failed/failed.parquet").to_pylist()}
+    assert set(failed) == set(broken)
+    assert "empty" in failed["empty.jpg"]
+    assert "not an image" in failed["text.jpg"] and "not an image" in failed["notes.txt"]
+    assert "truncated" in failed["truncated.jpg"]
+    assert "max-pixels" in failed["bomb.png"]
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["good0.png", "good1.png", "good2.png"]
+
+
+def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(scene(np.random.default_rng(i), 24)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
+    (out / "images" / "2.png").unlink()
+    (out / "images" / "5.png").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+
+    summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
+
+    assert (summary["written"], summary["skipped"], summary["inputs"]) == (2, 4, 6)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 6
+
+
+def test_same_stem_inputs_do_not_overwrite_each_other(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    img = Image.fromarray(scene(np.random.default_rng(0), 16))
+    img.save(folder / "a.jpg")
+    img.save(folder / "a.webp")
+    img.save(folder / "b.jpg")
+    run(BulkConfig(input=str(folder), output=str(tmp_path / "out"), weights=weights))
+    assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["a.jpg.png", "a.webp.png", "b.png"]
+
+
+def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    payloads = {f"shard/{i:03d}.jpg": encode(Image.fromarray(scene(rng, 20)), "JPEG") for i in range(4)}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with tarfile.open(folder / "part.tar.gz", "w:gz") as tar:
+        for name, payload in {**payloads, "shard/000.json": b"{}", "../escape.jpg": payloads["shard/000.jpg"]}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with zipfile.ZipFile(folder / "more.zip", "w") as archive:
+        for name, payload in payloads.items():
+            archive.writestr(name, payload)
+
+    out = tmp_path / "out"
+    summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (9, 8, 1), summary
+    written = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.png"))
+    assert written == sorted(f"{a}/shard/{i:03d}.png" for a in ("more.zip", "part.tar.gz") for i in range(4))
+    failure = pq.read_table(out / "failed/failed.parquet").to_pylist()[0]
+    assert failure["source"].endswith("part.tar.gz/../escape.jpg") and ".." in failure["error"]
+    assert not (tmp_path / "escape.png").exists() and not (out / "escape.png").exists()
+
+    again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+    assert (again["skipped"], again["written"], again["failed"]) == (8, 0, 1)
+
+
+def test_manifests_in_text_and_parquet(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(np.random.default_rng(i), 16)).save(folder / f"{i}.png")
+    (tmp_path / "list.txt").write_text("# three images\nin/0.png\nin/1.png\n\n" + str(folder / "2.png") + "\n")
+    pq.write_table(pa.table({"path": [str(folder / f"{i}.png") for i in range(3)]}), tmp_path / "list.parquet")
+
+    for manifest in ("list.txt", "list.parquet"):
+        out = tmp_path / f"out-{manifest}"
+        summary = run(BulkConfig(input=str(tmp_path / manifest), output=str(out), weights=weights))
+        assert summary["written"] == 3, manifest
+        assert len(list((out / "images").rglob("*.png"))) == 3
+
+
+def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
+    bucket = s3.bucket("bulk")
+    fs, root = storage.resolve(bucket, s3.settings)
+    names = ["a.jpg", "sub dir/b.png", "sub dir/c.jpg", "broken.jpg"]
+    for name in names:
+        payload = b"nope" if name == "broken.jpg" else encode(Image.fromarray(scene(np.random.default_rng(0), 20)), "PNG")
+        storage.write_bytes_atomic(fs, storage.join(root, "in", name), payload)
+
+    summary = run(BulkConfig(input=f"{bucket}/in", output=f"{bucket}/out", weights=weights, s3_endpoint=s3.endpoint))
+
+    assert (summary["written"], summary["failed"]) == (3, 1)
+    written = storage.list_files(fs, storage.join(root, "out"))
+    assert {p.split("/out/", 1)[1] for p in written} == {
+        "images/a.png", "images/sub dir/b.png", "images/sub dir/c.png", "failed/failed.parquet",
+        "_SUMMARY.json", "_CONFIG.json", *(p.split("/out/", 1)[1] for p in written if "/parquet/" in p),
+    }
+    table = pq.read_table(storage.join(root, "out", "parquet"), filesystem=fs)
+    assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
+
+
+def _colorizer_actors() -> list[int]:
+    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"Colorizer" in (entry / "cmdline").read_bytes().split(b"\0")[0]:
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(240):
+        Image.fromarray(scene(np.random.default_rng(i), 64)).save(folder / f"{i:03d}.png")
+    out = tmp_path / "out"
+    result: dict = {}
+    runner = threading.Thread(
+        target=lambda: result.update(run(BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=8))),
+        daemon=True,
+    )
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not list((out / "parquet").glob("*.parquet")) if (out / "parquet").exists() else True:
+        assert runner.is_alive() and time.monotonic() < deadline, "nothing was written"
+        time.sleep(0.05)
+    victims = _colorizer_actors()
+    assert victims, "no model actor found"
+    os.kill(victims[0], signal.SIGKILL)
+    runner.join(timeout=400)
+
+    assert result.get("written") == 240 and result["failed"] == 0, result
+    sources = [r["source"] for r in parquet_rows(out)]
+    assert len(sources) == len(set(sources)) == 240
+    assert len(list((out / "images").glob("*.png"))) == 240

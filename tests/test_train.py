@@ -1,0 +1,157 @@
+"""Ray Train end to end on a real local cluster: learning, resume, fault tolerance, sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colorize import data, storage
+from colorize.train import TrainConfig, train
+from tests.helpers import scene, write_images
+
+pytestmark = pytest.mark.timeout(600)
+
+TINY = dict(width=8, depth=2, image_size=16, batch_size=16, lr=1e-2, cpus_per_worker=0.5, val_limit=32)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes")
+    write_images(folder, 96)
+    return folder
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "state.json").read_text())["history"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, tmp_path: Path, workers: int) -> None:
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(images), val=str(images), out=str(out), epochs=3, num_workers=workers, **TINY))
+
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert sum(r["images"] for r in rows) == 3 * 96
+    assert summary["val_images"] == 32 and np.isfinite(summary["val_psnr"])
+    for name in ("model.pt", "curve.png", "grid.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "train").glob("checkpoint_*"))) >= 1
+
+
+def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "run")
+    train(TrainConfig(data=str(images), out=out, epochs=1, **TINY))
+    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **TINY))
+
+    assert summary["resumed_at"] == [1]
+    assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
+
+
+def _train_workers() -> list[int]:
+    """PIDs of Ray Train workers of the test cluster (never another cluster on this machine)."""
+    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = TrainConfig(data=str(images), out=str(out), epochs=6, num_workers=2, max_failures=2, **TINY)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(train(config)), daemon=True)
+    runner.start()
+
+    deadline = time.monotonic() + 300
+    while not list((out / "train").glob("checkpoint_*")):
+        assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    victims = _train_workers()
+    assert victims, "no training worker found"
+    os.kill(victims[0], signal.SIGKILL)
+    runner.join(timeout=400)
+
+    assert result, "training did not finish after the worker was killed"
+    assert result["epoch"] == 6
+    assert result["resumed_at"], "the run never restarted from a checkpoint"
+    assert [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    write_images(folder, 16)
+    (folder / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (folder / "class1" / "empty.png").write_bytes(b"")
+    summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **TINY))
+    assert summary["skipped"] == 2
+    assert summary["images"] == 16
+
+
+def _cifar_batch(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([scene(rng, 32) for _ in range(n)])
+    entry = {b"data": rgb.transpose(0, 3, 1, 2).reshape(n, -1), b"labels": list(range(n))}
+    return pickle.dumps(entry)
+
+
+def test_official_cifar10_python_release_is_read(ray_cluster: str, tmp_path: Path) -> None:
+    archive = tmp_path / data.CIFAR_ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+            payload = _cifar_batch(4, i)
+            info = tarfile.TarInfo(f"{data.CIFAR_DIR}/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+    train_rows = data.load_dataset(str(archive), split="train").take_all()
+    test_rows = data.load_dataset(str(archive), split="test").take_all()
+    assert len(train_rows) == 20 and len(test_rows) == 4
+    assert train_rows[0]["rgb"].shape == (32, 32, 3) and train_rows[0]["rgb"].dtype == np.uint8
+
+    summary = train(TrainConfig(data=str(archive), val=str(archive), out=str(tmp_path / "run"), epochs=1,
+                                **{**TINY, "image_size": 32}))
+    assert summary["images"] == 20 and summary["val_images"] == 4
+
+
+def test_a_cifar_batch_that_smuggles_an_object_is_refused(ray_cluster: str, tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    folder = tmp_path / data.CIFAR_DIR
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload()}))
+    source = data.locate(str(folder))
+    with pytest.raises(Exception, match="refusing to load"):
+        data.load_dataset(source, split="train").take_all()
+
+
+def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> None:
+    local = tmp_path / "scenes"
+    paths = write_images(local, 32)
+    bucket = s3.bucket("train-data")
+    fs, root = storage.resolve(bucket, s3.settings)
+    for path in paths:
+        storage.write_bytes_atomic(fs, storage.join(root, "scenes", str(path.relative_to(local))), path.read_bytes())
+
+    summary = train(TrainConfig(data=f"{bucket}/scenes", out=str(tmp_path / "run"), epochs=1,
+                                s3_endpoint=s3.endpoint, **TINY))
+    assert summary["images"] == 32
