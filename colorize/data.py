@@ -70,6 +70,9 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+    # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
+    # every block, and any --limit subset, mixes the classes.
+    random.Random(0).shuffle(files)
     return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files))
 
 
@@ -89,8 +92,6 @@ def load_dataset(
         ds = _parquet_images(source.fs, source.path)
     else:
         files = list(source.files)
-        # Class folders list class by class; shuffle once so every block mixes classes.
-        random.Random(0).shuffle(files)
         ds = ray.data.read_binary_files(files, filesystem=source.fs, override_num_blocks=_blocks(len(files)))
     return ds.limit(limit) if limit else ds
 
@@ -210,7 +211,7 @@ def _cifar_python(fs: pafs.FileSystem, path: str, split: str) -> ray.data.Datase
 def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
     path, batch = str(items["path"][0]), str(items["batch"][0])
     if path.endswith(".tar.gz"):
-        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
+        with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
             raw = next(tar.extractfile(m).read() for m in tar if posixpath.basename(m.name) == batch)
     else:
         raw = storage.read_bytes(fs, storage.join(path, batch))

@@ -48,7 +48,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     except Image.DecompressionBombError as error:
         raise ImageError(f"refused as a decompression bomb: {error}") from None
     except OSError as error:
-        raise ImageError(f"unreadable image: {error}") from None
+        raise ImageError(f"corrupt or truncated image: {error}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
@@ -59,7 +59,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageError(f"corrupt or truncated image data: {error}") from None
+        raise ImageError(f"corrupt or truncated image: {error}") from None
 
 
 def _lightness_and_alpha(img: Image.Image) -> Decoded:

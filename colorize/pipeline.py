@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import posixpath
 import sys
 import tarfile
@@ -204,7 +205,8 @@ def _stack(rows: list[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
 class Colorizer:
     """Loads the model once per actor; predicts chroma for whole batches."""
 
-    def __init__(self, weights: bytes, device: str) -> None:
+    def __init__(self, weights: bytes, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = colorizer.model_from_bytes(weights).to(self.device)
 
@@ -304,10 +306,16 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
     return Done(formats, frozenset(pngs), frozenset(parquet_sources))
 
 
-def _default_actors(num_gpus: int) -> int:
+def actor_pool(num_gpus: int, actors: int | None) -> tuple[int, float]:
+    """How many model actors, and CPUs for each, so that one CPU stays free for decoding.
+
+    Whole-CPU actors on a small machine would leave the read tasks no CPU and stall the run.
+    """
     if num_gpus:
-        return num_gpus
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+        return actors or num_gpus, 1.0
+    total = float(ray.cluster_resources().get("CPU", 2))
+    actors = actors or max(1, int(total) // 2)
+    return actors, max(0.25, min(1.0, math.floor(4 * (total - 1) / actors) / 4))
 
 
 def run(config: BulkConfig) -> dict[str, Any]:
@@ -340,7 +348,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     if todo:
         size = model.config.image_size
         use_gpu = config.num_gpus > 0
-        actors = config.actors or _default_actors(config.num_gpus)
+        actors, actor_cpus = actor_pool(config.num_gpus, config.actors)
         ds = ray.data.from_items(
             [asdict(i) for i in todo], override_num_blocks=max(1, min(len(todo), 4 * actors + len(todo) // 256))
         )
@@ -354,12 +362,13 @@ def run(config: BulkConfig) -> dict[str, Any]:
         )
         ds = ds.map_batches(
             Colorizer,
-            fn_constructor_kwargs={"weights": weights_raw, "device": "cuda" if use_gpu else "cpu"},
+            fn_constructor_kwargs={"weights": weights_raw, "device": "cuda" if use_gpu else "cpu",
+                                   "threads": max(1, round(actor_cpus))},
             batch_size=config.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else None,
-            num_cpus=1 if use_gpu else 0.5,
+            num_cpus=actor_cpus,
         )
         ds = ds.map_batches(
             compose_and_write,

@@ -119,10 +119,10 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[tu
                 yield member, posixpath.join(relpath, names[member]), archive.read(member)
         return
     mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
-    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+    with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         members = [m.name for m in archive if m.isfile() and _is_image_member(m.name)]
     names = dict(zip(members, output_names(members)))
-    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+    with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for member in archive:
             if member.isfile() and member.name in names:
                 yield member.name, posixpath.join(relpath, names[member.name]), archive.extractfile(member).read()

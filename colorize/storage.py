@@ -157,7 +157,7 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     """The whole content of file ``path``."""
     with _errors(fs, to_uri(fs, path)):
         # A stream is one GET on S3; a random-access file would first HEAD the object.
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:  # raw bytes, even for *.gz
             return f.read()
 
 

@@ -345,10 +345,12 @@ def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor)
             write(chunk)
 
     with _errors(url, redact):
+        client.get_job_info(job_id)  # an unknown id is an error here, not a broken stream
         try:
             asyncio.run(stream())
         except (RuntimeError, aiohttp.ClientError) as error:
-            _status(f"the log stream broke off ({error}); polling every {_POLL_S:.0f} s instead")
+            print(f"colorize: the log stream broke off ({error}); polling every {_POLL_S:.0f} s instead",
+                  file=sys.stderr, flush=True)
             while not client.get_job_status(job_id).is_terminal():
                 write(client.get_job_logs(job_id)[written:])
                 time.sleep(_POLL_S)

@@ -143,7 +143,8 @@ def _kill(temp_dir: Path, sessions: set[int]) -> None:
         time.sleep(0.1)
 
 
-def _ray_start(args: list[str], env: dict[str, str], sessions: set[int]) -> None:
+def _ray_start(args: list[str], env: dict[str, str], sessions: set[int]) -> str:
+    """Run ``ray start ARGS``; returns its output, or raises if it failed for a reason other than time."""
     # `ray start` leads a new session that its daemons and workers inherit, so teardown can
     # kill exactly this cluster; `ray stop` would stop every Ray on the machine.
     proc = subprocess.Popen([str(_BIN / "ray"), "start", *args], env=env, stdout=subprocess.PIPE,
@@ -153,11 +154,14 @@ def _ray_start(args: list[str], env: dict[str, str], sessions: set[int]) -> None
         output, _ = proc.communicate(timeout=_START_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"ray start {args[0]} did not finish in {_START_TIMEOUT_S:.0f} s") from None
-    if proc.returncode != 0:
+    # `ray start` gives a raylet 30 s to register, too short on two busy cores; the raylet
+    # carries on and registers later, which _wait_for_nodes sees.
+    if proc.returncode != 0 and "timed out during startup" not in output:
         raise RuntimeError(f"ray start exited with {proc.returncode}:\n{output[-3000:]}")
+    return output
 
 
-def _wait_for_nodes(url: str, n: int) -> None:
+def _wait_for_nodes(url: str, n: int, outputs: list[str]) -> None:
     """Block until the job server answers and the cluster has ``n`` live nodes."""
     deadline = time.monotonic() + _START_TIMEOUT_S
     alive = 0
@@ -170,7 +174,8 @@ def _wait_for_nodes(url: str, n: int) -> None:
         except (requests.RequestException, KeyError, ValueError):
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"{url}: {alive} of {n} nodes alive after {_START_TIMEOUT_S:.0f} s")
+    tails = "\n".join(output[-2000:] for output in outputs)
+    raise RuntimeError(f"{url}: {alive} of {n} nodes alive after {_START_TIMEOUT_S:.0f} s; ray start said:\n{tails}")
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +198,13 @@ def cluster() -> Iterator[Cluster]:
     url = f"http://127.0.0.1:{head['dashboard-port']}"
     sessions: set[int] = set()
     try:
-        _ray_start(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", *common,
-                    *(f"--{flag}={port}" for flag, port in head.items())], env, sessions)
-        _ray_start([f"--address=127.0.0.1:{head['port']}", *common,
-                    *(f"--{flag}={port}" for flag, port in worker.items())], env, sessions)
-        _wait_for_nodes(url, 2)
+        outputs = [
+            _ray_start(["--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1", *common,
+                        *(f"--{flag}={port}" for flag, port in head.items())], env, sessions),
+            _ray_start([f"--address=127.0.0.1:{head['port']}", *common,
+                        *(f"--{flag}={port}" for flag, port in worker.items())], env, sessions),
+        ]
+        _wait_for_nodes(url, 2, outputs)
         yield Cluster(url=url, temp_dir=temp_dir)
     finally:
         _kill(temp_dir, sessions)
@@ -233,7 +240,7 @@ def test_a_train_job_succeeds_and_writes_its_checkpoints(cluster: Cluster, train
     assert (out / "model.pt").stat().st_size > 0
 
     # The job ran the uploaded project folder: code, and none of .venv, .git or caches.
-    uploads = list(cluster.temp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
+    uploads = [p for p in cluster.temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert uploads
     for upload in uploads:
         assert (upload / "colorize" / "submit.py").exists() and (upload / "jobs" / "train.py").exists()

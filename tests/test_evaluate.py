@@ -1,0 +1,63 @@
+"""Evaluation: the numbers are finite, and a model that outputs grey scores exactly as the baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from colorize import colorizer
+from colorize.evaluate import EvaluateConfig, evaluate, gray_baseline, score
+from colorize.models import ModelConfig, build_model
+from tests.helpers import scene, write_images
+
+
+class GreyModel(nn.Module):
+    """Returns its grey input on R, G and B: the grey baseline, as a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = ModelConfig(arch="autoencoder", width=1, depth=1, image_size=16)
+
+    def forward(self, gray: torch.Tensor) -> torch.Tensor:
+        return gray.repeat(1, 3, 1, 1)
+
+
+def test_a_grey_model_scores_exactly_the_grey_baseline() -> None:
+    rng = np.random.default_rng(0)
+    batches = [np.stack([scene(rng, 16) for _ in range(5)]) for _ in range(3)]
+    model_metrics, gray_metrics, examples = score(GreyModel(), iter(batches))
+    assert model_metrics == gray_metrics
+    assert model_metrics["images"] == 15
+    assert [title for title, _ in examples] == ["gray", "prediction", "truth"]
+
+
+def test_gray_baseline_is_601_luma_on_every_channel() -> None:
+    truth = np.array([[[[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]]]], dtype=np.uint8)
+    gray = gray_baseline(truth)
+    assert gray[0, 0, :, 0].tolist() == [76, 150, 29, 18]
+    assert (gray == gray[..., :1]).all()
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
+    write_images(tmp_path / "data", 12)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+
+    report = evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(weights), out=str(tmp_path / "out")))
+
+    assert report["images"] == 12 and report["unreadable"] == 0
+    for group in ("model", "gray"):
+        for key in ("mse", "psnr", "ssim"):
+            assert math.isfinite(report[group][key]), (group, key)
+    assert report["gray"]["colourfulness"] == 0
+    assert report["model"]["colourfulness_truth"] > 10
+    assert json.loads((tmp_path / "out/metrics.json").read_text()) == report
+    assert (tmp_path / "out/grid.png").stat().st_size > 0
