@@ -155,3 +155,23 @@ def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> Non
     summary = train(TrainConfig(data=f"{bucket}/scenes", out=str(tmp_path / "run"), epochs=1,
                                 s3_endpoint=s3.endpoint, **TINY))
     assert summary["images"] == 32
+
+
+def test_training_from_parquet_shards(ray_cluster: str, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    payloads = [p.read_bytes() for p in write_images(tmp_path / "scenes", 24)]
+    binary, hf = tmp_path / "binary", tmp_path / "hf"
+    binary.mkdir()
+    hf.mkdir()
+    for shard in range(2):
+        rows = payloads[6 * shard : 6 * shard + 6]
+        pq.write_table(pa.table({"image": rows, "label": list(range(6))}), binary / f"part-{shard}.parquet")
+    # The Hugging Face layout: a struct of bytes and path.
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(payloads[12:])]}),
+                   hf / "train.parquet")
+
+    assert data.locate(str(binary)).kind == "parquet"
+    assert train(TrainConfig(data=str(binary), out=str(tmp_path / "run1"), epochs=1, **TINY))["images"] == 12
+    assert train(TrainConfig(data=str(hf / "train.parquet"), out=str(tmp_path / "run2"), epochs=1, **TINY))["images"] == 12
