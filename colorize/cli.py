@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from colorize import data, storage
+from colorize import data, storage, submit
 
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    submit.add_parsers(sub)
     return parser
 
 

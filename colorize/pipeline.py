@@ -140,7 +140,7 @@ def _read_item(
             if done.contains(member_relpath, source):
                 yield _status_row(source, member_relpath, "skipped")
             else:
-                yield _decode_row(source, member_relpath, lambda: data, size, max_pixels)
+                yield _decode_row(source, member_relpath, lambda data=data: data, size, max_pixels)
     except (OSError, EOFError, storage.StorageError, tarfile.TarError, zipfile.BadZipFile) as error:
         # Members streamed before the archive broke off were already yielded and are kept.
         yield _status_row(uri, relpath, "failed", f"cannot read: {error}")

@@ -366,8 +366,15 @@ def _outcome(info: JobDetails) -> str:
     seconds = f" after {(info.end_time - info.start_time) / 1000:.0f} s" if info.end_time and info.start_time else ""
     line = f"{info.submission_id or info.job_id} {info.status}{seconds}"
     if info.status == JobStatus.FAILED and info.message:
-        line += f": {info.message.strip().splitlines()[0]}"
+        line += f": {_message(info)}"
     return line
+
+
+def _message(info: JobDetails) -> str:
+    """The job server's message about a job in one line, without the log tail Ray appends."""
+    if not info.message:
+        return "-"
+    return info.message.strip().splitlines()[0].split(", last available logs")[0]
 
 
 def _status(message: str) -> None:
@@ -404,7 +411,7 @@ def jobs_status(address: str, job_id: str) -> int:
         info = client.get_job_info(job_id)
     lines = [
         f"{job_id}: {info.status}",
-        f"  message:    {(info.message or '-').strip()}",
+        f"  message:    {_message(info)}",
         f"  started:    {_utc(info.start_time)} UTC",
         f"  ended:      {_utc(info.end_time)} UTC",
         f"  exit code:  {'-' if info.driver_exit_code is None else info.driver_exit_code}",
@@ -545,8 +552,10 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _quiet_ray() -> None:
-    """Keep Ray's client-side INFO lines (package uploads) out of the command's output."""
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    """Keep Ray's client-side INFO lines (package uploads, websocket closes) out of the output."""
+    # The job SDK's modules set their own loggers to INFO, so the parent's level is not enough.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
