@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 import ray
 
 from colorize.storage import S3Settings
+from tests.helpers import free_ports
 
 S3_ACCESS_KEY = "colorize-test"
 S3_SECRET_KEY = "colorize-test-secret"
@@ -60,19 +60,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if ray.is_initialized():
         ray.shutdown()
     shutil.rmtree(_RAY_TMP, ignore_errors=True)
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that are free on every interface right now."""
-    # Hold every socket until all are chosen so the kernel cannot hand out a port twice.
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _session_members(sid: int) -> list[int]:

@@ -1,8 +1,10 @@
-"""Test data made on the spot: small real images with colour a model can learn."""
+"""Test helpers: small real images with colour a model can learn, ports, Ray processes."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,34 @@ def encode(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports that are free on every interface right now."""
+    # Hold every socket until all are chosen so the kernel cannot hand out a port twice.
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def ray_processes(title: bytes) -> list[int]:
+    """PIDs of the test cluster's Ray workers whose process title contains ``title``.
+
+    Only processes started under this test session's ``RAY_TMPDIR`` count, never another
+    cluster on the same machine.
+    """
+    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and title in (entry / "cmdline").read_bytes().split(b"\0")[0]:
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids

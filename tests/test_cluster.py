@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from ray.job_submission import JobDetails, JobStatus
 
 from colorize import cli, submit
 from colorize.train import TrainConfig
-from tests.helpers import write_images
+from tests.helpers import free_ports, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -74,17 +73,6 @@ class Cluster:
 
     url: str
     temp_dir: Path
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _ours(sessions: set[int], temp_dir: Path | None = None) -> list[int]:
@@ -172,8 +160,8 @@ def cluster() -> Iterator[Cluster]:
     node_flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                   "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
     head_flags = ("port", "ray-client-server-port", "dashboard-port")
-    head = dict(zip(head_flags + node_flags, _free_ports(len(head_flags + node_flags))))
-    worker = dict(zip(node_flags, _free_ports(len(node_flags))))
+    head = dict(zip(head_flags + node_flags, free_ports(len(head_flags + node_flags))))
+    worker = dict(zip(node_flags, free_ports(len(node_flags))))
     url = f"http://127.0.0.1:{head['dashboard-port']}"
     sessions: set[int] = set()
     try:
@@ -301,7 +289,7 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
 
 @pytest.mark.timeout(120)
 def test_an_unreachable_address_is_one_error_line_and_exit_2() -> None:
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     result = colorize("jobs", "list", "--address", f"http://127.0.0.1:{port}")
 
     assert result.returncode == 2

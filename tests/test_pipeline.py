@@ -21,7 +21,7 @@ from PIL import Image
 from colorize import color, colorizer, storage
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import BulkConfig, run
-from tests.helpers import encode, scene
+from tests.helpers import encode, ray_processes, scene
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -226,19 +226,6 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
     assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
 
 
-def _colorizer_actors() -> list[int]:
-    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"Colorizer" in (entry / "cmdline").read_bytes().split(b"\0")[0]:
-                if marker in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -255,7 +242,7 @@ def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster: str, wei
     while not list((out / "parquet").glob("*.parquet")) if (out / "parquet").exists() else True:
         assert runner.is_alive() and time.monotonic() < deadline, "nothing was written"
         time.sleep(0.05)
-    victims = _colorizer_actors()
+    victims = ray_processes(b"Colorizer")
     assert victims, "no model actor found"
     os.kill(victims[0], signal.SIGKILL)
     runner.join(timeout=400)

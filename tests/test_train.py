@@ -17,7 +17,7 @@ import pytest
 
 from colorize import data, storage
 from colorize.train import TrainConfig, train
-from tests.helpers import scene, write_images
+from tests.helpers import ray_processes, scene, write_images
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,20 +59,6 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
 
 
-def _train_workers() -> list[int]:
-    """PIDs of Ray Train workers of the test cluster (never another cluster on this machine)."""
-    marker = f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                if marker in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     config = TrainConfig(data=str(images), out=str(out), epochs=6, num_workers=2, max_failures=2, **TINY)
@@ -84,7 +70,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str,
     while not list((out / "train").glob("checkpoint_*")):
         assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    victims = _train_workers()
+    victims = ray_processes(b"RayTrainWorker")
     assert victims, "no training worker found"
     os.kill(victims[0], signal.SIGKILL)
     runner.join(timeout=400)
