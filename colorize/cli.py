@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -35,10 +42,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_positive_int, default=32, help="channels of the first stage (default: 32)")
     p.add_argument("--depth", type=_positive_int, default=3, help="downsampling stages (default: 3)")
     p.add_argument("--image-size", type=_positive_int, default=32, help="square training resolution in px (default: 32)")
+    p.add_argument("--head", default="regression", choices=("regression", "classification"),
+                   help="predict ab directly, or a distribution over ab cells (default: regression)")
+    p.add_argument("--attention", action="store_true", help="self-attention at the U-Net's bottleneck")
+    p.add_argument("--temperature", type=_temperature, default=0.38,
+                   help="annealed-mean temperature the classification head decodes with (default: 0.38)")
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
-    p.add_argument("--loss", default="mse", choices=("mse", "l1", "huber"), help="ab regression loss (default: mse)")
+    p.add_argument("--loss", choices=("mse", "l1", "huber", "ce"),
+                   help="mse, l1, huber for the regression head; ce for classification (default: mse or ce)")
+    p.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                   help="plain cross-entropy: do not weigh rare colours up (classification head)")
+    p.add_argument("--gan-weight", type=float, default=0.0,
+                   help="weight of a PatchGAN adversarial term trained in the same loop (default: 0, off)")
     p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")
@@ -69,6 +86,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
+    p.add_argument("--temperature", type=_temperature,
+                   help="annealed-mean temperature for a classification head (default: the model's own)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
     p.set_defaults(handler=_evaluate)
 
@@ -77,6 +96,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     from colorize.evaluate import EvaluateConfig, evaluate
 
     print(json.dumps(evaluate(EvaluateConfig(**_config_values(args))), indent=2))
+    return 0
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="linear probe: class accuracy from the frozen encoder's features vs a random encoder",
+        description="Colourisation as a pretext task: train a linear classifier on the frozen encoder's "
+        "features (each stage average-pooled) and report test accuracy next to the same probe on a randomly "
+        "initialised encoder. Prints JSON.",
+    )
+    p.add_argument("--data", required=True, help="a local folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
+    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--limit", type=_positive_int, help="a seeded subset of N training images")
+    p.add_argument("--test-limit", type=_positive_int, help="a seeded subset of N test images")
+    p.add_argument("--epochs", type=_positive_int, default=30, help="probe training epochs (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsets, the random encoder and the probe")
+    p.add_argument("--out", help="folder for probe.json")
+    p.set_defaults(handler=_probe)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from colorize.probe import ProbeConfig, probe
+
+    print(json.dumps(probe(ProbeConfig(**_config_values(args))), indent=2))
     return 0
 
 
@@ -128,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_probe(sub)
     submit.add_parsers(sub)
     return parser
 

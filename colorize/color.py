@@ -156,3 +156,24 @@ def _as_unit_float(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype == np.uint8:
         return rgb.astype(np.float32) / 255.0
     return np.ascontiguousarray(rgb, dtype=np.float32)
+
+
+def ab_gamut_bins(grid: float = 10.0) -> torch.Tensor:
+    """Centres (Q, 2) of the ``grid``-sized ab cells that hold some colour sRGB can show.
+
+    The quantisation of Zhang et al. (2016), cells of side 10 over [-110, 110]^2 kept where
+    they overlap the gamut; they count 313 cells from ImageNet pixels, this exact test (a
+    7x7 sample of each cell against 99 lightness levels) keeps a few more at the edges.
+    """
+    edge = int(AB_RANGE // grid)
+    axis = torch.arange(-edge, edge + 1, dtype=torch.float64) * grid
+    a, b = torch.meshgrid(axis, axis, indexing="ij")
+    centres = torch.stack((a.flatten(), b.flatten()), dim=1)  # (C, 2)
+    offsets = torch.linspace(-grid / 2, grid / 2, 7, dtype=torch.float64)
+    da, db = torch.meshgrid(offsets, offsets, indexing="ij")
+    points = centres[:, None] + torch.stack((da.flatten(), db.flatten()), dim=1)  # (C, 49, 2)
+    levels = torch.arange(1.0, 100.0, dtype=torch.float64).view(-1, 1, 1, 1).expand(-1, *points.shape[:2], 1)
+    lab = torch.cat((levels, points.expand(len(levels), -1, -1, -1)), dim=-1)  # (99, C, 49, 3)
+    linear = _lab_to_linear(lab.movedim(-1, -3))  # (99, 3, C, 49)
+    inside = ((linear >= 0) & (linear <= 1)).all(dim=1).any(dim=0).any(dim=-1)
+    return centres[inside].float()

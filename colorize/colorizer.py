@@ -7,6 +7,7 @@ training, evaluation and the bulk job, and reads and writes weight files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colorize import color, storage
+from colorize import color, quantize, storage
 from colorize.models import ModelConfig, build_model
 
-LOSSES = ("mse", "l1", "huber")
+REGRESSION_LOSSES = ("mse", "l1", "huber")
+LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
 BUNDLED_WEIGHTS = "unet-cifar10.pt"
 
 
@@ -29,12 +31,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def predict_ab(model: nn.Module, L: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) L in [0, 100] -> (B, 2, H, W) ab in Lab units."""
-    if unwrap(model).config.arch == "unet":
-        return color.denormalize_ab(model(color.normalize_l(L)).float())
-    rgb = model(color.gray_rgb_from_l(L)).float()
-    return color.rgb_to_lab(rgb)[:, 1:]
+def predict_ab(model: nn.Module, L: torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
+    """(B, 1, H, W) L in [0, 100] -> (B, 2, H, W) ab in Lab units.
+
+    A classification head is decoded by the annealed mean at ``temperature``, by default the
+    one in the model's config.
+    """
+    if unwrap(model).config.arch == "autoencoder":
+        return color.rgb_to_lab(model(color.gray_rgb_from_l(L)).float())[:, 1:]
+    return decode(model, model(color.normalize_l(L)), temperature=temperature)
+
+
+def decode(model: nn.Module, out: torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
+    """A U-Net's raw output (normalised ab, or logits over ab cells) -> ab in Lab units."""
+    bare = unwrap(model)
+    if bare.config.head == "classification":
+        return quantize.annealed_mean(out, bare.ab_bins, temperature or bare.config.temperature)
+    return color.denormalize_ab(out.float())
 
 
 def predict_rgb(model: nn.Module, L: torch.Tensor, gray: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,24 +62,40 @@ def predict_rgb(model: nn.Module, L: torch.Tensor, gray: torch.Tensor | None = N
     return color.lab_to_rgb(torch.cat((L, predict_ab(model, L)), dim=1))
 
 
-def loss(model: nn.Module, L: torch.Tensor, ab: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def loss(
+    model: nn.Module, L: torch.Tensor, ab: torch.Tensor, kind: str = "mse", *, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training loss for one batch in the model's native units.
 
-    The U-Net regresses normalised ab; the seed autoencoder maps the 601 luma of the
-    original to its RGB under MSE (its original objective), whatever ``kind`` says.
+    The U-Net's regression head regresses normalised ab (``mse``, ``l1``, ``huber``); its
+    classification head takes ``ce``, cross-entropy against soft-encoded ab cells weighted by
+    ``class_weights`` (see :mod:`colorize.quantize`). The seed autoencoder maps the 601 luma
+    of the original to its RGB under MSE (its original objective), whatever ``kind`` says.
     """
-    if unwrap(model).config.arch == "autoencoder":
+    bare = unwrap(model)
+    if bare.config.arch == "autoencoder":
         target = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
         return F.mse_loss(model(color.luma(target)).float(), target)
-    pred = model(color.normalize_l(L)).float()
-    target = color.normalize_ab(ab)
+    return output_loss(model, model(color.normalize_l(L)), ab, kind, class_weights=class_weights)
+
+
+def output_loss(
+    model: nn.Module, out: torch.Tensor, ab: torch.Tensor, kind: str = "mse", *, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`loss` for a U-Net output already computed (one forward pass serves two terms)."""
+    bare = unwrap(model)
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    if (kind == "ce") != (bare.config.head == "classification"):
+        raise ValueError(f"loss {kind!r} does not fit the {bare.config.head} head (ce is for classification)")
+    if kind == "ce":
+        return quantize.classification_loss(out, ab, bare.ab_bins, class_weights)
+    pred, target = out.float(), color.normalize_ab(ab)
     if kind == "mse":
         return F.mse_loss(pred, target)
     if kind == "l1":
         return F.l1_loss(pred, target)
-    if kind == "huber":
-        return F.smooth_l1_loss(pred, target, beta=0.1)
-    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    return F.smooth_l1_loss(pred, target, beta=0.1)
 
 
 def weights_bytes(model: nn.Module) -> bytes:
@@ -109,11 +138,22 @@ def read_weights(uri: str | None, settings: storage.S3Settings | None = None) ->
     return storage.read_bytes(fs, path)
 
 
-def load_weights(uri: str | None, settings: storage.S3Settings | None = None) -> tuple[nn.Module, str]:
-    """A model in eval mode and its weights id, from a file (local or ``s3://``) or the bundled default."""
+def with_temperature(model: nn.Module, temperature: float | None) -> nn.Module:
+    """``model`` decoding with ``temperature`` by default (None keeps its own); the weights
+    file written from it then carries that temperature."""
+    if temperature is not None:
+        model.config = dataclasses.replace(model.config, temperature=temperature)
+    return model
+
+
+def load_weights(
+    uri: str | None, settings: storage.S3Settings | None = None, *, temperature: float | None = None
+) -> tuple[nn.Module, str]:
+    """A model in eval mode and its weights id, from a file (local or ``s3://``) or the bundled
+    default; ``temperature`` overrides a classification head's decoding temperature."""
     raw = read_weights(uri, settings)
     try:
-        return model_from_bytes(raw), weights_id(raw)
+        return with_temperature(model_from_bytes(raw), temperature), weights_id(raw)
     except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
         # torch's own messages run over many lines; the first says enough.
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
-from colorize import color, colorizer, data, metrics, plots, storage
+from colorize import color, colorizer, metrics, plots, storage
 
 GRID_EXAMPLES = 8
+
+
+class NoImages(ValueError):
+    """Nothing readable to score."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class EvaluateConfig:
     limit: int | None = None
     out: str | None = None
     batch_size: int = 256
+    temperature: float | None = None
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,14 +72,19 @@ def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, 
         if not examples:
             examples = [("gray", gray[:GRID_EXAMPLES]), ("prediction", pred[:GRID_EXAMPLES]), ("truth", truth[:GRID_EXAMPLES])]
     if not examples:
-        raise data.DataError("no readable images to evaluate")
+        raise NoImages("no readable images to evaluate")
     return model_acc.result(), gray_acc.result(), examples
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Metrics of the model and the grey baseline on the same images, as a JSON-able dict."""
+    # Imported here so that scoring (above) also runs where Ray is not installed (a bare GPU box).
+    import ray
+
+    from colorize import data
+
     settings = storage.S3Settings.from_env(config.s3_endpoint)
-    model, weights = colorizer.load_weights(config.weights, settings)
+    model, weights = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     source = data.locate(config.data, settings=settings, limit=config.limit)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -95,7 +104,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     try:
         model_metrics, gray_metrics, examples = score(model, readable())
-    except data.DataError:
+    except NoImages:
         raise data.DataError(f"{config.data}: no readable images to evaluate") from None
     report = {
         "data": config.data,

@@ -1,9 +1,11 @@
 """Data-parallel training of a colouriser with Ray Train.
 
-The step itself is plain torch (:func:`train_step`); Ray Train contributes only
-``prepare_model``, ``get_dataset_shard``, ``report`` and ``get_checkpoint`` around it in
-:func:`train_loop_per_worker`. Calling :func:`train` again with the same ``out`` resumes
-from the last checkpoint.
+The step itself is plain torch (:func:`colorize.objectives.train_step`); Ray Train
+contributes only ``prepare_model``, ``get_dataset_shard``, ``report`` and ``get_checkpoint``
+around it in :func:`train_loop_per_worker`. With ``gan_weight > 0`` a PatchGAN
+discriminator trains beside the colouriser in the same loop, each with its own optimiser,
+both under DDP. Calling :func:`train` again with the same ``out`` resumes from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, evaluate, metrics, plots, storage
-from colorize.models import ModelConfig, build_model, count_parameters
+from colorize import color, colorizer, data, evaluate, metrics, plots, quantize, storage
+from colorize.models import ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters
+from colorize.objectives import Adversary, cosine_lr, train_step
+
+__all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
 GRID_EXAMPLES = 8
+PRIOR_IMAGES = 2048  # training images sampled to estimate the colour prior for rebalancing
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class TrainConfig:
 
     ``batch_size`` is global: each of ``num_workers`` workers takes an equal share.
     ``cpus_per_worker=None`` picks a share that leaves a CPU for Ray Data's decode tasks.
+    ``loss=None`` picks ``mse`` for the regression head and ``ce`` for classification;
+    ``rebalance`` weighs the classes of ``ce`` by the inverse of their smoothed frequency.
+    ``gan_weight > 0`` adds the PatchGAN term with that weight.
     """
 
     data: str
@@ -49,10 +58,15 @@ class TrainConfig:
     width: int = 32
     depth: int = 3
     image_size: int = 32
+    head: str = "regression"
+    attention: bool = False
+    temperature: float = 0.38
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
-    loss: str = "mse"
+    loss: str | None = None
+    rebalance: bool = True
+    gan_weight: float = 0.0
     num_workers: int = 1
     gpu: bool = False
     cpus_per_worker: float | None = None
@@ -62,8 +76,14 @@ class TrainConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.loss is None:
+            object.__setattr__(self, "loss", "ce" if self.head == "classification" else "mse")
         if self.loss not in colorizer.LOSSES:
             raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
+        if self.model == "unet" and (self.loss == "ce") != (self.head == "classification"):
+            raise ValueError(f"--loss {self.loss} does not fit --head {self.head}: ce is the classification head's loss")
+        if self.gan_weight < 0 or (self.gan_weight and self.model != "unet"):
+            raise ValueError(f"--gan-weight must be >= 0 and needs the unet, got {self.gan_weight} with {self.model}")
         for name in ("epochs", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -74,7 +94,10 @@ class TrainConfig:
         self.model_config()  # validates arch, width, depth and image_size
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(arch=self.model, width=self.width, depth=self.depth, image_size=self.image_size)
+        return ModelConfig(
+            arch=self.model, width=self.width, depth=self.depth, image_size=self.image_size,
+            head=self.head, attention=self.attention, temperature=self.temperature,
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -82,26 +105,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         return cls(**values)
-
-
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *, loss: str = "mse") -> float:
-    """One optimisation step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
-
-    Runs under bf16 autocast on CUDA. Returns the batch loss as a float.
-    """
-    model.train()
-    device = batch["L"].device
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        value = colorizer.loss(model, batch["L"], batch["ab"], loss)
-    optimizer.zero_grad(set_to_none=True)
-    value.backward()
-    optimizer.step()
-    return float(value.detach())
-
-
-def cosine_lr(base: float, epoch: int, epochs: int) -> float:
-    """Learning rate for ``epoch`` (0-based) on a cosine schedule that ends at 5% of ``base``."""
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
 
 
 @torch.inference_mode()
@@ -144,19 +147,29 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: resume, then epochs of train, validate, checkpoint."""
-    config = TrainConfig.from_dict(loop_config)
+    """What each Ray Train worker runs: resume, then epochs of train, validate, checkpoint.
+
+    ``loop_config`` holds the ``config`` (a :class:`TrainConfig` as a dict) and, for the
+    classification head, the ``class_weights`` the driver estimated.
+    """
+    config = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    device = ray.train.torch.get_device()
+    class_weights = loop_config.get("class_weights")
+    class_weights = torch.tensor(class_weights, device=device) if class_weights else None
 
     model = build_model(config.model_config())
-    optimizer_state, start_epoch, history, resumed_at = None, 0, [], []
+    discriminator = PatchDiscriminator() if config.gan_weight else None
+    states, start_epoch, history, resumed_at = {}, 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             model = colorizer.model_from_bytes(Path(directory, "model.pt").read_bytes())
-            optimizer_state = torch.load(Path(directory, "optimizer.pt"), weights_only=True)
+            for name in ("optimizer", "discriminator", "discriminator_optimizer"):
+                if Path(directory, f"{name}.pt").exists():
+                    states[name] = torch.load(Path(directory, f"{name}.pt"), weights_only=True)
             state = json.loads(Path(directory, "state.json").read_text())
         start_epoch, history = state["epoch"] + 1, state["history"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
@@ -164,14 +177,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    if optimizer_state:
-        optimizer.load_state_dict(optimizer_state)
-    device = ray.train.torch.get_device()
+    adversary = None
+    if discriminator is not None:
+        if "discriminator" in states:
+            discriminator.load_state_dict(states["discriminator"])
+        discriminator = ray.train.torch.prepare_model(discriminator)
+        adversary = Adversary(
+            discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999)), config.gan_weight
+        )
+    for name, target in (("optimizer", optimizer), ("discriminator_optimizer", adversary and adversary.optimizer)):
+        if name in states and target is not None:
+            target.load_state_dict(states[name])
 
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = config.batch_size // world
     for epoch in range(start_epoch, config.epochs):
-        for group in optimizer.param_groups:
+        for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
             group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
         started = time.perf_counter()
         totals = torch.zeros(3, dtype=torch.float64)  # loss * n, images, skipped
@@ -183,7 +204,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not bool(keep.any()):
                 continue
             step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
-            totals[0] += train_step(model, step, optimizer, loss=config.loss) * int(keep.sum())
+            value = train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary)
+            totals[0] += value * int(keep.sum())
             totals[1] += int(keep.sum())
         if dist.is_available() and dist.is_initialized():
             totals = totals.to(device)
@@ -213,7 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                _write_checkpoint(Path(directory), model, optimizer, config, history, resumed_at, examples)
+                _write_checkpoint(Path(directory), model, optimizer, adversary, config, history, resumed_at, examples)
                 checkpoint = Checkpoint.from_directory(directory)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
 
@@ -238,6 +260,7 @@ def _write_checkpoint(
     directory: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    adversary: Adversary | None,
     config: TrainConfig,
     history: list[dict[str, Any]],
     resumed_at: list[int],
@@ -249,6 +272,9 @@ def _write_checkpoint(
     """
     (directory / "model.pt").write_bytes(colorizer.weights_bytes(model))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    if adversary is not None:
+        torch.save(colorizer.unwrap(adversary.discriminator).state_dict(), directory / "discriminator.pt")
+        torch.save(adversary.optimizer.state_dict(), directory / "discriminator_optimizer.pt")
     state = {"epoch": history[-1]["epoch"] - 1, "history": history, "resumed_at": resumed_at, "config": asdict(config)}
     (directory / "state.json").write_text(json.dumps(state, indent=2))
     curves = {"train loss": [h["train_loss"] for h in history]}
@@ -271,6 +297,15 @@ def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
     return max(0.25, min(1.0, math.floor(share * 4) / 4))
 
 
+def estimate_class_weights(dataset: ray.data.Dataset, images: int = PRIOR_IMAGES) -> torch.Tensor:
+    """Rebalancing weights for the ab cells, from the colour prior of a sample of ``dataset``."""
+    batches = (
+        torch.from_numpy(b["ab"][b["ok"]])
+        for b in dataset.limit(images).iter_batches(batch_size=256, batch_format="numpy")
+    )
+    return quantize.rebalance_weights(quantize.class_prior(batches, ab_bins()))
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the last epoch's metrics and where the model went."""
     settings = storage.S3Settings.from_env(config.s3_endpoint)
@@ -290,6 +325,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit
         )
     storage.write_bytes_atomic(out_fs, storage.join(out_path, "config.json"), json.dumps(asdict(config), indent=2).encode())
+    class_weights = None
+    if config.loss == "ce" and config.rebalance:
+        class_weights = estimate_class_weights(datasets["train"]).tolist()
     params = count_parameters(build_model(config.model_config()))
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
     print(
@@ -300,7 +338,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(config),
+        train_loop_config={"config": asdict(config), "class_weights": class_weights},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
         ),

@@ -32,14 +32,14 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("command", ["run", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "probe"])
 def test_help_explains_every_flag(command: str) -> None:
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = subparsers.choices[command]
     undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
     assert not undocumented
     result = colorize(command, "--help")
-    assert result.returncode == 0 and "--s3-endpoint" in result.stdout
+    assert result.returncode == 0 and f"colorize {command}" in result.stdout
 
 
 def test_jobs_entrypoints_are_the_same_commands() -> None:
@@ -110,6 +110,14 @@ def test_evaluate_with_missing_weights(tmp_path: Path) -> None:
     write_images(tmp_path / "d", 2)
     result = colorize("evaluate", "--data", str(tmp_path / "d"), "--weights", str(tmp_path / "none.pt"))
     assert_one_error_line(result, "none.pt")
+
+
+def test_probe_on_a_folder_without_class_folders(tmp_path: Path) -> None:
+    assert_one_error_line(colorize("probe", "--data", str(tmp_path)), "train", "not a folder of class folders")
+
+
+def test_train_with_a_temperature_out_of_range(tmp_path: Path) -> None:
+    assert_one_error_line(colorize("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--temperature", "0"), "--temperature")
 
 
 @pytest.mark.timeout(600)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from colorize import color, colorizer
-from colorize.models import ModelConfig, build_model
+from colorize import color, colorizer, quantize
+from colorize.models import ModelConfig, PatchDiscriminator, build_model
+from colorize.objectives import Adversary
 from colorize.train import train_step
 from tests.helpers import scene
 
@@ -15,7 +16,13 @@ CONFIGS = [
     ModelConfig(arch="unet", width=8, depth=2, image_size=16),
     ModelConfig(arch="unet", width=4, depth=3, image_size=16),
     ModelConfig(arch="autoencoder", width=8, depth=2, image_size=16),
+    ModelConfig(arch="unet", width=8, depth=2, image_size=16, head="classification"),
+    ModelConfig(arch="unet", width=8, depth=2, image_size=16, attention=True),
 ]
+
+
+def native_loss(config: ModelConfig) -> str:
+    return "ce" if config.head == "classification" else "mse"
 
 
 def lab_batch(n: int = 16, size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -25,7 +32,7 @@ def lab_batch(n: int = 16, size: int = 16, seed: int = 0) -> dict[str, torch.Ten
     return {"L": lab[:, :1].contiguous(), "ab": lab[:, 1:].contiguous()}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.arch}-w{c.width}-d{c.depth}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.arch}-w{c.width}-d{c.depth}-{c.head}-att{c.attention:d}")
 def test_shapes_finite_and_every_parameter_gets_a_gradient(config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(config)
@@ -37,22 +44,76 @@ def test_shapes_finite_and_every_parameter_gets_a_gradient(config: ModelConfig) 
     assert torch.isfinite(ab).all() and torch.isfinite(rgb).all()
     assert rgb.min() >= 0 and rgb.max() <= 1
 
-    colorizer.loss(model, batch["L"], batch["ab"]).backward()
+    colorizer.loss(model, batch["L"], batch["ab"], native_loss(config)).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no finite gradient for {missing}"
 
 
-@pytest.mark.parametrize("config", CONFIGS[::2], ids=lambda c: c.arch)
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=lambda c: f"{c.arch}-{c.head}")
 def test_train_step_lowers_the_loss_on_a_tiny_batch(config: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = lab_batch(16)
-    losses = [train_step(model, batch, optimizer) for _ in range(40)]
-    assert losses[-1] < 0.5 * losses[0], losses
+    losses = [train_step(model, batch, optimizer, loss=native_loss(config)) for _ in range(40)]
+    assert losses[-1] < (0.5 if config.head == "regression" else 0.8) * losses[0], losses
 
 
-@pytest.mark.parametrize("kind", colorizer.LOSSES)
+def test_a_classification_head_learns_the_colours_of_its_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[3])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = lab_batch(16)
+    prior = quantize.class_prior([batch["ab"]], model.ab_bins)
+    weights = quantize.rebalance_weights(prior)
+    for _ in range(100):
+        train_step(model, batch, optimizer, loss="ce", class_weights=weights)
+    with torch.inference_mode():
+        error = (colorizer.predict_ab(model.eval(), batch["L"]) - batch["ab"]).abs().mean()
+    assert error < 0.5 * batch["ab"].abs().mean(), "the annealed mean should land near the true colours"
+
+
+def test_the_adversarial_step_trains_both_networks() -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[0])
+    critic = PatchDiscriminator(width=8)
+    adversary = Adversary(critic, torch.optim.Adam(critic.parameters(), lr=1e-3), weight=0.1)
+    before = [p.detach().clone() for p in critic.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = lab_batch(16)
+    losses = [train_step(model, batch, optimizer, adversary=adversary) for _ in range(30)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert any(not torch.equal(b, p) for b, p in zip(before, critic.parameters())), "the critic never stepped"
+    assert critic(torch.zeros(2, 3, 16, 16)).shape[1] == 1
+
+
+def test_temperature_is_an_inference_flag(tmp_path) -> None:
+    model = build_model(CONFIGS[3]).eval()
+    path = tmp_path / "m.pt"
+    path.write_bytes(colorizer.weights_bytes(model))
+    L = lab_batch(2)["L"]
+    default, _ = colorizer.load_weights(str(path))
+    cold, _ = colorizer.load_weights(str(path), temperature=0.1)
+    assert default.config.temperature == 0.38 and cold.config.temperature == 0.1
+    with torch.inference_mode():
+        assert not torch.allclose(colorizer.predict_ab(default, L), colorizer.predict_ab(cold, L))
+        assert torch.allclose(colorizer.predict_ab(cold, L), colorizer.predict_ab(default, L, temperature=0.1))
+
+
+def test_weights_files_from_before_the_head_option_still_load() -> None:
+    config = ModelConfig.from_dict({"arch": "unet", "width": 8, "depth": 2, "image_size": 16})
+    assert config.head == "regression" and not config.attention
+
+
+def test_a_loss_that_does_not_fit_the_head_is_refused() -> None:
+    batch = lab_batch(2)
+    with pytest.raises(ValueError, match="does not fit"):
+        colorizer.loss(build_model(CONFIGS[3]), batch["L"], batch["ab"], "mse")
+    with pytest.raises(ValueError, match="does not fit"):
+        colorizer.loss(build_model(CONFIGS[0]), batch["L"], batch["ab"], "ce")
+
+
+@pytest.mark.parametrize("kind", colorizer.REGRESSION_LOSSES)
 def test_every_regression_loss_is_finite_and_differentiable(kind: str) -> None:
     model = build_model(CONFIGS[0])
     batch = lab_batch(2)
@@ -99,7 +160,10 @@ def test_the_bundled_weights_load() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"arch": "gan"}, {"width": 0}, {"depth": 3, "image_size": 20}], ids=["arch", "width", "size"]
+    "bad",
+    [{"arch": "gan"}, {"width": 0}, {"depth": 3, "image_size": 20}, {"head": "softmax"},
+     {"arch": "autoencoder", "attention": True}, {"temperature": 0.0}],
+    ids=["arch", "width", "size", "head", "autoencoder-attention", "temperature"],
 )
 def test_model_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):

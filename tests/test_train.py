@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colorize import data, storage
+from colorize import colorizer, data, storage
 from colorize.train import TrainConfig, train
 from tests.helpers import ray_processes, scene, write_images
 
@@ -57,6 +57,30 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
 
     assert summary["resumed_at"] == [1]
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
+
+
+def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = dict(data=str(images), val=str(images), out=str(out), num_workers=2, head="classification", gan_weight=0.05, **TINY)
+    train(TrainConfig(epochs=1, **config))
+    assert TrainConfig(**config).loss == "ce"
+    summary = train(TrainConfig(epochs=2, **config))
+
+    assert summary["resumed_at"] == [1] and np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_psnr"])
+    checkpoint = max(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
+    assert {"model.pt", "optimizer.pt", "discriminator.pt", "discriminator_optimizer.pt"} <= {p.name for p in checkpoint.iterdir()}
+    model, _ = colorizer.load_weights(str(out / "model.pt"))
+    assert model.config.head == "classification"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"head": "classification", "loss": "mse"}, "does not fit"), ({"loss": "ce"}, "does not fit"),
+     ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight")],
+)
+def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(data="d", out="o", **bad)
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str, images: Path, tmp_path: Path) -> None:

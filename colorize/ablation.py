@@ -1,0 +1,271 @@
+"""The ablation study: every loss, head and architecture trained the same way, side by side.
+
+Each :class:`Variant` trains with the project's own :func:`~colorize.objectives.train_step`
+in a plain loop over CIFAR-10 held in memory (on the GPU when there is one: the whole
+training split is 600 MB of Lab floats), then is scored with :func:`colorize.evaluate.score`
+on the test split next to the grey baseline. No Ray, so the same study runs on a bare GPU
+machine; the Ray Train path is the same step in a different loop.
+
+Results accumulate in ``OUT/ablation.json`` (re-running a subset of variants replaces
+their rows), and ``OUT/ablation.md`` and ``OUT/ablation-grid.png`` are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from colorize import color, colorizer, evaluate, imagesets, metrics, plots, quantize
+from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters
+from colorize.objectives import Adversary, cosine_lr, train_step
+
+GRID_INDICES = (3, 10, 21, 29, 33, 46, 58, 77)  # CIFAR-10 test images spanning the classes
+PRIOR_IMAGES = 2048
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row group of the table: a model, its loss, and what else it trains with.
+
+    ``temperatures`` are extra annealed-mean temperatures to score a classification head at
+    (one row each); its own ``model.temperature`` is always scored.
+    """
+
+    name: str
+    model: ModelConfig
+    loss: str = "mse"
+    rebalance: bool = True
+    gan_weight: float = 0.0
+    temperatures: tuple[float, ...] = ()
+    note: str = ""
+
+
+def _unet(**kw: Any) -> ModelConfig:
+    return ModelConfig(arch="unet", **{"width": 32, "depth": 3, "image_size": 32, **kw})
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("seed-autoencoder", ModelConfig(arch="autoencoder", width=32, depth=3), note="the seed notebook's model and loss (RGB MSE)"),
+    Variant("unet-mse", _unet(), note="ab regression, MSE"),
+    Variant("unet-huber", _unet(), loss="huber", note="ab regression, Huber (L1 beyond 0.1)"),
+    Variant("unet-mse-gan", _unet(), gan_weight=0.02, note="MSE + PatchGAN term, weight 0.02"),
+    Variant("unet-class", _unet(head="classification"), loss="ce", temperatures=(0.2, 0.6, 1.0),
+            note="313-style ab cells, soft-encoded, rebalanced CE, annealed mean"),
+    Variant("unet-class-plain", _unet(head="classification"), loss="ce", rebalance=False, note="as unet-class without rebalancing"),
+    Variant("unet-class-gan", _unet(head="classification"), loss="ce", gan_weight=0.02, note="rebalanced CE + PatchGAN term"),
+    Variant("unet-wide-mse", _unet(width=64), note="twice the width (4x the parameters)"),
+    Variant("unet-attn-mse", _unet(attention=True), note="self-attention at the bottleneck"),
+)
+
+
+@dataclass
+class Budget:
+    """How every variant trains: the same data, epochs, batch and schedule."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_lab(rgb: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 Lab (N, 3, S, S) on ``device``."""
+    parts = []
+    for start in range(0, len(rgb), chunk):
+        x = torch.from_numpy(rgb[start : start + chunk]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        parts.append(color.rgb_to_lab(x))
+    return torch.cat(parts)
+
+
+def fit(variant: Variant, lab: torch.Tensor, budget: Budget) -> tuple[torch.nn.Module, float]:
+    """Train ``variant`` on Lab images (N, 3, S, S); returns the model and seconds taken."""
+    torch.manual_seed(budget.seed)
+    device = lab.device
+    model = build_model(variant.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=budget.lr)
+    class_weights = None
+    if variant.loss == "ce" and variant.rebalance:
+        prior = quantize.class_prior([lab[:PRIOR_IMAGES, 1:]], model.ab_bins)
+        class_weights = quantize.rebalance_weights(prior).to(device)
+    adversary = None
+    if variant.gan_weight:
+        critic = PatchDiscriminator().to(device)
+        adversary = Adversary(critic, torch.optim.Adam(critic.parameters(), lr=budget.lr, betas=(0.5, 0.999)), variant.gan_weight)
+    steps_per_epoch = len(lab) // budget.batch_size
+    total = budget.epochs * steps_per_epoch
+    generator = torch.Generator(device="cpu").manual_seed(budget.seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for epoch in range(budget.epochs):
+        order = torch.randperm(len(lab), generator=generator).to(device)
+        for step in range(steps_per_epoch):
+            lr = cosine_lr(budget.lr, epoch * steps_per_epoch + step, total)
+            for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
+                group["lr"] = lr
+            batch = lab[order[step * budget.batch_size : (step + 1) * budget.batch_size]]
+            if step % 2:
+                batch = batch.flip(-1)  # horizontal flips, half the batches
+            train_step(model, {"L": batch[:, :1], "ab": batch[:, 1:]}, optimizer, loss=variant.loss,
+                       class_weights=class_weights, adversary=adversary)
+        print(f"  {variant.name}: epoch {epoch + 1}/{budget.epochs} done, {time.perf_counter() - started:.0f} s", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return model.eval(), time.perf_counter() - started
+
+
+def _grid_examples(test: np.ndarray) -> np.ndarray:
+    return test[[i % len(test) for i in GRID_INDICES]]
+
+
+def _batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
+    for start in range(0, len(rgb), size):
+        yield rgb[start : start + size]
+
+
+def score(model: torch.nn.Module, test: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics on the test images (model on CPU, like the bulk job) and the grid examples."""
+    model = model.cpu()
+    result, _, _ = evaluate.score(model, _batches(test))
+    return result, evaluate.colorize_rgb(model, _grid_examples(test))
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+
+
+def run_variant(
+    variant: Variant, lab: torch.Tensor, test: np.ndarray, budget: Budget, out: Path, weights_dir: Path
+) -> list[dict[str, Any]]:
+    """Train, score and save one variant; one row per decoding temperature."""
+    model, seconds = fit(variant, lab, budget)
+    weights = weights_dir / f"{variant.name}.pt"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(colorizer.weights_bytes(model))
+    temperatures = [variant.model.temperature, *variant.temperatures] if variant.model.head == "classification" else [None]
+    rows = []
+    for temperature in temperatures:
+        colorizer.with_temperature(model, temperature)
+        result, examples = score(model, test)
+        label = variant.name if temperature in (None, variant.model.temperature) else f"{variant.name} T={temperature:g}"
+        Image.fromarray(np.concatenate(list(examples), axis=1)).save(out / "ablation" / f"{label.replace(' ', '_')}.png")
+        rows.append({
+            "variant": label, "note": variant.note, "model": model.config.to_dict(), "loss": variant.loss,
+            "rebalance": variant.rebalance, "gan_weight": variant.gan_weight, "temperature": temperature,
+            "parameters": count_parameters(model), "train_images": len(lab), "epochs": budget.epochs,
+            "batch_size": budget.batch_size, "lr": budget.lr, "seconds": round(seconds, 1),
+            "hardware": hardware(budget.device), "weights": str(weights), **result,
+        })
+    colorizer.with_temperature(model, variant.model.temperature)
+    return rows
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """ablation.md (the table) and ablation-grid.png (the same test images, every row)."""
+    gray, rows = results["gray"], results["rows"]
+    lines = [
+        "| variant | parameters | train images x epochs | time | hardware | PSNR dB | SSIM | CF | dCF |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| gray baseline (601 luma to R, G, B) | 0 | - | - | - | {gray['psnr']:.2f} | {gray['ssim']:.4f} | "
+        f"{gray['colourfulness']:.2f} | {gray['delta_colourfulness']:.2f} |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['parameters'] / 1e6:.2f} M | {r['train_images']} x {r['epochs']} | {r['seconds']:.0f} s | "
+            f"{r['hardware']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['colourfulness']:.2f} | {r['delta_colourfulness']:.2f} |"
+        )
+    notes = [f"- **{r['variant']}**: {r['note']}" for r in rows if r["note"] and " T=" not in r["variant"]]
+    text = "\n".join([
+        "<!-- Generated by `python -m jobs.ablation`; edit colorize/ablation.py, not this table. -->",
+        f"Test images: {gray['images']} (CIFAR-10 test split). Truth colourfulness: {gray['colourfulness_truth']:.2f}.",
+        "", *lines, "", *notes, "",
+    ])
+    (out / "ablation.md").write_text(text)
+    strips = [("gray", out / "ablation" / "_gray.png"), *((r["variant"], out / "ablation" / f"{r['variant'].replace(' ', '_')}.png") for r in rows),
+              ("truth", out / "ablation" / "_truth.png")]
+    rows_of_images = [(label, _split(np.asarray(Image.open(path)))) for label, path in strips if path.exists()]
+    # The grid helper lays out one column per title; here each variant is a row, so each test
+    # image is a column and the variant names go down the left margin.
+    cell, margin = 64, 140
+    grid = plots.image_grid([("", np.stack([r[1][i] for r in rows_of_images])) for i in range(len(GRID_INDICES))], cell=cell)
+    labelled = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    labelled.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    for i, (label, _) in enumerate(rows_of_images):
+        draw.text((4, 16 + cell * i + cell // 2 - 6), label[:30], fill=(40, 40, 40))
+    labelled.save(out / "ablation-grid.png")
+
+
+def _split(strip: np.ndarray) -> np.ndarray:
+    """A horizontal strip of square images -> (N, S, S, 3)."""
+    size = strip.shape[0]
+    return np.stack([strip[:, i : i + size] for i in range(0, strip.shape[1], size)])
+
+
+def _scaled(variant: Variant, scale: float, image_size: int) -> Variant:
+    width = max(1, round(variant.model.width * scale)) if variant.model.arch == "unet" else variant.model.width
+    return dataclasses.replace(variant, model=dataclasses.replace(variant.model, width=width, image_size=image_size))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
+    parser.add_argument("--out", default="docs", help="where ablation.json, ablation.md, ablation-grid.png go (default: docs)")
+    parser.add_argument("--weights-dir", default="runs/ablation", help="where each variant's model.pt goes (default: runs/ablation)")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)}")
+    parser.add_argument("--limit", type=int, help="train on a seeded subset of N training images")
+    parser.add_argument("--test-limit", type=int, help="score on a seeded subset of N test images")
+    parser.add_argument("--epochs", type=int, default=Budget.epochs)
+    parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    parser.add_argument("--lr", type=float, default=Budget.lr)
+    parser.add_argument("--device", default=Budget().device)
+    parser.add_argument("--width-scale", type=float, default=1.0,
+                        help="multiply every U-Net's width (0.5 makes the study affordable on a CPU)")
+    parser.add_argument("--image-size", type=int, default=32, help="working resolution of every model (default: 32)")
+    args = parser.parse_args(argv)
+    chosen = [_scaled(v, args.width_scale, args.image_size) for v in VARIANTS if not args.variants or v.name in args.variants.split(",")]
+    if args.variants and len(chosen) != len(args.variants.split(",")):
+        parser.error(f"--variants: unknown name in {args.variants!r}")
+    budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    (out / "ablation").mkdir(parents=True, exist_ok=True)
+
+    test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
+    train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb
+    lab = to_lab(train, torch.device(budget.device))
+    results_path = out / "ablation.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
+    gray = metrics.MetricAccumulator()
+    for batch in _batches(test):
+        gray.update(evaluate.gray_baseline(batch), batch)
+    results["gray"] = gray.result()
+    Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
+    Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
+    for variant in chosen:
+        print(f"{variant.name}: training on {len(lab)} images x {budget.epochs} epochs on {hardware(budget.device)}", flush=True)
+        rows = run_variant(variant, lab, test, budget, out, Path(args.weights_dir))
+        names = {r["variant"] for r in rows}
+        results["rows"] = [r for r in results["rows"] if r["variant"] not in names and r["variant"].split(" ")[0] != variant.name] + rows
+        order = {v.name: i for i, v in enumerate(VARIANTS)}
+        results["rows"].sort(key=lambda r: (order.get(r["variant"].split(" ")[0], 99), r["variant"]))
+        results_path.write_text(json.dumps(results, indent=2))
+        write_report(results, out)
+        for r in rows:
+            print(f"  {r['variant']}: psnr {r['psnr']:.2f} ssim {r['ssim']:.4f} cf {r['colourfulness']:.2f} "
+                  f"dcf {r['delta_colourfulness']:.2f} ({r['seconds']:.0f} s)", flush=True)

@@ -1,0 +1,90 @@
+"""One optimisation step, in plain torch: the reconstruction loss and the optional GAN term.
+
+:func:`train_step` is all the learning there is; :mod:`colorize.train` wraps it in Ray
+Train, the ablation study (:mod:`colorize.ablation`) calls it in a plain loop, and neither
+changes what a step does. No Ray here, so the same step runs on a GPU machine without Ray.
+
+The adversarial term is pix2pix's: a :class:`~colorize.models.PatchDiscriminator` judges
+(L, ab) patches, the colouriser is pushed to make its ab indistinguishable from real ones
+on top of its reconstruction loss, and the discriminator learns in the same step with its
+own optimiser. Both may be DDP-wrapped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colorize import color, colorizer
+
+
+@dataclass
+class Adversary:
+    """A discriminator, its optimiser, and the weight of its verdict in the colouriser's loss."""
+
+    discriminator: nn.Module
+    optimizer: torch.optim.Optimizer
+    weight: float
+
+
+def _critic_input(L: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    return torch.cat((color.normalize_l(L), color.normalize_ab(ab)), dim=1)
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss: str = "mse",
+    class_weights: torch.Tensor | None = None,
+    adversary: Adversary | None = None,
+) -> float:
+    """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
+
+    With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
+    GAN loss of its predicted ab, then the discriminator takes one step on real against
+    predicted ab. Runs under bf16 autocast on CUDA. Returns the colouriser's loss.
+    """
+    model.train()
+    L, ab = batch["L"], batch["ab"]
+    device = L.device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        if adversary is None:
+            value = colorizer.loss(model, L, ab, loss, class_weights=class_weights)
+        else:
+            # One forward pass feeds both terms: DDP allows one forward per backward.
+            out = model(color.normalize_l(L))
+            value = colorizer.output_loss(model, out, ab, loss, class_weights=class_weights)
+            fake_ab = colorizer.decode(model, out)
+            # The bare critic: its DDP wrapper would all-reduce gradients that are thrown away.
+            verdict = colorizer.unwrap(adversary.discriminator)(_critic_input(L, fake_ab)).float()
+            value = value + adversary.weight * F.binary_cross_entropy_with_logits(verdict, torch.ones_like(verdict))
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    optimizer.step()
+    if adversary is not None:
+        _critic_step(adversary, L, ab, fake_ab.detach(), autocast)
+    return float(value.detach())
+
+
+def _critic_step(adversary: Adversary, L: torch.Tensor, real_ab: torch.Tensor, fake_ab: torch.Tensor, autocast) -> None:  # noqa: ANN001
+    """Real and predicted ab in one forward pass (one DDP synchronisation), labelled 1 and 0."""
+    adversary.discriminator.train()
+    with autocast:
+        logits = adversary.discriminator(_critic_input(torch.cat((L, L)), torch.cat((real_ab, fake_ab)))).float()
+    labels = torch.cat((torch.ones_like(logits[: len(L)]), torch.zeros_like(logits[len(L) :])))
+    adversary.optimizer.zero_grad(set_to_none=True)
+    F.binary_cross_entropy_with_logits(logits, labels).backward()
+    adversary.optimizer.step()
+
+
+def cosine_lr(base: float, progress: float, total: float) -> float:
+    """Learning rate at ``progress`` of ``total`` (epochs or steps) on a cosine schedule that
+    ends at 5% of ``base``."""
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress / total)))

@@ -1,0 +1,112 @@
+"""Colourisation as a pretext task: how much do the colouriser's features know about objects?
+
+A linear classifier is trained on the frozen encoder's features (every encoder stage
+average-pooled over space, concatenated) to predict the image's class, and tested on held-out
+images; the same probe on a randomly initialised encoder of the same shape is the reference.
+The gap between the two is what learning to colour taught the encoder (Zhang et al. 2016,
+"Colorful Image Colorization", section 3.2; Larsson et al. 2017).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colorize import color, colorizer, imagesets, storage
+from colorize.models import build_model
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``data`` holds ``train/`` and ``test/`` class folders; ``weights=None`` probes the bundled model."""
+
+    data: str
+    weights: str | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    epochs: int = 30
+    seed: int = 0
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "test_limit", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+@torch.inference_mode()
+def encoder_features(model: nn.Module, rgb: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> (N, D): the encoder's stages, each averaged over space, side by side.
+
+    The model sees only the lightness, as when it colours.
+    """
+    model.eval()
+    parts = []
+    for start in range(0, len(rgb), batch_size):
+        L = torch.from_numpy(color.rgb_to_lab_np(rgb[start : start + batch_size])[..., :1]).permute(0, 3, 1, 2)
+        if model.config.arch == "unet":
+            stages = model.encode(color.normalize_l(L))
+        else:
+            stages = [model.encoder(color.gray_rgb_from_l(L))]
+        parts.append(torch.cat([s.mean(dim=(2, 3)) for s in stages], dim=1))
+    return torch.cat(parts)
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *, classes: int, epochs: int, seed: int
+) -> float:
+    """Test accuracy of a softmax classifier on standardised features (Adam, light weight decay)."""
+    torch.manual_seed(seed)
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    probe = nn.Linear(train_x.shape[1], classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_x)).split(256):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(train_x[index]), train_y[index]).backward()
+            optimizer.step()
+    with torch.inference_mode():
+        return float((probe(test_x).argmax(dim=1) == test_y).float().mean())
+
+
+def probe(config: ProbeConfig) -> dict[str, Any]:
+    """Probe accuracy of the trained encoder and of a random one, as a JSON-able report."""
+    trained, weights_id = colorizer.load_weights(config.weights)
+    torch.manual_seed(config.seed)
+    random_init = build_model(trained.config).eval()
+    size = trained.config.image_size
+    root = Path(config.data)
+    train = imagesets.load_folder(root / "train", size=size, limit=config.limit, seed=config.seed)
+    test = imagesets.load_folder(root / "test", size=size, limit=config.test_limit, seed=config.seed)
+    if train.classes != test.classes:
+        raise ValueError(f"{config.data}: train/ and test/ have different class folders")
+    train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    report: dict[str, Any] = {
+        "data": config.data,
+        "weights": config.weights or f"bundled:{colorizer.BUNDLED_WEIGHTS}",
+        "weights_id": weights_id,
+        "model_config": trained.config.to_dict(),
+        "train_images": len(train_y),
+        "test_images": len(test_y),
+        "classes": len(train.classes),
+        "chance": float(np.bincount(test.labels).max() / len(test_y)),
+    }
+    for name, model in (("colourisation", trained), ("random_init", random_init)):
+        train_x, test_x = encoder_features(model, train.rgb), encoder_features(model, test.rgb)
+        report["features"] = train_x.shape[1]
+        report[f"accuracy_{name}"] = linear_probe(
+            train_x, train_y, test_x, test_y, classes=len(train.classes), epochs=config.epochs, seed=config.seed
+        )
+    if config.out:
+        fs, path = storage.resolve(config.out)
+        storage.write_bytes_atomic(fs, storage.join(path, "probe.json"), json.dumps(report, indent=2).encode())
+    return report

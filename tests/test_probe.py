@@ -1,0 +1,78 @@
+"""The pretext-task probe and the ablation study, on small real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from colorize import ablation, colorizer
+from colorize.models import ModelConfig, build_model
+from colorize.probe import ProbeConfig, probe
+from tests.helpers import scene
+
+
+def write_classes(root: Path, n: int, seed: int) -> None:
+    """Two classes a linear probe can tell apart: daylight scenes and the same scenes at dusk."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = scene(rng, 16)
+        name = "day" if i % 2 else "dusk"
+        if name == "dusk":
+            img = (img * 0.35).astype(np.uint8)
+        path = root / name / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    write_classes(root / "train", 64, seed=0)
+    write_classes(root / "test", 96, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    path.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+    return path
+
+
+def test_the_probe_reports_both_encoders_and_separates_easy_classes(labelled: Path, weights: Path, tmp_path: Path) -> None:
+    report = probe(ProbeConfig(data=str(labelled), weights=str(weights), epochs=20, out=str(tmp_path)))
+    assert report["train_images"] == 64 and report["test_images"] == 96 and report["classes"] == 2
+    assert report["features"] == 4 + 8 + 16
+    assert report["chance"] == 0.5
+    assert report["accuracy_colourisation"] > 0.9 and report["accuracy_random_init"] > 0.9
+    assert json.loads((tmp_path / "probe.json").read_text()) == report
+
+
+def test_the_probe_refuses_mismatched_class_folders(labelled: Path, weights: Path, tmp_path: Path) -> None:
+    write_classes(tmp_path / "train", 8, seed=0)
+    (tmp_path / "test" / "other").mkdir(parents=True)
+    Image.fromarray(scene(np.random.default_rng(0), 16)).save(tmp_path / "test" / "other" / "x.png")
+    with pytest.raises(ValueError, match="different class folders"):
+        probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
+
+
+def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_classes(data / "train", 64, seed=0)
+    write_classes(data / "test", 80, seed=1)
+    out = tmp_path / "docs"
+    ablation.main(["--data", str(data), "--out", str(out), "--weights-dir", str(tmp_path / "w"), "--variants", "unet-class",
+                   "--width-scale", "0.125", "--epochs", "1", "--batch-size", "16", "--image-size", "16"])
+    results = json.loads((out / "ablation.json").read_text())
+    assert [r["variant"] for r in results["rows"]] == ["unet-class", "unet-class T=0.2", "unet-class T=0.6", "unet-class T=1"]
+    assert all(np.isfinite(r["psnr"]) and r["parameters"] > 0 for r in results["rows"])
+    table = (out / "ablation.md").read_text()
+    assert "gray baseline" in table and "unet-class T=0.6" in table
+    grid = Image.open(out / "ablation-grid.png")
+    assert grid.height >= 6 * 64  # gray, four rows, truth
+    model, _ = colorizer.load_weights(str(tmp_path / "w" / "unet-class.pt"))
+    assert model.config.head == "classification" and model.config.width == 4

@@ -1,0 +1,74 @@
+"""Colour as classification: gamut cells, soft encoding, the prior, annealed-mean decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis.extra.numpy import arrays
+
+from colorize import color, quantize
+from colorize.models import ab_bins
+
+BINS = ab_bins()
+
+
+def test_the_gamut_cells_are_zhangs_quantisation() -> None:
+    assert 240 <= len(BINS) <= 330  # Zhang et al. count 313 from ImageNet pixels
+    assert (BINS == torch.tensor([0.0, 0.0])).all(dim=1).any(), "neutral grey must be a class"
+    assert (BINS % 10 == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.uint8, (4, 4, 3)))
+def test_every_srgb_colour_lies_in_some_cell(rgb: np.ndarray) -> None:
+    ab = torch.from_numpy(color.rgb_to_lab_np(rgb)[..., 1:]).permute(2, 0, 1)[None]
+    nearest = BINS[quantize.hard_encode(ab, BINS)]  # (1, H, W, 2)
+    assert (nearest - ab.permute(0, 2, 3, 1)).abs().max() <= 5.0 + 1e-3
+
+
+def test_soft_encoding_is_a_distribution_peaked_at_the_nearest_cell() -> None:
+    ab = torch.tensor([[[[3.0, -42.0]], [[17.0, 60.0]]]])  # (1, 2, 1, 2): two pixels
+    target = quantize.soft_encode(ab, BINS)
+    assert target.shape == (1, len(BINS), 1, 2)
+    assert torch.allclose(target.sum(dim=1), torch.ones(1, 1, 2))
+    assert ((target > 0).sum(dim=1) == quantize.NEIGHBOURS).all()
+    assert torch.equal(target.argmax(dim=1), quantize.hard_encode(ab, BINS))
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.38, 1.0])
+def test_annealed_mean_of_a_confident_prediction_is_its_cell(temperature: float) -> None:
+    logits = torch.full((1, len(BINS), 2, 2), -30.0)
+    logits[:, 7] = 30.0
+    ab = quantize.annealed_mean(logits, BINS, temperature)
+    assert torch.allclose(ab, BINS[7].view(1, 2, 1, 1).expand(1, 2, 2, 2), atol=1e-3)
+
+
+def test_lower_temperature_moves_from_the_mean_towards_the_mode() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, len(BINS), 1, 1) * 2
+    mode = BINS[logits.flatten().argmax()]
+    distances = [float((quantize.annealed_mean(logits, BINS, t).flatten() - mode).norm()) for t in (1.0, 0.38, 0.1, 0.02)]
+    assert distances == sorted(distances, reverse=True)
+    assert distances[-1] < 1.0
+
+
+def test_rebalancing_weighs_rare_colours_up_and_keeps_the_loss_scale() -> None:
+    common = torch.zeros(8, 2, 4, 4)  # greys
+    rare = torch.tensor([60.0, 50.0]).view(1, 2, 1, 1).expand(1, 2, 4, 4)  # a saturated orange
+    prior = quantize.class_prior([common, rare], BINS)
+    weights = quantize.rebalance_weights(prior)
+    assert torch.isclose(prior.sum(), torch.tensor(1.0))
+    assert torch.isclose((prior * weights).sum(), torch.tensor(1.0), atol=1e-5)
+    grey, orange = quantize.hard_encode(torch.zeros(1, 2, 1, 1), BINS), quantize.hard_encode(rare[:, :, :1, :1], BINS)
+    assert weights[orange] > 3 * weights[grey]
+
+
+def test_the_loss_prefers_the_right_distribution() -> None:
+    ab = torch.tensor([20.0, -30.0]).view(1, 2, 1, 1).expand(2, 2, 3, 3).contiguous()
+    right = 10 * quantize.soft_encode(ab, BINS)
+    wrong = 10 * quantize.soft_encode(-ab, BINS)
+    weights = torch.ones(len(BINS))
+    assert quantize.classification_loss(right, ab, BINS, weights) < quantize.classification_loss(wrong, ab, BINS, weights)
+    assert quantize.classification_loss(right, ab, BINS, None) < quantize.classification_loss(torch.zeros_like(right), ab, BINS, None)
