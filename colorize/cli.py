@@ -138,6 +138,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
     p.add_argument("--format", default="png,parquet", help="comma-separated outputs: png, parquet (default: both)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--temperature", type=_temperature,
+                   help="annealed-mean temperature for a classification head (default: the model's own)")
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
     gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
@@ -145,8 +147,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="process only the first N inputs")
     p.add_argument("--max-pixels", type=_positive_int, default=80_000_000,
                    help="refuse images with more pixels (decompression bombs; default: 80,000,000)")
-    p.add_argument("--png-level", type=int, default=6, choices=range(10), metavar="0-9",
-                   help="PNG zlib compression level (default: 6)")
+    p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
+                   help="PNG zlib compression level: 1 encodes 5.5x faster than 6 for files 18%% larger (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
     p.set_defaults(handler=_run)

@@ -251,3 +251,28 @@ def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster: str, wei
     sources = [r["source"] for r in parquet_rows(out)]
     assert len(sources) == len(set(sources)) == 240
     assert len(list((out / "images").glob("*.png"))) == 240
+
+
+def test_a_classification_model_colours_at_the_temperature_asked_for(ray_cluster: str, tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16, head="classification"))
+    with torch.no_grad():
+        model.head.bias.normal_(0, 3)  # an opinionated random model: temperature must matter
+    weights = tmp_path / "class.pt"
+    weights.write_bytes(colorizer.weights_bytes(model))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(np.random.default_rng(i), 32)).save(folder / f"{i}.png")
+
+    outputs = {}
+    for temperature in (0.1, 1.0):
+        out = tmp_path / f"out-{temperature}"
+        summary = run(BulkConfig(input=str(folder), output=str(out), weights=str(weights), temperature=temperature))
+        assert summary["written"] == 3
+        assert json.loads((out / "_CONFIG.json").read_text())["temperature"] == temperature
+        outputs[temperature] = np.asarray(Image.open(out / "images" / "0.png"), dtype=np.float32)
+    chroma = {t: np.abs(color.rgb_to_lab_np(img / 255.0)[..., 1:]).mean() for t, img in outputs.items()}
+    assert chroma[0.1] > chroma[1.0] + 1.0, chroma  # colder decoding is more saturated

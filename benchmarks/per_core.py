@@ -1,0 +1,83 @@
+"""Per-core costs of each piece of work, at ImageNet's typical image size and others: the
+inputs to the cluster arithmetic in docs/scaling.md.
+
+    .venv/bin/python -m benchmarks.per_core
+
+One process, one torch thread, so each figure is the cost on one core:
+
+- ``train decode``: what ``colorize train`` does per image (:func:`colorize.data.prepare_batch`:
+  JPEG decode, random crop, resize to the working size, Lab), and the same with Pillow's JPEG
+  draft mode (DCT-domain downscaling during decode) for comparison;
+- ``bulk``: what ``colorize run`` does per image outside the model (:func:`colorize.images.decode`
+  with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1);
+- ``model``: the bundled U-Net's batched forward pass per image on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import jpeg_bytes, print_table, scene, write_results
+from colorize import colorizer, data, images
+
+SIZES = ((500, 375), (256, 256), (1024, 768))  # (width, height); 500x375 is ImageNet's typical photo
+
+
+def _ms(work, repeat: int) -> float:  # noqa: ANN001
+    work()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        work()
+    return (time.perf_counter() - started) / repeat * 1000
+
+
+def _draft_decode(blob: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(blob))
+    img.draft("RGB", (size, size))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than asked
+    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, _ = colorizer.load_weights(None)
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    for width, height in SIZES:
+        blobs = np.array([jpeg_bytes(scene(rng, height, width)) for _ in range(8)], dtype=object)
+        blob = blobs[0]
+        decoded = images.decode(blob, max_pixels=10**9)
+        with torch.inference_mode():
+            ab = colorizer.predict_ab(model, torch.from_numpy(images.resize_lightness(decoded.L, 32))[None, None])[0].numpy()
+        rgb = images.compose(decoded.L, ab)
+        row = {"image": f"{width}x{height}", "jpeg_kb": round(len(blob) / 1024, 1)}
+        for side in (32, 128, 224):
+            row[f"train_{side}_ms"] = _ms(lambda: data.prepare_batch({"bytes": blobs}, image_size=side, augment=True),
+                                          max(1, args.repeat // 8)) / len(blobs)
+        row["train_224_draft_ms"] = _ms(lambda: _draft_decode(blob, 224), args.repeat)
+        row["decode_L_ms"] = _ms(lambda: images.decode(blob, max_pixels=10**9), args.repeat)
+        row["compose_ms"] = _ms(lambda: images.compose(decoded.L, ab), args.repeat)
+        for level in (6, 1):
+            row[f"png{level}_ms"] = _ms(lambda: images.encode_png(rgb, None, level=level), args.repeat)
+            row[f"png{level}_kb"] = round(len(images.encode_png(rgb, None, level=level)) / 1024, 1)
+        rows.append(row)
+        print(row, flush=True)
+    L = torch.rand(64, 1, 32, 32) * 100
+    with torch.inference_mode():
+        model_ms = _ms(lambda: colorizer.predict_ab(model, L), args.repeat) / 64
+    print(f"\nms per image on one core (model, batch 64 at 32x32: {model_ms:.2f} ms/image)")
+    print_table(rows, list(rows[0]))
+    write_results("per_core", {"model_ms_per_image": round(model_ms, 3), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

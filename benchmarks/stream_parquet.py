@@ -1,0 +1,97 @@
+"""A long streaming run: memory stays flat and throughput steady over 100,000+ images.
+
+    .venv/bin/python -m benchmarks.stream_parquet --n 100000
+
+Generates ``n`` 32x32 JPEG scenes into Parquet shards with an ``image`` column (the layout
+``colorize train`` reads ImageNet from), then runs one training epoch over them in this
+process: :func:`colorize.data.lab_dataset` streams decode, crop, flip and Lab through Ray
+Data CPU tasks into ``iter_torch_batches``, and each batch takes a
+:func:`colorize.objectives.train_step` on a deliberately tiny U-Net, so that the data path,
+not the model, sets the pace. Every few seconds the PSS and RSS of the whole process tree and
+the images consumed are sampled; the series goes to JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+from PIL import Image
+
+from benchmarks.common import RESULTS, MemorySampler, print_table, start_ray, write_parquet_shards, write_results
+from colorize import data, plots
+from colorize.models import ModelConfig, build_model
+from colorize.objectives import train_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="images (default: 100000)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--width", type=int, default=4, help="the tiny U-Net's width (default: 4)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default: 5)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    folder = write_parquet_shards(args.workdir / f"parquet-32-{args.n}", args.n, 32)
+    print(f"{args.n} images in {len(list(folder.glob('*.parquet')))} shards ready in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = ModelConfig(width=args.width, depth=2, image_size=32)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    start_ray()
+    dataset = data.lab_dataset(data.locate(str(folder)), image_size=32, augment=True)
+    done = 0
+    with MemorySampler(args.interval, progress=lambda: done) as sampler:
+        for batch in dataset.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=4 * args.batch_size):
+            train_step(model, {"L": batch["L"], "ab": batch["ab"]}, optimizer)
+            done += len(batch["L"])
+    ray.shutdown()
+
+    series = sampler.samples
+    for before, after in zip(series, series[1:]):
+        after["images_per_s"] = round((after["done"] - before["done"]) / max(after["t"] - before["t"], 1e-9), 1)
+    # Steady state: from the first sample with images flowing to the last full interval.
+    steady = [s for s in series[1:-1] if s.get("images_per_s")]
+    second_half = steady[len(steady) // 2:]
+    first_half = steady[: len(steady) // 2]
+    summary = {
+        "images": done, "seconds": series[-1]["t"], "images_per_s": round(done / series[-1]["t"], 1),
+        "steady_images_per_s_mean": round(statistics.mean(s["images_per_s"] for s in steady), 1),
+        "steady_images_per_s_cv": round(statistics.pstdev(s["images_per_s"] for s in steady)
+                                        / statistics.mean(s["images_per_s"] for s in steady), 3),
+        "pss_mb_first_half_max": round(max(s["pss_mb"] for s in first_half)),
+        "pss_mb_second_half_max": round(max(s["pss_mb"] for s in second_half)),
+        "pss_mb_peak": round(sampler.peak_pss / 2**20), "rss_sum_mb_peak": round(sampler.peak_rss / 2**20),
+    }
+    print_table([summary], list(summary))
+    chart = _chart(series, f"{done} images of 32x32 from Parquet through Ray Data, one epoch")
+    chart_path = RESULTS / "stream_parquet.png"
+    chart.save(chart_path)
+    print(f"wrote {chart_path}")
+    write_results("stream_parquet", {"n": args.n, "batch_size": args.batch_size, "model": config.to_dict(),
+                                     "interval_s": args.interval, "summary": summary, "series": series})
+
+
+def _chart(series: list[dict], title: str) -> Image.Image:
+    """Memory above, throughput below, one point per sample."""
+    memory = plots.line_chart({"PSS of the process tree, MB": [s["pss_mb"] for s in series],
+                               "RSS sum, MB": [s["rss_mb"] for s in series]},
+                              title=title, xlabel=f"sample (every {series[1]['t'] - series[0]['t']:.0f} s)")
+    speed = plots.line_chart({"images/s": [s.get("images_per_s", float("nan")) for s in series]},
+                             title="throughput between samples", xlabel="sample")
+    both = Image.new("RGB", (memory.width, memory.height + speed.height), "white")
+    both.paste(memory, (0, 0))
+    both.paste(speed, (0, memory.height))
+    return both
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The bulk job's fast paths give the same numbers as the colour maths they stand in for."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from colorize import color, colorizer, images
+from colorize.models import ModelConfig, build_model
+from colorize.pipeline import for_inference
+
+
+def test_lightness_equals_the_lab_conversion() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert np.abs(images.lightness(rgb) - color.rgb_to_lab_np(rgb)[..., 0]).max() < 1e-4
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = color.rgb_to_lab_np(np.repeat(grey[..., None], 3, axis=-1))[..., 0]
+    assert np.abs(images.lightness(grey) - expected).max() < 1e-4
+
+
+def test_compose_equals_lab_to_rgb_on_the_whole_image() -> None:
+    rng = np.random.default_rng(1)
+    L = (rng.random((45, 70)) * 100).astype(np.float32)
+    for spread in (5.0, 40.0, 120.0):  # from all in gamut to mostly out of it
+        ab = rng.normal(0.0, spread, (2, 8, 8)).astype(np.float32)
+        ab_full = F.interpolate(torch.from_numpy(ab)[None], size=L.shape, mode="bilinear", align_corners=False)
+        lab = torch.cat((torch.from_numpy(L)[None, None], ab_full), dim=1)
+        expected = color.to_uint8(color.lab_to_rgb(lab)[0].permute(1, 2, 0).numpy())
+        assert np.array_equal(images.compose(L, ab), expected), spread
+
+
+def test_the_inference_model_predicts_what_the_trained_one_does() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16))
+    model.train()(torch.rand(8, 1, 16, 16))  # non-trivial BatchNorm running statistics
+    model.eval()
+    L = torch.rand(4, 1, 16, 16) * 100
+    with torch.inference_mode():
+        expected = colorizer.predict_ab(model, L)
+        fused = for_inference(model).to(memory_format=torch.channels_last)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert torch.allclose(colorizer.predict_ab(fused, L), expected, atol=1e-3)
