@@ -31,7 +31,7 @@ from colorize import color, colorizer, evaluate, imagesets, metrics, plots, quan
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters
 from colorize.objectives import Adversary, cosine_lr, train_step
 
-GRID_INDICES = (3, 10, 21, 29, 33, 46, 58, 77)  # CIFAR-10 test images spanning the classes
+GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
 PRIOR_IMAGES = 2048
 
 
@@ -128,7 +128,7 @@ def fit(variant: Variant, lab: torch.Tensor, budget: Budget) -> tuple[torch.nn.M
 
 
 def _grid_examples(test: np.ndarray) -> np.ndarray:
-    return test[[i % len(test) for i in GRID_INDICES]]
+    return test[np.linspace(0, len(test) - 1, GRID_IMAGES).round().astype(int)]
 
 
 def _batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
@@ -202,13 +202,24 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     # The grid helper lays out one column per title; here each variant is a row, so each test
     # image is a column and the variant names go down the left margin.
     cell, margin = 64, 140
-    grid = plots.image_grid([("", np.stack([r[1][i] for r in rows_of_images])) for i in range(len(GRID_INDICES))], cell=cell)
+    grid = plots.image_grid([("", np.stack([r[1][i] for r in rows_of_images])) for i in range(GRID_IMAGES)], cell=cell)
     labelled = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
     labelled.paste(grid, (margin, 0))
     draw = ImageDraw.Draw(labelled)
     for i, (label, _) in enumerate(rows_of_images):
         draw.text((4, 16 + cell * i + cell // 2 - 6), label[:30], fill=(40, 40, 40))
     labelled.save(out / "ablation-grid.png")
+
+
+def refresh_strips(results: dict[str, Any], test: np.ndarray, out: Path) -> None:
+    """Redraw every row's grid strip from its weights file, where that is still on disk, so
+    that all rows show the same test images."""
+    examples = _grid_examples(test)
+    for row in results["rows"]:
+        if Path(row["weights"]).exists():
+            model, _ = colorizer.load_weights(row["weights"], temperature=row["temperature"])
+            strip = np.concatenate(list(evaluate.colorize_rgb(model, examples)), axis=1)
+            Image.fromarray(strip).save(out / "ablation" / f"{row['variant'].replace(' ', '_')}.png")
 
 
 def _split(strip: np.ndarray) -> np.ndarray:
@@ -234,11 +245,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
     parser.add_argument("--lr", type=float, default=Budget.lr)
     parser.add_argument("--device", default=Budget().device)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: redraw the grid and table from ablation.json")
     parser.add_argument("--width-scale", type=float, default=1.0,
                         help="multiply every U-Net's width (0.5 makes the study affordable on a CPU)")
     parser.add_argument("--image-size", type=int, default=32, help="working resolution of every model (default: 32)")
     args = parser.parse_args(argv)
     chosen = [_scaled(v, args.width_scale, args.image_size) for v in VARIANTS if not args.variants or v.name in args.variants.split(",")]
+    if args.report_only:
+        chosen = []
     if args.variants and len(chosen) != len(args.variants.split(",")):
         parser.error(f"--variants: unknown name in {args.variants!r}")
     budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
@@ -247,8 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "ablation").mkdir(parents=True, exist_ok=True)
 
     test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
-    train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb
-    lab = to_lab(train, torch.device(budget.device))
+    train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb if chosen else None
     results_path = out / "ablation.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     gray = metrics.MetricAccumulator()
@@ -257,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results["gray"] = gray.result()
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
+    lab = to_lab(train, torch.device(budget.device)) if chosen else None
     for variant in chosen:
         print(f"{variant.name}: training on {len(lab)} images x {budget.epochs} epochs on {hardware(budget.device)}", flush=True)
         rows = run_variant(variant, lab, test, budget, out, Path(args.weights_dir))
@@ -269,3 +283,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in rows:
             print(f"  {r['variant']}: psnr {r['psnr']:.2f} ssim {r['ssim']:.4f} cf {r['colourfulness']:.2f} "
                   f"dcf {r['delta_colourfulness']:.2f} ({r['seconds']:.0f} s)", flush=True)
+    refresh_strips(results, test, out)
+    results_path.write_text(json.dumps(results, indent=2))
+    write_report(results, out)

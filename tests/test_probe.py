@@ -76,3 +76,7 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     assert grid.height >= 6 * 64  # gray, four rows, truth
     model, _ = colorizer.load_weights(str(tmp_path / "w" / "unet-class.pt"))
     assert model.config.head == "classification" and model.config.width == 4
+
+    (out / "ablation.md").unlink()
+    ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16"])
+    assert "unet-class T=0.6" in (out / "ablation.md").read_text()
