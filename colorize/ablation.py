@@ -62,7 +62,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("unet-huber", _unet(), loss="huber", note="ab regression, Huber (L1 beyond 0.1)"),
     Variant("unet-mse-gan", _unet(), gan_weight=0.02, note="MSE + PatchGAN term, weight 0.02"),
     Variant("unet-class", _unet(head="classification"), loss="ce", temperatures=(0.2, 0.6, 1.0),
-            note="313-style ab cells, soft-encoded, rebalanced CE, annealed mean"),
+            note="262 gamut ab cells, soft-encoded, rebalanced CE, annealed mean"),
     Variant("unet-class-plain", _unet(head="classification"), loss="ce", rebalance=False, note="as unet-class without rebalancing"),
     Variant("unet-class-gan", _unet(head="classification"), loss="ce", gan_weight=0.02, note="rebalanced CE + PatchGAN term"),
     Variant("unet-wide-mse", _unet(width=64), note="twice the width (4x the parameters)"),
