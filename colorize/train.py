@@ -148,8 +148,9 @@ def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: resume, then epochs of train, validate, checkpoint.
 
-    ``loop_config`` holds the ``config`` (a :class:`TrainConfig` as a dict) and, for the
-    classification head, the ``class_weights`` the driver estimated.
+    ``loop_config`` holds the ``config`` (a :class:`TrainConfig` as a dict), the torch
+    ``threads`` to run (the CPUs the worker reserved) and, for the classification head, the
+    ``class_weights`` the driver estimated.
     """
     config = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
