@@ -260,8 +260,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     (out / "ablation").mkdir(parents=True, exist_ok=True)
 
-    test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
-    train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb if chosen else None
+    try:
+        test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
+        train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb if chosen else None
+    except ValueError as error:
+        parser.error(f"--data: {error}")  # one line and exit status 2, like the colorize command
     results_path = out / "ablation.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     gray = metrics.MetricAccumulator()

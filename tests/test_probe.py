@@ -80,3 +80,11 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     (out / "ablation.md").unlink()
     ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16"])
     assert "unet-class T=0.6" in (out / "ablation.md").read_text()
+
+
+def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--data", str(tmp_path), "--out", str(tmp_path / "docs")])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "not a folder of class folders" in errors[0]
