@@ -143,7 +143,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
     gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
-    p.add_argument("--actors", type=_positive_int, help="CPU model actors (default: half the cluster's CPUs, at least 1)")
+    p.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
+                   "every CPU task runs the model itself)")
     p.add_argument("--limit", type=_positive_int, help="process only the first N inputs")
     p.add_argument("--max-pixels", type=_positive_int, default=80_000_000,
                    help="refuse images with more pixels (decompression bombs; default: 80,000,000)")

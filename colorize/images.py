@@ -128,36 +128,68 @@ def compose(L: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
     """Full-resolution L (H, W) + predicted chroma (2, h, w) -> uint8 sRGB (H, W, 3).
 
     Chroma is upsampled bilinearly; lightness is the input's own; out-of-gamut colours are
-    desaturated (never darkened or brightened) until they fit sRGB.
+    desaturated (never darkened or brightened) until they fit sRGB. Equal to
+    ``color.to_uint8(color.lab_to_rgb(...))`` on the upsampled Lab within one level (see
+    :func:`_lab_to_srgb8`), three times faster.
     """
     height, width = L.shape
     ab = torch.from_numpy(np.ascontiguousarray(ab_small, dtype=np.float32))[None]
     if ab.shape[-2:] != (height, width):
         ab = F.interpolate(ab, size=(height, width), mode="bilinear", align_corners=False)
-    full_l = torch.from_numpy(np.ascontiguousarray(L, dtype=np.float32))[None, None]
+    a, b = ab[0].numpy()
+    L = np.asarray(L, dtype=np.float32)
     out = np.empty((height, width, 3), dtype=np.uint8)
     for top in range(0, height, _GAMUT_ROWS):
         rows = slice(top, top + _GAMUT_ROWS)
-        lab = torch.cat((full_l[..., rows, :], ab[..., rows, :]), dim=1)  # (1,3,h,W)
-        out[rows] = color.to_uint8(_lab_to_rgb_in_gamut(lab)[0].permute(1, 2, 0).numpy())
+        out[rows] = _lab_to_srgb8(L[rows], a[rows], b[rows])
     return out
 
 
-def _lab_to_rgb_in_gamut(lab: torch.Tensor) -> torch.Tensor:
-    """``color.lab_to_rgb(lab)``, exactly, with its chroma search run only where it can matter.
+def _srgb8_table() -> np.ndarray:
+    """(65536,) uint8: the 8-bit sRGB value of each linear value k / 65535.
 
-    The search runs over every pixel of a tile as soon as one is out of gamut, which costs
-    a dozen conversions. A pixel whose clipped sRGB stays clear of 0 and 1 in every channel
-    was never clipped, so it is in gamut and its clipped value is the answer; only the
-    others, usually few, go through the search. (Clipping at 1 encodes to 1 - 6e-8 in
-    float32, hence the margin.)
+    A step of the table moves the sRGB value by at most 0.05 of a level (where the curve is
+    steepest, near black), so looking up the nearest entry rounds to the same level as
+    computing the curve, except within 0.05 of a rounding boundary: one level off, about one
+    value in a thousand.
     """
-    rgb = color.lab_to_rgb(lab, keep_lightness=False)  # (1,3,h,W)
-    edge = ((rgb <= 0.0) | (rgb >= 1.0 - 1e-4)).any(dim=1)[0]  # (h,W)
-    if bool(edge.any()):
-        pixels = lab[0][:, edge]  # (3,N)
-        rgb[0][:, edge] = color.lab_to_rgb(pixels[:, None, :])[:, 0, :]
-    return rgb
+    linear = torch.arange(65536, dtype=torch.float64) / 65535.0
+    return color.to_uint8(color.linear_to_srgb(linear).numpy())
+
+
+_SRGB8 = _srgb8_table()
+# Lab's X and Z are relative to the D65 white; folding the white into the inverse matrix
+# takes XYZ/white straight to linear sRGB.
+_XYZN_TO_LINEAR = (np.linalg.inv(np.array(color._RGB_TO_XYZ, dtype=np.float64)) * np.array(color._WHITE_D65)).astype(np.float32)
+
+
+def _lab_to_srgb8(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Lab planes (h, W) -> uint8 sRGB (h, W, 3), with :func:`color.lab_to_rgb`'s gamut rule.
+
+    In-gamut pixels (nearly all, for predicted chroma) take a numpy fast path: CIE's inverse
+    curve, a 3x3 matrix, and the sRGB curve as a table lookup. Pixels outside the gamut, the
+    only ones whose chroma must be searched, go through ``color.lab_to_rgb`` itself.
+    """
+    L = np.clip(L, 0.0, 100.0)
+    fy = (L + 16.0) / 116.0
+    xyz = (_cie_inverse(fy + a / 500.0), np.where(L > color._KAPPA * color._EPSILON, fy * fy * fy, L / np.float32(color._KAPPA)),
+           _cie_inverse(fy - b / 200.0))
+    out = np.empty((*L.shape, 3), dtype=np.uint8)
+    outside = np.zeros(L.shape, dtype=bool)
+    for channel, weights in enumerate(_XYZN_TO_LINEAR):
+        linear = weights[0] * xyz[0] + weights[1] * xyz[1] + weights[2] * xyz[2]
+        outside |= (linear < -1e-6) | (linear > 1.0 + 1e-6)  # lab_to_rgb's own tolerance
+        np.clip(linear, 0.0, 1.0, out=linear)
+        out[..., channel] = _SRGB8[(linear * 65535.0 + 0.5).astype(np.int32)]
+    if outside.any():
+        lab = torch.from_numpy(np.stack((L[outside], a[outside], b[outside])))[:, None, :]  # (3, 1, N)
+        out[outside] = color.to_uint8(color.lab_to_rgb(lab)[:, 0, :].T.numpy())
+    return out
+
+
+def _cie_inverse(f: np.ndarray) -> np.ndarray:
+    cube = f * f * f
+    return np.where(cube > color._EPSILON, cube, (116.0 * f - 16.0) / np.float32(color._KAPPA))
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, *, level: int = 6) -> bytes:

@@ -226,26 +226,34 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
     assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
 
 
-def test_a_killed_model_actor_loses_and_duplicates_nothing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(240):
-        Image.fromarray(scene(np.random.default_rng(i), 64)).save(folder / f"{i:03d}.png")
-    out = tmp_path / "out"
+def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
+    """Runs ``config`` in a thread, SIGKILLs one Ray worker whose title has ``title`` once the
+    first Parquet file is written, and returns the run's summary."""
     result: dict = {}
-    runner = threading.Thread(
-        target=lambda: result.update(run(BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=8))),
-        daemon=True,
-    )
+    runner = threading.Thread(target=lambda: result.update(run(config)), daemon=True)
     runner.start()
     deadline = time.monotonic() + 300
     while not list((out / "parquet").glob("*.parquet")) if (out / "parquet").exists() else True:
         assert runner.is_alive() and time.monotonic() < deadline, "nothing was written"
         time.sleep(0.05)
-    victims = ray_processes(b"Colorizer")
-    assert victims, "no model actor found"
+    victims = ray_processes(title)
+    assert victims, f"no Ray worker titled {title!r} found"
     os.kill(victims[0], signal.SIGKILL)
     runner.join(timeout=400)
+    return result
+
+
+@pytest.mark.parametrize(("actors", "title"), [(1, b"Colorizer"), (None, b"colorize_items")], ids=["model-actor", "fused-task"])
+def test_a_killed_worker_loses_and_duplicates_nothing(
+    ray_cluster: str, weights: str, tmp_path: Path, actors: int | None, title: bytes
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(240):
+        Image.fromarray(scene(np.random.default_rng(i), 64)).save(folder / f"{i:03d}.png")
+    out = tmp_path / "out"
+    config = BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=8, actors=actors)
+    result = _kill_one_worker_mid_run(folder, out, config, title)
 
     assert result.get("written") == 240 and result["failed"] == 0, result
     sources = [r["source"] for r in parquet_rows(out)]
