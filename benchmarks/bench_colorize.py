@@ -9,8 +9,8 @@ Four ways to turn N generated JPEGs into colour PNGs, on the same images, model 
   default, a thread per core, is also timed on a tenth of the sample: with anything else
   running, its threads wait on each other);
 - ``tight``: the same work without Ray, the best a single machine gets by hand: a torch
-  DataLoader with one worker process per core decoding, the batched model in the main
-  process, a pool of writer processes composing and encoding;
+  DataLoader with one worker process per core decoding, the batched model (in the bulk job's
+  inference form) in the main process, a pool of writer processes composing and encoding;
 - ``codec bound``: JPEG decode, greyscale and an RGB PNG encode of the same image alone, timed
   in one process and multiplied by the cores: no colouriser can beat it;
 - ``bulk``: :func:`colorize.pipeline.run`, the ``colorize run`` job, PNG output only (the others
@@ -24,6 +24,7 @@ Four ways to turn N generated JPEGs into colour PNGs, on the same images, model 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import os
 import shutil
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import print_table, start_ray, warm_ray_data, write_jpegs, write_results
 from colorize import color, colorizer, images
+from colorize.pipeline import for_inference
 
 MAX_PIXELS = 80_000_000
 
@@ -88,9 +90,14 @@ def _compose_and_write(jobs: list[tuple[str, np.ndarray, np.ndarray]], out: Path
 
 
 def tight(paths: list[Path], out: Path, model: torch.nn.Module, png_level: int, batch_size: int) -> None:
-    """DataLoader workers decode, the main process runs the batched model, a pool writes."""
+    """DataLoader workers decode, the main process runs the batched model, a pool writes.
+
+    The model in the form the bulk job runs it (BatchNorm folded, channels-last), so that
+    the two differ only in how the work is spread over processes.
+    """
     cores = os.cpu_count() or 1
     torch.set_num_threads(1)
+    model = for_inference(copy.deepcopy(model)).to(memory_format=torch.channels_last)
     loader = DataLoader(_Decoded(paths, model.config.image_size), batch_size=batch_size, num_workers=cores,
                         collate_fn=_collate, prefetch_factor=4)
     in_flight: set = set()

@@ -23,7 +23,7 @@ from colorize.models import ModelConfig, build_model
 
 REGRESSION_LOSSES = ("mse", "l1", "huber")
 LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
-BUNDLED_WEIGHTS = "unet-cifar10.pt"
+BUNDLED_WEIGHTS = "unet-photos64.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

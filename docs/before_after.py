@@ -1,12 +1,26 @@
-"""Draw docs/before-after.png: original | greyscale input | colourised, for the sample photos.
+"""Before/after pictures of real photographs, coloured by the bulk job.
 
-Run after the quick start has written ``out/``:
-    colorize run --input samples --output out && python docs/before_after.py out
+Two pictures:
+
+- ``docs/before-after.png``: original | greyscale input | colourised, for the repository's
+  sample photos, from the quick start's output::
+
+      colorize run --input samples --output out && python docs/before_after.py out
+
+- ``docs/skimage-before-after.png``: scikit-image's sample photographs (they ship inside its
+  wheel; ``pip install -e '.[docs]'``), each coloured through ``colorize run``'s pipeline at
+  its own size (300-640 px) by every model given, next to the original and the grey input::
+
+      python docs/before_after.py --skimage [--weights A.pt --weights B.pt ...]
+
+  Without ``--weights`` the bundled model alone (``--weights bundled`` names it beside
+  others); a weights file's column is titled by its file name.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +29,11 @@ from PIL import Image
 from colorize import plots
 
 ROOT = Path(__file__).resolve().parent.parent
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+CELL = 192
 
 
-def main(out: Path) -> None:
+def samples(out: Path) -> None:
     originals, greys, colours = [], [], []
     for photo in sorted((ROOT / "samples" / "photos").glob("*.jpg")):
         original = Image.open(photo).convert("RGB").resize((128, 128), Image.Resampling.BICUBIC)
@@ -29,5 +45,41 @@ def main(out: Path) -> None:
     plots.image_grid(columns, cell=128).save(ROOT / "docs" / "before-after.png")
 
 
+def skimage_photos(weights: list[str | None]) -> None:
+    import skimage.data
+
+    from colorize.pipeline import BulkConfig, run
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "photos"
+        folder.mkdir()
+        originals = []
+        for name in SKIMAGE_PHOTOS:
+            rgb = getattr(skimage.data, name)()
+            Image.fromarray(rgb).save(folder / f"{name}.png")
+            originals.append(rgb)
+        columns = [("original", originals), ("input (grey)", [np.asarray(Image.fromarray(o).convert("L").convert("RGB")) for o in originals])]
+        for i, uri in enumerate(weights):
+            out = Path(scratch) / f"out-{i}"
+            summary = run(BulkConfig(input=str(folder), output=str(out), weights=uri, formats=("png",)))
+            if summary["written"] != len(SKIMAGE_PHOTOS):
+                raise RuntimeError(f"{uri}: {summary}")
+            title = "bundled" if uri is None else Path(uri).parent.name if Path(uri).name == "model.pt" else Path(uri).stem
+            columns.append((title, [np.asarray(Image.open(out / "images" / f"{n}.png").convert("RGB")) for n in SKIMAGE_PHOTOS]))
+    plots.image_grid(columns, cell=CELL).save(ROOT / "docs" / "skimage-before-after.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default="out", help="the quick start's output folder (default: out)")
+    parser.add_argument("--skimage", action="store_true", help="scikit-image's sample photos instead")
+    parser.add_argument("--weights", action="append", help="a model.pt to compare (repeatable; default: the bundled model)")
+    args = parser.parse_args()
+    if args.skimage:
+        skimage_photos([None if w == "bundled" else w for w in args.weights or ["bundled"]])
+    else:
+        samples(Path(args.out))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "out"))
+    main()

@@ -7,6 +7,9 @@ held out, and the rest train one :class:`colorize.ablation.Variant` with the sam
 ablation study (``objectives.train_step``, horizontal flips, cosine learning rate). Writes
 ``OUT/model.pt``, ``OUT/metrics.json`` (held-out PSNR, SSIM, colourfulness next to the grey
 baseline) and ``OUT/holdout.png`` (grey, prediction and truth for 8 held-out photos).
+
+``--compare A.pt B.pt ...`` trains nothing: it scores those weights files (``bundled`` for the
+bundled model) on the same held-out photos and writes ``OUT/compare.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
+    parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -57,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     holdout, train = photos[np.sort(order[:held])], photos[np.sort(order[held:])]
     print(f"{len(train)} training and {len(holdout)} held-out photos at {args.size} px, loaded in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
+    if args.compare:
+        compare(args.compare, holdout, out)
+        return
 
     config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head)
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight)
@@ -80,6 +87,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"held out: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
           f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f}); "
           f"{seconds:.0f} s of training", flush=True)
+
+
+def compare(weights: list[str], holdout: np.ndarray, out: Path) -> None:
+    rows = {}
+    for uri in weights:
+        model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+        result, gray, _ = evaluate.score(model, ablation._batches(holdout))
+        rows[uri] = {"weights_id": weights_id, **result}
+        print(f"{uri}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
+              f"dcf {result['delta_colourfulness']:.2f}", flush=True)
+    rows["gray"] = gray
+    print(f"grey: psnr {gray['psnr']:.2f} ssim {gray['ssim']:.4f}; truth cf {gray['colourfulness_truth']:.2f}")
+    (out / "compare.json").write_text(json.dumps({"holdout_photos": len(holdout), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
