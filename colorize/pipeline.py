@@ -258,8 +258,8 @@ def colorize_items(
     """Items -> status rows, with every step in this task: the CPU path.
 
     ``read`` and ``write`` are the keyword arguments of :func:`read_and_decode` and
-    :func:`compose_and_write`. One torch thread: the task declares part of a core, and
-    Ray runs as many tasks as there are cores to keep busy.
+    :func:`compose_and_write`. One torch thread: a task is one core's worth of work, and
+    Ray runs one per CPU (two, for S3, where each also waits on the network).
     """
     torch.set_num_threads(1)
     model = _cached_model(weights)
