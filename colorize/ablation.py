@@ -90,11 +90,17 @@ def to_lab(rgb: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Te
     return torch.cat(parts)
 
 
-def fit(variant: Variant, lab: torch.Tensor, budget: Budget) -> tuple[torch.nn.Module, float]:
-    """Train ``variant`` on Lab images (N, 3, S, S); returns the model and seconds taken."""
+def fit(
+    variant: Variant, lab: torch.Tensor, budget: Budget, init: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.nn.Module, float]:
+    """Train ``variant`` on Lab images (N, 3, S, S), from the state dict ``init`` if given
+    (fine-tuning); returns the model and seconds taken."""
     torch.manual_seed(budget.seed)
     device = lab.device
-    model = build_model(variant.model).to(device)
+    model = build_model(variant.model)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=budget.lr)
     class_weights = None
     if variant.loss == "ce" and variant.rebalance:

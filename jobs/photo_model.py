@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos")
+    parser.add_argument("--init", help="start from this model.pt (same architecture; fine-tuning, e.g. with --gan-weight)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
@@ -66,9 +67,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head)
+    init = None
+    if args.init:
+        start, _ = colorizer.load_weights(args.init)
+        config, init = start.config, start.state_dict()
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
-    model, seconds = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget)
+    model, seconds = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
     result, gray, _ = evaluate.score(model.cpu(), ablation._batches(holdout))
@@ -78,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = {
         "data": str(args.data), "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
-        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "epochs": args.epochs,
+        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "init": args.init, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": result, "gray": gray,
