@@ -221,7 +221,7 @@ class Colorizer:
     def __init__(self, weights: bytes, device: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = for_inference(colorizer.model_from_bytes(weights)).to(self.device, memory_format=torch.channels_last)
+        self.model = inference_model(weights, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return predict(self.model, batch, self.device)
@@ -248,8 +248,14 @@ def _cached_model(weights: bytes) -> torch.nn.Module:
     key = colorizer.weights_id(weights)
     if key not in _MODELS:
         _MODELS.clear()  # one job's model at a time
-        _MODELS[key] = for_inference(colorizer.model_from_bytes(weights)).to(memory_format=torch.channels_last)
+        _MODELS[key] = inference_model(weights, torch.device("cpu"))
     return _MODELS[key]
+
+
+def inference_model(weights: bytes, device: torch.device) -> torch.nn.Module:
+    """The model in :func:`weights_bytes <colorize.colorizer.weights_bytes>` form, ready to
+    predict: BatchNorm folded, channels-last, on ``device``."""
+    return for_inference(colorizer.model_from_bytes(weights)).to(device, memory_format=torch.channels_last)
 
 
 def colorize_items(

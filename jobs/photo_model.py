@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from colorize import ablation, colorizer, evaluate, imagesets
+from colorize import ablation, colorizer, evaluate, imagesets, storage
 from colorize.models import ModelConfig, count_parameters
 
 HOLDOUT = 0.05
@@ -56,7 +56,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    photos = imagesets.load_folder(args.data, size=args.size, limit=args.limit).rgb
+    try:
+        photos = imagesets.load_folder(args.data, size=args.size, limit=args.limit).rgb
+        for uri in [*(args.compare or []), *([args.init] if args.init else [])]:
+            if uri != "bundled":
+                colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
+    except (ValueError, storage.StorageError) as error:
+        parser.error(str(error))  # one line and exit status 2, like the colorize command
     order = np.random.default_rng(0).permutation(len(photos))
     held = max(8, round(len(photos) * HOLDOUT))
     holdout, train = photos[np.sort(order[:held])], photos[np.sort(order[held:])]

@@ -88,3 +88,16 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
+
+
+def test_the_photo_model_job_refuses_missing_photos_and_weights_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
+    from jobs import photo_model
+
+    for argv, reason in ((["--data", str(tmp_path / "none")], "not a folder of class folders"),
+                         (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file")):
+        with pytest.raises(SystemExit) as exit_info:
+            photo_model.main([*argv, "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and reason in errors[0], errors
+    assert not (tmp_path / "out" / "model.pt").exists()
