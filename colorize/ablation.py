@@ -60,6 +60,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("seed-autoencoder", ModelConfig(arch="autoencoder", width=32, depth=3), note="the seed notebook's model and loss (RGB MSE)"),
     Variant("unet-mse", _unet(), note="ab regression, MSE"),
     Variant("unet-huber", _unet(), loss="huber", note="ab regression, Huber (L1 beyond 0.1)"),
+    Variant("unet-psnr", _unet(), loss="psnr", note="ab regression, minus the mean per-image sRGB PSNR (the reported figure)"),
     Variant("unet-mse-gan", _unet(), gan_weight=0.02, note="MSE + PatchGAN term, weight 0.02"),
     Variant("unet-class", _unet(head="classification"), loss="ce", temperatures=(0.2, 0.6, 1.0),
             note="262 gamut ab cells, soft-encoded, rebalanced CE, annealed mean"),

@@ -50,8 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
-    p.add_argument("--loss", choices=("mse", "l1", "huber", "ce"),
-                   help="mse, l1, huber for the regression head; ce for classification (default: mse or ce)")
+    p.add_argument("--loss", choices=("mse", "l1", "huber", "psnr", "ce"),
+                   help="mse, l1, huber or psnr (per-image log error) for the regression head; ce for classification (default: mse or ce)")
     p.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                    help="plain cross-entropy: do not weigh rare colours up (classification head)")
     p.add_argument("--gan-weight", type=float, default=0.0,

@@ -21,7 +21,10 @@ from torch import nn
 from colorize import color, quantize, storage
 from colorize.models import ModelConfig, build_model
 
-REGRESSION_LOSSES = ("mse", "l1", "huber")
+REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
+# The psnr loss's floor on each image's MSE (50 dB): it bounds how much one near-perfect image
+# can weigh in a batch (the gradient of log(mse) grows as 1/mse).
+PSNR_LOSS_FLOOR = 1e-5
 LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
 BUNDLED_WEIGHTS = "unet-photos64.pt"
 
@@ -76,11 +79,17 @@ def loss(
     if bare.config.arch == "autoencoder":
         target = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
         return F.mse_loss(model(color.luma(target)).float(), target)
-    return output_loss(model, model(color.normalize_l(L)), ab, kind, class_weights=class_weights)
+    return output_loss(model, model(color.normalize_l(L)), L, ab, kind, class_weights=class_weights)
 
 
 def output_loss(
-    model: nn.Module, out: torch.Tensor, ab: torch.Tensor, kind: str = "mse", *, class_weights: torch.Tensor | None = None
+    model: nn.Module,
+    out: torch.Tensor,
+    L: torch.Tensor,
+    ab: torch.Tensor,
+    kind: str = "mse",
+    *,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`loss` for a U-Net output already computed (one forward pass serves two terms)."""
     bare = unwrap(model)
@@ -95,7 +104,24 @@ def output_loss(
         return F.mse_loss(pred, target)
     if kind == "l1":
         return F.l1_loss(pred, target)
+    if kind == "psnr":
+        return psnr_loss(L, color.denormalize_ab(pred), ab)
     return F.smooth_l1_loss(pred, target, beta=0.1)
+
+
+def psnr_loss(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """Minus the mean per-image PSNR (dB) of the sRGB images that ``pred_ab`` and ``ab`` make
+    with lightness ``L``: the figure evaluation reports, as a loss.
+
+    Plain regression minimises the error summed over all pixels of a batch, so it may trade a
+    slight tint on a nearly grey image (many dB of that image's PSNR) for a little less error
+    on a colourful one (a fraction of a dB); the mean PSNR weighs each image's error by
+    1/its MSE instead, and so asks for colour only where it is likely right.
+    """
+    pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
+    truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+    mse = (pred - truth).pow(2).mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
 
 
 def weights_bytes(model: nn.Module) -> bytes:

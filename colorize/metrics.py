@@ -128,6 +128,12 @@ def colourfulness(images: np.ndarray) -> np.ndarray:
     return std + 0.3 * mean
 
 
+def is_grey(images: np.ndarray) -> np.ndarray:
+    """Whether each uint8 (N, H, W, 3) image is neutral grey (R = G = B at every pixel): (N,)."""
+    _check_batch(images, "images")
+    return ((images[..., 0] == images[..., 1]) & (images[..., 1] == images[..., 2])).all(axis=(1, 2))
+
+
 class MetricAccumulator:
     """Streams batches and keeps only per-metric sums, so memory stays flat over any image count.
 
@@ -135,13 +141,17 @@ class MetricAccumulator:
     """
 
     def __init__(self) -> None:
-        self._sums = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0, "cf_pred": 0.0, "cf_truth": 0.0}
+        self._sums = {"mse": 0.0, "psnr": 0.0, "psnr_colour": 0.0, "ssim": 0.0, "cf_pred": 0.0, "cf_truth": 0.0}
         self._images = 0
+        self._grey = 0
 
     def update(self, pred: np.ndarray, truth: np.ndarray) -> None:
         """Add one batch of uint8 (N, H, W, 3) predictions and their ground truth."""
+        psnr, grey = per_image_psnr(pred, truth), is_grey(truth)
         self._sums["mse"] += float(per_image_mse(pred, truth).sum())
-        self._sums["psnr"] += float(per_image_psnr(pred, truth).sum())
+        self._sums["psnr"] += float(psnr.sum())
+        self._sums["psnr_colour"] += float(psnr[~grey].sum())
+        self._grey += int(grey.sum())
         self._sums["ssim"] += float(per_image_ssim(pred, truth).sum())
         self._sums["cf_pred"] += float(colourfulness(pred).sum())
         self._sums["cf_truth"] += float(colourfulness(truth).sum())
@@ -154,9 +164,12 @@ class MetricAccumulator:
         n = self._images
         cf_pred = self._sums["cf_pred"] / n
         cf_truth = self._sums["cf_truth"] / n
+        colour = n - self._grey
         return {
             "mse": self._sums["mse"] / n,
             "psnr": self._sums["psnr"] / n,
+            "psnr_colour_images": self._sums["psnr_colour"] / colour if colour else None,
+            "grey_truth_images": self._grey,
             "ssim": self._sums["ssim"] / n,
             "colourfulness": cf_pred,
             "colourfulness_truth": cf_truth,
@@ -168,7 +181,10 @@ class MetricAccumulator:
 def summarize(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Mean metrics of a uint8 (N, H, W, 3) batch against its truth.
 
-    Keys: ``mse`` (values in [0, 1]), ``psnr`` (dB, per image then averaged), ``ssim``,
+    Keys: ``mse`` (values in [0, 1]), ``psnr`` (dB, per image then averaged),
+    ``psnr_colour_images`` (the same over the images whose truth is not neutral grey; None if
+    there are none) and ``grey_truth_images`` (how many are: the grey baseline copies those
+    exactly, and each adds the 100 dB cap to its mean PSNR), ``ssim``,
     ``colourfulness`` (mean CF of pred), ``colourfulness_truth``, ``delta_colourfulness``
     (|difference of the two means|) and ``images`` (the count).
     """

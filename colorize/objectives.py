@@ -60,7 +60,7 @@ def train_step(
         else:
             # One forward pass feeds both terms: DDP allows one forward per backward.
             out = model(color.normalize_l(L))
-            value = colorizer.output_loss(model, out, ab, loss, class_weights=class_weights)
+            value = colorizer.output_loss(model, out, L, ab, loss, class_weights=class_weights)
             fake_ab = colorizer.decode(model, out)
             # The bare critic: its DDP wrapper would all-reduce gradients that are thrown away.
             verdict = colorizer.unwrap(adversary.discriminator)(_critic_input(L, fake_ab)).float()

@@ -133,7 +133,8 @@ def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[
         seen += len(L)
     if seen == 0:
         return {}, {}
-    result = {f"val_{k}": v for k, v in pred_acc.result().items() if k != "images"}
+    kept = ("mse", "psnr", "ssim", "colourfulness", "colourfulness_truth", "delta_colourfulness")
+    result = {f"val_{k}": v for k, v in pred_acc.result().items() if k in kept}
     result.update({f"gray_{k}": v for k, v in gray_acc.result().items() if k in ("mse", "psnr", "ssim")})
     result["val_loss"] = sum(losses) / seen
     result["val_images"] = seen

@@ -4,9 +4,11 @@
 
 Photos (class folders, any size) are centre-cropped to squares at ``--size``, a seeded 5% is
 held out, and the rest train one :class:`colorize.ablation.Variant` with the same loop as the
-ablation study (``objectives.train_step``, horizontal flips, cosine learning rate). Writes
+ablation study (``objectives.train_step``, horizontal flips, cosine learning rate). ``--data``
+may be repeated to train on several folders at once (say photos and CIFAR-10, ``--limit``
+images from each); each keeps its own holdout and is scored on its own. Writes
 ``OUT/model.pt``, ``OUT/metrics.json`` (held-out PSNR, SSIM, colourfulness next to the grey
-baseline) and ``OUT/holdout.png`` (grey, prediction and truth for 8 held-out photos).
+baseline, per folder) and ``OUT/holdout.png`` (grey, prediction and truth for 8 held-out photos).
 
 ``--compare A.pt B.pt ...`` trains nothing: it scores those weights files (``bundled`` for the
 bundled model) on the same held-out photos and writes ``OUT/compare.json``.
@@ -33,19 +35,20 @@ HOLDOUT = 0.05
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a folder of class folders of photos")
+    parser.add_argument("--data", required=True, action="append",
+                        help="a folder of class folders of photos (repeat to train on several)")
     parser.add_argument("--out", required=True, help="folder for model.pt, metrics.json, holdout.png")
     parser.add_argument("--size", type=int, default=64, help="working resolution (default: 64)")
     parser.add_argument("--width", type=int, default=16, help="U-Net width (default: 16)")
     parser.add_argument("--depth", type=int, default=4, help="U-Net depth (default: 4)")
     parser.add_argument("--head", choices=("regression", "classification"), default="regression")
-    parser.add_argument("--loss", choices=("mse", "l1", "huber", "ce"), default="huber")
+    parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
     parser.add_argument("--gan-weight", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--limit", type=int, help="a seeded subset of N photos")
+    parser.add_argument("--limit", type=int, help="a seeded subset of N photos from each folder")
     parser.add_argument("--init", help="start from this model.pt (same architecture; fine-tuning, e.g. with --gan-weight)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
@@ -57,19 +60,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     started = time.perf_counter()
     try:
-        photos = imagesets.load_folder(args.data, size=args.size, limit=args.limit).rgb
         for uri in [*(args.compare or []), *([args.init] if args.init else [])]:
             if uri != "bundled":
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
+        holdouts, parts = {}, []
+        for folder in args.data:
+            holdouts[folder], rest = split(imagesets.load_folder(folder, size=args.size, limit=args.limit).rgb)
+            parts.append(rest)
     except (ValueError, storage.StorageError) as error:
         parser.error(str(error))  # one line and exit status 2, like the colorize command
-    order = np.random.default_rng(0).permutation(len(photos))
-    held = max(8, round(len(photos) * HOLDOUT))
-    holdout, train = photos[np.sort(order[:held])], photos[np.sort(order[held:])]
-    print(f"{len(train)} training and {len(holdout)} held-out photos at {args.size} px, loaded in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    train = np.concatenate(parts)
+    print(f"{len(train)} training and {sum(map(len, holdouts.values()))} held-out photos at {args.size} px, "
+          f"loaded in {time.perf_counter() - started:.0f} s", flush=True)
     if args.compare:
-        compare(args.compare, holdout, out)
+        compare(args.compare, holdouts, out)
         return
 
     config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head)
@@ -82,35 +86,52 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, seconds = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
-    result, gray, _ = evaluate.score(model.cpu(), ablation._batches(holdout))
+    scores = {folder: score(model.cpu(), holdout) for folder, holdout in holdouts.items()}
+    holdout = np.concatenate(list(holdouts.values()))
     picks = holdout[np.linspace(0, len(holdout) - 1, 8).round().astype(int)]
     rows = [evaluate.gray_baseline(picks), evaluate.colorize_rgb(model, picks), picks]
     Image.fromarray(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)).save(out / "holdout.png")
     metrics = {
-        "data": str(args.data), "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
+        "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
         "rebalance": args.rebalance, "gan_weight": args.gan_weight, "init": args.init, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
-        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": result, "gray": gray,
+        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"held out: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
-          f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f}); "
-          f"{seconds:.0f} s of training", flush=True)
+    for folder, (result, gray) in scores.items():
+        print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
+              f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)
+    print(f"{seconds:.0f} s of training", flush=True)
 
 
-def compare(weights: list[str], holdout: np.ndarray, out: Path) -> None:
-    rows = {}
-    for uri in weights:
-        model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
-        result, gray, _ = evaluate.score(model, ablation._batches(holdout))
-        rows[uri] = {"weights_id": weights_id, **result}
-        print(f"{uri}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
-              f"dcf {result['delta_colourfulness']:.2f}", flush=True)
-    rows["gray"] = gray
-    print(f"grey: psnr {gray['psnr']:.2f} ssim {gray['ssim']:.4f}; truth cf {gray['colourfulness_truth']:.2f}")
-    (out / "compare.json").write_text(json.dumps({"holdout_photos": len(holdout), "rows": rows}, indent=2))
+def split(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded 5% (at least 8) held out, and the rest, each in folder order."""
+    order = np.random.default_rng(0).permutation(len(images))
+    held = max(8, round(len(images) * HOLDOUT))
+    return images[np.sort(order[:held])], images[np.sort(order[held:])]
+
+
+def score(model: torch.nn.Module, images: np.ndarray) -> tuple[dict, dict]:
+    """The model's metrics on ``images`` and the grey baseline's."""
+    result, gray, _ = evaluate.score(model, ablation._batches(images))
+    return result, gray
+
+
+def compare(weights: list[str], holdouts: dict[str, np.ndarray], out: Path) -> None:
+    rows: dict[str, dict] = {}
+    for folder, holdout in holdouts.items():
+        rows[folder] = {}
+        for uri in weights:
+            model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+            result, gray = score(model, holdout)
+            rows[folder][uri] = {"weights_id": weights_id, **result}
+            print(f"{folder}: {uri}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
+                  f"dcf {result['delta_colourfulness']:.2f}", flush=True)
+        rows[folder]["gray"] = gray
+        print(f"{folder}: grey: psnr {gray['psnr']:.2f} ssim {gray['ssim']:.4f}; truth cf {gray['colourfulness_truth']:.2f}")
+    (out / "compare.json").write_text(json.dumps({"holdout_photos": {f: len(h) for f, h in holdouts.items()}, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,20 @@ def test_summarize_values() -> None:
     assert summary["delta_colourfulness"] == pytest.approx(abs(cf_pred - cf_truth))
 
 
+def test_images_whose_truth_is_grey_are_counted_and_left_out_of_the_colour_psnr() -> None:
+    truth = _random_batch(4, 12, seed=16)
+    truth[1] = truth[1, ..., :1]  # neutral grey: R = G = B
+    pred = _noisy_copy(truth, 10.0, seed=17)
+    pred[1] = truth[1]  # copied exactly, as the grey baseline copies a grey image: PSNR capped at 100 dB
+    summary = metrics.summarize(pred, truth)
+    psnr = metrics.per_image_psnr(pred, truth)
+    assert metrics.is_grey(truth).tolist() == [False, True, False, False]
+    assert summary["grey_truth_images"] == 1 and psnr[1] == metrics.PSNR_CAP_DB
+    assert summary["psnr_colour_images"] == pytest.approx(psnr[[0, 2, 3]].mean())
+    assert summary["psnr"] == pytest.approx(psnr.mean()) and summary["psnr"] > summary["psnr_colour_images"] + 10
+    assert metrics.summarize(truth[1:2], truth[1:2])["psnr_colour_images"] is None
+
+
 def test_accumulator_equals_summarize_on_concatenation() -> None:
     truth = _random_batch(7, 12, seed=11)
     pred = _noisy_copy(truth, 25.0, seed=12)

@@ -122,6 +122,45 @@ def test_every_regression_loss_is_finite_and_differentiable(kind: str) -> None:
     assert torch.isfinite(value)
 
 
+def test_the_psnr_loss_is_minus_the_mean_psnr_that_evaluation_reports() -> None:
+    from colorize import metrics
+
+    batch = lab_batch(6)
+    pred_ab = batch["ab"] * 0.5 + 3.0  # a muted, tinted guess
+    value = colorizer.psnr_loss(batch["L"], pred_ab, batch["ab"])
+
+    def srgb8(ab: torch.Tensor) -> np.ndarray:
+        return color.to_uint8(color.lab_to_rgb(torch.cat((batch["L"], ab), dim=1)).permute(0, 2, 3, 1).numpy())
+
+    reported = metrics.per_image_psnr(srgb8(pred_ab), srgb8(batch["ab"])).mean()
+    assert float(-value) == pytest.approx(reported, abs=0.3)  # 8-bit rounding and the floor aside
+    exact = colorizer.psnr_loss(batch["L"], batch["ab"], batch["ab"])
+    assert float(exact) == pytest.approx(10 * np.log10(colorizer.PSNR_LOSS_FLOOR), abs=1e-3)
+
+
+def test_the_psnr_loss_has_finite_gradients_where_colours_leave_the_gamut() -> None:
+    # Far outside the gamut, sRGB clips at 0 and 1; the clipped pixels must pass zero gradient, not NaN.
+    batch = lab_batch(2)
+    pred_ab = (batch["ab"] * 8.0 + 40.0).requires_grad_()
+    colorizer.psnr_loss(batch["L"], pred_ab, batch["ab"]).backward()
+    assert torch.isfinite(pred_ab.grad).all() and pred_ab.grad.abs().sum() > 0
+
+
+def test_the_psnr_loss_weighs_each_image_by_one_over_its_error() -> None:
+    # Image 1 is five times as wrong as image 0: plain MSE pushes hardest on image 1, the mean
+    # PSNR on image 0 (5x the error is 25x the MSE, so a fifth of the gradient per unit error).
+    batch = lab_batch(2)
+    truth = batch["ab"]
+    pred_ab = (truth + torch.tensor([2.0, 10.0]).view(2, 1, 1, 1)).requires_grad_()
+    colorizer.psnr_loss(batch["L"], pred_ab, truth).backward()
+    psnr_grad = pred_ab.grad.abs().sum(dim=(1, 2, 3))
+    pred_ab.grad = None
+    torch.nn.functional.mse_loss(pred_ab, truth).backward()
+    mse_grad = pred_ab.grad.abs().sum(dim=(1, 2, 3))
+    assert mse_grad[1] > 3 * mse_grad[0]
+    assert psnr_grad[0] > 3 * psnr_grad[1]
+
+
 def test_unknown_loss_is_refused() -> None:
     batch = lab_batch(2)
     with pytest.raises(ValueError, match="loss must be one of"):

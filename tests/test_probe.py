@@ -101,3 +101,25 @@ def test_the_photo_model_job_refuses_missing_photos_and_weights_in_one_line(labe
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and reason in errors[0], errors
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_the_photo_model_job_trains_on_two_folders_and_scores_each_holdout(labelled: Path, tmp_path: Path) -> None:
+    from jobs import photo_model
+
+    folders = [str(labelled / "train"), str(labelled / "test")]
+    out = tmp_path / "photo"
+    photo_model.main(["--data", folders[0], "--data", folders[1], "--size", "16", "--width", "4", "--depth", "2",
+                      "--loss", "psnr", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == folders and set(metrics["holdout"]) == set(folders)
+    assert metrics["train_photos"] + metrics["holdout_photos"] == 64 + 96 and metrics["holdout_photos"] == 8 + 8
+    for result, gray in metrics["holdout"].values():
+        assert result["images"] == gray["images"] == 8 and np.isfinite(result["psnr"])
+    model, _ = colorizer.load_weights(str(out / "model.pt"))
+    assert model.config.image_size == 16
+    assert Image.open(out / "holdout.png").size == (8 * 16, 3 * 16)
+
+    photo_model.main(["--data", folders[0], "--data", folders[1], "--size", "16", "--threads", "1",
+                      "--out", str(out), "--compare", str(out / "model.pt")])
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert rows[folders[1]][str(out / "model.pt")]["psnr"] == pytest.approx(metrics["holdout"][folders[1]][0]["psnr"])
