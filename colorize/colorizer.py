@@ -118,10 +118,13 @@ def psnr_loss(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> torch
     on a colourful one (a fraction of a dB); the mean PSNR weighs each image's error by
     1/its MSE instead, and so asks for colour only where it is likely right.
     """
-    pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
-    truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
-    mse = (pred - truth).pow(2).mean(dim=(1, 2, 3))
-    return 10.0 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
+    # In float32 even under bf16 autocast: the colour matrices and a 1e-5 floor need the precision.
+    with torch.autocast(device_type=L.device.type, enabled=False):
+        L, pred_ab, ab = L.float(), pred_ab.float(), ab.float()
+        pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
+        truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+        mse = (pred - truth).pow(2).mean(dim=(1, 2, 3))
+        return 10.0 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
 
 
 def weights_bytes(model: nn.Module) -> bytes:

@@ -157,7 +157,7 @@ class MetricAccumulator:
         self._sums["cf_truth"] += float(colourfulness(truth).sum())
         self._images += len(pred)
 
-    def result(self) -> dict[str, float]:
+    def result(self) -> dict[str, float | None]:
         """Means over all images seen; see ``summarize`` for the keys."""
         if self._images == 0:
             raise ValueError("no images to summarise: update() was never given a non-empty batch")
@@ -178,7 +178,7 @@ class MetricAccumulator:
         }
 
 
-def summarize(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+def summarize(pred: np.ndarray, truth: np.ndarray) -> dict[str, float | None]:
     """Mean metrics of a uint8 (N, H, W, 3) batch against its truth.
 
     Keys: ``mse`` (values in [0, 1]), ``psnr`` (dB, per image then averaged),
