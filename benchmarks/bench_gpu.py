@@ -4,8 +4,8 @@ bulk job keeps the GPU busy.
     python -m benchmarks.bench_gpu                      # on a GPU machine
     .venv/bin/python -m benchmarks.bench_gpu --device cpu --n 200   # smoke check anywhere
 
-Model-only parts need torch, numpy and Pillow alone (no Ray, no pyarrow), so they run on a
-bare GPU image:
+Model-only parts need torch, numpy, Pillow and pyarrow (no Ray), so they run on a bare GPU
+image:
 
 - inference: the bundled U-Net's forward pass at its working size, bf16 autocast on CUDA,
   at several batch sizes; forward FLOPs counted by ``torch.utils.flop_counter``;
@@ -34,13 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import print_table, write_jpegs, write_results
 from colorize import color
+from colorize.colorizer import BUNDLED_WEIGHTS
 from colorize.models import ModelConfig, build_model
 
-BUNDLED = Path(__file__).resolve().parent.parent / "colorize" / "weights" / "unet-cifar10.pt"
+BUNDLED = Path(__file__).resolve().parent.parent / "colorize" / "weights" / BUNDLED_WEIGHTS
 
 
 def bundled_model() -> torch.nn.Module:
-    """The bundled weights, read without colorize.colorizer (which needs pyarrow)."""
+    """The bundled weights."""
     payload = torch.load(BUNDLED, map_location="cpu", weights_only=True)
     model = build_model(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
@@ -103,8 +104,7 @@ def training(device: torch.device, batch_sizes: list[int], seconds: float) -> li
         ab = torch.randn(batch, 2, size, size, device=device) * 20
 
         def step() -> None:
-            # colorize.objectives.train_step for the regression head, inlined: importing it
-            # pulls in pyarrow, which a bare GPU image may lack.
+            # colorize.objectives.train_step for the regression head, inlined as MSE.
             model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = F.mse_loss(model(color.normalize_l(L)).float(), color.normalize_ab(ab))

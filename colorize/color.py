@@ -44,8 +44,16 @@ def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
-    linear = linear.clamp(0.0, 1.0)
-    return torch.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return _srgb_curve(linear.clamp(0.0, 1.0))
+
+
+def _srgb_curve(linear: torch.Tensor) -> torch.Tensor:
+    """The sRGB transfer curve on [0, 1]. Its power branch never sees values below the knee:
+    torch.where sends a zero gradient into the branch it did not pick, and zero times the power's
+    infinite slope at 0 is NaN. (torch up to 2.12 lets gradient through clamp's bounds, so black
+    pixels, linear exactly 0, turned a GPU run's weights to NaN there.)"""
+    knee = 0.0031308
+    return torch.where(linear <= knee, linear * 12.92, 1.055 * linear.clamp_min(knee) ** (1 / 2.4) - 0.055)
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

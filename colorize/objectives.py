@@ -43,12 +43,14 @@ def train_step(
     loss: str = "mse",
     class_weights: torch.Tensor | None = None,
     adversary: Adversary | None = None,
-) -> float:
+) -> torch.Tensor:
     """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
 
     With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
     GAN loss of its predicted ab, then the discriminator takes one step on real against
-    predicted ab. Runs under bf16 autocast on CUDA. Returns the colouriser's loss.
+    predicted ab. Runs under bf16 autocast on CUDA. Returns the colouriser's loss, detached and
+    on the batch's device: reading it (``float(...)``) waits for the GPU, so callers that do
+    not log every step can let the host run ahead.
     """
     model.train()
     L, ab = batch["L"], batch["ab"]
@@ -70,7 +72,7 @@ def train_step(
     optimizer.step()
     if adversary is not None:
         _critic_step(adversary, L, ab, fake_ab.detach(), autocast)
-    return float(value.detach())
+    return value.detach()
 
 
 def _critic_step(adversary: Adversary, L: torch.Tensor, real_ab: torch.Tensor, fake_ab: torch.Tensor, autocast) -> None:  # noqa: ANN001

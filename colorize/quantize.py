@@ -62,7 +62,8 @@ def class_prior(ab_batches: Iterable[torch.Tensor], bins: torch.Tensor, *, sigma
         counts += torch.bincount(hard_encode(ab, bins).flatten(), minlength=len(bins)).double().cpu()
     if counts.sum() == 0:
         raise ValueError("no pixels to estimate the colour prior from")
-    kernel = torch.exp(-torch.cdist(bins.double(), bins.double()) ** 2 / (2 * sigma**2))
+    centres = bins.double().cpu()
+    kernel = torch.exp(-torch.cdist(centres, centres) ** 2 / (2 * sigma**2))
     smoothed = kernel @ (counts / counts.sum())
     return (smoothed / smoothed.sum()).float()
 

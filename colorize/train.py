@@ -207,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not bool(keep.any()):
                 continue
             step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
-            value = train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary)
+            value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary))
             totals[0] += value * int(keep.sum())
             totals[1] += int(keep.sum())
         if dist.is_available() and dist.is_initialized():

@@ -46,10 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
     parser.add_argument("--gan-weight", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--minutes", type=float,
+                        help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos from each folder")
-    parser.add_argument("--init", help="start from this model.pt (same architecture; fine-tuning, e.g. with --gan-weight)")
+    parser.add_argument("--init", help="start from this model.pt or 'bundled' (same architecture; fine-tuning, e.g. with --gan-weight)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
@@ -79,11 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head)
     init = None
     if args.init:
-        start, _ = colorizer.load_weights(args.init)
+        start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
         config, init = start.config, start.state_dict()
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight)
-    budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
-    model, seconds = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
+    budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                             seconds=args.minutes * 60 if args.minutes else None)
+    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
     scores = {folder: score(model.cpu(), holdout) for folder, holdout in holdouts.items()}
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = {
         "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
-        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "init": args.init, "epochs": args.epochs,
+        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "init": args.init, "epochs": round(epochs, 2),
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for folder, (result, gray) in scores.items():
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
               f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)
-    print(f"{seconds:.0f} s of training", flush=True)
+    print(f"{seconds:.0f} s of training, {epochs:.1f} epochs", flush=True)
 
 
 def split(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from colorize import ablation, colorizer
@@ -123,3 +127,45 @@ def test_the_photo_model_job_trains_on_two_folders_and_scores_each_holdout(label
                       "--out", str(out), "--compare", str(out / "model.pt")])
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[folders[1]][str(out / "model.pt")]["psnr"] == pytest.approx(metrics["holdout"][folders[1]][0]["psnr"])
+
+
+def test_the_photo_model_job_trains_for_its_minutes_from_the_bundled_model(labelled: Path, tmp_path: Path) -> None:
+    from jobs import photo_model
+
+    out = tmp_path / "timed"
+    photo_model.main(["--data", str(labelled / "train"), "--init", "bundled", "--minutes", "0.05", "--batch-size", "8",
+                      "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seconds"] >= 3.0  # the budget is spent, not an epoch count
+    assert metrics["epochs"] > 0 and metrics["init"] == "bundled"
+    model, _ = colorizer.load_weights(str(out / "model.pt"))
+    assert model.config == colorizer.load_weights(None)[0].config  # the bundled model's architecture, fine-tuned
+
+
+def test_the_gpu_script_trains_its_runs_side_by_side_and_writes_half_precision_copies(labelled: Path, tmp_path: Path) -> None:
+    # The script as a GPU lease runs it, here on the CPU with one run and a few seconds of training.
+    data = tmp_path / "data"
+    (data / "cifar10").mkdir(parents=True)
+    (data / "photos").symlink_to(labelled / "train")
+    (data / "cifar10" / "train").symlink_to(labelled / "test")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "RUNS": "w16-psnr-ft", "DEVICE": "cpu", "THREADS": "1", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(root / "jobs" / "gpu_models.sh"), str(data), str(tmp_path / "out"), "0.02"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "w16-psnr-ft: held out of" in done.stdout
+    metrics = json.loads((tmp_path / "out" / "w16-psnr-ft" / "metrics.json").read_text())
+    assert metrics["loss"] == "psnr" and metrics["init"] == "bundled" and metrics["size"] == 64
+    half, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-psnr-ft-fp16.pt"))
+    full, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-psnr-ft" / "model.pt"))
+    for a, b in zip(half.state_dict().values(), full.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+
+
+def test_training_that_diverges_stops_with_a_clear_error(labelled: Path) -> None:
+    from colorize import imagesets
+
+    rgb = imagesets.load_folder(labelled / "train", size=16).rgb
+    variant = ablation.Variant("diverging", ModelConfig(width=4, depth=2, image_size=16), loss="huber")
+    with pytest.raises(FloatingPointError, match="diverging: the loss is not finite after 1 epochs"):
+        ablation.fit(variant, ablation.to_lab(rgb, torch.device("cpu")), ablation.Budget(epochs=2, batch_size=16, lr=1e30))

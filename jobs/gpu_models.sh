@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Train the colour models of docs/colour.md side by side on one GPU, inside a lease of fixed length.
+#
+#   jobs/gpu_models.sh DATA OUT MINUTES
+#
+# DATA holds photos/ (class folders of photos) and cifar10/train/ (CIFAR-10's class folders of
+# JPEGs); OUT gets one folder per model (model.pt, metrics.json, holdout.png), its log NAME.log and a
+# half-precision copy of each model (NAME-fp16.pt, small enough to fetch). Every model trains
+# for MINUTES of wall-clock on the same GPU at once (small U-Nets at 64 px are too small to fill
+# an H100 or H200 alone), so the whole script takes MINUTES plus loading and scoring, about a
+# minute more. RUNS="a b" picks some of the runs below. No Ray needed. docs/colour.md has what
+# these runs gave on an H200.
+set -euo pipefail
+data=${1:?data folder}
+out=${2:?output folder}
+minutes=${3:?minutes of training}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+
+common=(--data "$data/photos" --data "$data/cifar10/train" --size 64 --depth 4 --batch-size 256
+        --minutes "$minutes" --device "$device" --threads "${THREADS:-4}")
+declare -A runs=(
+  [w32-psnr]="--width 32 --loss psnr"
+  [w32-huber]="--width 32 --loss huber"
+  [w32-class]="--width 32 --head classification --loss ce"
+  [w16-psnr-ft]="--init bundled --loss psnr --lr 5e-4"
+)
+pids=()
+names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-psnr-ft" trains a subset
+for name in "${names[@]}"; do
+  # shellcheck disable=SC2086  # the run's flags are meant to split
+  "$python" -m jobs.photo_model "${common[@]}" ${runs[$name]} --out "$out/$name" >"$out/$name.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for name in "${names[@]}"; do
+  tail -n 4 "$out/$name.log" | sed "s/^/$name: /"
+  if [[ -f $out/$name/model.pt ]]; then
+    "$python" - "$out/$name/model.pt" "$out/$name-fp16.pt" <<'EOF'
+import sys
+import torch
+payload = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+payload["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+torch.save(payload, sys.argv[2])
+EOF
+  fi
+done
+exit $status
