@@ -48,6 +48,7 @@ class Variant:
     loss: str = "mse"
     rebalance: bool = True
     gan_weight: float = 0.0
+    colourfulness_weight: float = 0.0
     temperatures: tuple[float, ...] = ()
     note: str = ""
 
@@ -61,6 +62,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("unet-mse", _unet(), note="ab regression, MSE"),
     Variant("unet-huber", _unet(), loss="huber", note="ab regression, Huber (L1 beyond 0.1)"),
     Variant("unet-psnr", _unet(), loss="psnr", note="ab regression, minus the mean per-image sRGB PSNR (the reported figure)"),
+    Variant("unet-psnr-cf", _unet(), loss="psnr", colourfulness_weight=0.1,
+            note="unet-psnr + each image's colourfulness gap to its truth, weight 0.1 (DDColor's colourfulness loss, matched)"),
     Variant("unet-mse-gan", _unet(), gan_weight=0.02, note="MSE + PatchGAN term, weight 0.02"),
     Variant("unet-class", _unet(head="classification"), loss="ce", temperatures=(0.2, 0.6, 1.0),
             note="262 gamut ab cells, soft-encoded, rebalanced CE, annealed mean"),
@@ -150,7 +153,8 @@ def fit(
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             value = train_step(model, {"L": batch[:, :1], "ab": batch[:, 1:]}, optimizer, loss=variant.loss,
-                               class_weights=class_weights, adversary=adversary)
+                               class_weights=class_weights, adversary=adversary,
+                               colourfulness_weight=variant.colourfulness_weight)
             steps += 1
         epoch += 1
         if not bool(torch.isfinite(value)):  # once an epoch: reading it waits for the GPU
@@ -202,7 +206,8 @@ def run_variant(
         Image.fromarray(np.concatenate(list(examples), axis=1)).save(out / "ablation" / f"{label.replace(' ', '_')}.png")
         rows.append({
             "variant": label, "note": variant.note, "model": model.config.to_dict(), "loss": variant.loss,
-            "rebalance": variant.rebalance, "gan_weight": variant.gan_weight, "temperature": temperature,
+            "rebalance": variant.rebalance, "gan_weight": variant.gan_weight,
+            "colourfulness_weight": variant.colourfulness_weight, "temperature": temperature,
             "parameters": count_parameters(model), "train_images": len(lab), "epochs": budget.epochs,
             "batch_size": budget.batch_size, "lr": budget.lr, "seconds": round(seconds, 1),
             "hardware": hardware(budget.device), "weights": str(weights), **result,

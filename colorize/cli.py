@@ -56,6 +56,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="plain cross-entropy: do not weigh rare colours up (classification head)")
     p.add_argument("--gan-weight", type=float, default=0.0,
                    help="weight of a PatchGAN adversarial term trained in the same loop (default: 0, off)")
+    p.add_argument("--cf-weight", type=float, default=0.0,
+                   help="weight of a term matching each image's colourfulness to its truth's (default: 0, off)")
     p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")

@@ -26,7 +26,7 @@ REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
 # can weigh in a batch (the gradient of log(mse) grows as 1/mse).
 PSNR_LOSS_FLOOR = 1e-5
 LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
-BUNDLED_WEIGHTS = "unet-photos-cifar64-psnr.pt"
+BUNDLED_WEIGHTS = "unet-photos-cifar64-cf.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -125,6 +125,34 @@ def psnr_loss(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> torch
         truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
         mse = (pred - truth).pow(2).mean(dim=(1, 2, 3))
         return 10.0 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
+
+
+def colourfulness(rgb: torch.Tensor) -> torch.Tensor:
+    """Differentiable Hasler-Suesstrunk colourfulness of sRGB (B, 3, H, W) in [0, 1]: (B,),
+    on the 0..255 scale and in the absolute form of :func:`colorize.metrics.colourfulness`."""
+    x = rgb.float() * 255.0
+    rg = (x[:, 0] - x[:, 1]).abs()
+    yb = (0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]).abs()
+    dims = (1, 2)
+    # The small constants keep the square roots' gradients finite on a grey image.
+    std = (rg.var(dim=dims, unbiased=False) + yb.var(dim=dims, unbiased=False) + 1e-6).sqrt()
+    mean = (rg.mean(dim=dims).square() + yb.mean(dim=dims).square() + 1e-6).sqrt()
+    return std + 0.3 * mean
+
+
+def colourfulness_gap(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """The mean over a batch of each image's |colourfulness of the prediction - of the truth|.
+
+    A term beside a regression loss (``colourfulness_weight`` in training): the conditional
+    mean that regression learns is desaturated wherever colour is uncertain, and this asks
+    every image for its own amount of colour, not more (DDColor's colourfulness loss, in a
+    matching form so that grey images stay grey).
+    """
+    with torch.autocast(device_type=L.device.type, enabled=False):
+        L, pred_ab, ab = L.float(), pred_ab.float(), ab.float()
+        pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
+        truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+        return (colourfulness(pred) - colourfulness(truth)).abs().mean()
 
 
 def weights_bytes(model: nn.Module) -> bytes:

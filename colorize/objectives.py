@@ -43,12 +43,14 @@ def train_step(
     loss: str = "mse",
     class_weights: torch.Tensor | None = None,
     adversary: Adversary | None = None,
+    colourfulness_weight: float = 0.0,
 ) -> torch.Tensor:
     """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
 
     With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
     GAN loss of its predicted ab, then the discriminator takes one step on real against
-    predicted ab. Runs under bf16 autocast on CUDA. Returns the colouriser's loss, detached and
+    predicted ab. ``colourfulness_weight`` adds that times each image's colourfulness gap to
+    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units). Runs under bf16 autocast on CUDA. Returns the colouriser's loss, detached and
     on the batch's device: reading it (``float(...)``) waits for the GPU, so callers that do
     not log every step can let the host run ahead.
     """
@@ -57,16 +59,19 @@ def train_step(
     device = L.device
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        if adversary is None:
+        if adversary is None and not colourfulness_weight:
             value = colorizer.loss(model, L, ab, loss, class_weights=class_weights)
         else:
-            # One forward pass feeds both terms: DDP allows one forward per backward.
+            # One forward pass feeds every term: DDP allows one forward per backward.
             out = model(color.normalize_l(L))
             value = colorizer.output_loss(model, out, L, ab, loss, class_weights=class_weights)
             fake_ab = colorizer.decode(model, out)
-            # The bare critic: its DDP wrapper would all-reduce gradients that are thrown away.
-            verdict = colorizer.unwrap(adversary.discriminator)(_critic_input(L, fake_ab)).float()
-            value = value + adversary.weight * F.binary_cross_entropy_with_logits(verdict, torch.ones_like(verdict))
+            if colourfulness_weight:
+                value = value + colourfulness_weight * colorizer.colourfulness_gap(L, fake_ab, ab)
+            if adversary is not None:
+                # The bare critic: its DDP wrapper would all-reduce gradients that are thrown away.
+                verdict = colorizer.unwrap(adversary.discriminator)(_critic_input(L, fake_ab)).float()
+                value = value + adversary.weight * F.binary_cross_entropy_with_logits(verdict, torch.ones_like(verdict))
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()

@@ -47,7 +47,8 @@ class TrainConfig:
     ``cpus_per_worker=None`` picks a share that leaves a CPU for Ray Data's decode tasks.
     ``loss=None`` picks ``mse`` for the regression head and ``ce`` for classification;
     ``rebalance`` weighs the classes of ``ce`` by the inverse of their smoothed frequency.
-    ``gan_weight > 0`` adds the PatchGAN term with that weight.
+    ``gan_weight > 0`` adds the PatchGAN term with that weight, ``cf_weight > 0`` the
+    colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`).
     """
 
     data: str
@@ -66,6 +67,7 @@ class TrainConfig:
     loss: str | None = None
     rebalance: bool = True
     gan_weight: float = 0.0
+    cf_weight: float = 0.0
     num_workers: int = 1
     gpu: bool = False
     cpus_per_worker: float | None = None
@@ -83,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"--loss {self.loss} does not fit --head {self.head}: ce is the classification head's loss")
         if self.gan_weight < 0 or (self.gan_weight and self.model != "unet"):
             raise ValueError(f"--gan-weight must be >= 0 and needs the unet, got {self.gan_weight} with {self.model}")
+        if self.cf_weight < 0 or (self.cf_weight and self.model != "unet"):
+            raise ValueError(f"--cf-weight must be >= 0 and needs the unet, got {self.cf_weight} with {self.model}")
         for name in ("epochs", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -207,7 +211,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if not bool(keep.any()):
                 continue
             step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
-            value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary))
+            value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
+                                     colourfulness_weight=config.cf_weight))
             totals[0] += value * int(keep.sum())
             totals[1] += int(keep.sum())
         if dist.is_available() and dist.is_initialized():

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
     parser.add_argument("--gan-weight", type=float, default=0.0)
+    parser.add_argument("--cf-weight", type=float, default=0.0,
+                        help="weight of the colourfulness-gap term (0..255 units) beside the loss (default: 0)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--minutes", type=float,
                         help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
@@ -83,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.init:
         start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
         config, init = start.config, start.state_dict()
-    variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight)
+    variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
+                             colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                              seconds=args.minutes * 60 if args.minutes else None)
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = {
         "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
-        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "init": args.init, "epochs": round(epochs, 2),
+        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight, "init": args.init, "epochs": round(epochs, 2),
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,

@@ -177,6 +177,36 @@ def test_the_psnr_loss_weighs_each_image_by_one_over_its_error() -> None:
     assert psnr_grad[0] > 3 * psnr_grad[1]
 
 
+def test_colourfulness_in_torch_is_the_metric_and_differentiable_on_grey() -> None:
+    from colorize import metrics
+
+    rng = np.random.default_rng(1)
+    images = np.stack([scene(rng, 16) for _ in range(6)])
+    images[0] = images[0, ..., :1]  # one grey image: zero colourfulness
+    torch_cf = colorizer.colourfulness(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+    assert torch_cf.numpy() == pytest.approx(metrics.colourfulness(images), abs=0.01)
+    grey = torch.full((1, 3, 8, 8), 0.5, requires_grad=True)
+    colorizer.colourfulness(grey).sum().backward()
+    assert torch.isfinite(grey.grad).all()
+
+
+def test_the_colourfulness_term_asks_each_image_for_its_own_colour_not_more() -> None:
+    batch = lab_batch(8)
+    L, ab = batch["L"], batch["ab"]
+    assert float(colorizer.colourfulness_gap(L, ab, ab)) == pytest.approx(0.0, abs=1e-3)
+    for scale, sign in ((0.3, -1), (1.5, 1)):  # muted: more colour lowers it; garish: less does
+        s = torch.tensor(scale, requires_grad=True)
+        colorizer.colourfulness_gap(L, s * ab, ab).backward()
+        assert sign * float(s.grad) > 0, (scale, float(s.grad))
+    tint = torch.full_like(ab, 5.0, requires_grad=True)  # a grey truth: any colour is a gap
+    gap = colorizer.colourfulness_gap(L, tint, torch.zeros_like(ab))
+    gap.backward()
+    assert float(gap) > 1 and torch.isfinite(tint.grad).all()
+    model = build_model(CONFIGS[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    assert np.isfinite(float(train_step(model, batch, optimizer, loss="psnr", colourfulness_weight=0.05)))
+
+
 def test_unknown_loss_is_refused() -> None:
     batch = lab_batch(2)
     with pytest.raises(ValueError, match="loss must be one of"):

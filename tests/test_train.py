@@ -61,7 +61,8 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
 
 def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    config = dict(data=str(images), val=str(images), out=str(out), num_workers=2, head="classification", gan_weight=0.05, **TINY)
+    config = dict(data=str(images), val=str(images), out=str(out), num_workers=2, head="classification", gan_weight=0.05,
+                  cf_weight=0.02, **TINY)
     train(TrainConfig(epochs=1, **config))
     assert TrainConfig(**config).loss == "ce"
     summary = train(TrainConfig(epochs=2, **config))
@@ -76,7 +77,8 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
 @pytest.mark.parametrize(
     "bad, match",
     [({"head": "classification", "loss": "mse"}, "does not fit"), ({"loss": "ce"}, "does not fit"),
-     ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight")],
+     ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight"),
+     ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
