@@ -26,9 +26,11 @@ declare -A runs=(
   [w32-huber]="--width 32 --loss huber"
   [w32-class]="--width 32 --head classification --loss ce"
   [w16-psnr-ft]="--init bundled --loss psnr --lr 5e-4"
+  [w32-psnr-cf]="--width 32 --loss psnr --cf-weight 0.1"
+  [w16-cf-ft]="--init bundled --loss psnr --cf-weight 0.1 --lr 5e-4"
 )
 pids=()
-names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-psnr-ft" trains a subset
+names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the run's flags are meant to split
   "$python" -m jobs.photo_model "${common[@]}" ${runs[$name]} --out "$out/$name" >"$out/$name.log" 2>&1 &

@@ -149,15 +149,15 @@ def test_the_gpu_script_trains_its_runs_side_by_side_and_writes_half_precision_c
     (data / "photos").symlink_to(labelled / "train")
     (data / "cifar10" / "train").symlink_to(labelled / "test")
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "RUNS": "w16-psnr-ft", "DEVICE": "cpu", "THREADS": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "RUNS": "w16-cf-ft", "DEVICE": "cpu", "THREADS": "1", "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(root / "jobs" / "gpu_models.sh"), str(data), str(tmp_path / "out"), "0.02"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "w16-psnr-ft: held out of" in done.stdout
-    metrics = json.loads((tmp_path / "out" / "w16-psnr-ft" / "metrics.json").read_text())
-    assert metrics["loss"] == "psnr" and metrics["init"] == "bundled" and metrics["size"] == 64
-    half, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-psnr-ft-fp16.pt"))
-    full, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-psnr-ft" / "model.pt"))
+    assert "w16-cf-ft: held out of" in done.stdout
+    metrics = json.loads((tmp_path / "out" / "w16-cf-ft" / "metrics.json").read_text())
+    assert metrics["loss"] == "psnr" and metrics["cf_weight"] == 0.1 and metrics["init"] == "bundled" and metrics["size"] == 64
+    half, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-cf-ft-fp16.pt"))
+    full, _ = colorizer.load_weights(str(tmp_path / "out" / "w16-cf-ft" / "model.pt"))
     for a, b in zip(half.state_dict().values(), full.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
 
