@@ -52,6 +52,11 @@ class Variant:
     temperatures: tuple[float, ...] = ()
     note: str = ""
 
+    def __post_init__(self) -> None:
+        if self.gan_weight < 0 or self.colourfulness_weight < 0:
+            raise ValueError(f"{self.name}: term weights must be >= 0, got gan {self.gan_weight}, "
+                             f"colourfulness {self.colourfulness_weight}")
+
 
 def _unet(**kw: Any) -> ModelConfig:
     return ModelConfig(arch="unet", **{"width": 32, "depth": 3, "image_size": 32, **kw})

@@ -58,6 +58,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default=ablation.Budget().device)
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
+    for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
+    for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be > 0, got {value}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -94,11 +94,14 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
 
 
-def test_the_photo_model_job_refuses_missing_photos_and_weights_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
+def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
     from jobs import photo_model
 
     for argv, reason in ((["--data", str(tmp_path / "none")], "not a folder of class folders"),
-                         (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file")):
+                         (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file"),
+                         (["--data", str(labelled / "train"), "--cf-weight", "-0.1"], "--cf-weight must be >= 0"),
+                         (["--data", str(labelled / "train"), "--gan-weight", "-1"], "--gan-weight must be >= 0"),
+                         (["--data", str(labelled / "train"), "--minutes", "0"], "--minutes must be > 0")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main([*argv, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
@@ -169,3 +172,9 @@ def test_training_that_diverges_stops_with_a_clear_error(labelled: Path) -> None
     variant = ablation.Variant("diverging", ModelConfig(width=4, depth=2, image_size=16), loss="huber")
     with pytest.raises(FloatingPointError, match="diverging: the loss is not finite after 1 epochs"):
         ablation.fit(variant, ablation.to_lab(rgb, torch.device("cpu")), ablation.Budget(epochs=2, batch_size=16, lr=1e30))
+
+
+def test_an_ablation_variant_refuses_a_negative_term_weight() -> None:
+    for kw in ({"gan_weight": -0.02}, {"colourfulness_weight": -0.1}):
+        with pytest.raises(ValueError, match="bad: term weights must be >= 0"):
+            ablation.Variant("bad", ModelConfig(), **kw)
