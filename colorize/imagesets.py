@@ -50,10 +50,15 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
 
 def _square(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(square(img, size), dtype=np.uint8)
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """An image, upright (EXIF), in RGB, centre-cropped to a square and resized to ``size``."""
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img

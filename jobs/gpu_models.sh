@@ -4,12 +4,13 @@
 #   jobs/gpu_models.sh DATA OUT MINUTES
 #
 # DATA holds photos/ (class folders of photos) and cifar10/train/ (CIFAR-10's class folders of
-# JPEGs); OUT gets one folder per model (model.pt, metrics.json, holdout.png), its log NAME.log and a
-# half-precision copy of each model (NAME-fp16.pt, small enough to fetch). Every model trains
-# for MINUTES of wall-clock on the same GPU at once (small U-Nets at 64 px are unlikely to fill
-# an H100 or H200 alone), so the whole script takes MINUTES plus loading and scoring, about a
-# minute more. RUNS="a b" picks some of the runs below. No Ray needed. docs/colour.md has what
-# these runs gave on an H200.
+# JPEGs); `python -m jobs.gpu_data` packs both small enough to carry. OUT gets one folder per
+# model (model.pt, metrics.json, holdout.png), its log NAME.log and a half-precision copy of
+# each model (NAME-fp16.pt, small enough to fetch). Every model trains for MINUTES of
+# wall-clock on the same GPU at once (small U-Nets at 64 px are unlikely to fill an H100 or
+# H200 alone), so the whole script takes MINUTES plus loading and scoring, about a minute
+# more. RUNS="a b" picks some of the runs below. No Ray needed. docs/colour.md has what these
+# runs gave on an H200.
 set -euo pipefail
 data=${1:?data folder}
 out=${2:?output folder}

@@ -1,0 +1,93 @@
+"""Pack the training data of jobs/gpu_models.sh small enough for one GPU lease's carry (64 MiB).
+
+    python -m jobs.gpu_data --cifar ../shared/data/cifar10-jpeg.tar.gz \\
+                            --photos ../shared/data/photos-train.tar.gz --out .gpu
+
+Writes ``OUT/cifar10-train.tar.gz``, CIFAR-10's ``cifar10/train/`` members with their bytes
+unchanged (the test split stays behind: the GPU runs never score on it), and
+``OUT/photos64.tar.gz``, every photo under ``photos/`` centre-cropped and resized to ``--size``
+exactly as ``imagesets.load_folder`` does it, re-encoded as JPEG (quality 90, no chroma
+subsampling: 36 dB from the crops) under its own name, so that ``jobs.photo_model`` holds out the
+same 608 photos on either copy. Both archives extract into one folder that
+``jobs/gpu_models.sh DATA ...`` takes as DATA. Reads the archives as streams; writes no
+temporary files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tarfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from colorize.imagesets import square
+from colorize.sources import IMAGE_SUFFIXES
+
+JPEG_QUALITY = 90
+
+
+def copy_members(source: str | Path, destination: str | Path, prefix: str) -> int:
+    """Copy the files under ``prefix`` from one tar archive to a new .tar.gz; returns how many."""
+    count = 0
+    with tarfile.open(source, "r:*") as src, tarfile.open(destination, "w:gz") as dst:
+        for member in src:
+            if member.isfile() and member.name.startswith(prefix):
+                dst.addfile(member, src.extractfile(member))
+                count += 1
+    if not count:
+        raise ValueError(f"{source}: no files under {prefix}")
+    return count
+
+
+def shrink_photos(source: str | Path, destination: str | Path, prefix: str, size: int) -> int:
+    """Re-encode every image under ``prefix`` as a ``size`` px square JPEG of the same name."""
+    count = 0
+    with tarfile.open(source, "r:*") as src, tarfile.open(destination, "w:gz") as dst:
+        for member in src:
+            if not (member.isfile() and member.name.startswith(prefix) and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
+                continue
+            with Image.open(src.extractfile(member)) as img:
+                small = square(img, size)
+            data = io.BytesIO()
+            small.save(data, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+            info = tarfile.TarInfo(member.name)
+            info.size, info.mtime, info.mode = data.tell(), member.mtime, 0o644
+            data.seek(0)
+            dst.addfile(info, data)
+            count += 1
+    if not count:
+        raise ValueError(f"{source}: no images under {prefix}")
+    return count
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cifar", required=True, help="cifar10-jpeg.tar.gz (cifar10/train/<class>/*.jpg inside)")
+    parser.add_argument("--photos", required=True, help="photos-train.tar.gz (photos/<class>/*.jpg inside)")
+    parser.add_argument("--out", required=True, help="folder for cifar10-train.tar.gz and photos64.tar.gz")
+    parser.add_argument("--size", type=int, default=64, help="side of the photo crops (default: 64, the models' working size)")
+    args = parser.parse_args(argv)
+    if args.size < 1:
+        parser.error(f"--size must be at least 1, got {args.size}")
+    for path in (args.cifar, args.photos):
+        if not Path(path).is_file():
+            parser.error(f"{path}: no such file")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        cifar = copy_members(args.cifar, out / "cifar10-train.tar.gz", "cifar10/train/")
+        photos = shrink_photos(args.photos, out / f"photos{args.size}.tar.gz", "photos/", args.size)
+    except (tarfile.TarError, OSError, ValueError) as error:
+        parser.error(str(error))
+    sizes = {p.name: p.stat().st_size for p in out.glob("*.tar.gz")}
+    print(f"{cifar} CIFAR-10 training images and {photos} photos at {args.size} px in {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sorted(sizes.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""jobs.gpu_data: the GPU lease's data, packed from the shared archives, matches what training reads."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from colorize import imagesets, metrics
+from jobs import gpu_data
+from tests.helpers import write_images
+
+
+def _archive(path: Path, root: Path, *names: str) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            tar.add(root / name, arcname=name)
+    return path
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> tuple[Path, Path]:
+    """Small stand-ins for cifar10-jpeg.tar.gz and photos-train.tar.gz, in their layouts."""
+    src = tmp_path / "src"
+    write_images(src / "cifar10" / "train", 6, size=32, seed=1)
+    write_images(src / "cifar10" / "test", 4, size=32, seed=2)
+    write_images(src / "photos", 12, size=150, seed=3)
+    write_images(src / "photos" / "wide", 2, size=90, seed=4)  # photos of another size in a deeper folder
+    (src / "README.md").write_text("not an image")
+    return _archive(tmp_path / "cifar.tar.gz", src, "cifar10"), _archive(tmp_path / "photos.tar.gz", src, "photos", "README.md")
+
+
+def test_it_packs_cifar_train_unchanged_and_photos_as_the_crops_training_reads(shared: tuple[Path, Path], tmp_path: Path) -> None:
+    cifar, photos = shared
+    out = tmp_path / "gpu"
+    gpu_data.main(["--cifar", str(cifar), "--photos", str(photos), "--out", str(out), "--size", "16"])
+
+    with tarfile.open(cifar) as original, tarfile.open(out / "cifar10-train.tar.gz") as packed:
+        wanted = {m.name: original.extractfile(m).read() for m in original if m.isfile() and m.name.startswith("cifar10/train/")}
+        assert {m.name: packed.extractfile(m).read() for m in packed if m.isfile()} == wanted
+    assert len(wanted) == 6
+
+    full, small = tmp_path / "full", tmp_path / "small"
+    for archive, folder in ((photos, full), (out / "photos16.tar.gz", small)):
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+    assert not (small / "README.md").exists()
+    assert sorted(p.relative_to(small) for p in small.rglob("*.jpg")) == sorted(p.relative_to(full) for p in full.rglob("*.jpg"))
+    crops = imagesets.load_folder(full / "photos", size=16).rgb
+    packed_crops = imagesets.load_folder(small / "photos", size=16).rgb
+    assert packed_crops.shape == crops.shape == (14, 16, 16, 3)
+    assert metrics.per_image_psnr(packed_crops, crops).min() > 30  # the same crops in the same order (so the same holdout), JPEG at quality 90
+
+
+def test_it_refuses_a_missing_archive_in_one_line(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_data.main(["--cifar", str(tmp_path / "nope.tar.gz"), "--photos", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "nope.tar.gz: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
