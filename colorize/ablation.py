@@ -94,6 +94,14 @@ class Budget:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (("epochs", self.epochs), ("batch size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, value in (("learning rate", self.lr), ("seconds", self.seconds)):
+            if value is not None and not value > 0:  # `not >`: NaN is refused too
+                raise ValueError(f"{name} must be > 0, got {value}")
+
 
 def to_lab(rgb: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Tensor:
     """uint8 (N, S, S, 3) -> float32 Lab (N, 3, S, S) on ``device``."""
@@ -304,7 +312,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         chosen = []
     if args.variants and len(chosen) != len(args.variants.split(",")):
         parser.error(f"--variants: unknown name in {args.variants!r}")
-    budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    for flag, value in (("--limit", args.limit), ("--test-limit", args.test_limit)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if not args.width_scale > 0:
+        parser.error(f"--width-scale must be > 0, got {args.width_scale}")
+    try:
+        budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+    except ValueError as error:
+        parser.error(str(error))  # before any data is read
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
     (out / "ablation").mkdir(parents=True, exist_ok=True)

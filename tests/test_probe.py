@@ -94,6 +94,24 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
 
 
+def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_path: Path, capsys) -> None:
+    for argv, reason in ((["--epochs", "0"], "epochs must be at least 1, got 0"),
+                         (["--batch-size", "-4"], "batch size must be at least 1, got -4"),
+                         (["--lr", "0"], "learning rate must be > 0, got 0.0"),
+                         (["--lr", "nan"], "learning rate must be > 0, got nan"),
+                         (["--limit", "0"], "--limit must be at least 1, got 0"),
+                         (["--test-limit", "-1"], "--test-limit must be at least 1, got -1"),
+                         (["--width-scale", "0"], "--width-scale must be > 0, got 0.0")):
+        with pytest.raises(SystemExit) as exit_info:  # --data does not exist: the numbers are checked first
+            ablation.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "docs"), *argv])
+        assert exit_info.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and reason in errors[0], errors
+    assert not (tmp_path / "docs").exists()
+    with pytest.raises(ValueError, match="seconds must be > 0, got 0"):
+        ablation.Budget(seconds=0)
+
+
 def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
     from jobs import photo_model
 
