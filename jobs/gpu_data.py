@@ -9,8 +9,12 @@ unchanged (the test split stays behind: the GPU runs never score on it), and
 exactly as ``imagesets.load_folder`` does it, re-encoded as JPEG (quality 90, no chroma
 subsampling: 36 dB from the crops) under its own name, so that ``jobs.photo_model`` holds out the
 same 608 photos on either copy. Both archives extract into one folder that
-``jobs/gpu_models.sh DATA ...`` takes as DATA. Reads the archives as streams; writes no
-temporary files.
+``jobs/gpu_models.sh`` takes as DATA::
+
+    mkdir -p /tmp/d && tar xzf .gpu/cifar10-train.tar.gz -C /tmp/d && tar xzf .gpu/photos64.tar.gz -C /tmp/d
+    jobs/gpu_models.sh /tmp/d /tmp/runs MINUTES
+
+Reads the archives as streams; writes no temporary files.
 """
 
 from __future__ import annotations
