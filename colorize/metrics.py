@@ -87,13 +87,12 @@ def per_image_ssim(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     g_cols = g.view(1, 1, 1, SSIM_WINDOW).repeat(planes, 1, 1, 1)
     out = np.empty(n, dtype=np.float64)
     for start in range(0, n, _SSIM_CHUNK):
-        # contiguous(): the permuted layout is channels-last, which makes the stacking and the
-        # grouped float64 conv2d several times slower on CPU. float64 because the variances
-        # below are differences of numbers near 255^2.
-        x = torch.from_numpy(pred[start : start + _SSIM_CHUNK]).permute(0, 3, 1, 2)
-        y = torch.from_numpy(truth[start : start + _SSIM_CHUNK]).permute(0, 3, 1, 2)
-        x = x.contiguous().double()  # (B, 3, H, W) in 0..255
-        y = y.contiguous().double()
+        # Contiguous (B, 3, H, W): channels-last makes the stacking and the grouped float64
+        # conv2d several times slower on CPU. float64 because the variances below are
+        # differences of numbers near 255^2. One copy, which also spares torch a read-only
+        # array (PIL's np.asarray), which it warns about.
+        x, y = (torch.from_numpy(np.ascontiguousarray(a[start : start + _SSIM_CHUNK].transpose(0, 3, 1, 2), dtype=np.float64))
+                for a in (pred, truth))  # in 0..255
         stacked = torch.cat((x, y, x * x, y * y, x * y), dim=1)  # (B, 15, H, W)
         filtered = torch.nn.functional.conv2d(stacked, g_rows, groups=planes)
         filtered = torch.nn.functional.conv2d(filtered, g_cols, groups=planes)

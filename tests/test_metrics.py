@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -97,6 +98,17 @@ def test_ssim_is_independent_of_chunking(monkeypatch: pytest.MonkeyPatch) -> Non
     whole = metrics.per_image_ssim(pred, truth)
     monkeypatch.setattr(metrics, "_SSIM_CHUNK", 2)
     np.testing.assert_allclose(metrics.per_image_ssim(pred, truth), whole, rtol=1e-12)
+
+
+def test_metrics_take_read_only_arrays_without_warnings() -> None:
+    truth = _random_batch(2, 16, seed=8)
+    pred = _noisy_copy(truth, 10.0, seed=9)
+    for array in (truth, pred):
+        array.flags.writeable = False  # as np.asarray gives them from a PIL image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = metrics.summarize(pred, truth)
+    assert 0 < summary["ssim"] < 1
 
 
 def test_ssim_rejects_images_smaller_than_the_window() -> None:

@@ -201,7 +201,7 @@ def test_the_colourfulness_term_asks_each_image_for_its_own_colour_not_more() ->
     tint = torch.full_like(ab, 5.0, requires_grad=True)  # a grey truth: any colour is a gap
     gap = colorizer.colourfulness_gap(L, tint, torch.zeros_like(ab))
     gap.backward()
-    assert float(gap) > 1 and torch.isfinite(tint.grad).all()
+    assert gap.item() > 1 and torch.isfinite(tint.grad).all()
     model = build_model(CONFIGS[0])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     assert np.isfinite(float(train_step(model, batch, optimizer, loss="psnr", colourfulness_weight=0.05)))
