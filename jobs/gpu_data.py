@@ -54,8 +54,13 @@ def shrink_photos(source: str | Path, destination: str | Path, prefix: str, size
         for member in src:
             if not (member.isfile() and member.name.startswith(prefix) and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
                 continue
-            with Image.open(src.extractfile(member)) as img:
-                small = square(img, size)
+            try:
+                with Image.open(src.extractfile(member)) as img:
+                    small = square(img, size)
+            except (OSError, ValueError) as error:
+                # Stop rather than skip: one photo fewer would shift every later photo's place
+                # in the seeded holdout split.
+                raise ValueError(f"{source}: {member.name}: not a readable image ({error})") from None
             data = io.BytesIO()
             small.save(data, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             info = tarfile.TarInfo(member.name)
@@ -83,14 +88,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    cifar_path, photos_path = out / "cifar10-train.tar.gz", out / f"photos{args.size}.tar.gz"
+    partial = [path.with_name(path.name + ".partial") for path in (cifar_path, photos_path)]
     try:
-        cifar = copy_members(args.cifar, out / "cifar10-train.tar.gz", "cifar10/train/")
-        photos = shrink_photos(args.photos, out / f"photos{args.size}.tar.gz", "photos/", args.size)
+        cifar = copy_members(args.cifar, partial[0], "cifar10/train/")
+        photos = shrink_photos(args.photos, partial[1], "photos/", args.size)
     except (tarfile.TarError, OSError, ValueError) as error:
+        for path in partial:
+            path.unlink(missing_ok=True)
         parser.error(str(error))
-    sizes = {p.name: p.stat().st_size for p in out.glob("*.tar.gz")}
+    partial[0].replace(cifar_path)  # only whole archives under the final names
+    partial[1].replace(photos_path)
     print(f"{cifar} CIFAR-10 training images and {photos} photos at {args.size} px in {time.perf_counter() - started:.0f} s: "
-          + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sorted(sizes.items())))
+          + ", ".join(f"{path} {path.stat().st_size / 2**20:.1f} MiB" for path in (cifar_path, photos_path)))
 
 
 if __name__ == "__main__":

@@ -59,3 +59,17 @@ def test_it_refuses_a_missing_archive_in_one_line(tmp_path: Path, capsys) -> Non
     assert exit_info.value.code == 2
     assert "nope.tar.gz: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_it_stops_at_a_corrupt_photo_and_names_it(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    write_images(src / "cifar10" / "train", 2, size=32)
+    write_images(src / "photos", 3, size=40)
+    (src / "photos" / "class1" / "0009.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    cifar, photos = _archive(tmp_path / "c.tar.gz", src, "cifar10"), _archive(tmp_path / "p.tar.gz", src, "photos")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_data.main(["--cifar", str(cifar), "--photos", str(photos), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "photos/class1/0009.jpg: not a readable image" in errors[0], errors
+    assert list((tmp_path / "o").iterdir()) == []  # no half-written archive left behind
