@@ -14,7 +14,7 @@ same 608 photos on either copy. Both archives extract into one folder that
     mkdir -p /tmp/d && tar xzf .gpu/cifar10-train.tar.gz -C /tmp/d && tar xzf .gpu/photos64.tar.gz -C /tmp/d
     jobs/gpu_models.sh /tmp/d /tmp/runs MINUTES
 
-Reads the archives as streams; writes no temporary files.
+Reads the archives as streams; an archive appears under its final name only when whole.
 """
 
 from __future__ import annotations
@@ -34,43 +34,43 @@ from colorize.sources import IMAGE_SUFFIXES
 JPEG_QUALITY = 90
 
 
-def copy_members(source: str | Path, destination: str | Path, prefix: str) -> int:
-    """Copy the files under ``prefix`` from one tar archive to a new .tar.gz; returns how many."""
+def repack(source: str | Path, destination: str | Path, prefix: str, *, shrink_to: int | None = None) -> int:
+    """Write the files under ``prefix`` of one tar archive to a new .tar.gz; returns how many.
+
+    Bytes are copied unchanged, or with ``shrink_to`` only the images are kept, each re-encoded
+    as a square JPEG of that side under its own name.
+    """
     count = 0
     with tarfile.open(source, "r:*") as src, tarfile.open(destination, "w:gz") as dst:
         for member in src:
-            if member.isfile() and member.name.startswith(prefix):
-                dst.addfile(member, src.extractfile(member))
-                count += 1
-    if not count:
-        raise ValueError(f"{source}: no files under {prefix}")
-    return count
-
-
-def shrink_photos(source: str | Path, destination: str | Path, prefix: str, size: int) -> int:
-    """Re-encode every image under ``prefix`` as a ``size`` px square JPEG of the same name."""
-    count = 0
-    with tarfile.open(source, "r:*") as src, tarfile.open(destination, "w:gz") as dst:
-        for member in src:
-            if not (member.isfile() and member.name.startswith(prefix) and Path(member.name).suffix.lower() in IMAGE_SUFFIXES):
+            if not (member.isfile() and member.name.startswith(prefix)):
                 continue
-            try:
-                with Image.open(src.extractfile(member)) as img:
-                    small = square(img, size)
-            except (OSError, ValueError) as error:
-                # Stop rather than skip: one photo fewer would shift every later photo's place
-                # in the seeded holdout split.
-                raise ValueError(f"{source}: {member.name}: not a readable image ({error})") from None
-            data = io.BytesIO()
-            small.save(data, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-            info = tarfile.TarInfo(member.name)
-            info.size, info.mtime, info.mode = data.tell(), member.mtime, 0o644
-            data.seek(0)
-            dst.addfile(info, data)
+            if shrink_to is None:
+                dst.addfile(member, src.extractfile(member))
+            elif Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                data = _square_jpeg(source, member, src, shrink_to)
+                info = tarfile.TarInfo(member.name)
+                info.size, info.mtime, info.mode = len(data), member.mtime, 0o644
+                dst.addfile(info, io.BytesIO(data))
+            else:
+                continue
             count += 1
     if not count:
-        raise ValueError(f"{source}: no images under {prefix}")
+        raise ValueError(f"{source}: no {'images' if shrink_to else 'files'} under {prefix}")
     return count
+
+
+def _square_jpeg(source: str | Path, member: tarfile.TarInfo, src: tarfile.TarFile, size: int) -> bytes:
+    try:
+        with Image.open(src.extractfile(member)) as img:
+            small = square(img, size)
+    except (OSError, ValueError) as error:
+        # Stop rather than skip: one photo fewer would shift every later photo's place in the
+        # seeded holdout split.
+        raise ValueError(f"{source}: {member.name}: not a readable image ({error})") from None
+    data = io.BytesIO()
+    small.save(data, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return data.getvalue()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cifar_path, photos_path = out / "cifar10-train.tar.gz", out / f"photos{args.size}.tar.gz"
     partial = [path.with_name(path.name + ".partial") for path in (cifar_path, photos_path)]
     try:
-        cifar = copy_members(args.cifar, partial[0], "cifar10/train/")
-        photos = shrink_photos(args.photos, partial[1], "photos/", args.size)
+        cifar = repack(args.cifar, partial[0], "cifar10/train/")
+        photos = repack(args.photos, partial[1], "photos/", shrink_to=args.size)
     except (tarfile.TarError, OSError, ValueError) as error:
         for path in partial:
             path.unlink(missing_ok=True)
