@@ -40,8 +40,12 @@ def repack(source: str | Path, destination: str | Path, prefix: str, *, shrink_t
     Bytes are copied unchanged, or with ``shrink_to`` only the images are kept, each re-encoded
     as a square JPEG of that side under its own name.
     """
+    try:
+        src = tarfile.open(source, "r:*")
+    except tarfile.ReadError:
+        raise ValueError(f"{source}: not a tar archive (plain, gzip, bzip2 or xz)") from None
     count = 0
-    with tarfile.open(source, "r:*") as src, tarfile.open(destination, "w:gz") as dst:
+    with src, tarfile.open(destination, "w:gz") as dst:
         for member in src:
             if not (member.isfile() and member.name.startswith(prefix)):
                 continue

@@ -59,6 +59,13 @@ def test_it_refuses_a_missing_archive_in_one_line(tmp_path: Path, capsys) -> Non
     assert exit_info.value.code == 2
     assert "nope.tar.gz: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_data.main(["--cifar", str(tmp_path / "junk.tar.gz"), "--photos", str(tmp_path / "junk.tar.gz"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert len(errors) == 1 and errors[0].endswith(f"error: {tmp_path / 'junk.tar.gz'}: not a tar archive (plain, gzip, bzip2 or xz)"), errors
+    assert list((tmp_path / "o").iterdir()) == []
 
 
 def test_it_stops_at_a_corrupt_photo_and_names_it(tmp_path: Path, capsys) -> None:
