@@ -133,7 +133,7 @@ def codec_bound(paths: list[Path], png_level: int) -> dict[str, Any]:
             "note": f"{per_core:.1f}/s per core"}
 
 
-def with_ray(folder: Path, workdir: Path, gpu: bool, n_train: int) -> list[dict[str, Any]]:
+def with_ray(folder: Path, workdir: Path, gpu: bool, n_train: int, png_level: int) -> list[dict[str, Any]]:
     """The bulk job with one model actor (a GPU one with ``gpu``) and Ray Train with one worker."""
     import ray
 
@@ -143,7 +143,7 @@ def with_ray(folder: Path, workdir: Path, gpu: bool, n_train: int) -> list[dict[
 
     start_ray()
     summary = run(BulkConfig(input=str(folder), output=str(workdir / "out-gpu"), formats=("png",),
-                             num_gpus=1 if gpu else 0, overwrite=True))
+                             num_gpus=1 if gpu else 0, png_level=png_level, overwrite=True))
     shards = write_parquet_shards(workdir / f"parquet-32-{n_train}", n_train, 32, rows_per_shard=512)
     last = ray_train(None, shards, 1, 256, 2, 1, workdir / "ray-train", gpu=gpu)
     ray.shutdown()
@@ -158,7 +158,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="256x256 JPEGs for the codec bound and the bulk job")
     parser.add_argument("--n-train", type=int, default=20_000, help="32x32 images for Ray Train (default: 20000)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per model measurement")
-    parser.add_argument("--png-level", type=int, default=6)
+    parser.add_argument("--png-level", type=int, default=1,
+                        help="PNG level of the codec bound and the bulk job alike (default: 1, the job's own)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     args = parser.parse_args()
 
@@ -170,7 +171,7 @@ def main() -> None:
     paths = write_jpegs(folder, args.n, 256, 256)
     rows.append(codec_bound(paths[:200], args.png_level))
     if importlib.util.find_spec("ray") is not None:
-        rows += with_ray(folder, args.workdir, device.type == "cuda", args.n_train)
+        rows += with_ray(folder, args.workdir, device.type == "cuda", args.n_train, args.png_level)
         bulk = rows[-2]["images_per_s"]
         ceiling = min(max(r["images_per_s"] for r in rows if r["what"].startswith("inference")),
                       next(r["images_per_s"] for r in rows if r["what"].startswith("codec")))

@@ -139,7 +139,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for images/, parquet/, failed/, _SUMMARY.json")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
     p.add_argument("--format", default="png,parquet", help="comma-separated outputs: png, parquet (default: both)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call and per Parquet file (default: 64; CPU tasks read plain files in groups of 32, so at most 32 there)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
     gpus = p.add_mutually_exclusive_group()

@@ -51,7 +51,11 @@ AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 EXIT_JOB_FAILED = 1  # the job failed without an exit status of its own (e.g. runtime env setup)
 EXIT_JOB_STOPPED = 130  # the job was stopped, as `colorize` returns when interrupted
 
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", re.IGNORECASE)
+# A name is secret-looking if it contains one of these, or has KEY or AUTH as a word
+# (LICENSE_KEY, KEYFILE_PASS...; not MONKEY or AUTHOR).
+_SECRET_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(?:^|_)(?:KEY|AUTH)S?(?:_|$)", re.IGNORECASE
+)
 _MIN_SECRET_CHARS = 4  # shorter values ("1", "yes") would blank out unrelated text
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONNECT_TIMEOUT_S = 10.0

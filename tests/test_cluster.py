@@ -348,6 +348,10 @@ def test_the_runtime_env_passes_s3_settings_and_keys_only_when_asked() -> None:
 def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
+    named = {"LICENSE_KEY": "abcd1234", "WANDB_API_KEY": "abcd1234", "KEY_FILE_PASS": "abcd1234",
+             "HF_AUTH": "abcd1234", "MONKEY_COUNT": "12345", "AUTHOR": "someone", "KEYBOARD": "qwerty"}
+    assert submit.describe_env(named) == ("LICENSE_KEY=*** WANDB_API_KEY=*** KEY_FILE_PASS=*** HF_AUTH=*** "
+                                          "MONKEY_COUNT=12345 AUTHOR=someone KEYBOARD=qwerty")
 
     redact = submit.Redactor(submit.secret_values(env))
     pieces = ["key wJalrX", "UtnFEMI ok\nprogress 50%\r", "tail hunter", "22"]
