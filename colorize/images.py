@@ -62,8 +62,8 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as error:
         raise ImageError(f"refused as a decompression bomb: {error}") from None
-    except OSError as error:
-        raise ImageError(f"corrupt or truncated image: {error}") from None
+    except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
+        raise ImageError(f"corrupt or truncated image: {_one_line(error)}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
@@ -73,14 +73,22 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         return _lightness_and_alpha(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageError(f"corrupt or truncated image: {error}") from None
+    except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
+        raise ImageError(f"corrupt or truncated image: {_one_line(error)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _lightness_and_alpha(img: Image.Image) -> Decoded:
     alpha = None
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        # One palette entry or one grey or RGB value marked transparent (a PNG tRNS chunk).
+        img = img.convert("LA" if img.mode == "L" else "RGBA")
+    elif img.mode == "P":
+        img = img.convert("RGB")
     elif img.mode == "PA":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "RGBa", "La"):

@@ -24,9 +24,7 @@ import io
 import json
 import posixpath
 import sys
-import tarfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -143,28 +141,41 @@ def read_and_decode(
 def _read_item(
     kind: str, uri: str, relpath: str, settings: storage.S3Settings, size: int, max_pixels: int, done: Done
 ) -> Iterator[dict[str, Any]]:
+    members = 0
     try:
         fs, path = storage.resolve(uri, settings)
         if kind == "file":
             yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path), size, max_pixels)
             return
-        for member, member_relpath, data in sources.archive_members(fs, path, relpath):
-            source = f"{uri}/{member}"
+        for member in sources.archive_members(fs, path, relpath):
+            members += 1
+            source = f"{uri}/{member.name}"
+            if member.error:
+                yield _status_row(source, member.relpath, "failed", member.error)
+                continue
+            try:
+                member_relpath = storage.safe_relpath(member.relpath)
+            except storage.StorageError as error:
+                yield _status_row(source, member.relpath, "failed", str(error))
+                continue
             if done.contains(member_relpath, source):
                 yield _status_row(source, member_relpath, "skipped")
             else:
-                yield _decode_row(source, member_relpath, lambda data=data: data, size, max_pixels)
-    except (OSError, EOFError, storage.StorageError, tarfile.TarError, zipfile.BadZipFile) as error:
+                yield _decode_row(source, member_relpath, lambda data=member.data: data, size, max_pixels)
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: whatever breaks, the input is listed, the run goes on
         # Members streamed before the archive broke off were already yielded and are kept.
-        yield _status_row(uri, relpath, "failed", f"cannot read: {error}")
+        where = f" after {members} member(s)" if members else ""
+        yield _status_row(uri, relpath, "failed", f"cannot read{where}: {_describe(error)}")
 
 
 def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> dict[str, Any]:  # noqa: ANN001
     try:
         relpath = storage.safe_relpath(relpath)
         decoded = images.decode(read(), max_pixels=max_pixels)
-    except (images.ImageError, storage.StorageError, OSError) as error:
+    except (images.ImageError, storage.StorageError) as error:
         return _status_row(source, relpath, "failed", str(error))
+    except Exception as error:  # noqa: BLE001 - one input must never take its group down with it
+        return _status_row(source, relpath, "failed", f"cannot read: {_describe(error)}")
     return {
         "source": source,
         "relpath": relpath,
@@ -175,6 +186,12 @@ def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> 
         "has_alpha": decoded.alpha is not None,
         "small": images.resize_lightness(decoded.L, size),
     }
+
+
+def _describe(error: BaseException) -> str:
+    """``error`` in one line, with its type where the message alone would be cryptic."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _status_row(source: str, relpath: str, status: str, error: str = "") -> dict[str, Any]:
@@ -301,8 +318,12 @@ def compose_and_write(
     formats: tuple[str, ...],
     png_level: int,
     weights_id: str,
+    in_parquet: frozenset[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
-    """Full-size outputs for the batch's good rows; a status row for every row."""
+    """Full-size outputs for the batch's good rows; a status row for every row.
+
+    Sources in ``in_parquet`` already have their Parquet row and get only a PNG.
+    """
     fs, root = storage.resolve(output, settings)
     status, errors = list(batch["status"]), list(batch["error"])
     widths, heights = np.zeros(len(status), dtype=np.int64), np.zeros(len(status), dtype=np.int64)
@@ -321,6 +342,8 @@ def compose_and_write(
             continue
         heights[i], widths[i] = L.shape
         status[i] = "written"
+        if batch["source"][i] in in_parquet:
+            continue
         records.append(
             {"source": batch["source"][i], "relpath": batch["relpath"][i], "width": int(widths[i]),
              "height": int(heights[i]), "png": png, "weights": weights_id}
@@ -432,17 +455,22 @@ def run(config: BulkConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
     storage.check_access(out_fs, out_root, config.output)
+    if out_fs.get_file_info(out_root).type == pafs.FileType.File:
+        raise storage.StorageError(f"{config.output}: is a file; --output takes a folder or an s3:// prefix")
     # Fail here, not in every actor; the actors get the model with any --temperature applied.
     model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     weights_raw = colorizer.weights_bytes(model)
-    items = sources.discover(config.input, settings)
+    items = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
     if config.limit:
         items = items[: config.limit]
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or not done.contains(i.relpath, i.uri)]
     skipped = len(items) - len(todo)
+    # Inputs redone for a missing PNG whose Parquet row exists keep that row, not a second one.
+    in_parquet = frozenset(i.uri for i in todo if i.uri in done.sources)
     done = done.under(todo)
+    in_parquet |= done.sources
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -458,7 +486,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
         read = {"settings": settings, "size": model.config.image_size, "max_pixels": config.max_pixels,
                 "done": done, "chunk": config.batch_size}
         write = {"output": config.output, "settings": settings, "formats": config.formats,
-                 "png_level": config.png_level, "weights_id": weights_id}
+                 "png_level": config.png_level, "weights_id": weights_id, "in_parquet": in_parquet}
         ds = _plan(todo, config, weights_raw, read, write)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):

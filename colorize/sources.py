@@ -13,6 +13,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,8 +46,22 @@ def is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def discover(input_uri: str, settings: storage.S3Settings) -> list[Item]:
-    """Every input under ``input_uri``, in a stable order, with collision-free output names."""
+@dataclass(frozen=True)
+class Member:
+    """An image member of an archive: its bytes, or why they cannot be read."""
+
+    name: str
+    relpath: str  # where the output goes under images/ (with .png)
+    data: bytes | None
+    error: str = ""
+
+
+def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | None = None) -> list[Item]:
+    """Every input under ``input_uri``, in a stable order, with collision-free output names.
+
+    Files under the URI ``exclude`` (the run's own output, when it lies inside the input
+    folder) are left out.
+    """
     fs, path = storage.resolve(input_uri, settings)
     storage.check_access(fs, path, input_uri)
     info = fs.get_file_info(path)
@@ -61,6 +76,10 @@ def discover(input_uri: str, settings: storage.S3Settings) -> list[Item]:
         files = storage.list_files(fs, path)
         if not files:
             raise storage.StorageError(f"{input_uri}: no files found")
+        if exclude is not None:
+            files = [f for f in files if not storage.to_uri(fs, f).startswith(exclude.rstrip("/") + "/")]
+            if not files:
+                raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
         relpaths = [posixpath.relpath(f, path) for f in files]
     archives = [is_archive(r) for r in relpaths]
@@ -72,12 +91,18 @@ def discover(input_uri: str, settings: storage.S3Settings) -> list[Item]:
 
 
 def output_names(relpaths: list[str]) -> Iterator[str]:
-    """Output names for input relpaths: the extension replaced by ``.png``; where two inputs
-    would share a name (``a.jpg`` and ``a.webp``), each keeps its whole name plus ``.png``."""
-    stems = [posixpath.splitext(r)[0] if posixpath.splitext(r)[1] else r for r in relpaths]
-    counts = Counter(stems)
-    for relpath, stem in zip(relpaths, stems):
-        yield (relpath if counts[stem] > 1 else stem) + ".png"
+    """Output names for distinct input relpaths: the extension replaced by ``.png``; where two
+    inputs would share a name (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``), each
+    keeps its whole name plus ``.png``, and whole names are distinct."""
+    whole = [False] * len(relpaths)
+    while True:
+        names = [r if w or not posixpath.splitext(r)[1] else posixpath.splitext(r)[0] for r, w in zip(relpaths, whole)]
+        counts = Counter(names)
+        clashing = [i for i, name in enumerate(names) if counts[name] > 1 and not whole[i]]
+        if not clashing:
+            return (name + ".png" for name in names)
+        for i in clashing:
+            whole[i] = True
 
 
 def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
@@ -97,7 +122,8 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     if not entries:
         raise storage.StorageError(f"{uri}: the manifest lists no inputs")
     base = posixpath.dirname(storage.to_uri(fs, path))
-    return [e if storage.is_s3(e) or posixpath.isabs(e) else posixpath.join(base, e) for e in entries]
+    uris = [e if storage.is_s3(e) else posixpath.normpath(posixpath.join(base, e)) for e in entries]
+    return list(dict.fromkeys(uris))  # a path listed twice is one input
 
 
 def _manifest_relpath(uri: str) -> str:
@@ -105,27 +131,45 @@ def _manifest_relpath(uri: str) -> str:
     return uri[5:] if storage.is_s3(uri) else uri.lstrip("/")
 
 
-def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[tuple[str, str, bytes]]:
-    """Stream ``(member name, output relpath, bytes)`` for every image member of an archive.
+def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Member]:
+    """Stream every image member of an archive, with a reason for each that cannot be read.
 
-    Tar archives are read twice as streams (names first, for collision-free output names,
-    then the bytes), so nothing is unpacked to disk and nothing needs random access.
+    A zip member that cannot be read (bad CRC, encrypted, an unsupported compression) fails
+    alone. Tar archives are read twice as streams (names first, for collision-free output
+    names, then the bytes), so nothing is unpacked to disk and nothing needs random access;
+    one that breaks off yields the members before the break, then raises. Links inside a
+    tar are not followed (a stream cannot go back for their target) and fail alone.
     """
     if path.lower().endswith(".zip"):
         with fs.open_input_file(path) as raw, zipfile.ZipFile(raw) as archive:
-            members = [m for m in archive.namelist() if _is_image_member(m)]
-            names = dict(zip(members, output_names(members)))
-            for member in members:
-                yield member, posixpath.join(relpath, names[member]), archive.read(member)
+            members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
+            for member, name in zip(members, output_names(members)):
+                try:
+                    data, error = archive.read(member), ""
+                except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error) as e:
+                    data, error = None, f"cannot read from the zip: {e}"
+                yield Member(member, posixpath.join(relpath, name), data, error)
         return
     mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
-    with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
-        members = [m.name for m in archive if m.isfile() and _is_image_member(m.name)]
+    members: list[str] = []
+    try:
+        with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+            for m in archive:
+                if (m.isfile() or m.issym() or m.islnk()) and _is_image_member(m.name):
+                    members.append(m.name)
+    except (OSError, EOFError, tarfile.TarError, zlib.error):
+        pass  # the second pass meets the same break after the members listed so far
+    members = list(dict.fromkeys(members))
     names = dict(zip(members, output_names(members)))
     with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
-        for member in archive:
-            if member.isfile() and member.name in names:
-                yield member.name, posixpath.join(relpath, names[member.name]), archive.extractfile(member).read()
+        for m in archive:
+            if m.name not in names:
+                continue
+            member_relpath = posixpath.join(relpath, names.pop(m.name))  # pop: a name repeated in a tar counts once
+            if m.isfile():
+                yield Member(m.name, member_relpath, archive.extractfile(m).read())
+            else:
+                yield Member(m.name, member_relpath, None, f"a link to {m.linkname!r} inside the archive (not followed)")
 
 
 def _is_image_member(name: str) -> bool:

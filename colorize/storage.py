@@ -141,7 +141,11 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
 
 
 def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Every regular file under directory ``path``, recursively and sorted; a file -> [path]."""
+    """Every file under directory ``path``, recursively and sorted; a file -> [path].
+
+    Locally, symbolic links to folders are followed unless they point back up the tree (a
+    loop), and a dangling link is listed like a file, so that reading it fails visibly.
+    """
     uri = to_uri(fs, path)
     with _errors(fs, uri):
         info = fs.get_file_info(path)
@@ -149,8 +153,33 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
             raise StorageError(f"{uri}: no such file or directory")
         if info.type == pafs.FileType.File:
             return [path]
+        if fs.type_name == "local":
+            return _walk_local(path)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def _walk_local(root: str) -> list[str]:
+    found: list[str] = []
+    folders = [(root, frozenset([os.path.realpath(root)]))]  # each with the real folders above it
+    while folders:
+        folder, above = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    entry.path.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise StorageError(
+                        f"{os.fsencode(entry.path)!r}: the file name is not valid UTF-8; rename it "
+                        "(convmv does) or list the other files in a manifest"
+                    ) from None
+                if entry.is_dir():  # follows links
+                    real = os.path.realpath(entry.path)
+                    if real not in above:  # a link back up the tree would never end
+                        folders.append((entry.path, above | {real}))
+                elif entry.is_file() or entry.is_symlink():  # regular files, and dangling links
+                    found.append(entry.path)
+    return sorted(found)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -114,6 +114,8 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
         "truncated.jpg": good[: len(good) // 2],
         "notes.txt": b"a stray file",
         "bomb.png": encode(Image.new("L", (300, 300))),
+        "header.ppm": b"P6\n4x 3\n255\n" + bytes(36),  # Pillow raises ValueError, not OSError
+        "fake.zip": b"an archive by name only",
     }
     folder = tmp_path / "in"
     folder.mkdir()
@@ -124,13 +126,14 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
 
     summary = run(BulkConfig(input=str(folder), output=str(tmp_path / "out"), weights=weights, max_pixels=50_000))
 
-    assert (summary["inputs"], summary["written"], summary["failed"]) == (8, 3, 5)
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (10, 3, 7)
     failed = {Path(r["source"]).name: r["error"] for r in pq.read_table(tmp_path / "out/failed/failed.parquet").to_pylist()}
     assert set(failed) == set(broken)
     assert "empty" in failed["empty.jpg"]
     assert "not an image" in failed["text.jpg"] and "not an image" in failed["notes.txt"]
     assert "truncated" in failed["truncated.jpg"]
     assert "max-pixels" in failed["bomb.png"]
+    assert "corrupt" in failed["header.ppm"] and "cannot read" in failed["fake.zip"]
     assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["good0.png", "good1.png", "good2.png"]
 
 
@@ -150,6 +153,23 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     assert (summary["written"], summary["skipped"], summary["inputs"]) == (2, 4, 6)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 6
+
+
+def test_a_redone_png_keeps_one_parquet_row_and_an_output_inside_the_input_is_not_read(
+    ray_cluster: str, weights: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(scene(np.random.default_rng(i), 16)).save(folder / f"{i}.png")
+    out = folder / "colour"
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["written"] == 3
+    (out / "images" / "1.png").unlink()
+
+    summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+
+    assert (summary["inputs"], summary["written"], summary["skipped"], summary["failed"]) == (3, 1, 2, 0)
+    assert sorted(r["relpath"] for r in parquet_rows(out)) == ["0.png", "1.png", "2.png"]
 
 
 def test_same_stem_inputs_do_not_overwrite_each_other(ray_cluster: str, weights: str, tmp_path: Path) -> None:

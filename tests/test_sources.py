@@ -1,0 +1,142 @@
+"""What the bulk job reads, without Ray: listing, output names, archives, manifests, decoding.
+
+Each case is an input that once aborted a run or vanished from its accounting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from colorize import images, sources, storage
+from tests.helpers import encode, scene
+
+LOCAL = pafs.LocalFileSystem()
+
+
+def test_output_names_are_distinct_even_where_a_stem_is_another_input_s_name() -> None:
+    relpaths = ["b.jpg", "b.png", "b.png.jpg", "c.jpg", "d", "sub/b.jpg"]
+    names = list(sources.output_names(relpaths))
+    assert names == ["b.jpg.png", "b.png.png", "b.png.jpg.png", "c.png", "d.png", "sub/b.png"]
+    assert len(set(names)) == len(names)
+
+
+def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    elsewhere.mkdir()
+    for path in (root / "a/b/x.jpg", root / "c/y.jpg", elsewhere / "z.jpg"):
+        path.touch()
+    os.symlink(".", root / "self")  # each of these three would never end if followed
+    os.symlink("..", root / "a" / "up")
+    os.symlink("../a", root / "c" / "to-a")
+    os.symlink("../c", root / "a" / "to-c")
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(tmp_path / "missing.jpg", root / "dangling.jpg")
+
+    found = [os.path.relpath(p, root) for p in storage.list_files(LOCAL, str(root))]
+
+    assert found == sorted(["a/b/x.jpg", "a/to-c/y.jpg", "c/to-a/b/x.jpg", "c/y.jpg", "dangling.jpg", "linked/z.jpg"])
+
+
+def test_a_file_name_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "fine.jpg").touch()
+    Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.jpg")).touch()
+    with pytest.raises(storage.StorageError, match=r"caf\\xe9\.jpg.*not valid UTF-8"):
+        storage.list_files(LOCAL, str(tmp_path))
+
+
+def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path) -> None:
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "img.png").touch()
+    (tmp_path / "lists" / "list.txt").write_text("../img.png\n../img.png\n./../lists/../img.png\n")
+    manifest = str(tmp_path / "lists" / "list.txt")
+    assert sources.read_manifest(LOCAL, manifest, manifest) == [str(tmp_path / "img.png")]
+
+
+def _good_png(seed: int) -> bytes:
+    return encode(Image.fromarray(scene(np.random.default_rng(seed), 8)))
+
+
+def test_a_zip_member_that_cannot_be_read_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "pack.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(3):
+            archive.writestr(f"m{i}.png", _good_png(i))
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        middle = archive.getinfo("m1.png")
+        data_at = middle.header_offset + 30 + len(middle.filename)  # local header, then the stored bytes
+    raw[data_at + 20] ^= 0xFF  # corrupt the stored bytes: a CRC mismatch on read
+    path.write_bytes(bytes(raw))
+
+    members = list(sources.archive_members(LOCAL, str(path), "pack.zip"))
+
+    assert [(m.relpath, m.data is not None) for m in members] == [
+        ("pack.zip/m0.png", True), ("pack.zip/m1.png", False), ("pack.zip/m2.png", True)]
+    assert "CRC" in members[1].error
+
+
+def test_a_tar_that_breaks_off_yields_the_members_before_the_break(tmp_path: Path) -> None:
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for i in range(3):
+            payload = _good_png(i) + bytes(20_000)  # padded, so that the cut falls inside the last
+            info = tarfile.TarInfo(f"m{i}.png")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    path = tmp_path / "cut.tar"
+    path.write_bytes(whole.getvalue()[: 2 * 20_600 + 5_000])
+
+    members = sources.archive_members(LOCAL, str(path), "cut.tar")
+    assert [next(members).name, next(members).name] == ["m0.png", "m1.png"]
+    with pytest.raises((OSError, EOFError, tarfile.TarError)):
+        next(members)
+
+
+def test_links_inside_a_tar_fail_alone_and_dot_slash_names_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "links.tar"
+    payload = _good_png(0)
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("./a.png")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+        for kind, name in ((tarfile.LNKTYPE, "./hard.png"), (tarfile.SYMTYPE, "./soft.png")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = kind, "./a.png"
+            tar.addfile(link)
+
+    members = list(sources.archive_members(LOCAL, str(path), "links.tar"))
+
+    assert [storage.safe_relpath(m.relpath) for m in members] == ["links.tar/a.png", "links.tar/hard.png", "links.tar/soft.png"]
+    assert members[0].data == payload
+    assert all(m.data is None and "not followed" in m.error for m in members[1:])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"P6\n4x 3\n255\n" + bytes(36), b"P6\n4 3\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x05IHDR\x00\x00"],
+    ids=["ppm-bad-header", "ppm-cut-header", "png-cut-ihdr"],
+)
+def test_malformed_headers_are_image_errors(payload: bytes) -> None:
+    with pytest.raises(images.ImageError, match="corrupt or truncated"):
+        images.decode(payload, max_pixels=10_000)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_one_transparent_value_becomes_alpha(mode: str) -> None:
+    img = Image.new(mode, (4, 3))
+    img.putpixel((1, 1), 200 if mode == "L" else (200, 100, 50))
+    decoded = images.decode(encode(img, transparency=0 if mode == "L" else (0, 0, 0)), max_pixels=100)
+    expected = np.zeros((3, 4), dtype=np.uint8)
+    expected[1, 1] = 255
+    np.testing.assert_array_equal(decoded.alpha, expected)
