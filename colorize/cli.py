@@ -63,16 +63,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")
     p.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
     p.add_argument("--val-limit", type=_positive_int, default=1000, help="validation images per epoch (default: 1000)")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default: 2)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from; -1 retries forever (default: 2)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    p.set_defaults(handler=_train)
+    p.set_defaults(handler=_train, build_config=_train_config)
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202 - the import stays lazy
+    from colorize.train import TrainConfig
+
+    return TrainConfig.from_dict(_config_values(args))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from colorize.train import TrainConfig, train
+    from colorize.train import train
 
-    summary = train(TrainConfig.from_dict(_config_values(args)))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(train(_train_config(args)), indent=2))
     return 0
 
 
@@ -91,13 +96,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    p.set_defaults(handler=_evaluate)
+    p.set_defaults(handler=_evaluate, build_config=_evaluate_config)
+
+
+def _evaluate_config(args: argparse.Namespace):  # noqa: ANN202
+    from colorize.evaluate import EvaluateConfig
+
+    return EvaluateConfig(**_config_values(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from colorize.evaluate import EvaluateConfig, evaluate
+    from colorize.evaluate import evaluate
 
-    print(json.dumps(evaluate(EvaluateConfig(**_config_values(args))), indent=2))
+    print(json.dumps(evaluate(_evaluate_config(args)), indent=2))
     return 0
 
 
@@ -154,21 +165,27 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="PNG zlib compression level: 1 encodes 5.5x faster than 6 for files 18%% larger (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=_run, build_config=_run_config)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from colorize.pipeline import BulkConfig, run
+def _run_config(args: argparse.Namespace):  # noqa: ANN202
+    from colorize.pipeline import BulkConfig
 
     values = _config_values(args)
     values["formats"] = tuple(f.strip() for f in values.pop("format").split(",") if f.strip())
     values["num_gpus"] = values["num_gpus"] or 0
-    summary = run(BulkConfig(**values))
+    return BulkConfig(**values)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from colorize.pipeline import run
+
+    summary = run(_run_config(args))
     return EXIT_SOME_FAILED if summary["failed"] else 0
 
 
 def _config_values(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "build_config", "command")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,10 +211,15 @@ def load_weights(
     raw = read_weights(uri, settings)
     try:
         return with_temperature(model_from_bytes(raw), temperature), weights_id(raw)
-    except (RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        # torch's own messages run over many lines; the first says enough.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
+            pickle.UnpicklingError) as error:
+        # torch's own messages run over many lines (and advise weights_only=False, which this
+        # project never does); the type and the first line say enough.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        if len(reason) > 160:
+            reason = reason[:159] + "…"
         raise ValueError(
             f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
-            f"with 'config' and 'state_dict' ({reason[:200]})"
+            f"with 'config' and 'state_dict' ({reason})"
         ) from None

@@ -84,6 +84,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from colorize import data
 
     settings = storage.S3Settings.from_env(config.s3_endpoint)
+    if config.out:  # checked before the work, not after it
+        out_fs, out_path = storage.resolve(config.out, settings)
+        storage.check_output(out_fs, out_path, config.out, "--out")
     model, weights = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     source = data.locate(config.data, settings=settings, limit=config.limit)
     if not ray.is_initialized():
@@ -117,7 +120,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "gray": {k: v for k, v in gray_metrics.items() if k != "images"},
     }
     if config.out:
-        fs, path = storage.resolve(config.out, settings)
-        storage.write_bytes_atomic(fs, storage.join(path, "metrics.json"), json.dumps(report, indent=2).encode())
-        storage.write_bytes_atomic(fs, storage.join(path, "grid.png"), plots.png_bytes(plots.image_grid(examples)))
+        storage.write_bytes_atomic(out_fs, storage.join(out_path, "metrics.json"), json.dumps(report, indent=2).encode())
+        storage.write_bytes_atomic(out_fs, storage.join(out_path, "grid.png"), plots.png_bytes(plots.image_grid(examples)))
     return report

@@ -20,17 +20,20 @@ from colorize.sources import IMAGE_SUFFIXES
 
 @dataclass(frozen=True)
 class ImageSet:
-    """``rgb`` uint8 (N, S, S, 3), ``labels`` int64 (N,) indexing ``classes``."""
+    """``rgb`` uint8 (N, S, S, 3), ``labels`` int64 (N,) indexing ``classes``; ``unreadable``
+    files were skipped."""
 
     rgb: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    unreadable: int = 0
 
 
 def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: int = 0) -> ImageSet:
     """Every image under ``root`` (class = first folder below it), centre-cropped to ``size``.
 
     ``limit`` keeps a seeded random subset, so that a small study still sees every class.
+    Files that cannot be decoded are skipped and counted.
     """
     root = Path(root)
     if not root.is_dir():
@@ -40,17 +43,27 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
         raise ValueError(f"{root}: no images found")
     if limit and limit < len(files):
         files = sorted(random.Random(seed).sample(files, limit))
-    classes = tuple(sorted({p.relative_to(root).parts[0] for p in files}))
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[p.relative_to(root).parts[0]] for p in files], dtype=np.int64)
+    loose = [p for p in files if len(p.relative_to(root).parts) < 2]
+    if loose:
+        raise ValueError(f"{root}: images must sit in class folders, found {loose[0].name} directly in it")
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
-        rgb = np.stack(list(pool.map(lambda p: _square(p, size), files, chunksize=256)))
-    return ImageSet(rgb, labels, classes)
+        decoded = list(pool.map(lambda p: _square(p, size), files, chunksize=256))
+    readable = [(p, a) for p, a in zip(files, decoded) if a is not None]
+    if not readable:
+        raise ValueError(f"{root}: none of its {len(files)} images could be read")
+    classes = tuple(sorted({p.relative_to(root).parts[0] for p, _ in readable}))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[p.relative_to(root).parts[0]] for p, _ in readable], dtype=np.int64)
+    return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable=len(files) - len(readable))
 
 
-def _square(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(square(img, size), dtype=np.uint8)
+def _square(path: Path, size: int) -> np.ndarray | None:
+    """The image at ``path`` as :func:`square` makes it, or None if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(square(img, size), dtype=np.uint8)
+    except Exception:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError...
+        return None
 
 
 def square(img: Image.Image, size: int) -> Image.Image:

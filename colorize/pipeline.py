@@ -454,9 +454,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     started = time.perf_counter()
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
-    storage.check_access(out_fs, out_root, config.output)
-    if out_fs.get_file_info(out_root).type == pafs.FileType.File:
-        raise storage.StorageError(f"{config.output}: is a file; --output takes a folder or an s3:// prefix")
+    storage.check_output(out_fs, out_root, config.output, "--output")
     # Fail here, not in every actor; the actors get the model with any --temperature applied.
     model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     weights_raw = colorizer.weights_bytes(model)

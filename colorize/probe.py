@@ -80,6 +80,9 @@ def linear_probe(
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
     """Probe accuracy of the trained encoder and of a random one, as a JSON-able report."""
+    if config.out:  # checked before the work, not after it
+        out_fs, out_path = storage.resolve(config.out)
+        storage.check_output(out_fs, out_path, config.out, "--out")
     trained, weights_id = colorizer.load_weights(config.weights)
     torch.manual_seed(config.seed)
     random_init = build_model(trained.config).eval()
@@ -88,7 +91,13 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     train = imagesets.load_folder(root / "train", size=size, limit=config.limit, seed=config.seed)
     test = imagesets.load_folder(root / "test", size=size, limit=config.test_limit, seed=config.seed)
     if train.classes != test.classes:
-        raise ValueError(f"{config.data}: train/ and test/ have different class folders")
+        only = {split: ", ".join(sorted(set(a.classes) - set(b.classes))[:5]) or "none"
+                for split, a, b in (("train/", train, test), ("test/", test, train))}
+        raise ValueError(
+            f"{config.data}: train/ and test/ have different classes with readable images (only in train/: "
+            f"{only['train/']}; only in test/: {only['test/']}); a --limit or --test-limit too small to draw "
+            "from every class does this too"
+        )
     train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     report: dict[str, Any] = {
         "data": config.data,
@@ -97,6 +106,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "model_config": trained.config.to_dict(),
         "train_images": len(train_y),
         "test_images": len(test_y),
+        "unreadable": train.unreadable + test.unreadable,
         "classes": len(train.classes),
         "chance": float(np.bincount(test.labels).max() / len(test_y)),
     }
@@ -107,6 +117,5 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
             train_x, train_y, test_x, test_y, classes=len(train.classes), epochs=config.epochs, seed=config.seed
         )
     if config.out:
-        fs, path = storage.resolve(config.out)
-        storage.write_bytes_atomic(fs, storage.join(path, "probe.json"), json.dumps(report, indent=2).encode())
+        storage.write_bytes_atomic(out_fs, storage.join(out_path, "probe.json"), json.dumps(report, indent=2).encode())
     return report

@@ -231,6 +231,13 @@ def check_access(fs: pafs.FileSystem, path: str, uri: str) -> None:
         fs.get_file_info(path)
 
 
+def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
+    """:func:`check_access` for an output folder or prefix, which must not be a file."""
+    with _errors(fs, uri):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
+
+
 def safe_relpath(relpath: str) -> str:
     """Normalise a relative output key, refusing any that could escape the output prefix.
 

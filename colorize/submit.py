@@ -104,7 +104,8 @@ class SubmitConfig:
 def check_job(job: Sequence[str]) -> None:
     """Fail with a one-line ValueError unless ``job`` is a valid train, run or evaluate command line.
 
-    Parses it with the real ``colorize`` parser, so a typo fails here rather than on the cluster.
+    Parses it with the real ``colorize`` parser and builds the command's config, whose checks
+    (a learning rate, a loss that fits the head) then fail here rather than on the cluster.
     """
     if not job:
         raise ValueError(f"no command to run: add -- and one of {', '.join(JOB_MODULES)} with its arguments")
@@ -117,12 +118,16 @@ def check_job(job: Sequence[str]) -> None:
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):
-            cli.build_parser().parse_args(list(job))
+            args = cli.build_parser().parse_args(list(job))
     except SystemExit as stop:
         if stop.code == 0:  # `-- train --help` printed the job's help, which is all that was asked
             raise
         error = messages.getvalue().strip().splitlines()[-1]
         error = error.split(": error: ", 1)[-1]
+        raise ValueError(f"{command}: {error} (see colorize {command} --help)") from None
+    try:
+        args.build_config(args)
+    except ValueError as error:
         raise ValueError(f"{command}: {error} (see colorize {command} --help)") from None
 
 

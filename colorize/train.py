@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -35,6 +37,8 @@ from colorize.objectives import Adversary, cosine_lr, train_step
 __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
+# What a checkpoint's model is: a run resumed with other values would keep training the old model.
+ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention")
 GRID_EXAMPLES = 8
 PRIOR_IMAGES = 2048  # training images sampled to estimate the colour prior for rebalancing
 
@@ -83,17 +87,22 @@ class TrainConfig:
             raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
         if self.model == "unet" and (self.loss == "ce") != (self.head == "classification"):
             raise ValueError(f"--loss {self.loss} does not fit --head {self.head}: ce is the classification head's loss")
-        if self.gan_weight < 0 or (self.gan_weight and self.model != "unet"):
-            raise ValueError(f"--gan-weight must be >= 0 and needs the unet, got {self.gan_weight} with {self.model}")
-        if self.cf_weight < 0 or (self.cf_weight and self.model != "unet"):
-            raise ValueError(f"--cf-weight must be >= 0 and needs the unet, got {self.cf_weight} with {self.model}")
+        for flag, weight in (("--gan-weight", self.gan_weight), ("--cf-weight", self.cf_weight)):
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{flag} must be a finite number >= 0, got {weight}")
+            if weight and self.model != "unet":
+                raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
         for name in ("epochs", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < self.num_workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.cpus_per_worker is not None and not (math.isfinite(self.cpus_per_worker) and self.cpus_per_worker > 0):
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"--max-failures must be -1 (retry forever) or more, got {self.max_failures}")
         self.model_config()  # validates arch, width, depth and image_size
 
     def model_config(self) -> ModelConfig:
@@ -246,6 +255,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _write_checkpoint(Path(directory), model, optimizer, adversary, config, history, resumed_at, examples)
                 checkpoint = Checkpoint.from_directory(directory)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+        if not row["images"]:
+            break  # nothing readable: the driver says so, rather than training epochs of nothing
 
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
@@ -314,13 +325,69 @@ def estimate_class_weights(dataset: ray.data.Dataset, images: int = PRIOR_IMAGES
     return quantize.rebalance_weights(quantize.class_prior(batches, ab_bins()))
 
 
+def _earlier_run(fs: pafs.FileSystem, out: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """The config of the run whose checkpoints are in ``out``, and its final state if it
+    finished; None where there is no checkpoint to resume."""
+    run_dir = storage.join(out, RUN_NAME)
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    entries = fs.get_file_info(pafs.FileSelector(run_dir))
+    if not any(e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") for e in entries):
+        return None
+    try:
+        earlier = json.loads(storage.read_bytes(fs, storage.join(out, "config.json")))
+    except (storage.StorageError, ValueError):
+        return None
+    state_path = storage.join(out, "state.json")
+    state = json.loads(storage.read_bytes(fs, state_path)) if storage.exists(fs, state_path) else None
+    return earlier, state
+
+
+def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint into a model of another shape."""
+    changed = [
+        f"--{name.replace('_', '-')} {earlier.get(name)} -> {getattr(config, name)}"
+        for name in ARCHITECTURE
+        if name in earlier and earlier[name] != getattr(config, name)
+    ]
+    if changed:
+        raise ValueError(
+            f"{config.out} holds checkpoints of another model ({'; '.join(changed)}): resume with the same "
+            "settings, or train into a new --out"
+        )
+
+
+def _check_resources(config: TrainConfig, cpus: float) -> None:
+    """On a Ray this process started, refuse a request it can never meet (the run would wait forever).
+
+    A cluster found through RAY_ADDRESS may add nodes on demand, so it is not checked.
+    """
+    have = ray.cluster_resources()
+    if config.gpu and have.get("GPU", 0) < config.num_workers:
+        raise ValueError(f"--gpu with {config.num_workers} worker(s) needs as many GPUs; this machine has {int(have.get('GPU', 0))}")
+    if config.num_workers * cpus > have.get("CPU", 0):
+        raise ValueError(
+            f"{config.num_workers} worker(s) x {cpus} CPUs need {config.num_workers * cpus:g} CPUs; this machine's "
+            f"Ray has {have.get('CPU', 0):g} (lower --cpus-per-worker or --num-workers)"
+        )
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the last epoch's metrics and where the model went."""
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
-    storage.check_access(out_fs, out_path, config.out)
+    storage.check_output(out_fs, out_path, config.out, "--out")
+    earlier = _earlier_run(out_fs, out_path)
+    if earlier is not None:
+        _check_resume(config, earlier[0])
+        state = earlier[1]
+        if state is not None and state["epoch"] + 1 >= config.epochs:
+            print(f"{config.out} has already trained {state['epoch'] + 1} epoch(s), --epochs {config.epochs}: "
+                  "nothing to do (a larger --epochs continues it)", flush=True)
+            return _summary(out_fs, out_path, state)
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
     val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     datasets = {
@@ -338,6 +405,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         class_weights = estimate_class_weights(datasets["train"]).tolist()
     params = count_parameters(build_model(config.model_config()))
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
+    if started_here:
+        _check_resources(config, cpus)
     print(
         f"training {config.model} ({params / 1e6:.2f} M parameters) on {config.data} with "
         f"{config.num_workers} worker(s), {cpus} CPU{' + 1 GPU' if config.gpu else ''} each; "
@@ -364,14 +433,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {config.out}")
     with result.checkpoint.as_directory() as directory:
+        state = json.loads(Path(directory, "state.json").read_text())
+        last = state["history"][-1]
+        if last["images"] == 0:
+            raise data.DataError(f"{config.data}: no readable training images ({last['skipped']} unreadable)")
         for name in ("model.pt", "curve.png", "grid.png", "state.json"):
             source = Path(directory, name)
             if source.exists():
                 storage.write_bytes_atomic(out_fs, storage.join(out_path, name), source.read_bytes())
-        state = json.loads(Path(directory, "state.json").read_text())
-    summary = {
-        **state["history"][-1],
-        "resumed_at": state["resumed_at"],
-        "model": storage.to_uri(out_fs, storage.join(out_path, "model.pt")),
-    }
-    return summary
+    return _summary(out_fs, out_path, state)
+
+
+def _summary(fs: pafs.FileSystem, out: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {**state["history"][-1], "resumed_at": state["resumed_at"], "model": storage.to_uri(fs, storage.join(out, "model.pt"))}

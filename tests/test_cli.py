@@ -101,6 +101,35 @@ def test_run_with_weights_that_are_not_weights(tmp_path: Path) -> None:
     assert_one_error_line(result, "not a colorize weights file")
 
 
+def test_weights_of_an_unexpected_shape_are_one_error_line(tmp_path: Path) -> None:
+    import torch
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"config": {"width": "8"}, "state_dict": {}}, tmp_path / "typed.pt")
+    for name in ("list.pt", "typed.pt"):
+        result = colorize("evaluate", "--data", str(REPO / "samples"), "--weights", str(tmp_path / name))
+        assert_one_error_line(result, "not a colorize weights file")
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_work(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    for command in ("evaluate", "probe"):
+        result = colorize(command, "--data", str(REPO / "samples"), "--out", str(tmp_path / "afile"))
+        assert_one_error_line(result, "is a file; --out takes a folder")
+    result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "afile"))
+    assert_one_error_line(result, "is a file; --output takes a folder")
+
+
+def test_submit_checks_the_job_s_settings_too() -> None:
+    from colorize import submit
+
+    with pytest.raises(ValueError, match="train: --lr must be"):
+        submit.check_job(["train", "--data", "d", "--out", "o", "--lr", "-1"])
+    with pytest.raises(ValueError, match="train: --loss ce does not fit --head regression"):
+        submit.check_job(["train", "--data", "d", "--out", "o", "--loss", "ce"])
+    submit.check_job(["run", "--input", "i", "--output", "o", "--format", "png"])
+
+
 def test_run_with_an_unknown_format(tmp_path: Path) -> None:
     result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out"), "--format", "png,jpeg")
     assert_one_error_line(result, "--format")

@@ -60,8 +60,17 @@ def test_the_probe_refuses_mismatched_class_folders(labelled: Path, weights: Pat
     write_classes(tmp_path / "train", 8, seed=0)
     (tmp_path / "test" / "other").mkdir(parents=True)
     Image.fromarray(scene(np.random.default_rng(0), 16)).save(tmp_path / "test" / "other" / "x.png")
-    with pytest.raises(ValueError, match="different class folders"):
+    with pytest.raises(ValueError, match=r"only in train/: day, dusk; only in test/: other\)"):
         probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
+
+
+def test_the_probe_skips_and_counts_unreadable_images(weights: Path, tmp_path: Path) -> None:
+    write_classes(tmp_path / "train", 8, seed=0)
+    write_classes(tmp_path / "test", 8, seed=1)
+    (tmp_path / "train" / "day" / "truncated.png").write_bytes((tmp_path / "train" / "day" / "001.png").read_bytes()[:40])
+    (tmp_path / "test" / "dusk" / "garbage.jpg").write_bytes(b"not a picture")
+    report = probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
+    assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 2)
 
 
 def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from colorize import colorizer, data, storage
+from colorize import train as train_module
 from colorize.train import TrainConfig, train
 from tests.helpers import ray_processes, scene, write_images
 
@@ -50,13 +51,18 @@ def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, t
     assert len(list((out / "train").glob("checkpoint_*"))) >= 1
 
 
-def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path, tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "run")
     train(TrainConfig(data=str(images), out=out, epochs=1, **TINY))
+    with pytest.raises(ValueError, match=r"another model \(--model unet -> autoencoder; --width 8 -> 16\)"):
+        train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "width": 16}, model="autoencoder"))
     summary = train(TrainConfig(data=str(images), out=out, epochs=3, **TINY))
 
     assert summary["resumed_at"] == [1]
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
+    capsys.readouterr()
+    assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
+    assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
 
 
 def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster: str, images: Path, tmp_path: Path) -> None:
@@ -78,7 +84,9 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
     "bad, match",
     [({"head": "classification", "loss": "mse"}, "does not fit"), ({"loss": "ce"}, "does not fit"),
      ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight"),
-     ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight")],
+     ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight"),
+     ({"lr": float("nan")}, "--lr"), ({"cf_weight": float("inf")}, "cf-weight"), ({"cpus_per_worker": 0.0}, "cpus-per-worker"),
+     ({"max_failures": -2}, "max-failures")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -117,6 +125,19 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
     summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **TINY))
     assert summary["skipped"] == 2
     assert summary["images"] == 16
+
+    for i, path in enumerate(sorted(folder.rglob("*.jpg"))):
+        path.write_bytes(b"" if i % 2 else b"\xff\xd8 not a jpeg either")
+    with pytest.raises(data.DataError, match="no readable training images"):
+        train(TrainConfig(data=str(folder), out=str(tmp_path / "unreadable"), epochs=3, **TINY))
+    assert not (tmp_path / "unreadable" / "model.pt").exists()
+
+
+def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> None:
+    with pytest.raises(ValueError, match="need 12 CPUs; this machine's Ray has 4"):
+        train_module._check_resources(TrainConfig(data="d", out="o", num_workers=3), cpus=4.0)
+    with pytest.raises(ValueError, match="--gpu with 1 worker"):
+        train_module._check_resources(TrainConfig(data="d", out="o", gpu=True), cpus=1.0)
 
 
 def _cifar_batch(n: int, seed: int) -> bytes:
