@@ -35,7 +35,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobDetails, JobStatus
 
 from colorize import cli, submit
-from colorize.train import TrainConfig
 from tests.helpers import free_ports, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -521,8 +520,7 @@ def test_the_rayjob_entrypoints_are_real_colorize_command_lines() -> None:
             assert (python, flag) == ("python", "-m") and module in commands, path.name
             parsed = cli.build_parser().parse_args([commands[module], *args])
             assert all(v.startswith("s3://") for k, v in vars(parsed).items() if k in ("data", "val", "out", "input", "output", "weights") and v)
-            if module == "jobs.train":  # the config checks too: batch per worker, size per depth
-                TrainConfig.from_dict({k: v for k, v in vars(parsed).items() if k not in ("handler", "command")})
+            parsed.build_config(parsed)  # the config checks too: batch per worker, size per depth, formats
             seen.add(module)
     assert seen == {"jobs.train", "jobs.colorize"}
 
