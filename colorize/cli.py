@@ -207,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (storage.StorageError, data.DataError, ValueError) as error:
         print(f"colorize {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"colorize {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"colorize {args.command}: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
         return 130
 
 

@@ -429,7 +429,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        # Ray Train's own Ctrl-C handler aborts the run, and fit() then ends in SystemExit(1).
+        raise KeyboardInterrupt(f"the same command resumes from the last checkpoint in {config.out}") from None
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {config.out}")
     with result.checkpoint.as_directory() as directory:

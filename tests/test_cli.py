@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,22 @@ def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -
     result = colorize("run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), timeout=540)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "1 failed" in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path) -> None:
+    write_images(tmp_path / "d", 32)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*COLORIZE, "train", "--data", str(tmp_path / "d"), "--out", str(out), "--epochs", "500",
+                             "--width", "8", "--depth", "2", "--image-size", "16", "--batch-size", "16",
+                             "--cpus-per-worker", "0.5"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "train").glob("checkpoint_*")):  # Ray Train's Ctrl-C handler is in place by then
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"colorize train: interrupted; the same command resumes from the last checkpoint in {out}" in stderr
