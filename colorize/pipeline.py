@@ -391,8 +391,14 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
     if "parquet" in formats and storage.exists(fs, parquet_dir):
         for path in storage.list_files(fs, parquet_dir):
             if path.endswith(".parquet"):
-                with fs.open_input_file(path) as f:
-                    parquet_sources.update(pq.read_table(f, columns=["source"]).column("source").to_pylist())
+                try:
+                    with fs.open_input_file(path) as f:
+                        parquet_sources.update(pq.read_table(f, columns=["source"]).column("source").to_pylist())
+                except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                    raise storage.StorageError(
+                        f"{storage.to_uri(fs, path)}: cannot read this earlier output to resume ({error}); "
+                        "move it away, or pass --overwrite"
+                    ) from None
     return Done(formats, frozenset(pngs), frozenset(parquet_sources))
 
 

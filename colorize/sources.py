@@ -66,7 +66,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     storage.check_access(fs, path, input_uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise storage.StorageError(f"{input_uri}: no such file or directory")
+        raise storage.StorageError(f"{input_uri}: {storage.missing_reason(fs, path)}")
     if info.type == pafs.FileType.File and path.lower().endswith(MANIFEST_SUFFIXES):
         uris = read_manifest(fs, path, input_uri)
         relpaths = [_manifest_relpath(u) for u in uris]
@@ -121,9 +121,16 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not entries:
         raise storage.StorageError(f"{uri}: the manifest lists no inputs")
-    base = posixpath.dirname(storage.to_uri(fs, path))
-    uris = [e if storage.is_s3(e) else posixpath.normpath(posixpath.join(base, e)) for e in entries]
-    return list(dict.fromkeys(uris))  # a path listed twice is one input
+    base = posixpath.dirname(path)  # a filesystem path: "bucket/key" on S3, so normpath keeps "s3://"
+
+    def resolve(entry: str) -> str:
+        if storage.is_s3(entry):
+            return entry
+        if posixpath.isabs(entry):
+            return posixpath.normpath(entry)
+        return storage.to_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
+
+    return list(dict.fromkeys(resolve(e) for e in entries))  # a path listed twice is one input
 
 
 def _manifest_relpath(uri: str) -> str:
@@ -141,7 +148,7 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     tar are not followed (a stream cannot go back for their target) and fail alone.
     """
     if path.lower().endswith(".zip"):
-        with fs.open_input_file(path) as raw, zipfile.ZipFile(raw) as archive:
+        with fs.open_input_file(path) as raw, _open_zip(raw, path) as archive:
             members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
             for member, name in zip(members, output_names(members)):
                 try:
@@ -170,6 +177,15 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
                 yield Member(m.name, member_relpath, archive.extractfile(m).read())
             else:
                 yield Member(m.name, member_relpath, None, f"a link to {m.linkname!r} inside the archive (not followed)")
+
+
+def _open_zip(raw: object, path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(raw)
+    except (zipfile.BadZipFile, ValueError, OSError) as error:
+        # A file under 22 bytes makes zipfile seek before its start, which pyarrow refuses
+        # with ArrowInvalid (a ValueError) rather than the OSError zipfile expects.
+        raise zipfile.BadZipFile(f"not a zip file ({posixpath.basename(path)})") from error
 
 
 def _is_image_member(name: str) -> bool:

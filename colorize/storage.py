@@ -150,13 +150,20 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     with _errors(fs, uri):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{uri}: no such file or directory")
+            raise StorageError(f"{uri}: {missing_reason(fs, path)}")
         if info.type == pafs.FileType.File:
             return [path]
         if fs.type_name == "local":
             return _walk_local(path)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def missing_reason(fs: pafs.FileSystem, path: str) -> str:
+    """Why ``path``, which does not exist, is missing: its bucket, or the path itself."""
+    if fs.type_name == "s3" and fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound:
+        return "no such bucket"
+    return "no such file or directory"
 
 
 def _walk_local(root: str) -> list[str]:
@@ -232,10 +239,15 @@ def check_access(fs: pafs.FileSystem, path: str, uri: str) -> None:
 
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
-    """:func:`check_access` for an output folder or prefix, which must not be a file."""
+    """:func:`check_access` for an output folder or prefix, which must not be a file, and
+    whose bucket must exist (the first write would fail, after the work had started)."""
     with _errors(fs, uri):
-        if fs.get_file_info(path).type == pafs.FileType.File:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
+        bucket = path.split("/", 1)[0]
+        if kind == pafs.FileType.NotFound and fs.type_name == "s3" and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: no such bucket")
 
 
 def safe_relpath(relpath: str) -> str:

@@ -245,6 +245,12 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
     table = pq.read_table(storage.join(root, "out", "parquet"), filesystem=fs)
     assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
 
+    # A manifest in S3 whose entries are relative to its own prefix.
+    storage.write_bytes_atomic(fs, storage.join(root, "lists", "list.txt"), b"../in/a.jpg\n../in/./sub dir/c.jpg\n")
+    listed = run(BulkConfig(input=f"{bucket}/lists/list.txt", output=f"{bucket}/out-listed", weights=weights,
+                            s3_endpoint=s3.endpoint))
+    assert (listed["written"], listed["failed"]) == (2, 0)
+
 
 def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
     """Runs ``config`` in a thread, SIGKILLs one Ray worker whose title has ``title`` once the

@@ -140,3 +140,10 @@ def test_one_transparent_value_becomes_alpha(mode: str) -> None:
     expected = np.zeros((3, 4), dtype=np.uint8)
     expected[1, 1] = 255
     np.testing.assert_array_equal(decoded.alpha, expected)
+
+
+@pytest.mark.parametrize("payload", [b"", b"PK\x05\x06"], ids=["empty", "under-22-bytes"])
+def test_a_zip_too_small_to_be_one_says_so(tmp_path: Path, payload: bytes) -> None:
+    (tmp_path / "tiny.zip").write_bytes(payload)
+    with pytest.raises(zipfile.BadZipFile, match=r"not a zip file \(tiny.zip\)"):
+        list(sources.archive_members(LOCAL, str(tmp_path / "tiny.zip"), "tiny.zip"))

@@ -132,6 +132,12 @@ def test_write_to_missing_bucket(s3: S3Server) -> None:
     fs, path = storage.resolve("s3://no-such-bucket/x.png", s3.settings)
     with pytest.raises(StorageError, match="^s3://no-such-bucket/x.png: no such bucket$"):
         storage.write_bytes_atomic(fs, path, b"x")
+    # Said before any work starts, for outputs and inputs alike.
+    fs, path = storage.resolve("s3://no-such-bucket/out", s3.settings)
+    with pytest.raises(StorageError, match="^s3://no-such-bucket/out: no such bucket$"):
+        storage.check_output(fs, path, "s3://no-such-bucket/out", "--output")
+    with pytest.raises(StorageError, match="^s3://no-such-bucket/out: no such bucket$"):
+        storage.list_files(fs, path)
 
 
 def test_check_access_unreachable_fails_fast() -> None:
