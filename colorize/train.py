@@ -127,11 +127,12 @@ def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[
     """
     model.eval()
     pred_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
-    losses, seen, examples = [], 0, {}
+    losses, seen, unreadable, examples = [], 0, 0, {}
     for batch in batches:
         if seen >= limit:
             break
         keep = batch["ok"].bool()
+        unreadable += int((~keep).sum())
         L, ab = batch["L"][keep][: limit - seen], batch["ab"][keep][: limit - seen]
         if len(L) == 0:
             continue
@@ -151,6 +152,7 @@ def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[
     result.update({f"gray_{k}": v for k, v in gray_acc.result().items() if k in ("mse", "psnr", "ssim")})
     result["val_loss"] = sum(losses) / seen
     result["val_images"] = seen
+    result["val_unreadable"] = unreadable
     return result, examples
 
 
@@ -272,6 +274,8 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
             f"cf {row['val_colourfulness']:.1f}/{row['val_colourfulness_truth']:.1f}  "
             f"(gray: mse {row['gray_mse']:.5f} psnr {row['gray_psnr']:.2f} dB)"
         )
+        if row.get("val_unreadable"):
+            line += f"  val skipped {row['val_unreadable']} unreadable"
     return line
 
 

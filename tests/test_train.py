@@ -122,9 +122,9 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
     write_images(folder, 16)
     (folder / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     (folder / "class1" / "empty.png").write_bytes(b"")
-    summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **TINY))
-    assert summary["skipped"] == 2
-    assert summary["images"] == 16
+    summary = train(TrainConfig(data=str(folder), val=str(folder), out=str(tmp_path / "run"), epochs=1, **TINY))
+    assert summary["skipped"] == 2 and summary["val_unreadable"] == 2
+    assert summary["images"] == 16 and summary["val_images"] == 16
 
     for i, path in enumerate(sorted(folder.rglob("*.jpg"))):
         path.write_bytes(b"" if i % 2 else b"\xff\xd8 not a jpeg either")
