@@ -68,6 +68,14 @@ def mixed_inputs(folder: Path) -> dict[str, tuple[int, int]]:
     return {relpath: size for relpath, (_, size) in files.items()}
 
 
+def scene_pngs(folder: Path, n: int, size: int, *, name: str = "{}.png") -> Path:
+    """``folder`` with ``n`` scene PNGs of ``size`` px, the i-th seeded with i and named ``name.format(i)``."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(scene(np.random.default_rng(i), size)).save(folder / name.format(i))
+    return folder
+
+
 def lightness(img: Image.Image) -> np.ndarray:
     img = img.convert("RGB") if img.mode not in ("I;16", "I") else Image.fromarray(
         np.clip(np.asarray(img) / 257.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
@@ -138,10 +146,7 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
 
 
 def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):
-        Image.fromarray(scene(np.random.default_rng(i), 24)).save(folder / f"{i}.png")
+    folder = scene_pngs(tmp_path / "in", 6, 24)
     out = tmp_path / "out"
     run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
     (out / "images" / "2.png").unlink()
@@ -158,10 +163,7 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
 def test_a_redone_png_keeps_one_parquet_row_and_an_output_inside_the_input_is_not_read(
     ray_cluster: str, weights: str, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(scene(np.random.default_rng(i), 16)).save(folder / f"{i}.png")
+    folder = scene_pngs(tmp_path / "in", 3, 16)
     out = folder / "colour"
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["written"] == 3
     (out / "images" / "1.png").unlink()
@@ -212,10 +214,7 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
 
 
 def test_manifests_in_text_and_parquet(ray_cluster: str, weights: str, tmp_path: Path) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(scene(np.random.default_rng(i), 16)).save(folder / f"{i}.png")
+    folder = scene_pngs(tmp_path / "in", 3, 16)
     (tmp_path / "list.txt").write_text("# three images\nin/0.png\nin/1.png\n\n" + str(folder / "2.png") + "\n")
     pq.write_table(pa.table({"path": [str(folder / f"{i}.png") for i in range(3)]}), tmp_path / "list.parquet")
 
@@ -273,10 +272,7 @@ def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title:
 def test_a_killed_worker_loses_and_duplicates_nothing(
     ray_cluster: str, weights: str, tmp_path: Path, actors: int | None, title: bytes
 ) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(240):
-        Image.fromarray(scene(np.random.default_rng(i), 64)).save(folder / f"{i:03d}.png")
+    folder = scene_pngs(tmp_path / "in", 240, 64, name="{:03d}.png")
     out = tmp_path / "out"
     config = BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=8, actors=actors)
     result = _kill_one_worker_mid_run(folder, out, config, title)
@@ -296,10 +292,7 @@ def test_a_classification_model_colours_at_the_temperature_asked_for(ray_cluster
         model.head.bias.normal_(0, 3)  # an opinionated random model: temperature must matter
     weights = tmp_path / "class.pt"
     weights.write_bytes(colorizer.weights_bytes(model))
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(scene(np.random.default_rng(i), 32)).save(folder / f"{i}.png")
+    folder = scene_pngs(tmp_path / "in", 3, 32)
 
     outputs = {}
     for temperature in (0.1, 1.0):
