@@ -19,6 +19,7 @@ import io
 import pickle
 import posixpath
 import random
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     if path.endswith(".parquet") or _has_parquet(fs, path, info):
         return Source(uri, "parquet", fs, path)
     files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    unnamed = [p for p in files if not storage.is_utf8(p)]
+    if unnamed:
+        files = [p for p in files if storage.is_utf8(p)]
+        print(
+            f"{uri}: skipping {len(unnamed)} image(s) whose file names are not valid UTF-8, such as "
+            f"{storage.utf8_name(unnamed[0])}; rename them (convmv does) to use them",
+            file=sys.stderr, flush=True,
+        )
     if not files:
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that

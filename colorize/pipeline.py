@@ -128,8 +128,9 @@ def read_and_decode(
     Archive members that ``done`` says are written come out as ``skipped`` rows.
     """
     rows: list[dict[str, Any]] = []
-    for kind, uri, relpath in zip(batch["kind"], batch["uri"], batch["relpath"]):
-        for row in _read_item(str(kind), str(uri), str(relpath), settings, size, max_pixels, done):
+    for kind, uri, relpath, error in zip(batch["kind"], batch["uri"], batch["relpath"], batch["error"]):
+        item = sources.Item(str(kind), str(uri), str(relpath), str(error))
+        for row in _read_item(item, settings, size, max_pixels, done):
             rows.append(row)
             if len(rows) == chunk:
                 yield _stack(rows, size)
@@ -139,8 +140,12 @@ def read_and_decode(
 
 
 def _read_item(
-    kind: str, uri: str, relpath: str, settings: storage.S3Settings, size: int, max_pixels: int, done: Done
+    item: sources.Item, settings: storage.S3Settings, size: int, max_pixels: int, done: Done
 ) -> Iterator[dict[str, Any]]:
+    kind, uri, relpath = item.kind, item.uri, item.relpath
+    if item.error:
+        yield _status_row(uri, relpath, "failed", item.error)
+        return
     members = 0
     try:
         fs, path = storage.resolve(uri, settings)
@@ -469,7 +474,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
         items = items[: config.limit]
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
-    todo = [i for i in items if i.kind == "archive" or not done.contains(i.relpath, i.uri)]
+    todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath, i.uri)]
     skipped = len(items) - len(todo)
     # Inputs redone for a missing PNG whose Parquet row exists keep that row, not a second one.
     in_parquet = frozenset(i.uri for i in todo if i.uri in done.sources)

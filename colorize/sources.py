@@ -34,12 +34,17 @@ class Item:
     """One unit of reading: a single file, or an archive whose members are the inputs.
 
     ``relpath`` is where the output goes under ``images/`` (with ``.png``) for a file, or the
-    folder the members go under for an archive.
+    folder the members go under for an archive. An item with an ``error`` is not read: it is
+    listed as failed with that reason.
     """
 
     kind: str  # "file" or "archive"
     uri: str
     relpath: str
+    error: str = ""
+
+
+NOT_UTF8 = "the file name is not valid UTF-8, so it cannot be read through Arrow; rename it (convmv does)"
 
 
 def is_archive(name: str) -> bool:
@@ -62,6 +67,8 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     Files under the URI ``exclude`` (the run's own output, when it lies inside the input
     folder) are left out.
     """
+    if not storage.is_utf8(input_uri):
+        raise storage.StorageError(f"{storage.utf8_name(input_uri)}: {NOT_UTF8}")
     fs, path = storage.resolve(input_uri, settings)
     storage.check_access(fs, path, input_uri)
     info = fs.get_file_info(path)
@@ -82,11 +89,13 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
                 raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
         relpaths = [posixpath.relpath(f, path) for f in files]
+    errors = ["" if storage.is_utf8(u) else NOT_UTF8 for u in uris]
+    uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
     items = []
-    for uri, relpath, archive in zip(uris, relpaths, archives):
-        items.append(Item("archive", uri, relpath) if archive else Item("file", uri, next(names)))
+    for uri, relpath, archive, error in zip(uris, relpaths, archives, errors):
+        items.append(Item("archive", uri, relpath, error) if archive else Item("file", uri, next(names), error))
     return items
 
 
@@ -117,7 +126,10 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
             )
         entries = [str(v) for v in table.column(column).to_pylist() if v]
     else:
-        text = storage.read_bytes(fs, path).decode("utf-8")
+        try:
+            text = storage.read_bytes(fs, path).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise storage.StorageError(f"{uri}: a text manifest must be UTF-8 ({error})") from None
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not entries:
         raise storage.StorageError(f"{uri}: the manifest lists no inputs")
@@ -145,7 +157,8 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     alone. Tar archives are read twice as streams (names first, for collision-free output
     names, then the bytes), so nothing is unpacked to disk and nothing needs random access;
     one that breaks off yields the members before the break, then raises. Links inside a
-    tar are not followed (a stream cannot go back for their target) and fail alone.
+    tar are not followed (a stream cannot go back for their target) and fail alone. A tar
+    member name that is not UTF-8 is read all the same, under :func:`storage.utf8_name`.
     """
     if path.lower().endswith(".zip"):
         with fs.open_input_file(path) as raw, _open_zip(raw, path) as archive:
@@ -167,16 +180,18 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     except (OSError, EOFError, tarfile.TarError, zlib.error):
         pass  # the second pass meets the same break after the members listed so far
     members = list(dict.fromkeys(members))
-    names = dict(zip(members, output_names(members)))
+    names = dict(zip(members, output_names([storage.utf8_name(m) for m in members])))
     with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for m in archive:
             if m.name not in names:
                 continue
+            name = storage.utf8_name(m.name)
             member_relpath = posixpath.join(relpath, names.pop(m.name))  # pop: a name repeated in a tar counts once
             if m.isfile():
-                yield Member(m.name, member_relpath, archive.extractfile(m).read())
+                yield Member(name, member_relpath, archive.extractfile(m).read())
             else:
-                yield Member(m.name, member_relpath, None, f"a link to {m.linkname!r} inside the archive (not followed)")
+                target = storage.utf8_name(m.linkname)
+                yield Member(name, member_relpath, None, f"a link to {target!r} inside the archive (not followed)")
 
 
 def _open_zip(raw: object, path: str) -> zipfile.ZipFile:

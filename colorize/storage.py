@@ -144,7 +144,9 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     """Every file under directory ``path``, recursively and sorted; a file -> [path].
 
     Locally, symbolic links to folders are followed unless they point back up the tree (a
-    loop), and a dangling link is listed like a file, so that reading it fails visibly.
+    loop), and a dangling link is listed like a file, so that reading it fails visibly. A
+    local name that is not valid UTF-8 comes back as Python holds it, with surrogate escapes
+    (see :func:`is_utf8`).
     """
     uri = to_uri(fs, path)
     with _errors(fs, uri):
@@ -173,13 +175,6 @@ def _walk_local(root: str) -> list[str]:
         folder, above = folders.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
-                try:
-                    entry.path.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise StorageError(
-                        f"{os.fsencode(entry.path)!r}: the file name is not valid UTF-8; rename it "
-                        "(convmv does) or list the other files in a manifest"
-                    ) from None
                 if entry.is_dir():  # follows links
                     real = os.path.realpath(entry.path)
                     if real not in above:  # a link back up the tree would never end
@@ -187,6 +182,25 @@ def _walk_local(root: str) -> list[str]:
                 elif entry.is_file() or entry.is_symlink():  # regular files, and dangling links
                     found.append(entry.path)
     return sorted(found)
+
+
+def is_utf8(name: str) -> bool:
+    """Whether ``name`` can be written as UTF-8, as Arrow, Parquet and S3 need.
+
+    A local file name whose bytes are not UTF-8 reaches Python with surrogate escapes
+    (PEP 383), and so does such a name inside a tar archive.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_name(name: str) -> str:
+    """``name`` with each byte that is not UTF-8 written as ``%E9``: valid UTF-8, safe in a
+    file name or S3 key, and the same on every run, so an output named after it is found again."""
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in name)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

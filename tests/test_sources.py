@@ -12,11 +12,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from colorize import images, sources, storage
+from colorize import images, pipeline, sources, storage
 from tests.helpers import encode, scene
 
 LOCAL = pafs.LocalFileSystem()
@@ -48,11 +49,36 @@ def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp
     assert found == sorted(["a/b/x.jpg", "a/to-c/y.jpg", "c/to-a/b/x.jpg", "c/y.jpg", "dangling.jpg", "linked/z.jpg"])
 
 
-def test_a_file_name_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
-    (tmp_path / "fine.jpg").touch()
-    Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.jpg")).touch()
-    with pytest.raises(storage.StorageError, match=r"caf\\xe9\.jpg.*not valid UTF-8"):
-        storage.list_files(LOCAL, str(tmp_path))
+def test_a_file_name_that_is_not_utf8_fails_alone_under_a_printable_name(tmp_path: Path) -> None:
+    payload = _good_png(0)
+    (tmp_path / "fine.png").write_bytes(payload)
+    for name in (b"/caf\xe9.png", b"/d\xfcr/x.png"):  # Latin-1 names, as old archives and shares have
+        path = Path(os.fsdecode(os.fsencode(tmp_path) + name))
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(payload)
+
+    items = sources.discover(str(tmp_path), storage.S3Settings())
+    assert [(i.relpath, bool(i.error)) for i in items] == [("caf%E9.png", True), ("d%FCr/x.png", True), ("fine.png", False)]
+    assert items[0].uri == f"{tmp_path}/caf%E9.png" and "not valid UTF-8" in items[0].error
+
+    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    (rows,) = pipeline.read_and_decode(
+        batch, settings=storage.S3Settings(), size=32, max_pixels=10**6, done=pipeline.Done(("png",)), chunk=8
+    )
+    assert list(rows["status"]) == ["failed", "failed", "ok"]
+    assert pa.array(list(rows["source"])).to_pylist() == [i.uri for i in items]  # Parquet can hold every name
+
+
+def test_a_tar_member_name_that_is_not_utf8_is_read_under_a_printable_name(tmp_path: Path) -> None:
+    path, payload = tmp_path / "old.tar", _good_png(0)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("caf\xe9.png")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    (member,) = sources.archive_members(LOCAL, str(path), "old.tar")
+
+    assert (member.name, storage.safe_relpath(member.relpath), member.data) == ("caf%E9.png", "old.tar/caf%E9.png", payload)
 
 
 def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path) -> None:

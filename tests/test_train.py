@@ -179,6 +179,18 @@ def test_a_cifar_batch_that_smuggles_an_object_is_refused(ray_cluster: str, tmp_
         data.load_dataset(source, split="train").take_all()
 
 
+def test_training_images_whose_names_are_not_utf8_are_skipped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_images(tmp_path / "scenes", 3)
+    os.rename(paths[0], os.fsencode(paths[0].parent) + b"/caf\xe9.png")
+
+    source = data.locate(str(tmp_path / "scenes"))
+
+    assert sorted(source.files) == sorted(str(p) for p in paths[1:])
+    assert "skipping 1 image(s) whose file names are not valid UTF-8, such as " in capsys.readouterr().err
+
+
 def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> None:
     local = tmp_path / "scenes"
     paths = write_images(local, 32)
