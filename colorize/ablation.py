@@ -213,7 +213,7 @@ def run_variant(
     temperatures = [variant.model.temperature, *variant.temperatures] if variant.model.head == "classification" else [None]
     rows = []
     for temperature in temperatures:
-        colorizer.with_temperature(model, temperature)
+        colorizer.set_temperature(model, temperature)
         result, examples = score(model, test)
         label = variant.name if temperature in (None, variant.model.temperature) else f"{variant.name} T={temperature:g}"
         Image.fromarray(np.concatenate(list(examples), axis=1)).save(out / "ablation" / f"{label.replace(' ', '_')}.png")
@@ -225,7 +225,7 @@ def run_variant(
             "batch_size": budget.batch_size, "lr": budget.lr, "seconds": round(seconds, 1),
             "hardware": hardware(budget.device), "weights": str(weights), **result,
         })
-    colorizer.with_temperature(model, variant.model.temperature)
+    colorizer.set_temperature(model, variant.model.temperature)
     return rows
 
 

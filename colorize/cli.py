@@ -7,10 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from colorize import data, storage, submit
+from colorize import storage, submit
+from colorize.colorizer import LOSSES
+from colorize.models import ARCHITECTURES, HEADS
 
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _positive_int(text: str) -> int:
@@ -38,11 +41,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "'image' bytes column, or the CIFAR-10 python release (.tar.gz or extracted); local or s3://")
     p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints, model.pt, curve.png, grid.png")
     p.add_argument("--val", help="validation images, same forms as --data (CIFAR-10 python: its test batch)")
-    p.add_argument("--model", default="unet", choices=("unet", "autoencoder"), help="architecture (default: unet)")
+    p.add_argument("--model", default="unet", choices=ARCHITECTURES, help="architecture (default: unet)")
     p.add_argument("--width", type=_positive_int, default=32, help="channels of the first stage (default: 32)")
     p.add_argument("--depth", type=_positive_int, default=3, help="downsampling stages (default: 3)")
     p.add_argument("--image-size", type=_positive_int, default=32, help="square training resolution in px (default: 32)")
-    p.add_argument("--head", default="regression", choices=("regression", "classification"),
+    p.add_argument("--head", default="regression", choices=HEADS,
                    help="predict ab directly, or a distribution over ab cells (default: regression)")
     p.add_argument("--attention", action="store_true", help="self-attention at the U-Net's bottleneck")
     p.add_argument("--temperature", type=_temperature, default=0.38,
@@ -50,7 +53,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
-    p.add_argument("--loss", choices=("mse", "l1", "huber", "psnr", "ce"),
+    p.add_argument("--loss", choices=LOSSES,
                    help="mse, l1, huber or psnr (per-image log error) for the regression head; ce for classification (default: mse or ce)")
     p.add_argument("--no-rebalance", dest="rebalance", action="store_false",
                    help="plain cross-entropy: do not weigh rare colours up (classification head)")
@@ -204,12 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (storage.StorageError, data.DataError, ValueError) as error:
+    except (storage.StorageError, ValueError) as error:  # data.DataError is a ValueError
         print(f"colorize {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as stop:
         print(f"colorize {args.command}: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

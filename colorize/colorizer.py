@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colorize import color, quantize, storage
+from colorize import color, errors, quantize, storage
 from colorize.models import ModelConfig, build_model
 
 REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
@@ -32,6 +32,12 @@ BUNDLED_WEIGHTS = "unet-photos-cifar64-cf.pt"
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def predict_ab(model: nn.Module, L: torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
@@ -120,11 +126,18 @@ def psnr_loss(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> torch
     """
     # In float32 even under bf16 autocast: the colour matrices and a 1e-5 floor need the precision.
     with torch.autocast(device_type=L.device.type, enabled=False):
-        L, pred_ab, ab = L.float(), pred_ab.float(), ab.float()
-        pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
-        truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+        pred, truth = _srgb_pair(L, pred_ab, ab)
         mse = (pred - truth).pow(2).mean(dim=(1, 2, 3))
         return 10.0 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
+
+
+def _srgb_pair(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 sRGB (B, 3, H, W) of lightness ``L`` with the predicted and with the true ab."""
+    L, pred_ab, ab = L.float(), pred_ab.float(), ab.float()
+    return (
+        color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False),
+        color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False),
+    )
 
 
 def colourfulness(rgb: torch.Tensor) -> torch.Tensor:
@@ -149,9 +162,7 @@ def colourfulness_gap(L: torch.Tensor, pred_ab: torch.Tensor, ab: torch.Tensor) 
     matching form so that grey images stay grey).
     """
     with torch.autocast(device_type=L.device.type, enabled=False):
-        L, pred_ab, ab = L.float(), pred_ab.float(), ab.float()
-        pred = color.lab_to_rgb(torch.cat((L, pred_ab), dim=1), keep_lightness=False)
-        truth = color.lab_to_rgb(torch.cat((L, ab), dim=1), keep_lightness=False)
+        pred, truth = _srgb_pair(L, pred_ab, ab)
         return (colourfulness(pred) - colourfulness(truth)).abs().mean()
 
 
@@ -189,15 +200,13 @@ def read_weights(uri: str | None, settings: storage.S3Settings | None = None) ->
             raise storage.StorageError(f"{path}: the bundled weights are missing; reinstall colorize or pass --weights")
         return path.read_bytes()
     fs, path = storage.resolve(uri, settings)
-    storage.check_access(fs, path, uri)
-    if not storage.exists(fs, path):
-        raise storage.StorageError(f"{uri}: no such weights file")
+    storage.stat(fs, path, uri, missing="no such weights file")
     return storage.read_bytes(fs, path)
 
 
-def with_temperature(model: nn.Module, temperature: float | None) -> nn.Module:
-    """``model`` decoding with ``temperature`` by default (None keeps its own); the weights
-    file written from it then carries that temperature."""
+def set_temperature(model: nn.Module, temperature: float | None) -> nn.Module:
+    """Make ``model`` decode with ``temperature`` by default (None keeps its own), in place, and
+    return it; the weights file written from it then carries that temperature."""
     if temperature is not None:
         model.config = dataclasses.replace(model.config, temperature=temperature)
     return model
@@ -210,15 +219,12 @@ def load_weights(
     default; ``temperature`` overrides a classification head's decoding temperature."""
     raw = read_weights(uri, settings)
     try:
-        return with_temperature(model_from_bytes(raw), temperature), weights_id(raw)
+        return set_temperature(model_from_bytes(raw), temperature), weights_id(raw)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
             pickle.UnpicklingError) as error:
         # torch's own messages run over many lines (and advise weights_only=False, which this
         # project never does); the type and the first line say enough.
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
-        if len(reason) > 160:
-            reason = reason[:159] + "…"
+        reason = errors.one_line(error, max_chars=160)
         raise ValueError(
             f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
             f"with 'config' and 'state_dict' ({reason})"

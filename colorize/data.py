@@ -31,8 +31,8 @@ import ray.data
 from PIL import Image, ImageOps
 
 from colorize import color, storage
+from colorize.sources import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -59,16 +59,13 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     Runs on the driver before Ray starts, so bad input fails fast.
     """
     fs, path = storage.resolve(uri, settings)
-    storage.check_access(fs, path, uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{uri}: no such file or directory")
+    info = storage.stat(fs, path, uri)
     name = posixpath.basename(path.rstrip("/"))
     if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
         return Source(uri, "cifar", fs, path)
     if path.endswith(".parquet") or _has_parquet(fs, path, info):
         return Source(uri, "parquet", fs, path)
-    files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_SUFFIXES)]
     unnamed = [p for p in files if not storage.is_utf8(p)]
     if unnamed:
         files = [p for p in files if storage.is_utf8(p)]
@@ -78,7 +75,7 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
             file=sys.stderr, flush=True,
         )
     if not files:
-        raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_SUFFIXES)})")
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)

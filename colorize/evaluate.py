@@ -7,7 +7,6 @@ CIFAR-10), coloured from their own lightness, and compared as 8-bit sRGB with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +50,15 @@ def gray_baseline(truth: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def colorize_rgb(model: torch.nn.Module, truth: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> the model's colouring of their greyscale, uint8 (N, H, W, 3)."""
+    """uint8 (N, H, W, 3) -> the model's colouring of their greyscale, uint8 (N, H, W, 3).
+
+    Runs on the model's device (validation in training runs it on the GPU).
+    """
+    device = colorizer.device_of(model)
     L = torch.from_numpy(color.rgb_to_lab_np(truth)[..., :1]).permute(0, 3, 1, 2)  # (N,1,H,W) in [0,100]
     gray = torch.from_numpy(color.luma_np(truth))[:, None]  # (N,1,H,W) in [0,1]
-    rgb = colorizer.predict_rgb(model, L, gray)
-    return color.to_uint8(rgb.permute(0, 2, 3, 1).numpy())
+    rgb = colorizer.predict_rgb(model, L.to(device), gray.to(device))
+    return color.to_uint8(rgb.permute(0, 2, 3, 1).float().cpu().numpy())
 
 
 def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, dict, list]:
@@ -120,6 +123,6 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "gray": {k: v for k, v in gray_metrics.items() if k != "images"},
     }
     if config.out:
-        storage.write_bytes_atomic(out_fs, storage.join(out_path, "metrics.json"), json.dumps(report, indent=2).encode())
+        storage.write_json(out_fs, storage.join(out_path, "metrics.json"), report)
         storage.write_bytes_atomic(out_fs, storage.join(out_path, "grid.png"), plots.png_bytes(plots.image_grid(examples)))
     return report

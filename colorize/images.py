@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from colorize import color
+from colorize import color, errors
 
 _GAMUT_ROWS = 512  # rows converted at a time, to bound lab_to_rgb's temporaries on huge images
 
@@ -63,7 +63,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     except Image.DecompressionBombError as error:
         raise ImageError(f"refused as a decompression bomb: {error}") from None
     except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
-        raise ImageError(f"corrupt or truncated image: {_one_line(error)}") from None
+        raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
@@ -74,12 +74,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     except ImageError:
         raise
     except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
-        raise ImageError(f"corrupt or truncated image: {_one_line(error)}") from None
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
 
 
 def _lightness_and_alpha(img: Image.Image) -> Decoded:

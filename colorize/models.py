@@ -14,10 +14,9 @@ checkpoint:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import functools
 
 import torch
 from torch import nn

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import posixpath
 import sys
 import time
@@ -38,7 +37,7 @@ import ray.data
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from colorize import colorizer, images, sources, storage
+from colorize import colorizer, errors, images, sources, storage
 
 FORMATS = ("png", "parquet")
 PARQUET_ROW_GROUP_BYTES = 64 * 2**20  # keeps binary columns far below Arrow's 2 GiB limits
@@ -170,7 +169,7 @@ def _read_item(
     except Exception as error:  # noqa: BLE001 - untrusted bytes: whatever breaks, the input is listed, the run goes on
         # Members streamed before the archive broke off were already yielded and are kept.
         where = f" after {members} member(s)" if members else ""
-        yield _status_row(uri, relpath, "failed", f"cannot read{where}: {_describe(error)}")
+        yield _status_row(uri, relpath, "failed", f"cannot read{where}: {errors.one_line(error)}")
 
 
 def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> dict[str, Any]:  # noqa: ANN001
@@ -180,7 +179,7 @@ def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> 
     except (images.ImageError, storage.StorageError) as error:
         return _status_row(source, relpath, "failed", str(error))
     except Exception as error:  # noqa: BLE001 - one input must never take its group down with it
-        return _status_row(source, relpath, "failed", f"cannot read: {_describe(error)}")
+        return _status_row(source, relpath, "failed", f"cannot read: {errors.one_line(error)}")
     return {
         "source": source,
         "relpath": relpath,
@@ -191,12 +190,6 @@ def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> 
         "has_alpha": decoded.alpha is not None,
         "small": images.resize_lightness(decoded.L, size),
     }
-
-
-def _describe(error: BaseException) -> str:
-    """``error`` in one line, with its type where the message alone would be cryptic."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _status_row(source: str, relpath: str, status: str, error: str = "") -> dict[str, Any]:
@@ -343,7 +336,7 @@ def compose_and_write(
             if "png" in formats:
                 storage.write_bytes_atomic(fs, storage.join(root, "images", batch["relpath"][i]), png)
         except (OSError, ValueError, RuntimeError, storage.StorageError) as error:
-            status[i], errors[i] = "failed", f"cannot write output: {error}"
+            status[i], errors[i] = "failed", f"cannot write output: {errors.one_line(error, with_type=False)}"
             continue
         heights[i], widths[i] = L.shape
         status[i] = "written"
@@ -374,8 +367,11 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
-def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:
-    table = pa.Table.from_pylist(records, schema=OUTPUT_SCHEMA)
+FAILED_SCHEMA = pa.schema([("source", pa.string()), ("relpath", pa.string()), ("error", pa.string())])
+
+
+def _parquet_bytes(records: list[dict[str, Any]], schema: pa.Schema = OUTPUT_SCHEMA) -> bytes:
+    table = pa.Table.from_pylist(records, schema=schema)
     mean_row = max(1, table.nbytes // max(1, table.num_rows))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, row_group_size=max(1, PARQUET_ROW_GROUP_BYTES // mean_row))
@@ -432,7 +428,7 @@ def _plan(
     blocks = min(MAX_INPUT_BLOCKS, -(-len(todo) // files_per_call))
     ds = ray.data.from_items([asdict(i) for i in todo], override_num_blocks=blocks)
     if not actor_path:
-        remote = todo[0].uri.startswith("s3://") or config.output.startswith("s3://")
+        remote = storage.is_s3(config.output) or any(storage.is_s3(i.uri) for i in todo)
         ds = ds.map_batches(colorize_items, batch_size=files_per_call, batch_format="numpy",
                             num_cpus=TASK_CPUS if remote else FUSED_TASK_CPUS,
                             fn_kwargs={"weights": weights, "read": read, "write": write})
@@ -483,7 +479,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    storage.write_bytes_atomic(out_fs, storage.join(out_root, "_CONFIG.json"), json.dumps(asdict(config), indent=2).encode())
+    storage.write_json(out_fs, storage.join(out_root, "_CONFIG.json"), asdict(config))
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     print(
@@ -505,10 +501,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
 
     failed_path = storage.join(out_root, "failed", "failed.parquet")
     if failures or storage.exists(out_fs, failed_path):
-        table = pa.Table.from_pylist(failures, schema=pa.schema([("source", pa.string()), ("relpath", pa.string()), ("error", pa.string())]))
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes_atomic(out_fs, failed_path, buffer.getvalue())
+        storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(failures, FAILED_SCHEMA))
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["written"] + counts["failed"] + counts["skipped"],
@@ -519,7 +512,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
         "input": config.input,
         "output": config.output,
     }
-    storage.write_bytes_atomic(out_fs, storage.join(out_root, "_SUMMARY.json"), json.dumps(summary, indent=2).encode())
+    storage.write_json(out_fs, storage.join(out_root, "_SUMMARY.json"), summary)
     print(
         f"{summary['inputs']} inputs: {summary['written']} written, {summary['failed']} failed, "
         f"{summary['skipped']} skipped in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s)"

@@ -9,7 +9,6 @@ The gap between the two is what learning to colour taught the encoder (Zhang et 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,5 +116,5 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
             train_x, train_y, test_x, test_y, classes=len(train.classes), epochs=config.epochs, seed=config.seed
         )
     if config.out:
-        storage.write_bytes_atomic(out_fs, storage.join(out_path, "probe.json"), json.dumps(report, indent=2).encode())
+        storage.write_json(out_fs, storage.join(out_path, "probe.json"), report)
     return report

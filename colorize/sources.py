@@ -70,10 +70,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     if not storage.is_utf8(input_uri):
         raise storage.StorageError(f"{storage.utf8_name(input_uri)}: {NOT_UTF8}")
     fs, path = storage.resolve(input_uri, settings)
-    storage.check_access(fs, path, input_uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise storage.StorageError(f"{input_uri}: {storage.missing_reason(fs, path)}")
+    info = storage.stat(fs, path, input_uri)
     if info.type == pafs.FileType.File and path.lower().endswith(MANIFEST_SUFFIXES):
         uris = read_manifest(fs, path, input_uri)
         relpaths = [_manifest_relpath(u) for u in uris]

@@ -13,15 +13,19 @@ Failures that a user can fix (missing path, unreachable endpoint, wrong keys) su
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
+from colorize import errors
 
 # A refused port must fail in seconds, not after the AWS SDK's default ten attempts with
 # exponential backoff; a slow but live endpoint still gets a few tries.
@@ -149,23 +153,27 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     (see :func:`is_utf8`).
     """
     uri = to_uri(fs, path)
+    if stat(fs, path, uri).type == pafs.FileType.File:
+        return [path]
     with _errors(fs, uri):
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{uri}: {missing_reason(fs, path)}")
-        if info.type == pafs.FileType.File:
-            return [path]
         if fs.type_name == "local":
             return _walk_local(path)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
-def missing_reason(fs: pafs.FileSystem, path: str) -> str:
-    """Why ``path``, which does not exist, is missing: its bucket, or the path itself."""
-    if fs.type_name == "s3" and fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound:
-        return "no such bucket"
-    return "no such file or directory"
+def stat(fs: pafs.FileSystem, path: str, uri: str, *, missing: str = "no such file or directory") -> pafs.FileInfo:
+    """``path``'s info; a StorageError naming ``uri`` if it cannot be reached, is forbidden, or
+    does not exist (``missing``, or "no such bucket" where that is what is missing)."""
+    with _errors(fs, uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: {'no such bucket' if _bucket_missing(fs, path) else missing}")
+    return info
+
+
+def _bucket_missing(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.type_name == "s3" and fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
 
 
 def _walk_local(root: str) -> list[str]:
@@ -236,31 +244,26 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             raise
 
 
+def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
+    """``value`` as indented JSON, written atomically."""
+    write_bytes_atomic(fs, path, json.dumps(value, indent=2).encode())
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     """True if ``path`` is a file or directory."""
     with _errors(fs, to_uri(fs, path)):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def check_access(fs: pafs.FileSystem, path: str, uri: str) -> None:
-    """Fail fast with a :class:`StorageError` if ``path`` cannot be reached or is forbidden.
-
-    A missing ``path`` is not an error here (outputs may not exist yet). ``uri`` is the user's
-    spelling, used in the message.
-    """
-    with _errors(fs, uri):
-        fs.get_file_info(path)
-
-
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
-    """:func:`check_access` for an output folder or prefix, which must not be a file, and
-    whose bucket must exist (the first write would fail, after the work had started)."""
+    """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
+    forbidden, is a file, or lies in a bucket that does not exist (the first write would fail,
+    after the work had started); ``path`` itself need not exist yet."""
     with _errors(fs, uri):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
-        bucket = path.split("/", 1)[0]
-        if kind == pafs.FileType.NotFound and fs.type_name == "s3" and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        if kind == pafs.FileType.NotFound and _bucket_missing(fs, path):
             raise StorageError(f"{uri}: no such bucket")
 
 
@@ -313,7 +316,7 @@ def _reason(fs: pafs.FileSystem, error: OSError) -> str:
     text = str(error)
     match = _AWS_ERROR.search(text)
     if match is None:
-        return text.splitlines()[0] if text else type(error).__name__
+        return errors.first_line(text) or type(error).__name__
     code = match.group(1)
     if code == "NETWORK_CONNECTION":
         curl = _CURL_ERROR.search(text)

@@ -32,6 +32,8 @@ import aiohttp
 import requests
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
+from colorize import errors
+
 # colorize command -> the module a cluster runs for it (see jobs/).
 JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
 
@@ -280,7 +282,7 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
         raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
     except RuntimeError as error:  # what the SDK raises for an HTTP error answer
         match = _HTTP_ERROR.match(str(error))
-        message = (match.group(1) if match else str(error)).strip().splitlines()[0].rstrip(".")
+        message = errors.first_line(match.group(1) if match else str(error)).rstrip(".") or type(error).__name__
         raise ClusterError(redact(f"{url}: {message}")) from error
 
 
@@ -383,7 +385,7 @@ def _message(info: JobDetails) -> str:
     """The job server's message about a job in one line, without the log tail Ray appends."""
     if not info.message:
         return "-"
-    return info.message.strip().splitlines()[0].split(", last available logs")[0]
+    return errors.first_line(info.message).split(", last available logs")[0] or "-"
 
 
 def _status(message: str) -> None:
@@ -396,11 +398,14 @@ def _utc(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _session(address: str) -> tuple[JobSubmissionClient, str, Redactor]:
+    """A client for the job server at ``address``, its URL, and a redactor of this shell's secrets."""
+    return connect(address), dashboard_url(address), Redactor(secret_values(os.environ))
+
+
 def jobs_list(address: str) -> int:
     """Print a table of the cluster's jobs, oldest first: id, status, start (UTC), entrypoint."""
-    client = connect(address)
-    url = dashboard_url(address)
-    redact = Redactor(secret_values(os.environ))
+    client, url, redact = _session(address)
     with _errors(url, redact):
         jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     rows = [("ID", "STATUS", "START (UTC)", "ENTRYPOINT")]
@@ -413,9 +418,7 @@ def jobs_list(address: str) -> int:
 
 def jobs_status(address: str, job_id: str) -> int:
     """Print one job's status, timing, exit status and entrypoint."""
-    client = connect(address)
-    url = dashboard_url(address)
-    redact = Redactor(secret_values(os.environ))
+    client, url, redact = _session(address)
     with _errors(url, redact):
         info = client.get_job_info(job_id)
     lines = [
@@ -432,9 +435,7 @@ def jobs_status(address: str, job_id: str) -> int:
 
 def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
     """Print a job's log so far; with ``follow_log``, keep printing until the job ends."""
-    client = connect(address)
-    url = dashboard_url(address)
-    redact = Redactor(secret_values(os.environ))
+    client, url, redact = _session(address)
     if follow_log:
         follow(client, job_id, url, redact)
         return 0
@@ -445,9 +446,8 @@ def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
 
 def jobs_stop(address: str, job_id: str) -> int:
     """Ask the cluster to stop a job (SIGTERM, then SIGKILL after Ray's grace period)."""
-    client = connect(address)
-    url = dashboard_url(address)
-    with _errors(url, Redactor(secret_values(os.environ))):
+    client, url, redact = _session(address)
+    with _errors(url, redact):
         if client.stop_job(job_id):
             print(f"{job_id}: stopping")
         else:

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, evaluate, metrics, plots, quantize, storage
+from colorize import color, colorizer, data, evaluate, plots, quantize, storage
 from colorize.models import ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters
 from colorize.objectives import Adversary, cosine_lr, train_step
 
@@ -39,7 +40,6 @@ __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention")
-GRID_EXAMPLES = 8
 PRIOR_IMAGES = 2048  # training images sampled to estimate the colour prior for rebalancing
 
 
@@ -120,37 +120,38 @@ class TrainConfig:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, batches, *, limit: int, loss: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def validate(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, limit: int, loss: str
+) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Loss and image metrics (next to the grey baseline) on up to ``limit`` images.
 
-    Returns the metrics and the first few examples for a picture grid.
+    Returns the metrics and the first few examples for a picture grid; ({}, []) without images.
     """
     model.eval()
-    pred_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
-    losses, seen, unreadable, examples = [], 0, 0, {}
-    for batch in batches:
-        if seen >= limit:
-            break
-        keep = batch["ok"].bool()
-        unreadable += int((~keep).sum())
-        L, ab = batch["L"][keep][: limit - seen], batch["ab"][keep][: limit - seen]
-        if len(L) == 0:
-            continue
-        losses.append(float(colorizer.loss(model, L, ab, loss)) * len(L))
-        truth = _to_uint8(color.lab_to_rgb(torch.cat((L, ab), dim=1)))
-        pred = evaluate.colorize_rgb(model, truth)
-        gray = evaluate.gray_baseline(truth)
-        pred_acc.update(pred, truth)
-        gray_acc.update(gray, truth)
-        if not examples:
-            examples = {"gray": gray[:GRID_EXAMPLES], "prediction": pred[:GRID_EXAMPLES], "truth": truth[:GRID_EXAMPLES]}
-        seen += len(L)
-    if seen == 0:
-        return {}, {}
+    loss_sum, seen, unreadable = 0.0, 0, 0
+
+    def truths() -> Iterator[np.ndarray]:
+        nonlocal loss_sum, seen, unreadable
+        for batch in batches:
+            if seen >= limit:
+                return
+            keep = batch["ok"].bool()
+            unreadable += int((~keep).sum())
+            L, ab = batch["L"][keep][: limit - seen], batch["ab"][keep][: limit - seen]
+            if len(L) == 0:
+                continue
+            loss_sum += float(colorizer.loss(model, L, ab, loss)) * len(L)
+            seen += len(L)
+            yield _to_uint8(color.lab_to_rgb(torch.cat((L, ab), dim=1)))
+
+    try:
+        model_metrics, gray_metrics, examples = evaluate.score(model, truths())
+    except evaluate.NoImages:
+        return {}, []
     kept = ("mse", "psnr", "ssim", "colourfulness", "colourfulness_truth", "delta_colourfulness")
-    result = {f"val_{k}": v for k, v in pred_acc.result().items() if k in kept}
-    result.update({f"gray_{k}": v for k, v in gray_acc.result().items() if k in ("mse", "psnr", "ssim")})
-    result["val_loss"] = sum(losses) / seen
+    result = {f"val_{k}": v for k, v in model_metrics.items() if k in kept}
+    result.update({f"gray_{k}": v for k, v in gray_metrics.items() if k in ("mse", "psnr", "ssim")})
+    result["val_loss"] = loss_sum / seen
     result["val_images"] = seen
     result["val_unreadable"] = unreadable
     return result, examples
@@ -183,12 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     states, start_epoch, history, resumed_at = {}, 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            model = colorizer.model_from_bytes(Path(directory, "model.pt").read_bytes())
-            for name in ("optimizer", "discriminator", "discriminator_optimizer"):
-                if Path(directory, f"{name}.pt").exists():
-                    states[name] = torch.load(Path(directory, f"{name}.pt"), weights_only=True)
-            state = json.loads(Path(directory, "state.json").read_text())
+        model, states, state = _restore(checkpoint)
         start_epoch, history = state["epoch"] + 1, state["history"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
@@ -203,44 +199,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         adversary = Adversary(
             discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999)), config.gan_weight
         )
-    for name, target in (("optimizer", optimizer), ("discriminator_optimizer", adversary and adversary.optimizer)):
-        if name in states and target is not None:
-            target.load_state_dict(states[name])
+    if "optimizer" in states:
+        optimizer.load_state_dict(states["optimizer"])
+    if adversary is not None and "discriminator_optimizer" in states:
+        adversary.optimizer.load_state_dict(states["discriminator_optimizer"])
 
     shard = ray.train.get_dataset_shard("train")
-    per_worker_batch = config.batch_size // world
     for epoch in range(start_epoch, config.epochs):
         for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
             group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
-        started = time.perf_counter()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss * n, images, skipped
-        for batch in shard.iter_torch_batches(
-            batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch
-        ):
-            keep = batch["ok"].bool()
-            totals[2] += float((~keep).sum())
-            if not bool(keep.any()):
-                continue
-            step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
-            value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
-                                     colourfulness_weight=config.cf_weight))
-            totals[0] += value * int(keep.sum())
-            totals[1] += int(keep.sum())
-        if dist.is_available() and dist.is_initialized():
-            totals = totals.to(device)
-            dist.all_reduce(totals)
-            totals = totals.cpu()
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
-            "images": int(totals[1]),
-            "skipped": int(totals[2]),
-            "seconds": round(seconds, 2),
-            "images_per_second": round(float(totals[1]) / max(seconds, 1e-9), 1),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        examples: dict[str, np.ndarray] = {}
+        row = {"epoch": epoch + 1, **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world)}
+        examples: list[tuple[str, np.ndarray]] = []
         if rank == 0 and config.val:
             # The bare module: a DDP forward would wait for collectives the other ranks never join.
             val_metrics, examples = validate(
@@ -259,6 +228,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
         if not row["images"]:
             break  # nothing readable: the driver says so, rather than training epochs of nothing
+
+
+def _restore(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, dict], dict[str, Any]]:
+    """The model, the optimiser and discriminator states, and ``state.json`` of a checkpoint."""
+    states = {}
+    with checkpoint.as_directory() as directory:
+        model = colorizer.model_from_bytes(Path(directory, "model.pt").read_bytes())
+        for name in ("optimizer", "discriminator", "discriminator_optimizer"):
+            if Path(directory, f"{name}.pt").exists():
+                states[name] = torch.load(Path(directory, f"{name}.pt"), weights_only=True)
+        state = json.loads(Path(directory, "state.json").read_text())
+    return model, states, state
+
+
+def _train_epoch(
+    model: nn.Module,
+    shard: ray.data.DataIterator,
+    optimizer: torch.optim.Optimizer,
+    adversary: Adversary | None,
+    config: TrainConfig,
+    class_weights: torch.Tensor | None,
+    device: torch.device,
+    world: int,
+) -> dict[str, Any]:
+    """One pass over this worker's shard; the epoch's figures, summed over all workers."""
+    per_worker_batch = config.batch_size // world
+    started = time.perf_counter()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss * n, images, skipped
+    for batch in shard.iter_torch_batches(
+        batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch
+    ):
+        keep = batch["ok"].bool()
+        totals[2] += float((~keep).sum())
+        if not bool(keep.any()):
+            continue
+        step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
+        value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
+                                 colourfulness_weight=config.cf_weight))
+        totals[0] += value * int(keep.sum())
+        totals[1] += int(keep.sum())
+    if dist.is_available() and dist.is_initialized():
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    seconds = time.perf_counter() - started
+    return {
+        "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
+        "images": int(totals[1]),
+        "skipped": int(totals[2]),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(float(totals[1]) / max(seconds, 1e-9), 1),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
@@ -287,7 +309,7 @@ def _write_checkpoint(
     config: TrainConfig,
     history: list[dict[str, Any]],
     resumed_at: list[int],
-    examples: dict[str, np.ndarray],
+    examples: list[tuple[str, np.ndarray]],
 ) -> None:
     """Model, optimizer, progress and figures: everything needed to resume or inspect.
 
@@ -305,7 +327,7 @@ def _write_checkpoint(
         curves["val loss"] = [h.get("val_loss", math.nan) for h in history]
     plots.line_chart(curves, title=f"{config.model} on {config.data}").save(directory / "curve.png")
     if examples:
-        plots.image_grid(list(examples.items())).save(directory / "grid.png")
+        plots.image_grid(examples).save(directory / "grid.png")
 
 
 def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
@@ -394,6 +416,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
+    if started_here:
+        _check_resources(config, cpus)  # before anything is written or sampled
     datasets = {
         "train": data.lab_dataset(
             train_source, image_size=config.image_size, augment=True, limit=config.limit
@@ -403,14 +428,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         datasets["val"] = data.lab_dataset(
             val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit
         )
-    storage.write_bytes_atomic(out_fs, storage.join(out_path, "config.json"), json.dumps(asdict(config), indent=2).encode())
+    storage.write_json(out_fs, storage.join(out_path, "config.json"), asdict(config))
     class_weights = None
     if config.loss == "ce" and config.rebalance:
         class_weights = estimate_class_weights(datasets["train"]).tolist()
     params = count_parameters(build_model(config.model_config()))
-    cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
-    if started_here:
-        _check_resources(config, cpus)
     print(
         f"training {config.model} ({params / 1e6:.2f} M parameters) on {config.data} with "
         f"{config.num_workers} worker(s), {cpus} CPU{' + 1 GPU' if config.gpu else ''} each; "

@@ -46,7 +46,7 @@ def test_help_explains_every_flag(command: str) -> None:
 
 def test_jobs_entrypoints_are_the_same_commands() -> None:
     for module, flag in (("jobs.train", "--epochs"), ("jobs.colorize", "--max-pixels"), ("jobs.evaluate", "--weights")):
-        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert result.returncode == 0 and flag in result.stdout, module
 
 
@@ -70,6 +70,18 @@ def test_train_with_a_model_size_that_does_not_divide(tmp_path: Path) -> None:
     assert_one_error_line(result, "image_size 20")
 
 
+def test_train_refuses_workers_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:
+    write_images(tmp_path / "d", 4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: train starts its own
+    result = subprocess.run(
+        [*COLORIZE, "train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--num-workers", "2",
+         "--cpus-per-worker", "64"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+    )
+    assert_one_error_line(result, "need 128 CPUs")
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_against_unreachable_s3(tmp_path: Path) -> None:
     result = colorize("train", "--data", "s3://bucket/data", "--out", str(tmp_path / "o"), "--s3-endpoint", UNREACHABLE)
     assert_one_error_line(result, "s3://bucket/data", "cannot reach")
@@ -78,13 +90,19 @@ def test_train_against_unreachable_s3(tmp_path: Path) -> None:
 def test_run_on_a_missing_input(tmp_path: Path) -> None:
     result = colorize("run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert_one_error_line(result, "no such file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_to_unreachable_s3_writes_nothing(tmp_path: Path) -> None:
     write_images(tmp_path / "in", 2)
     result = colorize("run", "--input", str(tmp_path / "in"), "--output", "s3://out/x", "--s3-endpoint", UNREACHABLE)
     assert_one_error_line(result, "s3://out/x", "cannot reach")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_run_from_unreachable_s3_writes_nothing(tmp_path: Path) -> None:
+    result = colorize("run", "--input", "s3://in/x", "--output", str(tmp_path / "out"), "--s3-endpoint", UNREACHABLE)
+    assert_one_error_line(result, "s3://in/x", "cannot reach")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_with_bad_credentials(tmp_path: Path, s3) -> None:
@@ -101,6 +119,7 @@ def test_run_with_weights_that_are_not_weights(tmp_path: Path) -> None:
     (tmp_path / "w.pt").write_bytes(b"not a torch file")
     result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out"), "--weights", str(tmp_path / "w.pt"))
     assert_one_error_line(result, "not a colorize weights file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_of_an_unexpected_shape_are_one_error_line(tmp_path: Path) -> None:
@@ -111,6 +130,7 @@ def test_weights_of_an_unexpected_shape_are_one_error_line(tmp_path: Path) -> No
     for name in ("list.pt", "typed.pt"):
         result = colorize("evaluate", "--data", str(REPO / "samples"), "--weights", str(tmp_path / name))
         assert_one_error_line(result, "not a colorize weights file")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_output_that_is_a_file_is_refused_before_the_work(tmp_path: Path) -> None:
@@ -175,16 +195,19 @@ def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -
 def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path) -> None:
     write_images(tmp_path / "d", 32)
     out = tmp_path / "out"
-    proc = subprocess.Popen([*COLORIZE, "train", "--data", str(tmp_path / "d"), "--out", str(out), "--epochs", "500",
-                             "--width", "8", "--depth", "2", "--image-size", "16", "--batch-size", "16",
-                             "--cpus-per-worker", "0.5"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((out / "train").glob("checkpoint_*")):  # Ray Train's Ctrl-C handler is in place by then
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    with open(tmp_path / "stderr.txt", "w+") as log:  # a file, not a pipe: a pipe nobody reads fills and stalls
+        proc = subprocess.Popen([*COLORIZE, "train", "--data", str(tmp_path / "d"), "--out", str(out), "--epochs", "500",
+                                 "--width", "8", "--depth", "2", "--image-size", "16", "--batch-size", "16",
+                                 "--cpus-per-worker", "0.5"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 300
+        while not list((out / "train").glob("checkpoint_*")):  # Ray Train's Ctrl-C handler is in place by then
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        log.seek(0)
+        stderr = log.read()
 
     assert proc.returncode == 130, stderr[-3000:]
     assert f"colorize train: interrupted; the same command resumes from the last checkpoint in {out}" in stderr

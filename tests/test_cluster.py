@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -377,15 +377,17 @@ def test_the_exit_status_is_the_jobs_own() -> None:
 class _NoStreamClient:
     """A job server whose log websocket fails, as behind a proxy without websocket support."""
 
-    def __init__(self, logs: list[str]) -> None:
+    def __init__(self, logs: list[str], on_poll: Callable[[], None] = lambda: None) -> None:
         self._logs = logs  # the whole log at each poll; the last one is final
         self._polls = 0
+        self._on_poll = on_poll
 
     async def tail_job_logs(self, job_id: str):  # noqa: ANN201 - an async generator, like the SDK's
         raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
         yield  # pragma: no cover - makes this an async generator
 
     def get_job_status(self, job_id: str) -> JobStatus:
+        self._on_poll()
         self._polls += 1
         return JobStatus.SUCCEEDED if self._polls >= len(self._logs) else JobStatus.RUNNING
 
@@ -398,14 +400,19 @@ class _NoStreamClient:
 
 def test_a_broken_log_stream_falls_back_to_polling(monkeypatch, capsys) -> None:
     monkeypatch.setattr(submit, "_POLL_S", 0.0)
-    client = _NoStreamClient(["epoch 1\n", "epoch 1\nepoch 2\n", "epoch 1\nepoch 2\ndone\n"])
+    printed: list[tuple[str, str]] = []  # (stdout, stderr) since the poll before, at each poll
+    client = _NoStreamClient(["epoch 1\n", "epoch 1\nepoch 2\n", "epoch 1\nepoch 2\ndone\n"],
+                             on_poll=lambda: printed.append(capsys.readouterr()))
 
     info = submit.follow(client, "job", "http://h:8265", submit.Redactor(()))
 
-    captured = capsys.readouterr()
+    printed.append(capsys.readouterr())
     assert info.status == JobStatus.SUCCEEDED
-    assert captured.out == "epoch 1\nepoch 2\ndone\n"
-    assert "polling" in captured.err
+    outs = [out for out, _ in printed]
+    assert "".join(outs) == "epoch 1\nepoch 2\ndone\n"
+    # Printed as the job ran: before the poll that saw it end and the final get_job_info.
+    assert "epoch 2\n" in "".join(outs[:-2])
+    assert "polling" in "".join(err for _, err in printed)
 
 
 # --- the configs under cluster/ ----------------------------------------------------------------

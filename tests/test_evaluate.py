@@ -47,13 +47,15 @@ def test_gray_baseline_is_601_luma_on_every_channel() -> None:
 @pytest.mark.timeout(600)
 def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     write_images(tmp_path / "data", 12)
+    (tmp_path / "data" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    (tmp_path / "data" / "empty.png").write_bytes(b"")
     torch.manual_seed(0)
     weights = tmp_path / "w.pt"
     weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
 
     report = evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(weights), out=str(tmp_path / "out")))
 
-    assert report["images"] == 12 and report["unreadable"] == 0
+    assert report["images"] == 12 and report["unreadable"] == 2  # skipped and counted, not scored as black
     for group in ("model", "gray"):
         for key in ("mse", "psnr", "ssim"):
             assert math.isfinite(report[group][key]), (group, key)

@@ -157,7 +157,13 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
 
     assert (summary["written"], summary["skipped"], summary["inputs"]) == (2, 4, 6)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
-    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 6
+
+    level1 = {p.name: (p.stat().st_size, np.asarray(Image.open(p))) for p in (out / "images").iterdir()}
+    redone = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",), overwrite=True,
+                            png_level=0))
+    assert redone["written"] == 6
+    for p in (out / "images").iterdir():  # the same pixels, stored without compression
+        assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
 
 
 def test_a_redone_png_keeps_one_parquet_row_and_an_output_inside_the_input_is_not_read(
@@ -171,6 +177,12 @@ def test_a_redone_png_keeps_one_parquet_row_and_an_output_inside_the_input_is_no
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
 
     assert (summary["inputs"], summary["written"], summary["skipped"], summary["failed"]) == (3, 1, 2, 0)
+    assert sorted(r["relpath"] for r in parquet_rows(out)) == ["0.png", "1.png", "2.png"]
+
+    for part in (out / "parquet").glob("*.parquet"):  # as if the run died between the PNGs and their Parquet
+        part.unlink()
+    summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+    assert (summary["written"], summary["skipped"]) == (3, 0)
     assert sorted(r["relpath"] for r in parquet_rows(out)) == ["0.png", "1.png", "2.png"]
 
 
@@ -198,19 +210,30 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
     with zipfile.ZipFile(folder / "more.zip", "w") as archive:
         for name, payload in payloads.items():
             archive.writestr(name, payload)
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"m{i}.jpg")
+            info.size = len(payloads[f"shard/{i:03d}.jpg"])
+            tar.addfile(info, io.BytesIO(payloads[f"shard/{i:03d}.jpg"]))
+    last = tarfile.open(fileobj=io.BytesIO(whole.getvalue())).getmembers()[-1]
+    (folder / "cut.tar").write_bytes(whole.getvalue()[: last.offset_data + 100])  # breaks off inside m2.jpg
 
     out = tmp_path / "out"
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
 
-    assert (summary["inputs"], summary["written"], summary["failed"]) == (9, 8, 1), summary
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (12, 10, 2), summary
     written = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.png"))
-    assert written == sorted(f"{a}/shard/{i:03d}.png" for a in ("more.zip", "part.tar.gz") for i in range(4))
-    failure = pq.read_table(out / "failed/failed.parquet").to_pylist()[0]
-    assert failure["source"].endswith("part.tar.gz/../escape.jpg") and ".." in failure["error"]
+    assert written == sorted(["cut.tar/m0.png", "cut.tar/m1.png",
+                              *(f"{a}/shard/{i:03d}.png" for a in ("more.zip", "part.tar.gz") for i in range(4))])
+    failures = {Path(r["source"]).name: r for r in pq.read_table(out / "failed/failed.parquet").to_pylist()}
+    assert sorted(failures) == ["cut.tar", "escape.jpg"]
+    assert failures["escape.jpg"]["source"].endswith("part.tar.gz/../escape.jpg") and ".." in failures["escape.jpg"]["error"]
+    assert "after 2 member(s)" in failures["cut.tar"]["error"]
     assert not (tmp_path / "escape.png").exists() and not (out / "escape.png").exists()
 
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
-    assert (again["skipped"], again["written"], again["failed"]) == (8, 0, 1)
+    assert (again["skipped"], again["written"], again["failed"]) == (10, 0, 2)
 
 
 def test_manifests_in_text_and_parquet(ray_cluster: str, weights: str, tmp_path: Path) -> None:
@@ -222,7 +245,12 @@ def test_manifests_in_text_and_parquet(ray_cluster: str, weights: str, tmp_path:
         out = tmp_path / f"out-{manifest}"
         summary = run(BulkConfig(input=str(tmp_path / manifest), output=str(out), weights=weights))
         assert summary["written"] == 3, manifest
-        assert len(list((out / "images").rglob("*.png"))) == 3
+        written = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.png"))
+        assert written == [f"{str(folder).lstrip('/')}/{i}.png" for i in range(3)], manifest  # the path, not a basename
+
+    limited = run(BulkConfig(input=str(tmp_path / "list.parquet"), output=str(tmp_path / "out-limited"), weights=weights,
+                             limit=2))
+    assert (limited["inputs"], limited["written"]) == (2, 2)
 
 
 def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
@@ -249,6 +277,8 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
     listed = run(BulkConfig(input=f"{bucket}/lists/list.txt", output=f"{bucket}/out-listed", weights=weights,
                             s3_endpoint=s3.endpoint))
     assert (listed["written"], listed["failed"]) == (2, 0)
+    pngs = [p for p in storage.list_files(fs, storage.join(root, "out-listed", "images"))]
+    assert sorted(p.split("/out-listed/images/", 1)[1] for p in pngs) == ["bulk/in/a.png", "bulk/in/sub dir/c.png"]
 
 
 def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
@@ -257,14 +287,17 @@ def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title:
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run(config)), daemon=True)
     runner.start()
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 240
     while not list((out / "parquet").glob("*.parquet")) if (out / "parquet").exists() else True:
         assert runner.is_alive() and time.monotonic() < deadline, "nothing was written"
         time.sleep(0.05)
     victims = ray_processes(title)
     assert victims, f"no Ray worker titled {title!r} found"
     os.kill(victims[0], signal.SIGKILL)
-    runner.join(timeout=400)
+    # The kill landed mid-run (else the test would pass without any recovery to test).
+    assert runner.is_alive() and len(list((out / "images").glob("*.png"))) < 240
+    runner.join(timeout=240)
+    assert not runner.is_alive(), "the run did not finish after the worker was killed"
     return result
 
 

@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from colorize import images, pipeline, sources, storage
+from colorize.models import ModelConfig, build_model
 from tests.helpers import encode, scene
 
 LOCAL = pafs.LocalFileSystem()
@@ -173,3 +176,26 @@ def test_a_zip_too_small_to_be_one_says_so(tmp_path: Path, payload: bytes) -> No
     (tmp_path / "tiny.zip").write_bytes(payload)
     with pytest.raises(zipfile.BadZipFile, match=r"not a zip file \(tiny.zip\)"):
         list(sources.archive_members(LOCAL, str(tmp_path / "tiny.zip"), "tiny.zip"))
+
+
+def test_a_batch_written_twice_leaves_one_parquet_part_with_one_row_per_source(tmp_path: Path) -> None:
+    """What a retried task does after a killed worker: the same outputs again, not more of them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_good_png(i))
+    items = sources.discover(str(folder), storage.S3Settings())
+    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16)).eval()
+    write = {"output": str(tmp_path / "out"), "settings": storage.S3Settings(), "formats": ("png", "parquet"),
+             "png_level": 1, "weights_id": "test"}
+
+    for _ in range(2):
+        (decoded,) = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=16, max_pixels=10**6,
+                                              done=pipeline.Done(("png", "parquet")), chunk=8)
+        rows = pipeline.compose_and_write(pipeline.predict(model, decoded, torch.device("cpu")), **write)
+        assert list(rows["status"]) == ["written"] * 3
+
+    (part,) = (tmp_path / "out" / "parquet").iterdir()
+    assert sorted(pq.read_table(part).column("relpath").to_pylist()) == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png", "2.png"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from colorize import colorizer, data, storage
 from colorize import train as train_module
@@ -102,14 +103,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str,
 
     # Ray Train writes its manager snapshot once a reported checkpoint is registered; a
     # checkpoint_* folder alone may still be an upload in progress.
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 240
     while not (out / "train" / "checkpoint_manager_snapshot.json").exists():
         assert runner.is_alive() and time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
     victims = ray_processes(b"RayTrainWorker")
     assert victims, "no training worker found"
     os.kill(victims[0], signal.SIGKILL)
-    runner.join(timeout=400)
+    runner.join(timeout=300)
 
     assert result, "training did not finish after the worker was killed"
     assert result["epoch"] == 6
@@ -138,6 +139,15 @@ def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> 
         train_module._check_resources(TrainConfig(data="d", out="o", num_workers=3), cpus=4.0)
     with pytest.raises(ValueError, match="--gpu with 1 worker"):
         train_module._check_resources(TrainConfig(data="d", out="o", gpu=True), cpus=1.0)
+
+
+def test_the_default_worker_share_leaves_a_cpu_for_reading(ray_cluster: str) -> None:
+    total = ray.cluster_resources()["CPU"]  # 4 logical CPUs
+    for workers in range(1, 13):
+        share = train_module.default_cpus_per_worker(workers, gpu=False)
+        assert 0.25 <= share <= 1.0 and (share * 4).is_integer(), (workers, share)
+        assert workers * share <= total - 1 or share == 0.25, (workers, share)  # 0.25: the floor, past what fits
+    assert train_module.default_cpus_per_worker(2, gpu=True) == 1.0
 
 
 def _cifar_batch(n: int, seed: int) -> bytes:

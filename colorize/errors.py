@@ -1,0 +1,19 @@
+"""Errors as people read them: one line each, in a failed-input row or a command's error."""
+
+from __future__ import annotations
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of ``text``, stripped; "" if there is none."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def one_line(error: BaseException, *, with_type: bool = True, max_chars: int | None = None) -> str:
+    """``error`` in one line: its message's first line, or its type's name where it has none.
+
+    ``with_type`` puts the type first (``KeyError: 'x'``), for errors whose message alone would
+    be cryptic; messages written for people (Pillow's, ours) read better without it.
+    """
+    text = first_line(str(error))
+    line = f"{type(error).__name__}: {text}" if text and with_type else text or type(error).__name__
+    return line if max_chars is None or len(line) <= max_chars else line[: max_chars - 1] + "…"
