@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_
 from colorize.objectives import Adversary, cosine_lr, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
-PRIOR_IMAGES = 2048
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def fit(
     class_weights = None
     if variant.loss == "ce" and variant.rebalance:
         # In slices: the distances to every cell take 2 KB a pixel.
-        prior = quantize.class_prior((lab[i : i + 64, 1:] for i in range(0, min(len(lab), PRIOR_IMAGES), 64)), model.ab_bins)
+        prior = quantize.class_prior((lab[i : i + 64, 1:] for i in range(0, min(len(lab), quantize.PRIOR_IMAGES), 64)), model.ab_bins)
         class_weights = quantize.rebalance_weights(prior).to(device)
     adversary = None
     if variant.gan_weight:
@@ -184,15 +183,10 @@ def _grid_examples(test: np.ndarray) -> np.ndarray:
     return test[np.linspace(0, len(test) - 1, GRID_IMAGES).round().astype(int)]
 
 
-def _batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
-    for start in range(0, len(rgb), size):
-        yield rgb[start : start + size]
-
-
 def score(model: torch.nn.Module, test: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """Metrics on the test images (model on CPU, like the bulk job) and the grid examples."""
     model = model.cpu()
-    result, _, _ = evaluate.score(model, _batches(test))
+    result, _, _ = evaluate.score(model, evaluate.in_batches(test))
     return result, evaluate.colorize_rgb(model, _grid_examples(test))
 
 
@@ -333,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results_path = out / "ablation.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     gray = metrics.MetricAccumulator()
-    for batch in _batches(test):
+    for batch in evaluate.in_batches(test):
         gray.update(evaluate.gray_baseline(batch), batch)
     results["gray"] = gray.result()
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")

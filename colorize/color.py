@@ -19,14 +19,18 @@ AB_RANGE = 110.0
 # ITU-R BT.601 luma weights, applied to gamma-encoded sRGB (what PIL's convert("L") does).
 LUMA_601 = (0.299, 0.587, 0.114)
 
-_WHITE_D65 = (0.95047, 1.0, 1.08883)
-_RGB_TO_XYZ = (
+# CIE Lab with the D65 white: the sRGB -> XYZ matrix and CIE's two curve constants. Public
+# because images.py runs the same conversion in numpy for the bulk job's hot path.
+WHITE_D65 = (0.95047, 1.0, 1.08883)
+RGB_TO_XYZ = (
     (0.4124564, 0.3575761, 0.1804375),
     (0.2126729, 0.7151522, 0.0721750),
     (0.0193339, 0.1191920, 0.9503041),
 )
-_EPSILON = 216.0 / 24389.0  # CIE's (6/29)^3
-_KAPPA = 24389.0 / 27.0  # CIE's (29/3)^3
+CIE_EPSILON = 216.0 / 24389.0  # CIE's (6/29)^3
+CIE_KAPPA = 24389.0 / 27.0  # CIE's (29/3)^3
+# How far outside [0, 1] a linear sRGB value may fall and still count as in gamut.
+GAMUT_TOLERANCE = 1e-6
 
 
 def _matrix(rows: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -59,10 +63,10 @@ def _srgb_curve(linear: torch.Tensor) -> torch.Tensor:
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], shape (..., 3, H, W) -> Lab, same shape; L in [0, 100]."""
     rgb = rgb.float() if not rgb.is_floating_point() else rgb
-    xyz = _apply(_matrix(_RGB_TO_XYZ, rgb), srgb_to_linear(rgb))
-    white = torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    xyz = _apply(_matrix(RGB_TO_XYZ, rgb), srgb_to_linear(rgb))
+    white = torch.tensor(WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
     t = xyz / white
-    f = torch.where(t > _EPSILON, t.clamp(min=_EPSILON) ** (1 / 3), (_KAPPA * t + 16) / 116)
+    f = torch.where(t > CIE_EPSILON, t.clamp(min=CIE_EPSILON) ** (1 / 3), (CIE_KAPPA * t + 16) / 116)
     fx, fy, fz = f.unbind(dim=-3)
     return torch.stack((116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)), dim=-3)
 
@@ -75,12 +79,12 @@ def _lab_to_linear(lab: torch.Tensor) -> torch.Tensor:
     fz = fy - b / 200
 
     def finv(f: torch.Tensor) -> torch.Tensor:
-        return torch.where(f**3 > _EPSILON, f**3, (116 * f - 16) / _KAPPA)
+        return torch.where(f**3 > CIE_EPSILON, f**3, (116 * f - 16) / CIE_KAPPA)
 
-    y = torch.where(L > _KAPPA * _EPSILON, fy**3, L / _KAPPA)
-    white = torch.tensor(_WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    y = torch.where(L > CIE_KAPPA * CIE_EPSILON, fy**3, L / CIE_KAPPA)
+    white = torch.tensor(WHITE_D65, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
     xyz = torch.stack((finv(fx), y, finv(fz)), dim=-3) * white
-    return _apply(torch.linalg.inv(_matrix(_RGB_TO_XYZ, lab).double()).to(lab.dtype), xyz)
+    return _apply(torch.linalg.inv(_matrix(RGB_TO_XYZ, lab).double()).to(lab.dtype), xyz)
 
 
 def lab_to_rgb(lab: torch.Tensor, *, keep_lightness: bool = True, steps: int = 12) -> torch.Tensor:
@@ -95,7 +99,7 @@ def lab_to_rgb(lab: torch.Tensor, *, keep_lightness: bool = True, steps: int = 1
     L = lab[..., :1, :, :].clamp(0.0, 100.0)
     ab = lab[..., 1:, :, :]
     linear = _lab_to_linear(torch.cat((L, ab), dim=-3))
-    tol = 1e-6
+    tol = GAMUT_TOLERANCE
     outside = ((linear < -tol) | (linear > 1 + tol)).any(dim=-3, keepdim=True)
     if keep_lightness and bool(outside.any()):
         lo = torch.zeros_like(L)
@@ -134,7 +138,7 @@ def denormalize_ab(ab: torch.Tensor) -> torch.Tensor:
 def gray_rgb_from_l(L: torch.Tensor) -> torch.Tensor:
     """The neutral sRGB grey of lightness L: (..., 1, H, W) in [0, 100] -> [0, 1]."""
     fy = (L + 16) / 116
-    y = torch.where(L > _KAPPA * _EPSILON, fy**3, L / _KAPPA)
+    y = torch.where(L > CIE_KAPPA * CIE_EPSILON, fy**3, L / CIE_KAPPA)
     return linear_to_srgb(y)
 
 

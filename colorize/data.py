@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import ray.data
@@ -36,6 +38,7 @@ from colorize.sources import IMAGE_SUFFIXES
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+_CIFAR_ROWS_PER_BLOCK = 1000  # a CIFAR batch file (10,000 images) is yielded in slices so blocks stay small
 
 
 class DataError(ValueError):
@@ -110,12 +113,16 @@ def lab_dataset(
     split: str = "train",
     settings: storage.S3Settings | None = None,
     limit: int | None = None,
+    with_rgb: bool = False,
 ) -> ray.data.Dataset:
-    """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed."""
+    """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed.
+
+    ``with_rgb`` adds the uint8 ``rgb`` (S, S, 3) each row's Lab came from (for scoring).
+    """
     raw = load_dataset(source, split=split, settings=settings, limit=limit)
     return raw.map_batches(
         prepare_batch,
-        fn_kwargs={"image_size": image_size, "augment": augment},
+        fn_kwargs={"image_size": image_size, "augment": augment, "with_rgb": with_rgb},
         batch_format="numpy",
         batch_size=256,
     )
@@ -224,8 +231,9 @@ def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> I
     entry = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     rgb = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(entry[b"labels"], dtype=np.int64)
-    for start in range(0, len(rgb), 1000):  # yield in slices so blocks stay small
-        yield {"rgb": rgb[start : start + 1000], "label": labels[start : start + 1000]}
+    for start in range(0, len(rgb), _CIFAR_ROWS_PER_BLOCK):
+        end = start + _CIFAR_ROWS_PER_BLOCK
+        yield {"rgb": rgb[start:end], "label": labels[start:end]}
 
 
 # --- Parquet shards ------------------------------------------------------------------------
@@ -239,10 +247,7 @@ def _parquet_images(fs: pafs.FileSystem, path: str) -> ray.data.Dataset:
     return ds.select_columns(["image"]).map_batches(_image_column_to_bytes, batch_format="pyarrow")
 
 
-def _image_column_to_bytes(table):  # noqa: ANN001, ANN202 - pyarrow.Table in and out
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+def _image_column_to_bytes(table: pa.Table) -> pa.Table:
     column = table.column("image")
     if pa.types.is_struct(column.type):
         column = pc.struct_field(column, "bytes")

@@ -61,6 +61,12 @@ def colorize_rgb(model: torch.nn.Module, truth: np.ndarray) -> np.ndarray:
     return color.to_uint8(rgb.permute(0, 2, 3, 1).float().cpu().numpy())
 
 
+def in_batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
+    """An in-memory uint8 (N, H, W, 3) array as the batches :func:`score` takes."""
+    for start in range(0, len(rgb), size):
+        yield rgb[start : start + size]
+
+
 def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, dict, list]:
     """Metrics of ``model`` and of the grey baseline over uint8 (N, H, W, 3) batches.
 
@@ -94,10 +100,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     source = data.locate(config.data, settings=settings, limit=config.limit)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    size = model.config.image_size
-    raw = data.load_dataset(source, split="test", limit=config.limit)
-    prepared = raw.map_batches(
-        data.prepare_batch, fn_kwargs={"image_size": size, "augment": False, "with_rgb": True}, batch_size=256
+    prepared = data.lab_dataset(
+        source, image_size=model.config.image_size, augment=False, split="test", limit=config.limit, with_rgb=True
     )
     unreadable = 0
 

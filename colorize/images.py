@@ -28,7 +28,7 @@ def _luminance_tables() -> np.ndarray:
     :mod:`colorize.color`'s sRGB matrix, read from there to keep one copy of the constants.
     """
     linear = color.srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0)
-    weights = torch.tensor(color._RGB_TO_XYZ[1], dtype=torch.float64)[:, None]
+    weights = torch.tensor(color.RGB_TO_XYZ[1], dtype=torch.float64)[:, None]
     return (weights * linear).float().numpy()
 
 
@@ -115,8 +115,8 @@ def lightness(pixels: np.ndarray) -> np.ndarray:
         y += _Y_TABLES[1][pixels[..., 1]]
         y += _Y_TABLES[2][pixels[..., 2]]
     # The CIE curve, as color.rgb_to_lab applies it to Y (the white point's Y is 1).
-    linear_part = y * np.float32(color._KAPPA)
-    return np.where(y > color._EPSILON, 116.0 * np.cbrt(y) - 16.0, linear_part).astype(np.float32, copy=False)
+    linear_part = y * np.float32(color.CIE_KAPPA)
+    return np.where(y > color.CIE_EPSILON, 116.0 * np.cbrt(y) - 16.0, linear_part).astype(np.float32, copy=False)
 
 
 def resize_lightness(L: np.ndarray, size: int) -> np.ndarray:
@@ -163,7 +163,7 @@ def _srgb8_table() -> np.ndarray:
 _SRGB8 = _srgb8_table()
 # Lab's X and Z are relative to the D65 white; folding the white into the inverse matrix
 # takes XYZ/white straight to linear sRGB.
-_XYZN_TO_LINEAR = (np.linalg.inv(np.array(color._RGB_TO_XYZ, dtype=np.float64)) * np.array(color._WHITE_D65)).astype(np.float32)
+_XYZN_TO_LINEAR = (np.linalg.inv(np.array(color.RGB_TO_XYZ, dtype=np.float64)) * np.array(color.WHITE_D65)).astype(np.float32)
 
 
 def _lab_to_srgb8(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -175,13 +175,13 @@ def _lab_to_srgb8(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     L = np.clip(L, 0.0, 100.0)
     fy = (L + 16.0) / 116.0
-    xyz = (_cie_inverse(fy + a / 500.0), np.where(L > color._KAPPA * color._EPSILON, fy * fy * fy, L / np.float32(color._KAPPA)),
+    xyz = (_cie_inverse(fy + a / 500.0), np.where(L > color.CIE_KAPPA * color.CIE_EPSILON, fy * fy * fy, L / np.float32(color.CIE_KAPPA)),
            _cie_inverse(fy - b / 200.0))
     out = np.empty((*L.shape, 3), dtype=np.uint8)
     outside = np.zeros(L.shape, dtype=bool)
     for channel, weights in enumerate(_XYZN_TO_LINEAR):
         linear = weights[0] * xyz[0] + weights[1] * xyz[1] + weights[2] * xyz[2]
-        outside |= (linear < -1e-6) | (linear > 1.0 + 1e-6)  # lab_to_rgb's own tolerance
+        outside |= (linear < -color.GAMUT_TOLERANCE) | (linear > 1.0 + color.GAMUT_TOLERANCE)
         np.clip(linear, 0.0, 1.0, out=linear)
         out[..., channel] = _SRGB8[(linear * 65535.0 + 0.5).astype(np.int32)]
     if outside.any():
@@ -192,7 +192,7 @@ def _lab_to_srgb8(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _cie_inverse(f: np.ndarray) -> np.ndarray:
     cube = f * f * f
-    return np.where(cube > color._EPSILON, cube, (116.0 * f - 16.0) / np.float32(color._KAPPA))
+    return np.where(cube > color.CIE_EPSILON, cube, (116.0 * f - 16.0) / np.float32(color.CIE_KAPPA))
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, *, level: int = 6) -> bytes:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 NEIGHBOURS = 5
 SIGMA = 5.0  # Lab units, for both soft encoding and smoothing the prior
 PRIOR_MIX = 0.5  # weight of the uniform distribution mixed into the prior
+PRIOR_IMAGES = 2048  # training images sampled to estimate the prior
 
 
 def _sq_distances(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:

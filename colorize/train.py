@@ -40,7 +40,6 @@ __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention")
-PRIOR_IMAGES = 2048  # training images sampled to estimate the colour prior for rebalancing
 
 
 @dataclass(frozen=True)
@@ -342,7 +341,7 @@ def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
     return max(0.25, min(1.0, math.floor(share * 4) / 4))
 
 
-def estimate_class_weights(dataset: ray.data.Dataset, images: int = PRIOR_IMAGES) -> torch.Tensor:
+def estimate_class_weights(dataset: ray.data.Dataset, images: int = quantize.PRIOR_IMAGES) -> torch.Tensor:
     """Rebalancing weights for the ab cells, from the colour prior of a sample of ``dataset``."""
     batches = (
         torch.from_numpy(b["ab"][b["ok"]])

@@ -127,7 +127,7 @@ def split(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def score(model: torch.nn.Module, images: np.ndarray) -> tuple[dict, dict]:
     """The model's metrics on ``images`` and the grey baseline's."""
-    result, gray, _ = evaluate.score(model, ablation._batches(images))
+    result, gray, _ = evaluate.score(model, evaluate.in_batches(images))
     return result, gray
 
 
