@@ -323,7 +323,7 @@ def compose_and_write(
     Sources in ``in_parquet`` already have their Parquet row and get only a PNG.
     """
     fs, root = storage.resolve(output, settings)
-    status, errors = list(batch["status"]), list(batch["error"])
+    status, reasons = list(batch["status"]), list(batch["error"])
     widths, heights = np.zeros(len(status), dtype=np.int64), np.zeros(len(status), dtype=np.int64)
     records: list[dict[str, Any]] = []
     for i in range(len(status)):
@@ -336,7 +336,7 @@ def compose_and_write(
             if "png" in formats:
                 storage.write_bytes_atomic(fs, storage.join(root, "images", batch["relpath"][i]), png)
         except (OSError, ValueError, RuntimeError, storage.StorageError) as error:
-            status[i], errors[i] = "failed", f"cannot write output: {errors.one_line(error, with_type=False)}"
+            status[i], reasons[i] = "failed", f"cannot write output: {errors.one_line(error, with_type=False)}"
             continue
         heights[i], widths[i] = L.shape
         status[i] = "written"
@@ -355,7 +355,7 @@ def compose_and_write(
         "source": batch["source"],
         "relpath": batch["relpath"],
         "status": np.array(status, dtype=object),
-        "error": np.array(errors, dtype=object),
+        "error": np.array(reasons, dtype=object),
         "width": widths,
         "height": heights,
     }

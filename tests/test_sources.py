@@ -178,24 +178,38 @@ def test_a_zip_too_small_to_be_one_says_so(tmp_path: Path, payload: bytes) -> No
         list(sources.archive_members(LOCAL, str(tmp_path / "tiny.zip"), "tiny.zip"))
 
 
-def test_a_batch_written_twice_leaves_one_parquet_part_with_one_row_per_source(tmp_path: Path) -> None:
-    """What a retried task does after a killed worker: the same outputs again, not more of them."""
+def _write_three_pngs_once(tmp_path: Path) -> dict[str, np.ndarray]:
+    """Runs 0.png, 1.png and 2.png through the bulk job's three stages in-process, into out/."""
     folder = tmp_path / "in"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     for i in range(3):
         (folder / f"{i}.png").write_bytes(_good_png(i))
     items = sources.discover(str(folder), storage.S3Settings())
     batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
     model = build_model(ModelConfig(width=4, depth=2, image_size=16)).eval()
-    write = {"output": str(tmp_path / "out"), "settings": storage.S3Settings(), "formats": ("png", "parquet"),
-             "png_level": 1, "weights_id": "test"}
+    (decoded,) = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=16, max_pixels=10**6,
+                                          done=pipeline.Done(("png", "parquet")), chunk=8)
+    return pipeline.compose_and_write(pipeline.predict(model, decoded, torch.device("cpu")), output=str(tmp_path / "out"),
+                                      settings=storage.S3Settings(), formats=("png", "parquet"), png_level=1,
+                                      weights_id="test")
 
+
+def test_a_batch_written_twice_leaves_one_parquet_part_with_one_row_per_source(tmp_path: Path) -> None:
+    """What a retried task does after a killed worker: the same outputs again, not more of them."""
     for _ in range(2):
-        (decoded,) = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=16, max_pixels=10**6,
-                                              done=pipeline.Done(("png", "parquet")), chunk=8)
-        rows = pipeline.compose_and_write(pipeline.predict(model, decoded, torch.device("cpu")), **write)
+        rows = _write_three_pngs_once(tmp_path)
         assert list(rows["status"]) == ["written"] * 3
 
     (part,) = (tmp_path / "out" / "parquet").iterdir()
     assert sorted(pq.read_table(part).column("relpath").to_pylist()) == ["0.png", "1.png", "2.png"]
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_an_output_that_cannot_be_written_fails_alone_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "out" / "images" / "1.png").mkdir(parents=True)  # a folder where 1.png's output goes
+    rows = _write_three_pngs_once(tmp_path)
+
+    assert list(rows["status"]) == ["written", "failed", "written"]
+    assert rows["error"][1].startswith("cannot write output: ") and "1.png" in rows["error"][1]
+    (part,) = (tmp_path / "out" / "parquet").iterdir()
+    assert sorted(pq.read_table(part).column("relpath").to_pylist()) == ["0.png", "2.png"]
