@@ -91,9 +91,11 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be a finite number >= 0, got {weight}")
             if weight and self.model != "unet":
                 raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
-        for name in ("epochs", "batch_size", "num_workers"):
+        for name in ("epochs", "batch_size", "num_workers", "width", "depth", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"--image-size {self.image_size} must be divisible by 2**depth = {2**self.depth} (--depth {self.depth})")
         if self.batch_size < self.num_workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):

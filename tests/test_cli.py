@@ -67,7 +67,7 @@ def test_train_with_an_unknown_model(tmp_path: Path) -> None:
 def test_train_with_a_model_size_that_does_not_divide(tmp_path: Path) -> None:
     write_images(tmp_path / "d", 2)
     result = colorize("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--image-size", "20")
-    assert_one_error_line(result, "image_size 20")
+    assert_one_error_line(result, "--image-size 20", "--depth 3")
 
 
 def test_train_refuses_workers_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:
