@@ -14,6 +14,7 @@ from colorize.models import ARCHITECTURES, HEADS
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)"
 
 
 def _positive_int(text: str) -> int:
@@ -64,10 +65,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--limit", type=_positive_int, help="use only N training images (smoke tests; a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--val-limit", type=_positive_int, default=1000, help="validation images per epoch (default: 1000)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from; -1 retries forever (default: 2)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_train, build_config=_train_config)
 
 
@@ -93,12 +94,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: test batch)")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only N images (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_evaluate, build_config=_evaluate_config)
 
 
@@ -161,13 +162,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
     p.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
                    "every CPU task runs the model itself)")
-    p.add_argument("--limit", type=_positive_int, help="process only the first N inputs")
+    p.add_argument("--limit", type=_positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
     p.add_argument("--max-pixels", type=_positive_int, default=80_000_000,
                    help="refuse images with more pixels (decompression bombs; default: 80,000,000)")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG zlib compression level: 1 encodes 5.5x faster than 6 for files 18%% larger (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_run, build_config=_run_config)
 
 
