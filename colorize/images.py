@@ -8,6 +8,7 @@ output keeps the input's exact size and lightness.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +58,11 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open(data, max_pixels)
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as error:
-        raise ImageError(f"refused as a decompression bomb: {error}") from None
+        raise ImageError(f"over --max-pixels {max_pixels:,}, refused as a decompression bomb: {error}") from None
     except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
         raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
     width, height = img.size
@@ -75,6 +76,19 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         raise
     except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
         raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Pillow's ``open`` (headers only) under our limit: its own (179 M pixels) would override
+    a larger ``--max-pixels``. Pillow refuses at twice the limit; ``decode`` checks it exactly."""
+    pillows = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
 
 
 def _lightness_and_alpha(img: Image.Image) -> Decoded:
@@ -100,6 +114,18 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
     else:
         raise ImageError(f"unsupported image mode {img.mode!r}")
     return Decoded(L=np.ascontiguousarray(L, dtype=np.float32), alpha=alpha)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in 8-bit RGB, for training and evaluation.
+
+    PIL's ``convert("RGB")`` clips 16-bit grey ("I;16", and "I" as such PNGs used to open) at
+    255, which turns nearly every pixel white; those are scaled to 8 bits first.
+    """
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float32) / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def lightness(pixels: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import posixpath
 import sys
 import time
@@ -381,6 +383,38 @@ def _parquet_bytes(records: list[dict[str, Any]], schema: pa.Schema = OUTPUT_SCH
 # --- the driver ------------------------------------------------------------------------------
 
 
+def _input_uri(uri: str, settings: storage.S3Settings) -> str:
+    """``uri`` spelled one way: a local path absolute with links resolved, an S3 prefix without a trailing slash."""
+    fs, path = storage.resolve(uri, settings)
+    return storage.to_uri(fs, os.path.realpath(path) if isinstance(fs, pafs.LocalFileSystem) else path.rstrip("/"))
+
+
+_RUN_ID_NAMES = {"input_uri": "input", "weights_id": "weights", "temperature": "--temperature"}
+
+
+def _check_resume(fs: pafs.FileSystem, root: str, output: str, run_id: dict[str, Any]) -> None:
+    """Refuse to resume into an output that an earlier run filled from another input, with other
+    weights or at another temperature: a resumed run skips inputs whose outputs exist by name,
+    so it would keep colours this run would not have made."""
+    path = storage.join(root, "_CONFIG.json")
+    if not storage.exists(fs, path):
+        return
+    try:
+        earlier = json.loads(storage.read_bytes(fs, path))
+    except ValueError as error:
+        raise storage.StorageError(
+            f"{storage.to_uri(fs, path)}: cannot read this earlier run's configuration ({error}); "
+            "move it away, or pass --overwrite"
+        ) from None
+    changed = [f"{_RUN_ID_NAMES[key]} {earlier[key]} -> {value}" for key, value in run_id.items()
+               if key in earlier and earlier[key] != value]
+    if changed:
+        raise storage.StorageError(
+            f"{output}: holds an earlier run with another {'; '.join(changed)}, whose outputs a resumed run "
+            "would keep; choose another --output, or pass --overwrite to redo every input"
+        )
+
+
 def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
     """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``source`` column."""
     pngs: set[str] = set()
@@ -414,6 +448,24 @@ def actor_pool(num_gpus: int, actors: int | None) -> tuple[int, float]:
     if num_gpus:
         return actors or num_gpus, 1.0
     return actors or 1, 0.25
+
+
+def _check_resources(config: BulkConfig) -> None:
+    """Refuse model actors that this machine's Ray can never place: the run would wait forever.
+
+    Only for a Ray this process started; a cluster found through RAY_ADDRESS may add nodes.
+    """
+    if not config.num_gpus and config.actors is None:
+        return  # CPU tasks only: they run one at a time on a machine of any size
+    have = ray.cluster_resources()
+    if config.num_gpus > have.get("GPU", 0):
+        raise ValueError(f"{config.num_gpus} GPU actor(s) need as many GPUs; this machine has {int(have.get('GPU', 0))}")
+    actors, cpus = actor_pool(config.num_gpus, config.actors)
+    if actors * cpus + TASK_CPUS > have.get("CPU", 0):
+        raise ValueError(
+            f"{actors} model actor(s) x {cpus:g} CPU and one {TASK_CPUS:g}-CPU read task need {actors * cpus + TASK_CPUS:g} "
+            f"CPUs; this machine's Ray has {have.get('CPU', 0):g} (lower --actors)"
+        )
 
 
 def _plan(
@@ -465,6 +517,9 @@ def run(config: BulkConfig) -> dict[str, Any]:
     # Fail here, not in every actor; the actors get the model with any --temperature applied.
     model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     weights_raw = colorizer.weights_bytes(model)
+    run_id = {"input_uri": _input_uri(config.input, settings), "weights_id": weights_id, "temperature": config.temperature}
+    if not config.overwrite:
+        _check_resume(out_fs, out_root, config.output, run_id)
     items = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
     if config.limit:
         items = items[: config.limit]
@@ -479,7 +534,9 @@ def run(config: BulkConfig) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    storage.write_json(out_fs, storage.join(out_root, "_CONFIG.json"), asdict(config))
+        if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, which will never grow
+            _check_resources(config)
+    storage.write_json(out_fs, storage.join(out_root, "_CONFIG.json"), {**asdict(config), **run_id})
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     print(

@@ -10,7 +10,9 @@ WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
 
 from __future__ import annotations
 
+import os
 import posixpath
+import stat
 import tarfile
 import zipfile
 import zlib
@@ -26,7 +28,10 @@ from colorize import storage
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
+# What training reads from folders and the bulk job from archives (where .json/.cls sit beside
+# the images); every format here is one the pinned Pillow decodes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif",
+                  ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".tga")
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,13 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
         if not files:
             raise storage.StorageError(f"{input_uri}: no files found")
         if exclude is not None:
-            files = [f for f in files if not storage.to_uri(fs, f).startswith(exclude.rstrip("/") + "/")]
+            prefix = _output_prefix(fs, path, exclude) + "/"
+            files = [f for f in files if not storage.to_uri(fs, f).startswith(prefix)]
             if not files:
                 raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
         relpaths = [posixpath.relpath(f, path) for f in files]
-    errors = ["" if storage.is_utf8(u) else NOT_UTF8 for u in uris]
+    errors = [_why_not_read(u) for u in uris]
     uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
@@ -94,6 +100,36 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     for uri, relpath, archive, error in zip(uris, relpaths, archives, errors):
         items.append(Item("archive", uri, relpath, error) if archive else Item("file", uri, next(names), error))
     return items
+
+
+def _output_prefix(fs: pafs.FileSystem, path: str, output: str) -> str:
+    """The output folder as files listed under input folder ``path`` are spelled, where it lies
+    inside it; locally either may be reached through a link (``--input link-to-in --output in/out``)."""
+    output = output.rstrip("/")
+    if isinstance(fs, pafs.LocalFileSystem):
+        real_in, real_out = os.path.realpath(path), os.path.realpath(output)
+        if real_out.startswith(real_in.rstrip("/") + "/"):
+            return path.rstrip("/") + real_out[len(real_in.rstrip("/")):]
+    return output
+
+
+def _why_not_read(uri: str) -> str:
+    """Why input ``uri`` fails before it is opened, or "". Opening a local named pipe would
+    block the run forever; a local name that is not UTF-8 cannot be opened through Arrow."""
+    if not storage.is_utf8(uri):
+        return NOT_UTF8
+    if storage.is_s3(uri):
+        return ""
+    try:
+        mode = os.stat(uri).st_mode
+    except OSError:
+        return ""  # missing, or a dangling link: the read says which
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file: a manifest lists files and archives (pass a folder itself as --input)"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+    return f"{kind}, not a regular file, so it is not read"
 
 
 def output_names(relpaths: list[str]) -> Iterator[str]:
@@ -136,7 +172,7 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
         if storage.is_s3(entry):
             return entry
         if posixpath.isabs(entry):
-            return posixpath.normpath(entry)
+            return "/" + posixpath.normpath(entry).lstrip("/")  # normpath keeps a leading "//"
         return storage.to_uri(fs, posixpath.normpath(posixpath.join(base, entry)))
 
     return list(dict.fromkeys(resolve(e) for e in entries))  # a path listed twice is one input

@@ -148,7 +148,8 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     """Every file under directory ``path``, recursively and sorted; a file -> [path].
 
     Locally, symbolic links to folders are followed unless they point back up the tree (a
-    loop), and a dangling link is listed like a file, so that reading it fails visibly. A
+    loop), and a dangling link, a named pipe or a device is listed like a file, so that the
+    caller can report it (reading a pipe would block: see ``sources.discover``). A
     local name that is not valid UTF-8 comes back as Python holds it, with surrogate escapes
     (see :func:`is_utf8`).
     """
@@ -187,7 +188,7 @@ def _walk_local(root: str) -> list[str]:
                     real = os.path.realpath(entry.path)
                     if real not in above:  # a link back up the tree would never end
                         folders.append((entry.path, above | {real}))
-                elif entry.is_file() or entry.is_symlink():  # regular files, and dangling links
+                else:  # files, dangling links, and pipes and devices (which the bulk job lists as failed)
                     found.append(entry.path)
     return sorted(found)
 

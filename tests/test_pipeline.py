@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from colorize import color, colorizer, storage
+from colorize import color, colorizer, pipeline, storage
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import BulkConfig, run
 from tests.helpers import encode, ray_processes, scene
@@ -164,6 +164,44 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     assert redone["written"] == 6
     for p in (out / "images").iterdir():  # the same pixels, stored without compression
         assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
+
+
+def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
+    ray_cluster: str, weights: str, tmp_path: Path
+) -> None:
+    """A resumed run skips inputs by output name: another input's or model's colours would stay."""
+    first, second = scene_pngs(tmp_path / "a", 2, 16), scene_pngs(tmp_path / "b", 2, 16)  # the same names
+    other_weights = tmp_path / "other.pt"
+    other_weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+    os.symlink(first, tmp_path / "link-to-a")
+    out = tmp_path / "out"
+    assert run(BulkConfig(input=str(first), output=str(out), weights=weights, formats=("png",)))["written"] == 2
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+
+    for changed, what in (({"input": str(second)}, "another input"), ({"weights": str(other_weights)}, "another weights"),
+                          ({"temperature": 0.5}, "another --temperature")):
+        with pytest.raises(storage.StorageError, match=what):
+            run(BulkConfig(**{"input": str(first), "output": str(out), "weights": weights, "formats": ("png",), **changed}))
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
+
+    # The same folder through a link is the same input; --overwrite takes the new input on.
+    assert run(BulkConfig(input=str(tmp_path / "link-to-a"), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
+    assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 2
+    assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
+
+
+def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    assert not have.get("GPU")
+    with pytest.raises(ValueError, match="1 GPU actor"):
+        pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=1))
+    too_many = int(have["CPU"] / 0.25) + 1
+    with pytest.raises(ValueError, match=f"{too_many} model actor"):
+        pipeline._check_resources(BulkConfig(input="i", output="o", actors=too_many))
+    pipeline._check_resources(BulkConfig(input="i", output="o", actors=1))
+    pipeline._check_resources(BulkConfig(input="i", output="o"))
 
 
 def test_a_redone_png_keeps_one_parquet_row_and_an_output_inside_the_input_is_not_read(

@@ -92,6 +92,46 @@ def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path
     assert sources.read_manifest(LOCAL, manifest, manifest) == [str(tmp_path / "img.png")]
 
 
+def test_a_manifest_lists_an_absolute_path_once_however_many_slashes_lead_it(tmp_path: Path) -> None:
+    (tmp_path / "img.png").touch()
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/img.png\n/{tmp_path}/img.png\n")
+    manifest = str(tmp_path / "list.txt")
+    assert sources.read_manifest(LOCAL, manifest, manifest) == [str(tmp_path / "img.png")]
+
+
+def test_pipes_devices_and_listed_folders_fail_alone_without_being_opened(tmp_path: Path) -> None:
+    """Opening a named pipe blocks until someone writes to it: a run would hang there."""
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "fine.png").write_bytes(_good_png(0))
+    os.mkfifo(folder / "pipe.png")
+    os.symlink(folder / "pipe.png", folder / "link-to-pipe.jpg")
+    os.symlink("/dev/null", folder / "null.png")
+    (folder / "sub" / "x.png").write_bytes(_good_png(1))
+
+    items = {i.relpath: i.error for i in sources.discover(str(folder), storage.S3Settings())}
+    assert items == {"fine.png": "", "sub/x.png": "", "pipe.png": items["pipe.png"], "link-to-pipe.png": items["link-to-pipe.png"],
+                     "null.png": items["null.png"]}
+    assert "named pipe (FIFO)" in items["pipe.png"] and "named pipe (FIFO)" in items["link-to-pipe.png"]
+    assert "device or socket" in items["null.png"]
+
+    (tmp_path / "list.txt").write_text(f"{folder}/fine.png\n{folder}/sub\n{folder}/pipe.png\n")
+    listed = [(i.relpath, i.error) for i in sources.discover(str(tmp_path / "list.txt"), storage.S3Settings())]
+    assert [r for r, _ in listed] == [f"{folder}/{name}.png"[1:] for name in ("fine", "sub", "pipe")]
+    assert listed[0][1] == "" and listed[1][1].startswith("a folder, not a file") and "FIFO" in listed[2][1]
+
+
+def test_an_output_inside_the_input_is_not_read_when_either_is_reached_through_a_link(tmp_path: Path) -> None:
+    (tmp_path / "in" / "out" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "a.png").write_bytes(_good_png(0))
+    (tmp_path / "in" / "out" / "images" / "a.png").write_bytes(_good_png(1))  # an earlier run's output
+    os.symlink(tmp_path / "in", tmp_path / "link-to-in")
+
+    for given_input, given_output in (("link-to-in", "in/out"), ("in", "link-to-in/out"), ("link-to-in", "link-to-in/out")):
+        items = sources.discover(str(tmp_path / given_input), storage.S3Settings(), exclude=str(tmp_path / given_output))
+        assert [i.relpath for i in items] == ["a.png"], (given_input, given_output)
+
+
 def _good_png(seed: int) -> bytes:
     return encode(Image.fromarray(scene(np.random.default_rng(seed), 8)))
 
@@ -130,6 +170,17 @@ def test_a_tar_that_breaks_off_yields_the_members_before_the_break(tmp_path: Pat
     assert [next(members).name, next(members).name] == ["m0.png", "m1.png"]
     with pytest.raises((OSError, EOFError, tarfile.TarError)):
         next(members)
+
+
+def test_archive_members_count_by_image_extension_in_any_case(tmp_path: Path) -> None:
+    path, payload = tmp_path / "shard.tar", _good_png(0)
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "b.JFIF", "c.jpe", "d.avif", "e.png.json", "f.cls", "g.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+    assert [m.name for m in sources.archive_members(LOCAL, str(path), "shard.tar")] == ["a.jpg", "b.JFIF", "c.jpe", "d.avif"]
 
 
 def test_links_inside_a_tar_fail_alone_and_dot_slash_names_are_kept(tmp_path: Path) -> None:
