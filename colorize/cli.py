@@ -17,15 +17,45 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)"
 
 
+class _Once(argparse._StoreAction):
+    """A flag with one value, refused when given twice (argparse would keep the last one
+    silently: ``run --input a --input b`` would colour b alone)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        given = namespace.__dict__.setdefault(_GIVEN, set())
+        if self.dest in given:
+            parser.error(f"{option_string} was given twice; it takes one value")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+_GIVEN = "_flags_given"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with :class:`_Once` for every plain flag; subcommands inherit it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _temperature(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
@@ -189,11 +219,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config_values(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("handler", "build_config", "command")}
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "build_config", "command", _GIVEN)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colorize", description="Distributed image colourisation on Ray.")
+    parser = _Parser(prog="colorize", description="Distributed image colourisation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_train(sub)

@@ -32,7 +32,7 @@ import ray
 import ray.data
 from PIL import Image, ImageOps
 
-from colorize import color, storage
+from colorize import color, images, storage
 from colorize.sources import IMAGE_SUFFIXES
 
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
@@ -136,12 +136,12 @@ def prepare_batch(
     Undecodable rows come out as zeros with ``ok = False`` rather than failing the task.
     ``with_rgb`` also returns the uint8 ``rgb`` (B, S, S, 3) the Lab values came from.
     """
-    images = batch["rgb"] if "rgb" in batch else batch["bytes"]
-    n = len(images)
+    rows = batch["rgb"] if "rgb" in batch else batch["bytes"]
+    n = len(rows)
     rgb = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     ok = np.zeros(n, dtype=bool)
     rng = np.random.default_rng()
-    for i, item in enumerate(images):
+    for i, item in enumerate(rows):
         try:
             img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "rgb" in batch else _decode(item)
             rgb[i] = _crop_resize(img, image_size, rng if augment else None)
@@ -157,8 +157,7 @@ def prepare_batch(
 
 def _decode(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    return images.to_rgb(ImageOps.exif_transpose(img))
 
 
 def _crop_resize(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from colorize import images
 from colorize.sources import IMAGE_SUFFIXES
 
 
@@ -68,7 +69,7 @@ def _square(path: Path, size: int) -> np.ndarray | None:
 
 def square(img: Image.Image, size: int) -> Image.Image:
     """An image, upright (EXIF), in RGB, centre-cropped to a square and resized to ``size``."""
-    img = ImageOps.exif_transpose(img).convert("RGB")
+    img = images.to_rgb(ImageOps.exif_transpose(img))
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side))

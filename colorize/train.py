@@ -96,6 +96,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.image_size % 2**self.depth:
             raise ValueError(f"--image-size {self.image_size} must be divisible by 2**depth = {2**self.depth} (--depth {self.depth})")
+        if self.image_size < 2 ** (self.depth + 1):
+            raise ValueError(f"--image-size {self.image_size} at --depth {self.depth} leaves a 1x1 bottleneck, on which "
+                             f"BatchNorm cannot train a batch of one: use at least {2 ** (self.depth + 1)}, or a smaller --depth")
         if self.batch_size < self.num_workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):

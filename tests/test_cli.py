@@ -87,6 +87,32 @@ def test_train_against_unreachable_s3(tmp_path: Path) -> None:
     assert_one_error_line(result, "s3://bucket/data", "cannot reach")
 
 
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [(["run", "--input", "a", "--input", "b", "--output", "o"], "--input was given twice"),
+     (["train", "--data", "d", "--out", "o", "--lr", "0.1", "--lr", "0.2"], "--lr was given twice"),
+     (["run", "--input", "a", "--output", "o", "--batch-size", "abc"], "expected a whole number, got 'abc'"),
+     (["run", "--input", "a", "--output", "o", "--temperature", "warm"], "expected a number, got 'warm'")],
+    ids=["input-twice", "lr-twice", "not-a-number", "temperature-not-a-number"],
+)
+def test_flags_refuse_a_second_value_and_say_what_they_expected(argv: list[str], fragment: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_run_refuses_model_actors_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:
+    write_images(tmp_path / "in", 2)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: run starts its own
+    result = subprocess.run(
+        [*COLORIZE, "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--actors", "10000"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
+    )
+    assert_one_error_line(result, "10000 model actor(s) x 0.25 CPU", "lower --actors")
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_on_a_missing_input(tmp_path: Path) -> None:
     result = colorize("run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out"))
     assert_one_error_line(result, "no such file")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from colorize import color, colorizer, images
+from colorize import color, colorizer, data, images, imagesets
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import for_inference
 
@@ -62,3 +68,44 @@ def test_compose_bounds_its_work_on_tall_images() -> None:
     assert rgb.shape == (1100, 3, 3)
     assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])  # neutral grey
     assert np.all(np.diff(rgb[:, 0, 0].astype(int)) >= 0)
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_grey_png_reads_as_its_own_grey_for_training_evaluation_and_the_bulk_job() -> None:
+    """PIL's convert("RGB") clips 16-bit grey at 255: the image read as solid white."""
+    grey16 = np.linspace(5_000, 60_000, 64, dtype=np.uint16).reshape(8, 8)
+    payload = _png(Image.fromarray(grey16))  # mode I;16
+    expected_L = color.rgb_to_lab_np(np.repeat((grey16 / 65535.0)[..., None], 3, axis=-1))[..., 0]
+
+    bulk_L = images.decode(payload, max_pixels=10**6).L
+    train = data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=8, augment=False, with_rgb=True)
+    probe = np.asarray(imagesets.square(Image.open(io.BytesIO(payload)), 8))
+
+    assert np.abs(bulk_L - expected_L).max() < 0.01
+    assert train["ok"].all() and np.abs(train["L"][0, 0] - expected_L).max() < 0.5  # 8 bits, not 16
+    assert np.array_equal(train["rgb"][0], probe) and np.abs(probe[..., 0] - grey16 / 257.0).max() <= 0.5
+    assert (probe[..., 0] == probe[..., 1]).all() and (probe[..., 1] == probe[..., 2]).all()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height pixels (a decompression bomb's header)."""
+    real = bytearray(_png(Image.new("L", (4, 4))))
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    real[12:29] = ihdr  # after the signature and the chunk length
+    real[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(real)
+
+
+def test_max_pixels_decides_alone_even_above_pillow_s_own_limit() -> None:
+    bomb = _png_declaring(20_000, 20_000)  # 400 M pixels; Pillow alone refuses over 179 M
+
+    with pytest.raises(images.ImageError, match=r"over --max-pixels 80,000,000"):
+        images.decode(bomb, max_pixels=80_000_000)
+    with pytest.raises(images.ImageError, match="corrupt or truncated") as raised:  # past the size checks, to the pixels
+        images.decode(bomb, max_pixels=500_000_000)
+    assert "bomb" not in str(raised.value)

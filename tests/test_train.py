@@ -88,7 +88,8 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight"),
      ({"lr": float("nan")}, "--lr"), ({"cf_weight": float("inf")}, "cf-weight"), ({"cpus_per_worker": 0.0}, "cpus-per-worker"),
      ({"max_failures": -2}, "max-failures"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
-     ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16")],
+     ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
+     ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
