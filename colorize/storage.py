@@ -266,6 +266,12 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
         if kind == pafs.FileType.NotFound and _bucket_missing(fs, path):
             raise StorageError(f"{uri}: no such bucket")
+        if kind == pafs.FileType.NotFound and fs.type_name == "local":
+            above = os.path.dirname(path)
+            while fs.get_file_info(above).type == pafs.FileType.NotFound and above != os.path.dirname(above):
+                above = os.path.dirname(above)
+            if fs.get_file_info(above).type == pafs.FileType.File:
+                raise StorageError(f"{uri}: {above} is a file, so {flag} cannot be made under it")
 
 
 def safe_relpath(relpath: str) -> str:

@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -229,3 +230,13 @@ def test_filesystem_pickles_to_ray_task(ray_cluster: str, s3: S3Server, bucket: 
     data, pid = ray.get(_read_remote.remote(fs, path), timeout=120)
     assert data == b"from the driver"
     assert pid != os.getpid()
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "afile").touch()
+    for given in ("afile/out", "afile/out/deeper"):
+        fs, path = storage.resolve(str(tmp_path / given))
+        with pytest.raises(StorageError, match=f"{tmp_path}/afile is a file, so --output cannot be made under it"):
+            storage.check_output(fs, path, str(tmp_path / given), "--output")
+    fs, path = storage.resolve(str(tmp_path / "new" / "out"))
+    storage.check_output(fs, path, str(tmp_path / "new" / "out"), "--output")  # folders yet to be made are fine
