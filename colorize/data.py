@@ -16,6 +16,7 @@ is kept with ``ok = False`` so the trainer can skip it and count it.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import posixpath
 import random
@@ -69,20 +70,25 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     if path.endswith(".parquet") or _has_parquet(fs, path, info):
         return Source(uri, "parquet", fs, path)
     files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_SUFFIXES)]
-    unnamed = [p for p in files if not storage.is_utf8(p)]
-    if unnamed:
-        files = [p for p in files if storage.is_utf8(p)]
-        print(
-            f"{uri}: skipping {len(unnamed)} image(s) whose file names are not valid UTF-8, such as "
-            f"{storage.utf8_name(unnamed[0])}; rename them (convmv does) to use them",
-            file=sys.stderr, flush=True,
-        )
+    files = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8", "; rename them (convmv does) to use them")
+    if fs.type_name == "local":  # a named pipe would block its read task forever
+        files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
     if not files:
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_SUFFIXES)})")
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)
     return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files))
+
+
+def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> list[str]:  # noqa: ANN001
+    """``files`` for which ``keep`` holds, with one warning line naming how many were left out, and why."""
+    kept = [p for p in files if keep(p)]
+    if len(kept) < len(files):
+        first = next(p for p in files if not keep(p))
+        print(f"{uri}: skipping {len(files) - len(kept)} image(s) {why}, such as {storage.utf8_name(first)}{hint}",
+              file=sys.stderr, flush=True)
+    return kept
 
 
 def load_dataset(

@@ -97,6 +97,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
             f"{only['train/']}; only in test/: {only['test/']}); a --limit or --test-limit too small to draw "
             "from every class does this too"
         )
+    if len(train.classes) < 2:
+        raise ValueError(f"{config.data}: a probe needs at least 2 classes to tell apart, found only {train.classes[0]!r}")
     train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     report: dict[str, Any] = {
         "data": config.data,

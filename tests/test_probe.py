@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -75,6 +76,15 @@ def test_the_probe_refuses_mismatched_class_folders(labelled: Path, weights: Pat
     (tmp_path / "test" / "other").mkdir(parents=True)
     Image.fromarray(scene(np.random.default_rng(0), 16)).save(tmp_path / "test" / "other" / "x.png")
     with pytest.raises(ValueError, match=r"only in train/: day, dusk; only in test/: other\)"):
+        probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
+
+
+def test_the_probe_refuses_a_single_class(weights: Path, tmp_path: Path) -> None:
+    """With one class every probe scores 1.0, which would read as a perfect encoder."""
+    for split in ("train", "test"):
+        write_classes(tmp_path / split, 4, seed=0)
+        shutil.rmtree(tmp_path / split / "dusk")
+    with pytest.raises(ValueError, match="at least 2 classes to tell apart, found only 'day'"):
         probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
 
 

@@ -203,6 +203,18 @@ def test_training_images_whose_names_are_not_utf8_are_skipped_with_a_warning(
     assert "skipping 1 image(s) whose file names are not valid UTF-8, such as " in capsys.readouterr().err
 
 
+def test_training_skips_pipes_and_dangling_links_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A read task opening a named pipe would wait for a writer forever."""
+    paths = write_images(tmp_path / "scenes", 2)
+    os.mkfifo(tmp_path / "scenes" / "pipe.png")
+    os.symlink(tmp_path / "missing.png", tmp_path / "scenes" / "dangling.png")
+
+    source = data.locate(str(tmp_path / "scenes"))
+
+    assert sorted(source.files) == sorted(str(p) for p in paths)
+    assert "skipping 2 image(s) that are not regular files (dangling links, pipes, devices), such as " in capsys.readouterr().err
+
+
 def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> None:
     local = tmp_path / "scenes"
     paths = write_images(local, 32)
