@@ -7,8 +7,10 @@ output keeps the input's exact size and lightness.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,36 +59,41 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
-    try:
-        img = _open(data, max_pixels)
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"over --max-pixels {max_pixels:,}, refused as a decompression bomb: {error}") from None
-    except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
-        raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _lightness_and_alpha(img)
-    except ImageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
-        raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
+    with _pillow_limit(max_pixels):
+        try:
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        except UnidentifiedImageError:
+            raise ImageError("not an image (unrecognised format)") from None
+        except Image.DecompressionBombError:
+            raise ImageError(f"over --max-pixels {max_pixels:,}: refused before decoding, as a decompression bomb") from None
+        except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
+            raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _lightness_and_alpha(img)
+        except ImageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
+            raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Pillow's ``open`` (headers only) under our limit: its own (179 M pixels) would override
-    a larger ``--max-pixels``. Pillow refuses at twice the limit; ``decode`` checks it exactly."""
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``max_pixels`` while one image is decoded: its
+    own (179 M pixels, checked on opening and again by TIFF and GIF while loading) would
+    override a larger ``--max-pixels``. Pillow refuses only at twice its limit, so ``decode``
+    checks the exact number itself. The limit is process-wide: images are not decoded in threads.
+    """
     pillows = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            yield
     finally:
         Image.MAX_IMAGE_PIXELS = pillows
 

@@ -60,11 +60,6 @@ class ModelConfig:
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}"
             )
-        if self.image_size < 2 ** (self.depth + 1):  # BatchNorm cannot train on one 1x1 image
-            raise ValueError(
-                f"image_size {self.image_size} at depth {self.depth} leaves a 1x1 bottleneck; "
-                f"use at least {2 ** (self.depth + 1)}, or a smaller depth"
-            )
         if self.head not in HEADS:
             raise ValueError(f"model head must be one of {HEADS}, got {self.head!r}")
         if self.arch == "autoencoder" and (self.head != "regression" or self.attention):

@@ -389,13 +389,22 @@ def _input_uri(uri: str, settings: storage.S3Settings) -> str:
     return storage.to_uri(fs, os.path.realpath(path) if isinstance(fs, pafs.LocalFileSystem) else path.rstrip("/"))
 
 
-_RUN_ID_NAMES = {"input_uri": "input", "weights_id": "weights", "temperature": "--temperature"}
+def _run_id(config: BulkConfig, settings: storage.S3Settings, model: torch.nn.Module, weights_id: str) -> dict[str, Any]:
+    """What a run's colours depend on, for ``_CONFIG.json``: the input (as given, and as a full
+    path), the weights, and the temperature a classification head decodes at (None for regression)."""
+    classification = model.config.head == "classification"
+    return {"input": config.input, "input_uri": _input_uri(config.input, settings), "weights_id": weights_id,
+            "temperature_used": model.config.temperature if classification else None}
 
 
 def _check_resume(fs: pafs.FileSystem, root: str, output: str, run_id: dict[str, Any]) -> None:
     """Refuse to resume into an output that an earlier run filled from another input, with other
     weights or at another temperature: a resumed run skips inputs whose outputs exist by name,
-    so it would keep colours this run would not have made."""
+    so it would keep colours this run would not have made.
+
+    The input matches if either its spelling or its full path does: a relative path inside a
+    Ray job resolves into a working folder that is new for every upload.
+    """
     path = storage.join(root, "_CONFIG.json")
     if not storage.exists(fs, path):
         return
@@ -406,12 +415,16 @@ def _check_resume(fs: pafs.FileSystem, root: str, output: str, run_id: dict[str,
             f"{storage.to_uri(fs, path)}: cannot read this earlier run's configuration ({error}); "
             "move it away, or pass --overwrite"
         ) from None
-    changed = [f"{_RUN_ID_NAMES[key]} {earlier[key]} -> {value}" for key, value in run_id.items()
-               if key in earlier and earlier[key] != value]
+    changed = []
+    if "input_uri" in earlier and earlier["input"] != run_id["input"] and earlier["input_uri"] != run_id["input_uri"]:
+        changed.append(f"input ({earlier['input_uri']}, now {run_id['input_uri']})")
+    for key, name in (("weights_id", "weights"), ("temperature_used", "decoding temperature")):
+        if key in earlier and earlier[key] != run_id[key]:
+            changed.append(f"{name} ({earlier[key]}, now {run_id[key]})")
     if changed:
         raise storage.StorageError(
-            f"{output}: holds an earlier run with another {'; '.join(changed)}, whose outputs a resumed run "
-            "would keep; choose another --output, or pass --overwrite to redo every input"
+            f"{output}: holds an earlier run with another {' and another '.join(changed)}; a resumed run would "
+            "keep its outputs: choose another --output, or pass --overwrite to redo every input"
         )
 
 
@@ -458,9 +471,9 @@ def _check_resources(config: BulkConfig) -> None:
     if not config.num_gpus and config.actors is None:
         return  # CPU tasks only: they run one at a time on a machine of any size
     have = ray.cluster_resources()
-    if config.num_gpus > have.get("GPU", 0):
-        raise ValueError(f"{config.num_gpus} GPU actor(s) need as many GPUs; this machine has {int(have.get('GPU', 0))}")
     actors, cpus = actor_pool(config.num_gpus, config.actors)
+    if config.num_gpus and actors > have.get("GPU", 0):  # each GPU actor takes a whole GPU
+        raise ValueError(f"{actors} GPU actor(s) need as many GPUs; this machine has {int(have.get('GPU', 0))}")
     if actors * cpus + TASK_CPUS > have.get("CPU", 0):
         raise ValueError(
             f"{actors} model actor(s) x {cpus:g} CPU and one {TASK_CPUS:g}-CPU read task need {actors * cpus + TASK_CPUS:g} "
@@ -517,7 +530,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     # Fail here, not in every actor; the actors get the model with any --temperature applied.
     model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     weights_raw = colorizer.weights_bytes(model)
-    run_id = {"input_uri": _input_uri(config.input, settings), "weights_id": weights_id, "temperature": config.temperature}
+    run_id = _run_id(config, settings, model, weights_id)
     if not config.overwrite:
         _check_resume(out_fs, out_root, config.output, run_id)
     items = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))

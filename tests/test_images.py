@@ -101,11 +101,21 @@ def _png_declaring(width: int, height: int) -> bytes:
     return bytes(real)
 
 
-def test_max_pixels_decides_alone_even_above_pillow_s_own_limit() -> None:
-    bomb = _png_declaring(20_000, 20_000)  # 400 M pixels; Pillow alone refuses over 179 M
+def _tiff_declaring(width: int, height: int) -> bytes:
+    """A 1-bit group4 TIFF of width x height, a few KB, cut short so that it is never decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="TIFF", compression="group4")
+    return buffer.getvalue()[:-200]
+
+
+@pytest.mark.parametrize("make", [_png_declaring, _tiff_declaring], ids=["png", "tiff"])
+def test_max_pixels_decides_alone_even_above_pillow_s_own_limit(make) -> None:  # noqa: ANN001
+    """Pillow refuses over 179 M pixels when opening, and TIFF checks again while loading."""
+    bomb = make(14_000, 14_000)  # 196 M pixels
 
     with pytest.raises(images.ImageError, match=r"over --max-pixels 80,000,000"):
         images.decode(bomb, max_pixels=80_000_000)
     with pytest.raises(images.ImageError, match="corrupt or truncated") as raised:  # past the size checks, to the pixels
-        images.decode(bomb, max_pixels=500_000_000)
-    assert "bomb" not in str(raised.value)
+        images.decode(bomb, max_pixels=300_000_000)
+    assert "exceeds limit" not in str(raised.value)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own, restored for everyone else

@@ -178,14 +178,16 @@ def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
     assert run(BulkConfig(input=str(first), output=str(out), weights=weights, formats=("png",)))["written"] == 2
     before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
 
-    for changed, what in (({"input": str(second)}, "another input"), ({"weights": str(other_weights)}, "another weights"),
-                          ({"temperature": 0.5}, "another --temperature")):
+    for changed, what in (({"input": str(second)}, f"another input \\({first}, now {second}\\)"),
+                          ({"weights": str(other_weights)}, "another weights")):
         with pytest.raises(storage.StorageError, match=what):
             run(BulkConfig(**{"input": str(first), "output": str(out), "weights": weights, "formats": ("png",), **changed}))
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
 
-    # The same folder through a link is the same input; --overwrite takes the new input on.
-    assert run(BulkConfig(input=str(tmp_path / "link-to-a"), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
+    # The same folder through a link is the same input, and a temperature changes nothing for a
+    # regression model; --overwrite takes the new input on.
+    assert run(BulkConfig(input=str(tmp_path / "link-to-a"), output=str(out), weights=weights, formats=("png",),
+                          temperature=0.5))["skipped"] == 2
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 2
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
 
@@ -197,6 +199,8 @@ def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> No
     assert not have.get("GPU")
     with pytest.raises(ValueError, match="1 GPU actor"):
         pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=1))
+    with pytest.raises(ValueError, match="3 GPU actor"):
+        pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=1, actors=3))
     too_many = int(have["CPU"] / 0.25) + 1
     with pytest.raises(ValueError, match=f"{too_many} model actor"):
         pipeline._check_resources(BulkConfig(input="i", output="o", actors=too_many))
@@ -374,3 +378,9 @@ def test_a_classification_model_colours_at_the_temperature_asked_for(ray_cluster
         outputs[temperature] = np.asarray(Image.open(out / "images" / "0.png"), dtype=np.float32)
     chroma = {t: np.abs(color.rgb_to_lab_np(img / 255.0)[..., 1:]).mean() for t, img in outputs.items()}
     assert chroma[0.1] > chroma[1.0] + 1.0, chroma  # colder decoding is more saturated
+
+    # Those colours depend on it, so an output made at one temperature is not resumed at another,
+    # nor at the model's own (0.38) when none is asked for.
+    for temperature in (1.0, None):
+        with pytest.raises(storage.StorageError, match=r"another decoding temperature \(0\.1, now (1\.0|0\.38)\)"):
+            run(BulkConfig(input=str(folder), output=str(tmp_path / "out-0.1"), weights=str(weights), temperature=temperature))
