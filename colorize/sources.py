@@ -214,13 +214,20 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
         pass  # the second pass meets the same break after the members listed so far
     members = list(dict.fromkeys(members))
     names = dict(zip(members, output_names([storage.utf8_name(m) for m in members])))
+    first_with = {}  # output name -> the member that has it; another member spelled alike fails
+    for member, name in names.items():
+        first_with.setdefault(name, member)
     with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for m in archive:
             if m.name not in names:
                 continue
             name = storage.utf8_name(m.name)
-            member_relpath = posixpath.join(relpath, names.pop(m.name))  # pop: a name repeated in a tar counts once
-            if m.isfile():
+            output = names.pop(m.name)  # pop: a name repeated in a tar counts once
+            member_relpath = posixpath.join(relpath, output)
+            if first_with[output] != m.name:
+                yield Member(name, member_relpath, None, f"its name, written in UTF-8, is that of another member "
+                             f"({storage.utf8_name(first_with[output])!r}), whose output it would overwrite")
+            elif m.isfile():
                 yield Member(name, member_relpath, archive.extractfile(m).read())
             else:
                 target = storage.utf8_name(m.linkname)

@@ -84,6 +84,21 @@ def test_a_tar_member_name_that_is_not_utf8_is_read_under_a_printable_name(tmp_p
     assert (member.name, storage.safe_relpath(member.relpath), member.data) == ("caf%E9.png", "old.tar/caf%E9.png", payload)
 
 
+def test_two_tar_members_spelled_alike_in_utf8_do_not_share_an_output(tmp_path: Path) -> None:
+    path = tmp_path / "both.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name, seed in (("caf%E9.png", 0), ("caf\xe9.png", 1)):  # the second is written "caf%E9.png" in UTF-8
+            payload = _good_png(seed)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+    first, second = sources.archive_members(LOCAL, str(path), "both.tar")
+
+    assert (first.name, first.data, first.error) == ("caf%E9.png", _good_png(0), "")
+    assert second.data is None and "is that of another member ('caf%E9.png')" in second.error
+
+
 def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path) -> None:
     (tmp_path / "lists").mkdir()
     (tmp_path / "img.png").touch()
