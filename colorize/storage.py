@@ -154,8 +154,11 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
     (see :func:`is_utf8`).
     """
     uri = to_uri(fs, path)
-    if stat(fs, path, uri).type == pafs.FileType.File:
+    kind = stat(fs, path, uri).type
+    if kind == pafs.FileType.File:
         return [path]
+    if kind != pafs.FileType.Directory:  # given by name: reading a pipe would block (see above)
+        raise StorageError(f"{uri}: neither a file nor a folder (a named pipe, a device or a socket)")
     with _errors(fs, uri):
         if fs.type_name == "local":
             return _walk_local(path)

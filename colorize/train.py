@@ -259,19 +259,29 @@ def _train_epoch(
     """One pass over this worker's shard; the epoch's figures, summed over all workers."""
     per_worker_batch = config.batch_size // world
     started = time.perf_counter()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss * n, images, skipped
+    totals = torch.zeros(4, dtype=torch.float64)  # loss * n, images, skipped (unreadable), dropped
+    lockstep = dist.is_available() and dist.is_initialized() and world > 1
     for batch in shard.iter_torch_batches(
         batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch
     ):
         keep = batch["ok"].bool()
-        totals[2] += float((~keep).sum())
-        if not bool(keep.any()):
+        readable = int(keep.sum())
+        totals[2] += len(keep) - readable
+        if lockstep:
+            # DDP steps in lockstep: a worker with nothing readable cannot join the step's gradient
+            # all-reduce, and the others would wait for it forever. So either every worker steps or none.
+            fewest = torch.tensor([readable], device=device)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+            if int(fewest) == 0:
+                totals[3] += readable
+                continue
+        elif readable == 0:
             continue
         step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
         value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
                                  colourfulness_weight=config.cf_weight))
-        totals[0] += value * int(keep.sum())
-        totals[1] += int(keep.sum())
+        totals[0] += value * readable
+        totals[1] += readable
     if dist.is_available() and dist.is_initialized():
         totals = totals.to(device)
         dist.all_reduce(totals)
@@ -281,6 +291,7 @@ def _train_epoch(
         "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
         "images": int(totals[1]),
         "skipped": int(totals[2]),
+        "dropped": int(totals[3]),
         "seconds": round(seconds, 2),
         "images_per_second": round(float(totals[1]) / max(seconds, 1e-9), 1),
         "lr": optimizer.param_groups[0]["lr"],
@@ -294,6 +305,8 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
     )
     if row["skipped"]:
         line += f"  skipped {row['skipped']} unreadable"
+    if row.get("dropped"):
+        line += f"  dropped {row['dropped']} readable (in steps where a worker had none)"
     if "val_psnr" in row:
         line += (
             f"  val: mse {row['val_mse']:.5f} psnr {row['val_psnr']:.2f} dB ssim {row['val_ssim']:.3f} "
@@ -470,7 +483,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         state = json.loads(Path(directory, "state.json").read_text())
         last = state["history"][-1]
         if last["images"] == 0:
-            raise data.DataError(f"{config.data}: no readable training images ({last['skipped']} unreadable)")
+            why = f"{last['skipped']} unreadable"
+            if last.get("dropped"):
+                why += (f"; the {last['dropped']} readable ones never came in a step where each of the {config.num_workers} "
+                        "workers had one: try fewer --num-workers")
+            raise data.DataError(f"{config.data}: no readable training images ({why})")
         for name in ("model.pt", "curve.png", "grid.png", "state.json"):
             source = Path(directory, name)
             if source.exists():

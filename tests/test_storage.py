@@ -240,3 +240,12 @@ def test_an_output_under_a_file_is_refused_before_any_work(tmp_path: Path) -> No
             storage.check_output(fs, path, str(tmp_path / given), "--output")
     fs, path = storage.resolve(str(tmp_path / "new" / "out"))
     storage.check_output(fs, path, str(tmp_path / "new" / "out"), "--output")  # folders yet to be made are fine
+
+
+def test_a_pipe_or_device_given_by_name_is_refused_without_being_opened(tmp_path: Path) -> None:
+    """Listing it as a folder said "Not a directory"; opening it as a file would block on the pipe."""
+    os.mkfifo(tmp_path / "pipe.png")
+    for given in (str(tmp_path / "pipe.png"), "/dev/null"):
+        fs, path = storage.resolve(given)
+        with pytest.raises(StorageError, match=f"^{re.escape(given)}: neither a file nor a folder"):
+            storage.list_files(fs, path)

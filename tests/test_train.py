@@ -136,6 +136,21 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
     assert not (tmp_path / "unreadable" / "model.pt").exists()
 
 
+def test_workers_step_together_when_one_has_nothing_readable(ray_cluster: str, tmp_path: Path) -> None:
+    """A DDP worker that skipped a step alone left the others waiting in its all-reduce forever."""
+    folder = tmp_path / "mostly-broken"
+    write_images(folder, 16)
+    for i in range(48):
+        (folder / "class0" / f"broken{i:02d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    config = {**TINY, "batch_size": 8, "num_workers": 2}  # 4 images a worker a step: many steps hold none readable
+    try:
+        summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **config))
+    except data.DataError as error:  # possible where no step ever had a readable image on both workers
+        assert "never came in a step where each of the 2 workers had one" in str(error)
+        return
+    assert summary["skipped"] == 48 and summary["images"] + summary["dropped"] == 16 and summary["images"] > 0
+
+
 def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> None:
     with pytest.raises(ValueError, match="need 12 CPUs; this machine's Ray has 4"):
         train_module._check_resources(TrainConfig(data="d", out="o", num_workers=3), cpus=4.0)
