@@ -197,7 +197,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="refuse images with more pixels (decompression bombs; default: 80,000,000)")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG zlib compression level: 1 encodes 5.5x faster than 6 for files 18%% larger (default: 1)")
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every input, first removing the earlier Parquet parts, failure list and summary")
     p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_run, build_config=_run_config)
 

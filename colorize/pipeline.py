@@ -51,6 +51,7 @@ _PLACEHOLDER = np.zeros((1, 1), dtype=np.float32)
 TASK_CPUS = 0.5
 FUSED_TASK_CPUS = 1.0
 FILES_PER_READ = 32
+OVERWRITE_UNFINISHED = "overwrite_unfinished"  # in _CONFIG.json while an --overwrite over earlier outputs runs
 MAX_INPUT_BLOCKS = 4096
 
 
@@ -397,35 +398,77 @@ def _run_id(config: BulkConfig, settings: storage.S3Settings, model: torch.nn.Mo
             "temperature_used": model.config.temperature if classification else None}
 
 
-def _check_resume(fs: pafs.FileSystem, root: str, output: str, run_id: dict[str, Any]) -> None:
-    """Refuse to resume into an output that an earlier run filled from another input, with other
-    weights or at another temperature: a resumed run skips inputs whose outputs exist by name,
-    so it would keep colours this run would not have made.
-
-    The input matches if either its spelling or its full path does: a relative path inside a
-    Ray job resolves into a working folder that is new for every upload.
-    """
-    path = storage.join(root, "_CONFIG.json")
+def _earlier_config(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    """The ``_CONFIG.json`` at ``path`` that an earlier run left, or None."""
     if not storage.exists(fs, path):
-        return
+        return None
     try:
-        earlier = json.loads(storage.read_bytes(fs, path))
+        return json.loads(storage.read_bytes(fs, path))
     except ValueError as error:
         raise storage.StorageError(
             f"{storage.to_uri(fs, path)}: cannot read this earlier run's configuration ({error}); "
             "move it away, or pass --overwrite"
         ) from None
+
+
+def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
+    """What makes this run's colours differ from the earlier run's: input, weights, temperature.
+
+    The input matches if either its spelling or its full path does: a relative path inside a
+    Ray job resolves into a working folder that is new for every upload.
+    """
     changed = []
     if "input_uri" in earlier and earlier["input"] != run_id["input"] and earlier["input_uri"] != run_id["input_uri"]:
         changed.append(f"input ({earlier['input_uri']}, now {run_id['input_uri']})")
     for key, name in (("weights_id", "weights"), ("temperature_used", "decoding temperature")):
         if key in earlier and earlier[key] != run_id[key]:
             changed.append(f"{name} ({earlier[key]}, now {run_id[key]})")
-    if changed:
+    return changed
+
+
+def _check_resume(earlier: dict[str, Any] | None, output: str, run_id: dict[str, Any]) -> None:
+    """Refuse to resume into an output that an earlier run filled from another input, with other
+    weights or at another temperature, or that an unfinished ``--overwrite`` left holding the
+    colours of two runs: a resumed run skips inputs whose outputs exist by name, so it would
+    keep colours this run would not have made."""
+    if earlier is None:
+        return
+    if earlier.get(OVERWRITE_UNFINISHED):
+        raise storage.StorageError(
+            f"{output}: an --overwrite run into it did not finish, so it holds outputs of two runs; "
+            "pass --overwrite again to redo every input"
+        )
+    if changed := _changes(earlier, run_id):
         raise storage.StorageError(
             f"{output}: holds an earlier run with another {' and another '.join(changed)}; a resumed run would "
             "keep its outputs: choose another --output, or pass --overwrite to redo every input"
         )
+
+
+def _start_over(fs: pafs.FileSystem, root: str) -> None:
+    """For ``--overwrite``: remove the Parquet parts, the failure list and the summary of earlier
+    runs. Parts are named by the inputs they hold, so rows grouped otherwise this time would sit
+    beside the old ones; PNGs are replaced in place, name by name."""
+    storage.delete_folder_contents(fs, storage.join(root, "parquet"))
+    for name in ("failed/failed.parquet", "_SUMMARY.json"):
+        storage.delete(fs, storage.join(root, name))
+
+
+def _earlier_failures(fs: pafs.FileSystem, path: str, items: list[sources.Item]) -> list[dict[str, str]]:
+    """Rows of an earlier failure list for inputs this run did not consider (past its --limit,
+    or no longer there): they failed and were never written, and stay listed."""
+    if not storage.exists(fs, path):
+        return []
+    considered = {i.uri for i in items}
+    archives = tuple(i.uri + "/" for i in items if i.kind == "archive")
+    try:
+        with fs.open_input_file(path) as f:
+            rows = pq.read_table(f, columns=FAILED_SCHEMA.names).to_pylist()
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        print(f"{storage.to_uri(fs, path)}: cannot read the earlier failure list ({error}); it now lists this run's only",
+              file=sys.stderr, flush=True)
+        return []
+    return [r for r in rows if r["source"] not in considered and not r["source"].startswith(archives)]
 
 
 def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
@@ -531,8 +574,13 @@ def run(config: BulkConfig) -> dict[str, Any]:
     model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
     weights_raw = colorizer.weights_bytes(model)
     run_id = _run_id(config, settings, model, weights_id)
-    if not config.overwrite:
-        _check_resume(out_fs, out_root, config.output, run_id)
+    config_path = storage.join(out_root, "_CONFIG.json")
+    if config.overwrite:
+        # Cut off over another run's outputs, it would leave the colours of both: marked until it ends.
+        unfinished = storage.exists(out_fs, config_path) or storage.exists(out_fs, storage.join(out_root, "images"))
+    else:
+        _check_resume(_earlier_config(out_fs, config_path), config.output, run_id)
+        unfinished = False
     items = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
     if config.limit:
         items = items[: config.limit]
@@ -549,7 +597,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
         ray.init(log_to_driver=False)
         if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, which will never grow
             _check_resources(config)
-    storage.write_json(out_fs, storage.join(out_root, "_CONFIG.json"), {**asdict(config), **run_id})
+    if config.overwrite:
+        _start_over(out_fs, out_root)
+    else:
+        storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
+    storage.write_json(out_fs, config_path, {**asdict(config), **run_id, **({OVERWRITE_UNFINISHED: True} if unfinished else {})})
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     print(
@@ -570,8 +622,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
                     failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
 
     failed_path = storage.join(out_root, "failed", "failed.parquet")
-    if failures or storage.exists(out_fs, failed_path):
-        storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(failures, FAILED_SCHEMA))
+    listed = failures + _earlier_failures(out_fs, failed_path, items)
+    if listed or storage.exists(out_fs, failed_path):
+        storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
+    if unfinished:
+        storage.write_json(out_fs, config_path, {**asdict(config), **run_id})
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["written"] + counts["failed"] + counts["skipped"],

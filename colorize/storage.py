@@ -253,6 +253,21 @@ def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(value, indent=2).encode())
 
 
+def delete(fs: pafs.FileSystem, path: str) -> None:
+    """Remove the file ``path`` if there is one."""
+    with _errors(fs, to_uri(fs, path)):
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def delete_folder_contents(fs: pafs.FileSystem, path: str) -> None:
+    """Remove everything under the folder (or S3 prefix) ``path``, if there is one."""
+    with _errors(fs, to_uri(fs, path)):
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     """True if ``path`` is a file or directory."""
     with _errors(fs, to_uri(fs, path)):

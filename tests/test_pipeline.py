@@ -192,6 +192,40 @@ def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
 
 
+def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
+    ray_cluster: str, weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parquet parts are named by the inputs they hold: an --overwrite grouping them otherwise
+    added a second row for every input, and one cut off left two runs' colours to be resumed."""
+    folder, out = scene_pngs(tmp_path / "in", 5, 16), tmp_path / "out"
+    (folder / "0-broken.png").write_bytes(b"not a png")  # first in name order
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["failed"] == 1
+    scene_pngs(tmp_path / "more", 1, 16, name="extra{}.png")
+    (tmp_path / "more" / "extra0.png").rename(folder / "extra0.png")
+
+    summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=2, overwrite=True))
+
+    assert (summary["written"], summary["failed"]) == (6, 1)
+    sources = [r["source"] for r in parquet_rows(out)]
+    assert len(sources) == len(set(sources)) == 6
+    # An input left out by --limit keeps its place in the failure list.
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, limit=3))["skipped"] == 2
+    assert [Path(r["source"]).name for r in pq.read_table(out / "failed/failed.parquet").to_pylist()] == ["0-broken.png"]
+
+    other_weights = tmp_path / "other.pt"
+    other_weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+    with monkeypatch.context() as patch:  # Ctrl-C once the outputs are being replaced
+        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
+    assert not (out / "_SUMMARY.json").exists()  # no summary claims a finished run
+    with pytest.raises(storage.StorageError, match="an --overwrite run into it did not finish"):
+        run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",),
+                          overwrite=True))["written"] == 6
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
+
+
 def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:
     import ray
 
@@ -311,6 +345,11 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
         "images/a.png", "images/sub dir/b.png", "images/sub dir/c.png", "failed/failed.parquet",
         "_SUMMARY.json", "_CONFIG.json", *(p.split("/out/", 1)[1] for p in written if "/parquet/" in p),
     }
+    table = pq.read_table(storage.join(root, "out", "parquet"), filesystem=fs)
+    assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
+    again = run(BulkConfig(input=f"{bucket}/in", output=f"{bucket}/out", weights=weights, s3_endpoint=s3.endpoint,
+                           batch_size=1, overwrite=True))  # parts grouped otherwise replace the first run's
+    assert (again["written"], again["failed"]) == (3, 1)
     table = pq.read_table(storage.join(root, "out", "parquet"), filesystem=fs)
     assert sorted(table.column("relpath").to_pylist()) == ["a.png", "sub dir/b.png", "sub dir/c.png"]
 
