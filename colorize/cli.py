@@ -176,8 +176,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run",
         help="bulk-colourise images with Ray Data: PNG and Parquet out, failures listed",
         description="Colourise every image under --input at its original resolution. Re-running with the same "
-        "--output skips what is already written. Exit status: 0 all written, 3 some inputs failed (see "
-        "OUTPUT/failed/), 2 bad arguments or unusable input.",
+        "--output skips what is already written (after a cut-off --overwrite, pass it again). Exit status: "
+        "0 all written, 3 some inputs failed (see OUTPUT/failed/), 2 bad arguments or unusable input.",
     )
     p.add_argument("--input", required=True, help="a folder (recursive), an image, s3://bucket/prefix, archives "
                    "(.tar, .tar.gz, .tgz, .zip, WebDataset shards) or a manifest (.txt or .parquet list of paths)")

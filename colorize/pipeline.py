@@ -449,18 +449,20 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     """For ``--overwrite``: remove the Parquet parts, the failure list and the summary of earlier
     runs. Parts are named by the inputs they hold, so rows grouped otherwise this time would sit
     beside the old ones; PNGs are replaced in place, name by name."""
-    storage.delete_folder_contents(fs, storage.join(root, "parquet"))
+    parquet = storage.join(root, "parquet")
+    if storage.exists(fs, parquet):
+        for path in storage.list_files(fs, parquet):
+            if posixpath.dirname(path) == parquet and posixpath.basename(path).startswith(("part-", ".tmp-")):
+                storage.delete(fs, path)
     for name in ("failed/failed.parquet", "_SUMMARY.json"):
         storage.delete(fs, storage.join(root, name))
 
 
-def _earlier_failures(fs: pafs.FileSystem, path: str, items: list[sources.Item]) -> list[dict[str, str]]:
-    """Rows of an earlier failure list for inputs this run did not consider (past its --limit,
-    or no longer there): they failed and were never written, and stay listed."""
-    if not storage.exists(fs, path):
+def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]) -> list[dict[str, str]]:
+    """Rows of an earlier failure list for the inputs ``beyond`` this run's --limit: they failed
+    and were never written, and stay listed."""
+    if not beyond or not storage.exists(fs, path):
         return []
-    considered = {i.uri for i in items}
-    archives = tuple(i.uri + "/" for i in items if i.kind == "archive")
     try:
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f, columns=FAILED_SCHEMA.names).to_pylist()
@@ -468,7 +470,9 @@ def _earlier_failures(fs: pafs.FileSystem, path: str, items: list[sources.Item])
         print(f"{storage.to_uri(fs, path)}: cannot read the earlier failure list ({error}); it now lists this run's only",
               file=sys.stderr, flush=True)
         return []
-    return [r for r in rows if r["source"] not in considered and not r["source"].startswith(archives)]
+    uris = {i.uri for i in beyond}
+    archives = tuple(i.uri + "/" for i in beyond if i.kind == "archive")  # a member's source is <archive>/<member>
+    return [r for r in rows if r["source"] in uris or r["source"].startswith(archives)]
 
 
 def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
@@ -581,9 +585,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
     else:
         _check_resume(_earlier_config(out_fs, config_path), config.output, run_id)
         unfinished = False
-    items = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
-    if config.limit:
-        items = items[: config.limit]
+    found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
+    items = found[: config.limit] if config.limit else found
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath, i.uri)]
@@ -597,11 +600,12 @@ def run(config: BulkConfig) -> dict[str, Any]:
         ray.init(log_to_driver=False)
         if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, which will never grow
             _check_resources(config)
+    record = {**asdict(config), **run_id}
+    storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:
         _start_over(out_fs, out_root)
     else:
         storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
-    storage.write_json(out_fs, config_path, {**asdict(config), **run_id, **({OVERWRITE_UNFINISHED: True} if unfinished else {})})
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     print(
@@ -622,11 +626,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
                     failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
 
     failed_path = storage.join(out_root, "failed", "failed.parquet")
-    listed = failures + _earlier_failures(out_fs, failed_path, items)
+    listed = failures + _earlier_failures(out_fs, failed_path, found[len(items):])
     if listed or storage.exists(out_fs, failed_path):
         storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
-    if unfinished:
-        storage.write_json(out_fs, config_path, {**asdict(config), **run_id})
+    if unfinished and len(items) == len(found):  # past a --limit, earlier outputs are still there
+        storage.write_json(out_fs, config_path, record)
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["written"] + counts["failed"] + counts["skipped"],

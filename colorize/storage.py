@@ -262,12 +262,6 @@ def delete(fs: pafs.FileSystem, path: str) -> None:
             pass
 
 
-def delete_folder_contents(fs: pafs.FileSystem, path: str) -> None:
-    """Remove everything under the folder (or S3 prefix) ``path``, if there is one."""
-    with _errors(fs, to_uri(fs, path)):
-        fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     """True if ``path`` is a file or directory."""
     with _errors(fs, to_uri(fs, path)):

@@ -198,7 +198,7 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     """Parquet parts are named by the inputs they hold: an --overwrite grouping them otherwise
     added a second row for every input, and one cut off left two runs' colours to be resumed."""
     folder, out = scene_pngs(tmp_path / "in", 5, 16), tmp_path / "out"
-    (folder / "0-broken.png").write_bytes(b"not a png")  # first in name order
+    (folder / "z-broken.png").write_bytes(b"not a png")  # last in name order
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["failed"] == 1
     scene_pngs(tmp_path / "more", 1, 16, name="extra{}.png")
     (tmp_path / "more" / "extra0.png").rename(folder / "extra0.png")
@@ -209,8 +209,14 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     sources = [r["source"] for r in parquet_rows(out)]
     assert len(sources) == len(set(sources)) == 6
     # An input left out by --limit keeps its place in the failure list.
-    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, limit=3))["skipped"] == 2
-    assert [Path(r["source"]).name for r in pq.read_table(out / "failed/failed.parquet").to_pylist()] == ["0-broken.png"]
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, limit=3))["skipped"] == 3
+    assert [Path(r["source"]).name for r in pq.read_table(out / "failed/failed.parquet").to_pylist()] == ["z-broken.png"]
+    (out / "images" / "0.png").unlink()
+    with monkeypatch.context() as patch:  # Ctrl-C in a plain run: the earlier summary is gone
+        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+    assert not (out / "_SUMMARY.json").exists()
 
     other_weights = tmp_path / "other.pt"
     other_weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
@@ -219,6 +225,10 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
         with pytest.raises(KeyboardInterrupt):
             run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
     assert not (out / "_SUMMARY.json").exists()  # no summary claims a finished run
+    with pytest.raises(storage.StorageError, match="an --overwrite run into it did not finish"):
+        run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))
+    # An --overwrite that leaves inputs out (--limit) leaves their earlier colours: still marked.
+    run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True, limit=2))
     with pytest.raises(storage.StorageError, match="an --overwrite run into it did not finish"):
         run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",),
