@@ -445,6 +445,19 @@ def _check_resume(earlier: dict[str, Any] | None, output: str, run_id: dict[str,
         )
 
 
+def _would_mix(fs: pafs.FileSystem, root: str, config_path: str, run_id: dict[str, Any]) -> bool:
+    """Whether an ``--overwrite`` into ``root`` cut off part-way would leave the colours of two
+    runs: earlier outputs are there, and were made from another input or model, or by an
+    ``--overwrite`` that itself did not finish, or by a run whose configuration cannot be read."""
+    if not storage.exists(fs, storage.join(root, "images")) and not storage.exists(fs, config_path):
+        return False
+    try:
+        earlier = _earlier_config(fs, config_path)
+    except storage.StorageError:
+        return True
+    return earlier is None or bool(earlier.get(OVERWRITE_UNFINISHED)) or bool(_changes(earlier, run_id))
+
+
 def _start_over(fs: pafs.FileSystem, root: str) -> None:
     """For ``--overwrite``: remove the Parquet parts, the failure list and the summary of earlier
     runs. Parts are named by the inputs they hold, so rows grouped otherwise this time would sit
@@ -580,8 +593,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     run_id = _run_id(config, settings, model, weights_id)
     config_path = storage.join(out_root, "_CONFIG.json")
     if config.overwrite:
-        # Cut off over another run's outputs, it would leave the colours of both: marked until it ends.
-        unfinished = storage.exists(out_fs, config_path) or storage.exists(out_fs, storage.join(out_root, "images"))
+        unfinished = _would_mix(out_fs, out_root, config_path, run_id)
     else:
         _check_resume(_earlier_config(out_fs, config_path), config.output, run_id)
         unfinished = False

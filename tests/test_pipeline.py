@@ -234,6 +234,11 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",),
                           overwrite=True))["written"] == 6
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
+    with monkeypatch.context() as patch:  # cut off again, but redoing the same colours: nothing mixes
+        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
 
 
 def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:
