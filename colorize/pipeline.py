@@ -51,7 +51,7 @@ _PLACEHOLDER = np.zeros((1, 1), dtype=np.float32)
 TASK_CPUS = 0.5
 FUSED_TASK_CPUS = 1.0
 FILES_PER_READ = 32
-OVERWRITE_UNFINISHED = "overwrite_unfinished"  # in _CONFIG.json while an --overwrite over earlier outputs runs
+OVERWRITE_UNFINISHED = "overwrite_unfinished"  # in _CONFIG.json while an --overwrite over another run's outputs runs
 MAX_INPUT_BLOCKS = 4096
 
 
