@@ -459,16 +459,15 @@ def _would_mix(fs: pafs.FileSystem, root: str, config_path: str, run_id: dict[st
 
 
 def _start_over(fs: pafs.FileSystem, root: str) -> None:
-    """For ``--overwrite``: remove the Parquet parts, the failure list and the summary of earlier
-    runs. Parts are named by the inputs they hold, so rows grouped otherwise this time would sit
-    beside the old ones; PNGs are replaced in place, name by name."""
+    """For ``--overwrite``: remove the Parquet parts and the failure list of earlier runs. Parts
+    are named by the inputs they hold, so rows grouped otherwise this time would sit beside the
+    old ones; PNGs are replaced in place, name by name."""
     parquet = storage.join(root, "parquet")
     if storage.exists(fs, parquet):
         for path in storage.list_files(fs, parquet):
             if posixpath.dirname(path) == parquet and posixpath.basename(path).startswith(("part-", ".tmp-")):
                 storage.delete(fs, path)
-    for name in ("failed/failed.parquet", "_SUMMARY.json"):
-        storage.delete(fs, storage.join(root, name))
+    storage.delete(fs, storage.join(root, "failed", "failed.parquet"))
 
 
 def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]) -> list[dict[str, str]]:
@@ -616,8 +615,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:
         _start_over(out_fs, out_root)
-    else:
-        storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
+    storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     print(

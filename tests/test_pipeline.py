@@ -197,6 +197,13 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
 ) -> None:
     """Parquet parts are named by the inputs they hold: an --overwrite grouping them otherwise
     added a second row for every input, and one cut off left two runs' colours to be resumed."""
+    def cut_off(config: BulkConfig) -> None:
+        """Runs ``config`` with a Ctrl-C once the outputs are being written."""
+        with monkeypatch.context() as patch:
+            patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                run(config)
+
     folder, out = scene_pngs(tmp_path / "in", 5, 16), tmp_path / "out"
     (folder / "z-broken.png").write_bytes(b"not a png")  # last in name order
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["failed"] == 1
@@ -212,18 +219,12 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, limit=3))["skipped"] == 3
     assert [Path(r["source"]).name for r in pq.read_table(out / "failed/failed.parquet").to_pylist()] == ["z-broken.png"]
     (out / "images" / "0.png").unlink()
-    with monkeypatch.context() as patch:  # Ctrl-C in a plain run: the earlier summary is gone
-        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+    cut_off(BulkConfig(input=str(folder), output=str(out), weights=weights))  # a plain run: the earlier summary goes
     assert not (out / "_SUMMARY.json").exists()
 
     other_weights = tmp_path / "other.pt"
     other_weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
-    with monkeypatch.context() as patch:  # Ctrl-C once the outputs are being replaced
-        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
+    cut_off(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
     assert not (out / "_SUMMARY.json").exists()  # no summary claims a finished run
     with pytest.raises(storage.StorageError, match="an --overwrite run into it did not finish"):
         run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))
@@ -234,10 +235,8 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",),
                           overwrite=True))["written"] == 6
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
-    with monkeypatch.context() as patch:  # cut off again, but redoing the same colours: nothing mixes
-        patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
-        with pytest.raises(KeyboardInterrupt):
-            run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
+    # Cut off again, but redoing the same colours: nothing mixes.
+    cut_off(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
 
 
