@@ -69,7 +69,7 @@ def plain(arrays: dict[str, np.ndarray] | None, folder: Path, batch_size: int, e
     """The loop a person writes without Ray Train, in this process."""
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig()).to(memory_format=torch.channels_last)  # as colorize train's workers
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     if arrays is not None:
         tensors = {k: torch.from_numpy(arrays[k]) for k in ("L", "ab")}
@@ -86,7 +86,7 @@ def _worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(ModelConfig()))
+    model = ray.train.torch.prepare_model(build_model(ModelConfig()).to(memory_format=torch.channels_last))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     per_worker = config["batch_size"] // world
     if config["arrays"] is not None:

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from colorize import color, colorizer, evaluate, imagesets, metrics, plots, quantize
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters
-from colorize.objectives import Adversary, cosine_lr, train_step
+from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
 
@@ -84,6 +84,7 @@ class Budget:
 
     With ``seconds``, training runs for that long instead of ``epochs`` (the cosine schedule
     follows the clock), for a lease of fixed length on a shared or unknown machine.
+    ``precision`` is one of :data:`colorize.objectives.PRECISIONS`.
     """
 
     epochs: int = 4
@@ -92,8 +93,11 @@ class Budget:
     seed: int = 0
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     seconds: float | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name, value in (("epochs", self.epochs), ("batch size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -123,8 +127,10 @@ def fit(
     model = build_model(variant.model)
     if init is not None:
         model.load_state_dict(init)
-    # On a GPU: NHWC convolutions (bf16 tensor cores) and one fused Adam kernel per step.
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    # NHWC convolutions (bf16 tensor cores on a GPU, 1.4x faster in float32 on a CPU); on a GPU
+    # one fused Adam kernel per step.
+    model = model.to(device, memory_format=torch.channels_last)
+    precision = resolve_precision(budget.precision, device)
     torch.backends.cudnn.benchmark = cuda
     optimizer = torch.optim.Adam(model.parameters(), lr=budget.lr, fused=cuda or None)
     class_weights = None
@@ -134,7 +140,7 @@ def fit(
         class_weights = quantize.rebalance_weights(prior).to(device)
     adversary = None
     if variant.gan_weight:
-        critic = PatchDiscriminator().to(device)
+        critic = PatchDiscriminator().to(device, memory_format=torch.channels_last)
         adversary = Adversary(critic, torch.optim.Adam(critic.parameters(), lr=budget.lr, betas=(0.5, 0.999)), variant.gan_weight)
     if not len(lab):
         raise ValueError("no training images")
@@ -166,7 +172,7 @@ def fit(
                 batch = batch.contiguous(memory_format=torch.channels_last)
             value = train_step(model, {"L": batch[:, :1], "ab": batch[:, 1:]}, optimizer, loss=variant.loss,
                                class_weights=class_weights, adversary=adversary,
-                               colourfulness_weight=variant.colourfulness_weight)
+                               colourfulness_weight=variant.colourfulness_weight, precision=precision)
             steps += 1
         epoch += 1
         if not bool(torch.isfinite(value)):  # once an epoch: reading it waits for the GPU
@@ -217,7 +223,8 @@ def run_variant(
             "colourfulness_weight": variant.colourfulness_weight, "temperature": temperature,
             "parameters": count_parameters(model), "train_images": len(lab), "epochs": budget.epochs,
             "batch_size": budget.batch_size, "lr": budget.lr, "seconds": round(seconds, 1),
-            "hardware": hardware(budget.device), "weights": str(weights), **result,
+            "hardware": hardware(budget.device), "precision": resolve_precision(budget.precision, torch.device(budget.device)),
+            "weights": str(weights), **result,
         })
     colorizer.set_temperature(model, variant.model.temperature)
     return rows
@@ -296,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=Budget.batch_size)
     parser.add_argument("--lr", type=float, default=Budget.lr)
     parser.add_argument("--device", default=Budget().device)
+    parser.add_argument("--precision", choices=PRECISIONS, default=Budget.precision,
+                        help="bf16 autocast or float32; auto: bf16 where the device has fast bf16 (default: auto)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: redraw the grid and table from ablation.json")
     parser.add_argument("--width-scale", type=float, default=1.0,
                         help="multiply every U-Net's width (0.5 makes the study affordable on a CPU)")
@@ -312,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.width_scale > 0:
         parser.error(f"--width-scale must be > 0, got {args.width_scale}")
     try:
-        budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device)
+        budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, precision=args.precision)
     except ValueError as error:
         parser.error(str(error))  # before any data is read
     torch.set_num_threads(os.cpu_count() or 1)

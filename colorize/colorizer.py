@@ -170,7 +170,9 @@ def weights_bytes(model: nn.Module) -> bytes:
     """Serialise config and parameters as a weights-only torch file."""
     bare = unwrap(model)
     buffer = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    # Plain strides: the same bytes (and weights id) whether the model trained channels-last or not
+    # (contiguous() would keep a channels-last stride where a dimension has size 1).
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in bare.state_dict().items()}
     torch.save({"config": bare.config.to_dict(), "state_dict": state}, buffer)
     return buffer.getvalue()
 

@@ -12,6 +12,7 @@ own optimiser. Both may be DDP-wrapped.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from colorize import color, colorizer
+
+# "auto": bf16 autocast where the device runs it fast (see fast_bf16), float32 elsewhere.
+PRECISIONS = ("auto", "float32", "bf16")
 
 
 @dataclass
@@ -35,6 +39,28 @@ def _critic_input(L: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     return torch.cat((color.normalize_l(L), color.normalize_ab(ab)), dim=1)
 
 
+@functools.cache
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 autocast speeds training up on this kind of device: on CUDA, and on CPUs
+    with AVX-512 BF16 or AMX instructions (oneDNN emulates bf16 on others, slower than
+    float32). Measured by ``benchmarks/bench_cpu_precision.py``."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"float32"`` or ``"bf16"``: what ``precision`` (one of :data:`PRECISIONS`) means on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if fast_bf16(device.type) else "float32"
+    return precision
+
+
 def train_step(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -44,20 +70,26 @@ def train_step(
     class_weights: torch.Tensor | None = None,
     adversary: Adversary | None = None,
     colourfulness_weight: float = 0.0,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
 
     With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
     GAN loss of its predicted ab, then the discriminator takes one step on real against
     predicted ab. ``colourfulness_weight`` adds that times each image's colourfulness gap to
-    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units). Runs under bf16 autocast on CUDA. Returns the colouriser's loss, detached and
-    on the batch's device: reading it (``float(...)``) waits for the GPU, so callers that do
-    not log every step can let the host run ahead.
+    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units).
+
+    ``precision="bf16"`` runs the networks under bf16 autocast (weights, gradients, the
+    optimiser and the colour losses stay float32); ``"auto"`` does so on CUDA and on CPUs
+    that have bf16 instructions (:func:`fast_bf16`). Returns the colouriser's loss, detached
+    and on the batch's device: reading it (``float(...)``) waits for the GPU, so callers that
+    do not log every step can let the host run ahead.
     """
     model.train()
     L, ab = batch["L"], batch["ab"]
     device = L.device
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = resolve_precision(precision, device) == "bf16"
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         if adversary is None and not colourfulness_weight:
             value = colorizer.loss(model, L, ab, loss, class_weights=class_weights)

@@ -33,7 +33,7 @@ from torch import nn
 
 from colorize import color, colorizer, data, evaluate, plots, quantize, storage
 from colorize.models import ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters
-from colorize.objectives import Adversary, cosine_lr, train_step
+from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
 __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
@@ -51,7 +51,9 @@ class TrainConfig:
     ``loss=None`` picks ``mse`` for the regression head and ``ce`` for classification;
     ``rebalance`` weighs the classes of ``ce`` by the inverse of their smoothed frequency.
     ``gan_weight > 0`` adds the PatchGAN term with that weight, ``cf_weight > 0`` the
-    colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`).
+    colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`). ``precision``
+    is one of :data:`colorize.objectives.PRECISIONS` (``auto``: bf16 autocast where the
+    worker's device runs it fast).
     """
 
     data: str
@@ -73,6 +75,7 @@ class TrainConfig:
     cf_weight: float = 0.0
     num_workers: int = 1
     gpu: bool = False
+    precision: str = "auto"
     cpus_per_worker: float | None = None
     limit: int | None = None
     val_limit: int = 1000
@@ -82,6 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss is None:
             object.__setattr__(self, "loss", "ce" if self.head == "classification" else "mse")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loss not in colorizer.LOSSES:
             raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
         if self.model == "unet" and (self.loss == "ce") != (self.head == "classification"):
@@ -193,13 +198,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
-    model = ray.train.torch.prepare_model(model)
+    precision = resolve_precision(config.precision, device)
+    # Channels-last convolutions: 1.4x faster in float32 on a CPU, and what bf16 kernels want.
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     adversary = None
     if discriminator is not None:
         if "discriminator" in states:
             discriminator.load_state_dict(states["discriminator"])
-        discriminator = ray.train.torch.prepare_model(discriminator)
+        discriminator = ray.train.torch.prepare_model(discriminator.to(memory_format=torch.channels_last))
         adversary = Adversary(
             discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999)), config.gan_weight
         )
@@ -212,7 +219,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
             group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
-        row = {"epoch": epoch + 1, **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world)}
+        row = {"epoch": epoch + 1, "precision": precision,
+               **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world, precision)}
         examples: list[tuple[str, np.ndarray]] = []
         if rank == 0 and config.val:
             # The bare module: a DDP forward would wait for collectives the other ranks never join.
@@ -255,6 +263,7 @@ def _train_epoch(
     class_weights: torch.Tensor | None,
     device: torch.device,
     world: int,
+    precision: str,
 ) -> dict[str, Any]:
     """One pass over this worker's shard; the epoch's figures, summed over all workers."""
     per_worker_batch = config.batch_size // world
@@ -279,7 +288,7 @@ def _train_epoch(
             continue
         step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
         value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
-                                 colourfulness_weight=config.cf_weight))
+                                 colourfulness_weight=config.cf_weight, precision=precision))
         totals[0] += value * readable
         totals[1] += readable
     if dist.is_available() and dist.is_initialized():
@@ -301,7 +310,7 @@ def _train_epoch(
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
     line = (
         f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.5f}  "
-        f"{row['images']} images in {row['seconds']:.1f} s ({row['images_per_second']:.0f}/s)"
+        f"{row['images']} images in {row['seconds']:.1f} s ({row['images_per_second']:.0f}/s, {row['precision']})"
     )
     if row["skipped"]:
         line += f"  skipped {row['skipped']} unreadable"

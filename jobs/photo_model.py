@@ -29,6 +29,7 @@ from PIL import Image
 
 from colorize import ablation, colorizer, evaluate, imagesets, storage
 from colorize.models import ModelConfig, count_parameters
+from colorize.objectives import PRECISIONS, resolve_precision
 
 HOLDOUT = 0.05
 
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init", help="start from this model.pt or 'bundled' (same architecture; fine-tuning, e.g. with --gan-weight)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16 autocast or float32; auto: bf16 where the device has fast bf16 (default: auto)")
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight)):
@@ -94,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
                              colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                             seconds=args.minutes * 60 if args.minutes else None)
+                             seconds=args.minutes * 60 if args.minutes else None, precision=args.precision)
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
@@ -109,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight, "init": args.init, "epochs": round(epochs, 2),
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
+        "precision": resolve_precision(args.precision, torch.device(args.device)),
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

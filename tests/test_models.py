@@ -8,7 +8,7 @@ import torch
 
 from colorize import color, colorizer, quantize
 from colorize.models import ModelConfig, PatchDiscriminator, build_model
-from colorize.objectives import Adversary
+from colorize.objectives import Adversary, fast_bf16, resolve_precision
 from colorize.train import train_step
 from tests.helpers import scene
 
@@ -57,6 +57,51 @@ def test_train_step_lowers_the_loss_on_a_tiny_batch(config: ModelConfig) -> None
     batch = lab_batch(16)
     losses = [float(train_step(model, batch, optimizer, loss=native_loss(config))) for _ in range(40)]
     assert losses[-1] < (0.5 if config.head == "regression" else 0.8) * losses[0], losses
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3], CONFIGS[4]], ids=("regression", "classification", "attention"))
+def test_a_bf16_step_on_the_cpu_learns_and_keeps_float32_weights(config: ModelConfig) -> None:
+    # bf16 autocast runs on any CPU (emulated where the instructions are missing, only slower).
+    torch.manual_seed(0)
+    model = build_model(config).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = lab_batch(16)
+    loss = "psnr" if config.head == "regression" else "ce"
+    losses = [float(train_step(model, batch, optimizer, loss=loss, colourfulness_weight=0.05 if loss == "psnr" else 0.0,
+                               precision="bf16")) for _ in range(30)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - (3.0 if loss == "psnr" else 0.1 * losses[0]), losses
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_and_float32_steps_agree_to_bf16_precision() -> None:
+    batch = lab_batch(8)
+    values = {}
+    for precision in ("float32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(CONFIGS[0])
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the loss of the same weights, twice
+        values[precision] = float(train_step(model, batch, optimizer, loss="psnr", precision=precision))
+    assert values["bf16"] == pytest.approx(values["float32"], abs=0.3)  # dB; not equal: bf16 is really used
+    assert values["bf16"] != values["float32"]
+
+
+def test_auto_precision_is_bf16_where_the_device_has_it_fast() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if fast_bf16("cpu") else "float32")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"  # no GPU needed to resolve it
+    assert resolve_precision("float32", torch.device("cuda")) == "float32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)
+
+
+def test_a_channels_last_model_saves_the_same_weights_file() -> None:
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[1])
+    plain = colorizer.weights_bytes(model)
+    assert colorizer.weights_bytes(model.to(memory_format=torch.channels_last)) == plain
+    assert colorizer.weights_id(plain) == colorizer.weights_id(colorizer.weights_bytes(colorizer.model_from_bytes(plain)))
 
 
 def test_a_classification_head_learns_the_colours_of_its_batch() -> None:

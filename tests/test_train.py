@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 
 from colorize import colorizer, data, storage
 from colorize import train as train_module
+from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
 from tests.helpers import ray_processes, scene, write_images
 
@@ -46,6 +48,7 @@ def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, t
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert sum(r["images"] for r in rows) == 3 * 96
+    assert {r["precision"] for r in rows} == {resolve_precision("auto", torch.device("cpu"))} == {summary["precision"]}
     assert summary["val_images"] == 32 and np.isfinite(summary["val_psnr"])
     for name in ("model.pt", "curve.png", "grid.png", "config.json"):
         assert (out / name).stat().st_size > 0, name
@@ -87,7 +90,7 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight"),
      ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight"),
      ({"lr": float("nan")}, "--lr"), ({"cf_weight": float("inf")}, "cf-weight"), ({"cpus_per_worker": 0.0}, "cpus-per-worker"),
-     ({"max_failures": -2}, "max-failures"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
+     ({"max_failures": -2}, "max-failures"), ({"precision": "fp16"}, "--precision must be one of"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
      ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
      ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck")],
 )
