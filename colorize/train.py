@@ -199,7 +199,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
     precision = resolve_precision(config.precision, device)
-    # Channels-last convolutions: 1.4x faster in float32 on a CPU, and what bf16 kernels want.
+    # Channels-last convolutions: what bf16 kernels want, and 1.06x to 1.6x faster in float32 on a CPU.
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     adversary = None

@@ -179,7 +179,7 @@ def test_the_psnr_loss_is_minus_the_mean_psnr_that_evaluation_reports() -> None:
 
     reported = metrics.per_image_psnr(srgb8(pred_ab), srgb8(batch["ab"])).mean()
     assert float(-value) == pytest.approx(reported, abs=0.3)  # 8-bit rounding and the floor aside
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as train_step runs it on a GPU: still float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as train_step runs it in bf16: still float32
         assert float(colorizer.psnr_loss(batch["L"], pred_ab, batch["ab"])) == pytest.approx(float(value), abs=1e-4)
     exact = colorizer.psnr_loss(batch["L"], batch["ab"], batch["ab"])
     assert float(exact) == pytest.approx(10 * np.log10(colorizer.PSNR_LOSS_FLOOR), abs=1e-3)
