@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +116,17 @@ def to_lab(rgb: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Te
 
 
 def fit(
-    variant: Variant, lab: torch.Tensor, budget: Budget, init: dict[str, torch.Tensor] | None = None
+    variant: Variant,
+    lab: torch.Tensor,
+    budget: Budget,
+    init: dict[str, torch.Tensor] | None = None,
+    on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train ``variant`` on Lab images (N, 3, S, S), from the state dict ``init`` if given
     (fine-tuning); returns the model, seconds taken and epochs done (fractional under a
-    time budget)."""
+    time budget). ``on_epoch(epoch, model)`` runs after each epoch (say, to score a holdout)
+    with the clock stopped: its time counts neither in the seconds returned nor against
+    ``budget.seconds``. It must leave the model where it is, and in the mode it finds it."""
     torch.manual_seed(budget.seed)
     device = lab.device
     cuda = device.type == "cuda"
@@ -180,6 +186,10 @@ def fit(
         done = done or (not budget.seconds and epoch >= budget.epochs)
         print(f"  {variant.name}: epoch {epoch}{'' if budget.seconds else f'/{budget.epochs}'} done, "
               f"{time.perf_counter() - started:.0f} s", flush=True)
+        if on_epoch is not None:
+            paused = time.perf_counter()
+            on_epoch(epoch, model)
+            started += time.perf_counter() - paused
     if cuda:
         torch.cuda.synchronize()
     return model.eval(), time.perf_counter() - started, steps / max(1, steps_per_epoch)

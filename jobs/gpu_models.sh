@@ -9,8 +9,9 @@
 # each model (NAME-fp16.pt, small enough to fetch). Every model trains for MINUTES of
 # wall-clock on the same GPU at once (small U-Nets at 64 px are unlikely to fill an H100 or
 # H200 alone), so the whole script takes MINUTES plus loading and scoring, about a minute
-# more. RUNS="a b" picks some of the runs below. No Ray needed. docs/colour.md has what these
-# runs gave on an H200.
+# more, and the scoring. RUNS="a b" picks some of the runs below. Each scores its holdouts every
+# SCORE_EVERY epochs (default 5; off the training clock), a learning curve in its metrics.json.
+# No Ray needed. docs/colour.md has what these runs gave on an H200.
 set -euo pipefail
 data=${1:?data folder}
 out=${2:?output folder}
@@ -21,7 +22,7 @@ python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 
 common=(--data "$data/photos" --data "$data/cifar10/train" --size 64 --depth 4 --batch-size 256
-        --minutes "$minutes" --device "$device" --threads "${THREADS:-4}")
+        --minutes "$minutes" --device "$device" --threads "${THREADS:-4}" --score-every "${SCORE_EVERY:-5}")
 declare -A runs=(
   [w32-psnr]="--width 32 --loss psnr"
   [w32-huber]="--width 32 --loss huber"

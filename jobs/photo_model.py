@@ -9,6 +9,8 @@ may be repeated to train on several folders at once (say photos and CIFAR-10, ``
 images from each); each keeps its own holdout and is scored on its own. Writes
 ``OUT/model.pt``, ``OUT/metrics.json`` (held-out PSNR, SSIM, colourfulness next to the grey
 baseline, per folder) and ``OUT/holdout.png`` (grey, prediction and truth for 8 held-out photos).
+``--score-every N`` also scores the holdouts every N epochs while training (one line each, and a
+learning curve in ``metrics.json``); that time is not counted against ``--minutes``.
 
 ``--compare A.pt B.pt ...`` trains nothing: it scores those weights files (``bundled`` for the
 bundled model) on the same held-out photos and writes ``OUT/compare.json``.
@@ -17,6 +19,7 @@ bundled model) on the same held-out photos and writes ``OUT/compare.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -59,11 +62,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default=ablation.Budget().device)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16 autocast or float32; auto: bf16 where the device has fast bf16 (default: auto)")
+    parser.add_argument("--score-every", type=int, default=0, metavar="EPOCHS",
+                        help="also score the holdouts every EPOCHS epochs while training, off the clock (default: 0, only at the end)")
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight)):
         if value < 0:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
+    if args.score_every < 0:
+        parser.error(f"--score-every must be >= 0, got {args.score_every}")
     for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be > 0, got {value}")
@@ -98,7 +105,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                              colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                              seconds=args.minutes * 60 if args.minutes else None, precision=args.precision)
-    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init)
+    curve: list[dict] = []
+
+    def score_holdouts(epoch: int, model: torch.nn.Module) -> None:
+        if epoch % args.score_every:
+            return
+        snapshot = copy.deepcopy(model).cpu().eval()  # the training model stays on its device, in train mode
+        point = {"epoch": epoch, **{folder: score(snapshot, holdout)[0] for folder, holdout in holdouts.items()}}
+        curve.append(point)
+        print(f"  {out.name}: epoch {epoch} held out: " + "; ".join(
+            f"{folder} psnr {point[folder]['psnr']:.3f} ssim {point[folder]['ssim']:.4f} cf {point[folder]['colourfulness']:.2f}"
+            for folder in holdouts), flush=True)
+
+    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init,
+                                          on_epoch=score_holdouts if args.score_every else None)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
     scores = {folder: score(model.cpu(), holdout) for folder, holdout in holdouts.items()}
@@ -114,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
+        "curve": curve,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for folder, (result, gray) in scores.items():

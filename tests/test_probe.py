@@ -152,7 +152,8 @@ def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one
                          (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file"),
                          (["--data", str(labelled / "train"), "--cf-weight", "-0.1"], "--cf-weight must be >= 0"),
                          (["--data", str(labelled / "train"), "--gan-weight", "-1"], "--gan-weight must be >= 0"),
-                         (["--data", str(labelled / "train"), "--minutes", "0"], "--minutes must be > 0")):
+                         (["--data", str(labelled / "train"), "--minutes", "0"], "--minutes must be > 0"),
+                         (["--data", str(labelled / "train"), "--score-every", "-1"], "--score-every must be >= 0")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main([*argv, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
@@ -181,6 +182,23 @@ def test_the_photo_model_job_trains_on_two_folders_and_scores_each_holdout(label
                       "--out", str(out), "--compare", str(out / "model.pt")])
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[folders[1]][str(out / "model.pt")]["psnr"] == pytest.approx(metrics["holdout"][folders[1]][0]["psnr"])
+
+
+def test_the_photo_model_job_scores_its_holdouts_each_epoch_without_changing_the_training(labelled: Path, tmp_path: Path) -> None:
+    from jobs import photo_model
+
+    folder = str(labelled / "train")
+    argv = ["--data", folder, "--size", "16", "--width", "4", "--depth", "2", "--loss", "psnr", "--epochs", "2",
+            "--batch-size", "16", "--threads", "1"]
+    photo_model.main([*argv, "--score-every", "1", "--out", str(tmp_path / "scored")])
+    photo_model.main([*argv, "--out", str(tmp_path / "plain")])
+    scored, plain = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("scored", "plain"))
+    assert [point["epoch"] for point in scored["curve"]] == [1, 2] and plain["curve"] == []
+    # Scoring a copy mid-run leaves the run itself alone: the same weights, bit for bit, and the
+    # last point of the curve is the final model's score.
+    assert scored["weights_id"] == plain["weights_id"]
+    assert scored["curve"][-1][folder]["psnr"] == pytest.approx(scored["holdout"][folder][0]["psnr"])
+    assert scored["curve"][0][folder]["psnr"] != scored["curve"][1][folder]["psnr"]
 
 
 def test_the_photo_model_job_trains_for_its_minutes_from_the_bundled_model(
