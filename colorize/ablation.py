@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from colorize import color, colorizer, evaluate, imagesets, metrics, plots, quantize
-from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters
+from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
@@ -68,6 +68,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("unet-psnr", _unet(), loss="psnr", note="ab regression, minus the mean per-image sRGB PSNR (the reported figure)"),
     Variant("unet-psnr-cf", _unet(), loss="psnr", colourfulness_weight=0.1,
             note="unet-psnr + each image's colourfulness gap to its truth, weight 0.1 (DDColor's colourfulness loss, matched)"),
+    Variant("unet-psnr-semantic", _unet(classes=10), loss="psnr",
+            note="unet-psnr + a semantic branch: a small classifier of the whole image, trained on the class labels, "
+                 "its features added to the bottleneck (classes: the training folders')"),
     Variant("unet-mse-gan", _unet(), gan_weight=0.02, note="MSE + PatchGAN term, weight 0.02"),
     Variant("unet-class", _unet(head="classification"), loss="ce", temperatures=(0.2, 0.6, 1.0),
             note="262 gamut ab cells, soft-encoded, rebalanced CE, annealed mean"),
@@ -121,10 +124,13 @@ def fit(
     budget: Budget,
     init: dict[str, torch.Tensor] | None = None,
     on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train ``variant`` on Lab images (N, 3, S, S), from the state dict ``init`` if given
-    (fine-tuning); returns the model, seconds taken and epochs done (fractional under a
-    time budget). ``on_epoch(epoch, model)`` runs after each epoch (say, to score a holdout)
+    (fine-tuning; a model with a semantic branch may start from one without); returns the
+    model, seconds taken and epochs done (fractional under a time budget). A model with a
+    semantic branch (``classes``) learns its classes from ``labels``, int64 (N,) on the images' device (without them,
+    through the colour loss alone). ``on_epoch(epoch, model)`` runs after each epoch (say, to score a holdout)
     with the clock stopped: its time counts neither in the seconds returned nor against
     ``budget.seconds``. It must leave the model where it is, and in the mode it finds it."""
     torch.manual_seed(budget.seed)
@@ -132,7 +138,9 @@ def fit(
     cuda = device.type == "cuda"
     model = build_model(variant.model)
     if init is not None:
-        model.load_state_dict(init)
+        load_backbone(model, init)
+    if labels is not None and not variant.model.classes:
+        raise ValueError(f"{variant.name}: image labels are for a model with a semantic branch, and this one has none")
     # NHWC convolutions (bf16 tensor cores on a GPU; on a CPU 1.06x to 1.6x faster in float32,
     # bench_cpu_precision) and, on a GPU, one fused Adam kernel per step.
     model = model.to(device, memory_format=torch.channels_last)
@@ -171,12 +179,16 @@ def fit(
                 lr = cosine_lr(budget.lr, steps, total)
             for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
                 group["lr"] = lr
-            batch = lab[order[step * batch_size : (step + 1) * batch_size]]
+            picked = order[step * batch_size : (step + 1) * batch_size]
+            batch = lab[picked]
             if step % 2:
                 batch = batch.flip(-1)  # horizontal flips, half the batches
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            value = train_step(model, {"L": batch[:, :1], "ab": batch[:, 1:]}, optimizer, loss=variant.loss,
+            tensors = {"L": batch[:, :1], "ab": batch[:, 1:]}
+            if labels is not None:
+                tensors["label"] = labels[picked]
+            value = train_step(model, tensors, optimizer, loss=variant.loss,
                                class_weights=class_weights, adversary=adversary,
                                colourfulness_weight=variant.colourfulness_weight, precision=precision)
             steps += 1
@@ -213,10 +225,12 @@ def hardware(device: str) -> str:
 
 
 def run_variant(
-    variant: Variant, lab: torch.Tensor, test: np.ndarray, budget: Budget, out: Path, weights_dir: Path
+    variant: Variant, lab: torch.Tensor, test: np.ndarray, budget: Budget, out: Path, weights_dir: Path,
+    labels: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """Train, score and save one variant; one row per decoding temperature."""
-    model, seconds, _ = fit(variant, lab, budget)
+    """Train, score and save one variant; one row per decoding temperature. ``labels`` (N,)
+    are the training images' classes, for a variant with a semantic branch."""
+    model, seconds, _ = fit(variant, lab, budget, labels=labels if variant.model.classes else None)
     weights = weights_dir / f"{variant.name}.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
     weights.write_bytes(colorizer.weights_bytes(model))
@@ -340,9 +354,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
-        train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit).rgb if chosen else None
+        train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit) if chosen else None
     except ValueError as error:
         parser.error(f"--data: {error}")  # one line and exit status 2, like the colorize command
+    if train is not None:  # a semantic branch learns as many classes as the training folder has
+        chosen = [dataclasses.replace(v, model=dataclasses.replace(v.model, classes=len(train.classes))) if v.model.classes else v
+                  for v in chosen]
     results_path = out / "ablation.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
     gray = metrics.MetricAccumulator()
@@ -351,10 +368,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     results["gray"] = gray.result()
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
-    lab = to_lab(train, torch.device(budget.device)) if chosen else None
+    lab = to_lab(train.rgb, torch.device(budget.device)) if chosen else None
+    labels = torch.from_numpy(train.labels).to(budget.device) if chosen else None
     for variant in chosen:
         print(f"{variant.name}: training on {len(lab)} images x {budget.epochs} epochs on {hardware(budget.device)}", flush=True)
-        rows = run_variant(variant, lab, test, budget, out, Path(args.weights_dir))
+        rows = run_variant(variant, lab, test, budget, out, Path(args.weights_dir), labels)
         names = {r["variant"] for r in rows}
         results["rows"] = [r for r in results["rows"] if r["variant"] not in names and r["variant"].split(" ")[0] != variant.name] + rows
         order = {v.name: i for i, v in enumerate(VARIANTS)}

@@ -26,7 +26,7 @@ REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
 # can weigh in a batch (the gradient of log(mse) grows as 1/mse).
 PSNR_LOSS_FLOOR = 1e-5
 LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
-BUNDLED_WEIGHTS = "unet-photos-cifar64-cf.pt"
+BUNDLED_WEIGHTS = "unet-photos-cifar64-semantic.pt"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

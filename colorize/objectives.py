@@ -72,12 +72,14 @@ def train_step(
     colourfulness_weight: float = 0.0,
     precision: str = "auto",
 ) -> torch.Tensor:
-    """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units.
+    """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units, and ``label``
+    (B,) int64 image classes for a model with a semantic branch (``ModelConfig.classes``).
 
     With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
     GAN loss of its predicted ab, then the discriminator takes one step on real against
     predicted ab. ``colourfulness_weight`` adds that times each image's colourfulness gap to
-    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units).
+    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units). A ``label``
+    adds the semantic branch's cross-entropy, with weight 1 (measured in docs/colour.md).
 
     ``precision="bf16"`` runs the networks under bf16 autocast (weights, gradients, the
     optimiser and the colour losses stay float32); ``"auto"`` does so on CUDA and on CPUs
@@ -90,14 +92,21 @@ def train_step(
     device = L.device
     bf16 = resolve_precision(precision, device) == "bf16"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    labels = batch.get("label")
     with autocast:
-        if adversary is None and not colourfulness_weight:
+        if adversary is None and not colourfulness_weight and labels is None:
             value = colorizer.loss(model, L, ab, loss, class_weights=class_weights)
         else:
             # One forward pass feeds every term: DDP allows one forward per backward.
-            out = model(color.normalize_l(L))
+            if labels is None:
+                out = model(color.normalize_l(L))
+            else:
+                out, logits = model(color.normalize_l(L), with_logits=True)
             value = colorizer.output_loss(model, out, L, ab, loss, class_weights=class_weights)
-            fake_ab = colorizer.decode(model, out)
+            if labels is not None:
+                value = value + F.cross_entropy(logits.float(), labels)
+            if colourfulness_weight or adversary is not None:
+                fake_ab = colorizer.decode(model, out)
             if colourfulness_weight:
                 value = value + colourfulness_weight * colorizer.colourfulness_gap(L, fake_ab, ab)
             if adversary is not None:

@@ -30,6 +30,8 @@ declare -A runs=(
   [w16-psnr-ft]="--init bundled --loss psnr --lr 5e-4"
   [w32-psnr-cf]="--width 32 --loss psnr --cf-weight 0.1"
   [w16-cf-ft]="--init bundled --loss psnr --cf-weight 0.1 --lr 5e-4"
+  [w32-psnr-sem]="--width 32 --loss psnr --semantic"
+  [w16-sem-ft]="--init bundled --semantic --loss psnr --cf-weight 0.1 --lr 5e-4"
 )
 pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset

@@ -9,6 +9,9 @@ may be repeated to train on several folders at once (say photos and CIFAR-10, ``
 images from each); each keeps its own holdout and is scored on its own. Writes
 ``OUT/model.pt``, ``OUT/metrics.json`` (held-out PSNR, SSIM, colourfulness next to the grey
 baseline, per folder) and ``OUT/holdout.png`` (grey, prediction and truth for 8 held-out photos).
+``--semantic`` adds a semantic branch (``ModelConfig.classes``) that learns each image's class from
+its class folder (each ``--data`` folder's classes counted apart) and feeds its features to the
+colouriser; ``metrics.json`` then also holds its held-out class accuracy.
 ``--score-every N`` also scores the holdouts every N epochs while training (one line each, and a
 learning curve in ``metrics.json``); that time is not counted against ``--minutes``.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from colorize import ablation, colorizer, evaluate, imagesets, storage
+from colorize import ablation, color, colorizer, evaluate, imagesets, storage
 from colorize.models import ModelConfig, count_parameters
 from colorize.objectives import PRECISIONS, resolve_precision
 
@@ -48,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--head", choices=("regression", "classification"), default="regression")
     parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
+    parser.add_argument("--semantic", action="store_true",
+                        help="add a semantic branch that learns each image's class from its class folder and feeds the "
+                             "colouriser (from --init weights without one, the branch starts fresh)")
     parser.add_argument("--gan-weight", type=float, default=0.0)
     parser.add_argument("--cf-weight", type=float, default=0.0,
                         help="weight of the colourfulness-gap term (0..255 units) beside the loss (default: 0)")
@@ -83,10 +90,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for uri in [*(args.compare or []), *([args.init] if args.init else [])]:
             if uri != "bundled":
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
-        holdouts, parts = {}, []
+        holdouts, holdout_labels, parts, label_parts, classes = {}, {}, [], [], 0
         for folder in args.data:
-            holdouts[folder], rest = split(imagesets.load_folder(folder, size=args.size, limit=args.limit).rgb)
-            parts.append(rest)
+            images = imagesets.load_folder(folder, size=args.size, limit=args.limit)
+            held, rest = split(len(images.rgb))
+            holdouts[folder], holdout_labels[folder] = images.rgb[held], images.labels[held] + classes
+            parts.append(images.rgb[rest])
+            label_parts.append(images.labels[rest] + classes)  # each folder's classes after the folders before it
+            classes += len(images.classes)
     except (ValueError, storage.StorageError) as error:
         parser.error(str(error))  # one line and exit status 2, like the colorize command
     train = np.concatenate(parts)
@@ -96,11 +107,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         compare(args.compare, holdouts, out)
         return
 
-    config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head)
+    if args.semantic and classes < 2:
+        parser.error(f"--semantic needs at least two class folders in --data, found {classes}")
+    config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head,
+                         classes=classes if args.semantic else 0)
     init = None
     if args.init:
         start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
-        config, init = start.config, start.state_dict()
+        if args.semantic and start.config.arch != "unet":
+            parser.error(f"--semantic needs a U-Net, but --init {args.init} is the {start.config.arch}")
+        init = start.state_dict()
+        config = start.config
+        # Other folders' classes: a fresh class head; the branch's encoder and fusion carry over. With
+        # a single class folder there is nothing to classify: the colour loss alone trains the branch.
+        if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
+            init = {k: v for k, v in init.items() if not k.startswith("classify.")}
+            config = dataclasses.replace(config, classes=classes)
+    device = torch.device(args.device)
+    labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
                              colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
@@ -117,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{folder} psnr {point[folder]['psnr']:.3f} ssim {point[folder]['ssim']:.4f} cf {point[folder]['colourfulness']:.2f}"
             for folder in holdouts), flush=True)
 
-    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, torch.device(args.device)), budget, init=init,
-                                          on_epoch=score_holdouts if args.score_every else None)
+    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
+                                          on_epoch=score_holdouts if args.score_every else None, labels=labels)
     (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
 
     scores = {folder: score(model.cpu(), holdout) for folder, holdout in holdouts.items()}
@@ -136,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
         "curve": curve,
     }
+    if labels is not None:
+        metrics["holdout_class_accuracy"] = {folder: class_accuracy(model, holdouts[folder], holdout_labels[folder])
+                                             for folder in holdouts}
+        print("held-out class accuracy: " + "; ".join(f"{f} {a:.3f}" for f, a in metrics["holdout_class_accuracy"].items()))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for folder, (result, gray) in scores.items():
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
@@ -143,11 +171,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{seconds:.0f} s of training, {epochs:.1f} epochs", flush=True)
 
 
-def split(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded 5% (at least 8) held out, and the rest, each in folder order."""
-    order = np.random.default_rng(0).permutation(len(images))
-    held = max(8, round(len(images) * HOLDOUT))
-    return images[np.sort(order[:held])], images[np.sort(order[held:])]
+def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded 5% (at least 8) of ``n`` images to hold out, and of the rest, each in
+    folder order."""
+    order = np.random.default_rng(0).permutation(n)
+    held = max(8, round(n * HOLDOUT))
+    return np.sort(order[:held]), np.sort(order[held:])
+
+
+@torch.inference_mode()
+def class_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    """The semantic branch's accuracy on uint8 (N, S, S, 3) images with int labels (N,)."""
+    right = 0
+    for start in range(0, len(images), 500):
+        L = ablation.to_lab(images[start : start + 500], colorizer.device_of(model))[:, :1]
+        _, logits = model(color.normalize_l(L), with_logits=True)
+        right += int((logits.argmax(1).cpu().numpy() == labels[start : start + 500]).sum())
+    return right / len(images)
 
 
 def score(model: torch.nn.Module, images: np.ndarray) -> tuple[dict, dict]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from colorize import color, colorizer, quantize
-from colorize.models import ModelConfig, PatchDiscriminator, build_model
+from colorize.models import ModelConfig, PatchDiscriminator, build_model, load_backbone
 from colorize.objectives import Adversary, fast_bf16, resolve_precision
 from colorize.train import train_step
 from tests.helpers import scene
@@ -292,8 +294,10 @@ def test_the_bundled_weights_load() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"arch": "gan"}, {"width": 0}, {"depth": 3, "image_size": 20}, {"head": "softmax"},
-     {"arch": "autoencoder", "attention": True}, {"temperature": 0.0}],
-    ids=["arch", "width", "size", "head", "autoencoder-attention", "temperature"],
+     {"arch": "autoencoder", "attention": True}, {"temperature": 0.0}, {"classes": 1}, {"classes": -2},
+     {"arch": "autoencoder", "classes": 10}],
+    ids=["arch", "width", "size", "head", "autoencoder-attention", "temperature", "one-class", "negative-classes",
+         "autoencoder-classes"],
 )
 def test_model_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(ValueError):
@@ -303,3 +307,72 @@ def test_model_config_rejects_bad_values(bad: dict) -> None:
 def test_model_config_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"arch": "unet", "heads": 4})
+
+
+SEMANTIC = ModelConfig(arch="unet", width=4, depth=2, image_size=16, classes=3)
+
+
+def test_the_semantic_branch_gives_class_logits_and_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(0)
+    model = build_model(SEMANTIC)
+    batch = {**lab_batch(4), "label": torch.tensor([0, 1, 2, 1])}
+    out, logits = model(color.normalize_l(batch["L"]), with_logits=True)
+    assert out.shape == (4, 2, 16, 16) and logits.shape == (4, 3)
+    assert colorizer.predict_ab(model, batch["L"]).shape == (4, 2, 16, 16)  # inference needs no labels
+    train_step(model, batch, torch.optim.SGD(model.parameters(), lr=0.0), loss="psnr")
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+    with pytest.raises(ValueError, match="no semantic branch"):
+        build_model(CONFIGS[0])(color.normalize_l(batch["L"]), with_logits=True)
+
+
+def test_the_semantic_branch_learns_the_labels_beside_the_colour() -> None:
+    # Two classes told apart by brightness alone: bright scenes are class 1.
+    torch.manual_seed(0)
+    batch = lab_batch(32)
+    batch["label"] = (batch["L"].mean(dim=(1, 2, 3)) > batch["L"].mean()).long()
+    model = build_model(dataclasses.replace(SEMANTIC, classes=2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            _, logits = model(color.normalize_l(batch["L"]), with_logits=True)
+        return float((logits.argmax(1) == batch["label"]).float().mean())
+
+    before = accuracy()
+    # 80 steps: the branch fits the batch within 10, its BatchNorm statistics (eval mode) by about 60.
+    losses = [float(train_step(model, batch, optimizer, loss="psnr", precision="float32")) for _ in range(80)]
+    assert losses[-1] < losses[0] - 3.0, losses
+    assert before < 0.7 and accuracy() >= 0.9, (before, accuracy())
+
+
+def test_a_model_gains_the_semantic_branch_from_weights_without_it_and_colours_as_before() -> None:
+    torch.manual_seed(0)
+    plain = build_model(dataclasses.replace(SEMANTIC, classes=0)).eval()
+    semantic = build_model(SEMANTIC).eval()
+    load_backbone(semantic, plain.state_dict())
+    L = lab_batch(4)["L"]
+    assert torch.equal(colorizer.predict_ab(semantic, L), colorizer.predict_ab(plain, L))
+    loaded = colorizer.model_from_bytes(colorizer.weights_bytes(semantic))
+    assert loaded.config.classes == 3 and torch.equal(colorizer.predict_ab(loaded, L), colorizer.predict_ab(semantic, L))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_backbone(semantic, build_model(dataclasses.replace(SEMANTIC, classes=0, width=8)).state_dict())
+
+
+def test_a_semantic_model_learns_its_classes_in_the_ablation_loop_from_labels_only() -> None:
+    from colorize import ablation
+
+    lab = torch.cat([lab_batch(16)[k] for k in ("L", "ab")], dim=1)
+    variant = ablation.Variant("semantic", SEMANTIC, loss="psnr")
+    budget = ablation.Budget(epochs=1, batch_size=8, precision="float32")
+    start = build_model(SEMANTIC).state_dict()
+    model, _, epochs = ablation.fit(variant, lab, budget, init=start, labels=torch.arange(16) % 3)
+    assert epochs == 1 and model.config.classes == 3
+    assert not torch.equal(model.classify.weight.cpu(), start["classify.weight"])
+    # Without labels (say, a flat folder of photos) the colour loss alone trains it; the class head stays.
+    unlabelled, _, _ = ablation.fit(variant, lab, budget, init=start)
+    assert torch.equal(unlabelled.classify.weight.cpu(), start["classify.weight"])
+    assert not torch.equal(unlabelled.fuse[-1].weight.cpu(), start["fuse.2.weight"])
+    with pytest.raises(ValueError, match="labels are for a model with a semantic branch, and this one has none"):
+        ablation.fit(ablation.Variant("plain", CONFIGS[0], loss="psnr"), lab, budget, labels=torch.arange(16) % 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -102,10 +103,12 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     write_classes(data / "train", 64, seed=0)
     write_classes(data / "test", 80, seed=1)
     out = tmp_path / "docs"
-    ablation.main(["--data", str(data), "--out", str(out), "--weights-dir", str(tmp_path / "w"), "--variants", "unet-class",
-                   "--width-scale", "0.125", "--epochs", "1", "--batch-size", "16", "--image-size", "16"])
+    ablation.main(["--data", str(data), "--out", str(out), "--weights-dir", str(tmp_path / "w"), "--variants",
+                   "unet-class,unet-psnr-semantic", "--width-scale", "0.125", "--epochs", "1", "--batch-size", "16",
+                   "--image-size", "16"])
     results = json.loads((out / "ablation.json").read_text())
-    assert [r["variant"] for r in results["rows"]] == ["unet-class", "unet-class T=0.2", "unet-class T=0.6", "unet-class T=1"]
+    assert [r["variant"] for r in results["rows"]] == [
+        "unet-psnr-semantic", "unet-class", "unet-class T=0.2", "unet-class T=0.6", "unet-class T=1"]
     assert all(np.isfinite(r["psnr"]) and r["parameters"] > 0 for r in results["rows"])
     table = (out / "ablation.md").read_text()
     assert "gray baseline" in table and "unet-class T=0.6" in table
@@ -113,6 +116,8 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     assert grid.height >= 6 * 64  # gray, four rows, truth
     model, _ = colorizer.load_weights(str(tmp_path / "w" / "unet-class.pt"))
     assert model.config.head == "classification" and model.config.width == 4
+    semantic, _ = colorizer.load_weights(str(tmp_path / "w" / "unet-psnr-semantic.pt"))
+    assert semantic.config.classes == 2  # the training folder's classes, not CIFAR-10's ten
 
     (out / "ablation.md").unlink()
     ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16"])
@@ -184,6 +189,44 @@ def test_the_photo_model_job_trains_on_two_folders_and_scores_each_holdout(label
     assert rows[folders[1]][str(out / "model.pt")]["psnr"] == pytest.approx(metrics["holdout"][folders[1]][0]["psnr"])
 
 
+def test_the_photo_model_job_adds_a_semantic_branch_that_learns_every_folders_classes(
+    labelled: Path, weights: Path, tmp_path: Path, capsys
+) -> None:
+    from jobs import photo_model
+
+    folders = [str(labelled / "train"), str(labelled / "test")]  # two classes each: four in all
+    out = tmp_path / "semantic"
+    photo_model.main(["--data", folders[0], "--data", folders[1], "--init", str(weights), "--semantic", "--loss", "psnr",
+                      "--epochs", "2", "--batch-size", "16", "--threads", "1", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, _ = colorizer.load_weights(str(out / "model.pt"))
+    assert metrics["model"]["classes"] == model.config.classes == 4
+    assert model.config.width == 4 and model.config.image_size == 16  # the --init model's shape, with the branch
+    assert set(metrics["holdout_class_accuracy"]) == set(folders)
+    assert all(0.0 <= a <= 1.0 for a in metrics["holdout_class_accuracy"].values())
+    # Fine-tuned on other folders, it gets a fresh class head for their classes and keeps the rest of the branch.
+    again = tmp_path / "again"
+    photo_model.main(["--data", folders[0], "--init", str(out / "model.pt"), "--epochs", "1", "--batch-size", "16",
+                      "--threads", "1", "--out", str(again)])
+    tuned, _ = colorizer.load_weights(str(again / "model.pt"))
+    assert tuned.config.classes == 2 and set(json.loads((again / "metrics.json").read_text())["holdout_class_accuracy"]) == {folders[0]}
+    assert tuned.semantic.net[0].weight.shape == model.semantic.net[0].weight.shape
+    # --semantic needs classes to learn: a folder of one class folder is refused, in one line.
+    flat = tmp_path / "flat"
+    (flat / "photos").mkdir(parents=True)
+    for photo in sorted((labelled / "train").rglob("*.png"))[:16]:
+        (flat / "photos" / f"{photo.parent.name}-{photo.name}").write_bytes(photo.read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        photo_model.main(["--data", str(flat), "--init", str(weights), "--semantic", "--epochs", "1", "--threads", "1",
+                          "--out", str(tmp_path / "refused")])
+    assert exit_info.value.code == 2
+    assert "--semantic needs at least two class folders in --data, found" in capsys.readouterr().err
+    # Without --semantic, a model with the branch fine-tunes on it all the same (the colour loss trains it).
+    photo_model.main(["--data", str(flat), "--init", str(out / "model.pt"), "--epochs", "1", "--batch-size", "16",
+                      "--threads", "1", "--out", str(tmp_path / "flat-out")])
+    assert colorizer.load_weights(str(tmp_path / "flat-out" / "model.pt"))[0].config.classes == 4
+
+
 def test_the_photo_model_job_scores_its_holdouts_each_epoch_without_changing_the_training(labelled: Path, tmp_path: Path) -> None:
     from jobs import photo_model
 
@@ -216,7 +259,9 @@ def test_the_photo_model_job_trains_for_its_minutes_from_the_bundled_model(
     assert metrics["seconds"] >= 3.0 and 1 < metrics["epochs"] < 2
     assert metrics["init"] == "bundled"
     model, _ = colorizer.load_weights(str(out / "model.pt"))
-    assert model.config == colorizer.load_weights(None)[0].config  # the bundled model's architecture, fine-tuned
+    bundled = colorizer.load_weights(None)[0].config
+    # The bundled model's architecture, fine-tuned; a semantic branch now classifies these folders' two classes.
+    assert model.config == dataclasses.replace(bundled, classes=2 if bundled.classes else 0)
 
 
 def test_the_gpu_script_trains_its_runs_side_by_side_and_writes_half_precision_copies(labelled: Path, tmp_path: Path) -> None:
