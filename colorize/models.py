@@ -134,8 +134,8 @@ class SemanticEncoder(nn.Module):
     down to it first.
 
     A network of its own rather than a head on the U-Net's encoder: the colour loss alone
-    teaches that encoder little about classes (its features probe worse than random ones,
-    docs/colour.md), and a class head on its bottleneck learned to 37% train accuracy on
+    teaches that encoder little about classes (a linear probe on its features: 30-51% on
+    CIFAR-10 against 40% for random ones, docs/colour.md), and a class head on its bottleneck learned to 37% train accuracy on
     CIFAR-10 in 4 epochs, where this one learns to above 60%.
     """
 
