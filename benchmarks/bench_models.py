@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.common import print_table, write_results
-from colorize import colorizer
+from colorize import colorizer, storage
 from colorize.models import count_parameters
 from colorize.pipeline import for_inference
 
@@ -45,7 +45,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for uri in args.weights or ["bundled"]:
-        model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+        try:
+            model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+        except (ValueError, storage.StorageError) as error:
+            parser.error(f"--weights: {error}")
         model = for_inference(model.eval()).to(memory_format=torch.channels_last)
         size = model.config.image_size
         L = torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)) * 100

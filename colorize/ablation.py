@@ -358,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:
         parser.error(f"--data: {error}")  # one line and exit status 2, like the colorize command
     if train is not None:  # a semantic branch learns as many classes as the training folder has
+        for v in chosen:
+            if v.model.classes and len(train.classes) < 2:
+                parser.error(f"--variants: {v.name} learns the classes of {Path(args.data) / 'train'}, which has only one class folder")
         chosen = [dataclasses.replace(v, model=dataclasses.replace(v.model, classes=len(train.classes))) if v.model.classes else v
                   for v in chosen]
     results_path = out / "ablation.json"

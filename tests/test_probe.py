@@ -132,6 +132,18 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
 
 
+def test_the_ablation_refuses_a_semantic_variant_on_one_class_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "one"
+    for split in ("train", "test"):
+        shutil.copytree(labelled / "train" / "day", data / split / "day")
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--data", str(data), "--out", str(tmp_path / "docs"), "--variants", "unet-psnr-semantic",
+                       "--image-size", "16"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "unet-psnr-semantic learns the classes of" in errors[0] and "only one class folder" in errors[0]
+
+
 def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_path: Path, capsys) -> None:
     for argv, reason in ((["--epochs", "0"], "epochs must be at least 1, got 0"),
                          (["--batch-size", "-4"], "batch size must be at least 1, got -4"),
