@@ -1,11 +1,16 @@
 """Forward-pass speed of weight files as the bulk job runs them, against the first one.
 
-    .venv/bin/python -m benchmarks.bench_models --weights A.pt [--weights bundled ...] [--threads 2]
+    .venv/bin/python -m benchmarks.bench_models --weights A.pt [--weights bundled ...] [--threads 2] [--bulk N]
 
 Each model is prepared as the bulk job prepares it (``pipeline.for_inference``, channels-last,
 float32) and colours the same batch of L at its working size; the best of several timed rounds
 is reported, and every ratio is taken against the first ``--weights`` (the baseline) measured
 in the same run. Without ``--weights``: the bundled model alone.
+
+``--bulk N`` also times the whole bulk job (:func:`colorize.pipeline.run`, PNG output) with
+each weights file on the same N generated JPEGs (``--bulk-size``, default 256 px): Ray is
+started first and each file's job runs once untimed, so the timed run finds warm workers, as
+a long job does.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import time
 
 import torch
 
-from benchmarks.common import print_table, write_results
+import shutil
+from pathlib import Path
+
+from benchmarks.common import print_table, start_ray, warm_ray_data, write_jpegs, write_results
 from colorize import colorizer, storage
 from colorize.models import count_parameters
 from colorize.pipeline import for_inference
@@ -41,6 +49,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--bulk", type=int, metavar="N", help="also time the bulk job on N images with each weights file")
+    parser.add_argument("--bulk-size", type=int, default=256, help="side of the --bulk images in px (default: 256)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -55,8 +66,36 @@ def main() -> None:
         rate = images_per_second(model, L, args.rounds, args.calls)
         rows.append({"weights": uri, "weights_id": weights_id, "parameters_m": count_parameters(model) / 1e6,
                      "size": size, "images_per_s": rate, "x_first": rate / rows[0]["images_per_s"] if rows else 1.0})
-    print_table(rows, ["weights", "parameters_m", "size", "images_per_s", "x_first"])
-    write_results("bench_models", {"threads": args.threads, "batch": args.batch, "rows": rows})
+    columns = ["weights", "parameters_m", "size", "images_per_s", "x_first"]
+    if args.bulk:
+        bulk_rates(rows, args.bulk, args.bulk_size, args.workdir)
+        columns += ["bulk_images_per_s", "bulk_x_first"]
+    print_table(rows, columns)
+    write_results("bench_models", {"threads": args.threads, "batch": args.batch, "bulk": args.bulk,
+                                   "bulk_size": args.bulk_size, "rows": rows})
+
+
+def bulk_rates(rows: list[dict], n: int, size: int, workdir: Path) -> None:
+    """Add each row's bulk-job images/s (warm workers) on ``n`` JPEGs of ``size`` px, and the ratio to the first."""
+    from colorize.pipeline import BulkConfig, run
+
+    folder = workdir / f"jpeg-{size}x{size}-{n}"
+    write_jpegs(folder, n, size, size)
+    start_ray()
+    warm_ray_data()
+    for row in rows:
+        weights = None if row["weights"] == "bundled" else row["weights"]
+        out = workdir / "out-bench-models"
+        config = BulkConfig(input=str(folder), output=str(out), formats=("png",), weights=weights, overwrite=True)
+        for timed in (False, True):  # the first run starts the workers and loads the model
+            shutil.rmtree(out, ignore_errors=True)
+            started = time.perf_counter()
+            summary = run(config)
+            seconds = time.perf_counter() - started
+        if summary["written"] != n:
+            raise RuntimeError(f"{row['weights']}: the bulk job wrote {summary['written']} of {n} images")
+        row["bulk_images_per_s"] = n / seconds
+        row["bulk_x_first"] = row["bulk_images_per_s"] / rows[0]["bulk_images_per_s"]
 
 
 if __name__ == "__main__":

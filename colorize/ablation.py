@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
     lab = to_lab(train.rgb, torch.device(budget.device)) if chosen else None
-    labels = torch.from_numpy(train.labels).to(budget.device) if chosen else None
+    labels = torch.from_numpy(train.labels).to(budget.device) if any(v.model.classes for v in chosen) else None
     for variant in chosen:
         print(f"{variant.name}: training on {len(lab)} images x {budget.epochs} epochs on {hardware(budget.device)}", flush=True)
         rows = run_variant(variant, lab, test, budget, out, Path(args.weights_dir), labels)

@@ -80,6 +80,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", default="regression", choices=HEADS,
                    help="predict ab directly, or a distribution over ab cells (default: regression)")
     p.add_argument("--attention", action="store_true", help="self-attention at the U-Net's bottleneck")
+    p.add_argument("--semantic", action="store_true",
+                   help="add a semantic branch that learns each image's class and feeds it to the colouriser: "
+                   "CIFAR-10's classes, a Parquet 'label' column, or top-level class folders (ImageNet's layout)")
     p.add_argument("--temperature", type=_temperature, default=0.38,
                    help="annealed-mean temperature the classification head decodes with (default: 0.38)")
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")

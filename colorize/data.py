@@ -11,6 +11,9 @@ Sources, local or ``s3://``:
 Every source becomes rows of encoded ``bytes`` or decoded ``rgb``; :func:`prepare_batch` then
 decodes, crops, flips and converts to Lab in Ray Data CPU tasks. A row that cannot be decoded
 is kept with ``ok = False`` so the trainer can skip it and count it.
+
+Image classes, for a model with a semantic branch (:func:`class_names`, ``class_index``): the
+CIFAR-10 labels, a Parquet ``label`` column of integers, or the top-level folder of each image.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _CIFAR_ROWS_PER_BLOCK = 1000  # a CIFAR batch file (10,000 images) is yielded in slices so blocks stay small
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DataError(ValueError):
@@ -91,24 +95,83 @@ def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> lis
     return kept
 
 
+def class_names(source: Source) -> tuple[str, ...]:
+    """The classes of ``source``'s images, in label order, raising a one-line error where it has none.
+
+    CIFAR-10: its ten classes. Parquet: a ``label`` column of integers 0..K-1, named "0".."K-1"
+    (read on its own, not the images). A folder: its top-level subfolders, sorted (ImageNet's
+    layout); every image must sit in one.
+    """
+    if source.kind == "cifar":
+        return CIFAR_CLASSES
+    if source.kind == "parquet":
+        return _parquet_classes(source)
+    loose = [p for p in source.files if "/" not in _relative(p, source.path)]
+    if loose:
+        raise DataError(f"{source.uri}: {len(loose)} image(s), such as {storage.utf8_name(loose[0])}, are not in a class "
+                        "folder; image classes come from the top-level folders (class/image.jpg)")
+    return tuple(sorted({_relative(p, source.path).split("/", 1)[0] for p in source.files}))
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else posixpath.basename(path)
+
+
+def _parquet_classes(source: Source) -> tuple[str, ...]:
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(source.path, filesystem=source.fs, format="parquet")
+    if "label" not in dataset.schema.names or not pa.types.is_integer(dataset.schema.field("label").type):
+        raise DataError(f"{source.uri}: image classes need an integer 'label' column, found {dataset.schema.names}")
+    column = dataset.to_table(columns=["label"]).column("label")
+    low, high = pc.min_max(column).values()
+    if column.null_count or low.as_py() is None or low.as_py() < 0:
+        raise DataError(f"{source.uri}: the 'label' column must hold integers 0..K-1 with no nulls")
+    return tuple(str(i) for i in range(high.as_py() + 1))
+
+
 def load_dataset(
     source: Source | str,
     *,
     split: str = "train",
     settings: storage.S3Settings | None = None,
     limit: int | None = None,
+    class_index: dict[str, int] | None = None,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source."""
+    """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source.
+
+    With ``class_index`` (class name -> label, usually from the training source's
+    :func:`class_names`) each row also has an int64 ``label``: -1 for a class the index lacks
+    (or none at all: an image outside a class folder, Parquet without a ``label`` column).
+    """
     if isinstance(source, str):
         source = locate(source, settings=settings, limit=limit)
     if source.kind == "cifar":
         ds = _cifar_python(source.fs, source.path, split)
     elif source.kind == "parquet":
-        ds = _parquet_images(source.fs, source.path)
+        ds = _parquet_images(source.fs, source.path, labels=class_index is not None)
     else:
         files = list(source.files)
-        ds = ray.data.read_binary_files(files, filesystem=source.fs, override_num_blocks=_blocks(len(files)))
+        ds = ray.data.read_binary_files(files, filesystem=source.fs, override_num_blocks=_blocks(len(files)),
+                                        include_paths=class_index is not None)
+    if class_index is not None:
+        # The kind and root, not the Source: its file list would travel with every task.
+        ds = ds.map_batches(_label_rows, fn_kwargs={"kind": source.kind, "root": source.path, "class_index": class_index},
+                            batch_format="numpy")
     return ds.limit(limit) if limit else ds
+
+
+def _label_rows(batch: dict[str, np.ndarray], *, kind: str, root: str, class_index: dict[str, int]) -> dict[str, np.ndarray]:
+    """Each row's class name (from its folder, or its source's own label) mapped through ``class_index``."""
+    if kind == "files":
+        names = [_relative(str(p), root).split("/", 1)[0] for p in batch.pop("path")]
+    elif "label" not in batch:  # Parquet shards without labels, such as unlabelled validation images
+        names = [None] * len(batch["bytes"])
+    else:
+        own = CIFAR_CLASSES if kind == "cifar" else None
+        names = [own[i] if own else str(i) for i in batch["label"].tolist()]
+    batch["label"] = np.array([class_index.get(name, -1) for name in names], dtype=np.int64)
+    return batch
 
 
 def lab_dataset(
@@ -120,27 +183,30 @@ def lab_dataset(
     settings: storage.S3Settings | None = None,
     limit: int | None = None,
     with_rgb: bool = False,
+    class_index: dict[str, int] | None = None,
 ) -> ray.data.Dataset:
     """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed.
 
-    ``with_rgb`` adds the uint8 ``rgb`` (S, S, 3) each row's Lab came from (for scoring).
+    ``with_rgb`` adds the uint8 ``rgb`` (S, S, 3) each row's Lab came from (for scoring);
+    ``class_index`` the int64 ``label`` of each row (see :func:`load_dataset`).
     """
-    raw = load_dataset(source, split=split, settings=settings, limit=limit)
+    raw = load_dataset(source, split=split, settings=settings, limit=limit, class_index=class_index)
     return raw.map_batches(
         prepare_batch,
-        fn_kwargs={"image_size": image_size, "augment": augment, "with_rgb": with_rgb},
+        fn_kwargs={"image_size": image_size, "augment": augment, "with_rgb": with_rgb, "with_label": class_index is not None},
         batch_format="numpy",
         batch_size=256,
     )
 
 
 def prepare_batch(
-    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, with_rgb: bool = False
+    batch: dict[str, np.ndarray], *, image_size: int, augment: bool, with_rgb: bool = False, with_label: bool = False
 ) -> dict[str, np.ndarray]:
     """Decode (if needed), crop to a square, resize to ``image_size``, convert to Lab.
 
     Undecodable rows come out as zeros with ``ok = False`` rather than failing the task.
-    ``with_rgb`` also returns the uint8 ``rgb`` (B, S, S, 3) the Lab values came from.
+    ``with_rgb`` also returns the uint8 ``rgb`` (B, S, S, 3) the Lab values came from;
+    ``with_label`` passes the rows' ``label`` through (see ``class_index``).
     """
     rows = batch["rgb"] if "rgb" in batch else batch["bytes"]
     n = len(rows)
@@ -158,6 +224,8 @@ def prepare_batch(
     out = {"L": np.ascontiguousarray(lab[:, :1]), "ab": np.ascontiguousarray(lab[:, 1:]), "ok": ok}
     if with_rgb:
         out["rgb"] = rgb
+    if with_label:
+        out["label"] = batch["label"]
     return out
 
 
@@ -244,16 +312,18 @@ def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> I
 # --- Parquet shards ------------------------------------------------------------------------
 
 
-def _parquet_images(fs: pafs.FileSystem, path: str) -> ray.data.Dataset:
+def _parquet_images(fs: pafs.FileSystem, path: str, *, labels: bool = False) -> ray.data.Dataset:
     ds = ray.data.read_parquet(path, filesystem=fs)
     columns = ds.schema().names
     if "image" not in columns:
         raise DataError(f"{path}: Parquet shards need an 'image' column of bytes, found {columns}")
-    return ds.select_columns(["image"]).map_batches(_image_column_to_bytes, batch_format="pyarrow")
+    wanted = ["image", "label"] if labels and "label" in columns else ["image"]
+    return ds.select_columns(wanted).map_batches(_image_column_to_bytes, batch_format="pyarrow")
 
 
 def _image_column_to_bytes(table: pa.Table) -> pa.Table:
     column = table.column("image")
     if pa.types.is_struct(column.type):
         column = pc.struct_field(column, "bytes")
-    return pa.table({"bytes": column})
+    rest = {"label": table.column("label")} if "label" in table.column_names else {}
+    return pa.table({"bytes": column, **rest})

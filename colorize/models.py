@@ -309,5 +309,11 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def without_class_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the semantic branch's class head: what carries over to a model of other
+    classes (the branch's encoder and fusion do; :func:`load_backbone` starts a fresh head)."""
+    return {k: v for k, v in state.items() if k.split(".")[0] != "classify"}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

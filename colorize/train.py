@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
-ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention")
+ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "semantic")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class TrainConfig:
     ``gan_weight > 0`` adds the PatchGAN term with that weight, ``cf_weight > 0`` the
     colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`). ``precision``
     is one of :data:`colorize.objectives.PRECISIONS` (``auto``: bf16 autocast where the
-    worker's device runs it fast).
+    worker's device runs it fast). ``semantic`` gives the U-Net a semantic branch
+    (``ModelConfig.classes``) trained on the images' classes (:func:`colorize.data.class_names`:
+    CIFAR-10's, a Parquet ``label`` column, or class folders).
     """
 
     data: str
@@ -65,6 +67,7 @@ class TrainConfig:
     image_size: int = 32
     head: str = "regression"
     attention: bool = False
+    semantic: bool = False
     temperature: float = 0.38
     epochs: int = 10
     batch_size: int = 64
@@ -96,6 +99,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be a finite number >= 0, got {weight}")
             if weight and self.model != "unet":
                 raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
+        if self.semantic and self.model != "unet":
+            raise ValueError(f"--semantic needs --model unet, got --model {self.model}")
         for name in ("epochs", "batch_size", "num_workers", "width", "depth", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -114,10 +119,11 @@ class TrainConfig:
             raise ValueError(f"--max-failures must be -1 (retry forever) or more, got {self.max_failures}")
         self.model_config()  # validates arch, width, depth and image_size
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, classes: int = 0) -> ModelConfig:
+        """The model to train; ``classes`` (found in the data) sizes a ``semantic`` model's class head."""
         return ModelConfig(
             arch=self.model, width=self.width, depth=self.depth, image_size=self.image_size,
-            head=self.head, attention=self.attention, temperature=self.temperature,
+            head=self.head, attention=self.attention, temperature=self.temperature, classes=classes,
         )
 
     @classmethod
@@ -132,15 +138,17 @@ class TrainConfig:
 def validate(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, limit: int, loss: str
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
-    """Loss and image metrics (next to the grey baseline) on up to ``limit`` images.
+    """Loss and image metrics (next to the grey baseline) on up to ``limit`` images, and the
+    semantic branch's accuracy where the batches have a ``label`` (-1: a class it does not know).
 
     Returns the metrics and the first few examples for a picture grid; ({}, []) without images.
     """
     model.eval()
     loss_sum, seen, unreadable = 0.0, 0, 0
+    right, labelled = 0, 0
 
     def truths() -> Iterator[np.ndarray]:
-        nonlocal loss_sum, seen, unreadable
+        nonlocal loss_sum, seen, unreadable, right, labelled
         for batch in batches:
             if seen >= limit:
                 return
@@ -150,6 +158,12 @@ def validate(
             if len(L) == 0:
                 continue
             loss_sum += float(colorizer.loss(model, L, ab, loss)) * len(L)
+            if "label" in batch:
+                labels = batch["label"][keep][: len(L)]
+                known = labels >= 0
+                _, logits = model(color.normalize_l(L), with_logits=True)
+                right += int((logits.argmax(1) == labels)[known].sum())
+                labelled += int(known.sum())
             seen += len(L)
             yield _to_uint8(color.lab_to_rgb(torch.cat((L, ab), dim=1)))
 
@@ -162,6 +176,8 @@ def validate(
     result.update({f"gray_{k}": v for k, v in gray_metrics.items() if k in ("mse", "psnr", "ssim")})
     result["val_loss"] = loss_sum / seen
     result["val_images"] = seen
+    if labelled:
+        result["val_class_accuracy"] = right / labelled
     result["val_unreadable"] = unreadable
     return result, examples
 
@@ -175,8 +191,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: resume, then epochs of train, validate, checkpoint.
 
     ``loop_config`` holds the ``config`` (a :class:`TrainConfig` as a dict), the torch
-    ``threads`` to run (the CPUs the worker reserved) and, for the classification head, the
-    ``class_weights`` the driver estimated.
+    ``threads`` to run (the CPUs the worker reserved), for the classification head the
+    ``class_weights`` the driver estimated, and for a semantic branch the number of image ``classes``.
     """
     config = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -188,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_weights = loop_config.get("class_weights")
     class_weights = torch.tensor(class_weights, device=device) if class_weights else None
 
-    model = build_model(config.model_config())
+    model = build_model(config.model_config(loop_config.get("classes", 0)))
     discriminator = PatchDiscriminator() if config.gan_weight else None
     states, start_epoch, history, resumed_at = {}, 0, [], []
     checkpoint = ray.train.get_checkpoint()
@@ -286,7 +302,7 @@ def _train_epoch(
                 continue
         elif readable == 0:
             continue
-        step = {"L": batch["L"][keep], "ab": batch["ab"][keep]}
+        step = {name: batch[name][keep] for name in ("L", "ab", "label") if name in batch}
         value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
                                  colourfulness_weight=config.cf_weight, precision=precision))
         totals[0] += value * readable
@@ -322,6 +338,8 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
             f"cf {row['val_colourfulness']:.1f}/{row['val_colourfulness_truth']:.1f}  "
             f"(gray: mse {row['gray_mse']:.5f} psnr {row['gray_psnr']:.2f} dB)"
         )
+        if "val_class_accuracy" in row:
+            line += f"  classes {100 * row['val_class_accuracy']:.1f}% right"
         if row.get("val_unreadable"):
             line += f"  val skipped {row['val_unreadable']} unreadable"
     return line
@@ -409,6 +427,20 @@ def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:
         )
 
 
+def _classes(config: TrainConfig, source: data.Source, earlier: dict[str, Any] | None) -> list[str]:
+    """The image classes a ``semantic`` run learns (none for other runs), the same as the run it resumes."""
+    if not config.semantic:
+        return []
+    classes = list(data.class_names(source))
+    if len(classes) < 2:
+        raise data.DataError(f"{config.data}: --semantic needs images of at least two classes, found {classes}")
+    if earlier and earlier.get("classes", classes) != classes:
+        raise ValueError(f"{config.out} holds checkpoints of a model of {len(earlier['classes'])} classes, but {config.data} "
+                         f"has {len(classes)} ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): resume on the "
+                         "same classes, or train into a new --out")
+    return classes
+
+
 def _check_resources(config: TrainConfig, cpus: float) -> None:
     """On a Ray this process started, refuse a request it can never meet (the run would wait forever).
 
@@ -439,6 +471,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return _summary(out_fs, out_path, state)
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
     val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
+    classes = _classes(config, train_source, earlier[0] if earlier else None)
+    class_index = {name: label for label, name in enumerate(classes)} if classes else None
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -447,27 +481,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _check_resources(config, cpus)  # before anything is written or sampled
     datasets = {
         "train": data.lab_dataset(
-            train_source, image_size=config.image_size, augment=True, limit=config.limit
+            train_source, image_size=config.image_size, augment=True, limit=config.limit, class_index=class_index
         )
     }
     if val_source:
         datasets["val"] = data.lab_dataset(
-            val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit
+            val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit,
+            class_index=class_index,
         )
-    storage.write_json(out_fs, storage.join(out_path, "config.json"), asdict(config))
+    # The class names beside the config: what a resumed run checks its data against.
+    storage.write_json(out_fs, storage.join(out_path, "config.json"), {**asdict(config), **({"classes": classes} if classes else {})})
     class_weights = None
     if config.loss == "ce" and config.rebalance:
         class_weights = estimate_class_weights(datasets["train"]).tolist()
-    params = count_parameters(build_model(config.model_config()))
+    params = count_parameters(build_model(config.model_config(len(classes))))
     print(
-        f"training {config.model} ({params / 1e6:.2f} M parameters) on {config.data} with "
+        f"training {config.model}{f' with a semantic branch over {len(classes)} classes' if classes else ''} "
+        f"({params / 1e6:.2f} M parameters) on {config.data} with "
         f"{config.num_workers} worker(s), {cpus} CPU{' + 1 GPU' if config.gpu else ''} each; "
         f"checkpoints in {storage.to_uri(out_fs, storage.join(out_path, RUN_NAME))}",
         flush=True,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": asdict(config), "class_weights": class_weights, "threads": max(1, int(cpus))},
+        train_loop_config={"config": asdict(config), "class_weights": class_weights, "threads": max(1, int(cpus)),
+                           "classes": len(classes)},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
         ),

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from colorize import ablation, color, colorizer, evaluate, imagesets, storage
-from colorize.models import ModelConfig, count_parameters
+from colorize.models import ModelConfig, count_parameters, without_class_head
 from colorize.objectives import PRECISIONS, resolve_precision
 
 HOLDOUT = 0.05
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Other folders' classes: a fresh class head; the branch's encoder and fusion carry over. With
         # a single class folder there is nothing to classify: the colour loss alone trains the branch.
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
-            init = {k: v for k, v in init.items() if not k.startswith("classify.")}
+            init = without_class_head(init)
             config = dataclasses.replace(config, classes=classes)
     device = torch.device(args.device)
     labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None

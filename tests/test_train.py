@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 
 from colorize import colorizer, data, storage
 from colorize import train as train_module
@@ -92,11 +93,82 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"lr": float("nan")}, "--lr"), ({"cf_weight": float("inf")}, "cf-weight"), ({"cpus_per_worker": 0.0}, "cpus-per-worker"),
      ({"max_failures": -2}, "max-failures"), ({"precision": "fp16"}, "--precision must be one of"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
      ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
-     ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck")],
+     ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck"),
+     ({"model": "autoencoder", "semantic": True}, "--semantic needs --model unet")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(data="d", out="o", **bad)
+
+
+def write_day_and_night(folder: Path, n: int, classes: tuple[str, ...] = ("day", "night")) -> None:
+    """``n`` scenes over class folders that brightness tells apart: each class darker than the one before."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        label = i % len(classes)
+        path = folder / classes[label] / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((scene(rng, 16) * 0.35**label).astype(np.uint8)).save(path)
+
+
+def test_a_semantic_branch_learns_the_class_folders_under_ddp_and_resumes_only_on_them(ray_cluster: str, tmp_path: Path) -> None:
+    write_day_and_night(tmp_path / "scenes", 64)
+    out = tmp_path / "run"
+    config = dict(data=str(tmp_path / "scenes"), val=str(tmp_path / "scenes"), out=str(out), semantic=True, num_workers=2, **TINY)
+    train(TrainConfig(epochs=1, **config))
+    summary = train(TrainConfig(epochs=3, **config))
+
+    assert summary["resumed_at"] == [1] and summary["images"] == 64
+    assert summary["val_class_accuracy"] >= 0.75  # brightness tells the two apart; a wrong label would score ~0.5
+    model, _ = colorizer.load_weights(str(out / "model.pt"))
+    assert model.config.classes == 2
+    assert json.loads((out / "config.json").read_text())["classes"] == ["day", "night"]
+
+    write_day_and_night(tmp_path / "three", 12, ("day", "dusk", "night"))
+    with pytest.raises(ValueError, match="a model of 2 classes, but .* has 3 \\(day, dusk, night\\)"):
+        train(TrainConfig(**{**config, "data": str(tmp_path / "three"), "val": None, "epochs": 4}))
+    with pytest.raises(ValueError, match="another model \\(--semantic True -> False\\)"):
+        train(TrainConfig(**{**config, "semantic": False, "epochs": 4}))
+
+
+def test_a_semantic_run_needs_classes_in_its_data(ray_cluster: str, tmp_path: Path) -> None:
+    write_images(tmp_path / "one", 4)
+    for path in (tmp_path / "one" / "class1").iterdir():
+        path.rename(tmp_path / "one" / "class0" / path.name)
+    with pytest.raises(data.DataError, match="--semantic needs images of at least two classes, found \\['class0'\\]"):
+        train(TrainConfig(data=str(tmp_path / "one"), out=str(tmp_path / "run"), semantic=True, **TINY))
+    write_images(tmp_path / "loose", 2)
+    (tmp_path / "loose" / "class0" / "0000.jpg").rename(tmp_path / "loose" / "top.jpg")
+    with pytest.raises(data.DataError, match="1 image\\(s\\), such as .*top.jpg, are not in a class folder"):
+        train(TrainConfig(data=str(tmp_path / "loose"), out=str(tmp_path / "run"), semantic=True, **TINY))
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_classes_come_from_folders_cifar_and_a_parquet_label_column(ray_cluster: str, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_day_and_night(tmp_path / "train", 4)
+    write_day_and_night(tmp_path / "val", 6, ("day", "night", "storm"))
+    index = {name: label for label, name in enumerate(data.class_names(data.locate(str(tmp_path / "train"))))}
+    rows = data.load_dataset(str(tmp_path / "val"), class_index=index).take_all()
+    assert "path" not in rows[0]  # it only served the label
+    assert sorted(int(r["label"]) for r in rows) == [-1, -1, 0, 0, 1, 1]  # "storm" is no training class
+
+    payloads = [p.read_bytes() for p in sorted((tmp_path / "train").rglob("*.png"))]
+    pq.write_table(pa.table({"image": payloads, "label": [2, 0, 1, 2]}), tmp_path / "labelled.parquet")
+    source = data.locate(str(tmp_path / "labelled.parquet"))
+    assert data.class_names(source) == ("0", "1", "2")
+    rows = data.lab_dataset(source, image_size=8, augment=False, class_index={"0": 0, "1": 1, "2": 2}).take_all()
+    assert sorted(int(r["label"]) for r in rows) == [0, 1, 2, 2] and all(r["ok"] for r in rows)
+    pq.write_table(pa.table({"image": payloads}), tmp_path / "unlabelled.parquet")
+    with pytest.raises(data.DataError, match="need an integer 'label' column, found \\['image'\\]"):
+        data.class_names(data.locate(str(tmp_path / "unlabelled.parquet")))
+    unlabelled = data.load_dataset(str(tmp_path / "unlabelled.parquet"), class_index={"0": 0}).take_all()
+    assert [int(r["label"]) for r in unlabelled] == [-1] * 4  # as validation images they still score colour
+
+    cifar = data.Source("cifar-10-python.tar.gz", "cifar", None, "x")
+    assert data.class_names(cifar)[:3] == ("airplane", "automobile", "bird") and len(data.class_names(cifar)) == 10
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str, images: Path, tmp_path: Path) -> None:
@@ -191,9 +263,11 @@ def test_official_cifar10_python_release_is_read(ray_cluster: str, tmp_path: Pat
     assert len(train_rows) == 20 and len(test_rows) == 4
     assert train_rows[0]["rgb"].shape == (32, 32, 3) and train_rows[0]["rgb"].dtype == np.uint8
 
-    summary = train(TrainConfig(data=str(archive), val=str(archive), out=str(tmp_path / "run"), epochs=1,
+    summary = train(TrainConfig(data=str(archive), val=str(archive), out=str(tmp_path / "run"), epochs=1, semantic=True,
                                 **{**TINY, "image_size": 32}))
     assert summary["images"] == 20 and summary["val_images"] == 4
+    assert 0 <= summary["val_class_accuracy"] <= 1  # the archive's labels reached the branch
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == list(data.CIFAR_CLASSES)
 
 
 def test_a_cifar_batch_that_smuggles_an_object_is_refused(ray_cluster: str, tmp_path: Path) -> None:
@@ -241,9 +315,10 @@ def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> Non
     for path in paths:
         storage.write_bytes_atomic(fs, storage.join(root, "scenes", str(path.relative_to(local))), path.read_bytes())
 
-    summary = train(TrainConfig(data=f"{bucket}/scenes", out=str(tmp_path / "run"), epochs=1,
-                                s3_endpoint=s3.endpoint, **TINY))
+    summary = train(TrainConfig(data=f"{bucket}/scenes", val=f"{bucket}/scenes", out=str(tmp_path / "run"), epochs=1,
+                                semantic=True, s3_endpoint=s3.endpoint, **TINY))
     assert summary["images"] == 32
+    assert "val_class_accuracy" in summary  # the class folders were found under the S3 prefix
 
 
 def test_training_from_parquet_shards(ray_cluster: str, tmp_path: Path) -> None:
