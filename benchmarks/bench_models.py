@@ -87,7 +87,7 @@ def bulk_rates(rows: list[dict], n: int, size: int, workdir: Path) -> None:
         weights = None if row["weights"] == "bundled" else row["weights"]
         out = workdir / "out-bench-models"
         config = BulkConfig(input=str(folder), output=str(out), formats=("png",), weights=weights, overwrite=True)
-        for timed in (False, True):  # the first run starts the workers and loads the model
+        for _ in range(2):  # the first run starts the workers and loads the model; the second is timed
             shutil.rmtree(out, ignore_errors=True)
             started = time.perf_counter()
             summary = run(config)

@@ -106,15 +106,18 @@ def class_names(source: Source) -> tuple[str, ...]:
         return CIFAR_CLASSES
     if source.kind == "parquet":
         return _parquet_classes(source)
-    loose = [p for p in source.files if "/" not in _relative(p, source.path)]
+    folders = [_class_folder(p, source.path) for p in source.files]
+    loose = [p for p, folder in zip(source.files, folders) if folder is None]
     if loose:
         raise DataError(f"{source.uri}: {len(loose)} image(s), such as {storage.utf8_name(loose[0])}, are not in a class "
                         "folder; image classes come from the top-level folders (class/image.jpg)")
-    return tuple(sorted({_relative(p, source.path).split("/", 1)[0] for p in source.files}))
+    return tuple(sorted(set(folders)))
 
 
-def _relative(path: str, root: str) -> str:
-    return path[len(root.rstrip("/")) + 1 :] if path.startswith(root.rstrip("/") + "/") else posixpath.basename(path)
+def _class_folder(path: str, root: str) -> str | None:
+    """The top-level folder under ``root`` that holds ``path`` (local or bucket/key), None for a loose file."""
+    top, _, rest = posixpath.relpath(path, root).partition("/")
+    return top if rest else None
 
 
 def _parquet_classes(source: Source) -> tuple[str, ...]:
@@ -164,7 +167,7 @@ def load_dataset(
 def _label_rows(batch: dict[str, np.ndarray], *, kind: str, root: str, class_index: dict[str, int]) -> dict[str, np.ndarray]:
     """Each row's class name (from its folder, or its source's own label) mapped through ``class_index``."""
     if kind == "files":
-        names = [_relative(str(p), root).split("/", 1)[0] for p in batch.pop("path")]
+        names = [_class_folder(str(p), root) for p in batch.pop("path")]
     elif "label" not in batch:  # Parquet shards without labels, such as unlabelled validation images
         names = [None] * len(batch["bytes"])
     else:

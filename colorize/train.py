@@ -366,7 +366,8 @@ def _write_checkpoint(
         torch.save(adversary.optimizer.state_dict(), directory / "discriminator_optimizer.pt")
     state = {"epoch": history[-1]["epoch"] - 1, "history": history, "resumed_at": resumed_at, "config": asdict(config)}
     (directory / "state.json").write_text(json.dumps(state, indent=2))
-    curves = {"train loss": [h["train_loss"] for h in history]}
+    # A semantic model's training loss includes the class cross-entropy; validation's is colour alone.
+    curves = {"train loss" + (" (+ class)" if config.semantic else ""): [h["train_loss"] for h in history]}
     if "val_loss" in history[-1]:
         curves["val loss"] = [h.get("val_loss", math.nan) for h in history]
     plots.line_chart(curves, title=f"{config.model} on {config.data}").save(directory / "curve.png")
