@@ -72,7 +72,8 @@ def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, 
 
     Returns the model's metrics, the baseline's, and a few examples for a picture grid.
     """
-    model_acc, gray_acc = metrics.MetricAccumulator(), metrics.MetricAccumulator()
+    device = colorizer.device_of(model)  # SSIM's filtering too: on a GPU it costs little there
+    model_acc, gray_acc = metrics.MetricAccumulator(device), metrics.MetricAccumulator(device)
     examples: list[tuple[str, np.ndarray]] = []
     for truth in batches:
         pred, gray = colorize_rgb(model, truth), gray_baseline(truth)

@@ -66,8 +66,11 @@ def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-def per_image_ssim(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+def per_image_ssim(pred: np.ndarray, truth: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
     """SSIM per image: uint8 (N, H, W, 3) -> (N,), mean over channels and valid window positions.
+
+    The filtering runs on ``device`` (default: the CPU), still in float64: on a GPU it is the
+    cheap part of scoring a model there, where on the CPU it is most of it.
 
     Matches skimage's ``structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=255, channel_axis=-1)``: skimage filters with
@@ -80,7 +83,7 @@ def per_image_ssim(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
     c1 = (SSIM_K1 * SSIM_DATA_RANGE) ** 2
     c2 = (SSIM_K2 * SSIM_DATA_RANGE) ** 2
-    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA)
+    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA).to(device)
     # The Gaussian is separable: two 1-D passes over 15 planes (5 moments x 3 channels).
     planes = 15
     g_rows = g.view(1, 1, SSIM_WINDOW, 1).repeat(planes, 1, 1, 1)
@@ -93,6 +96,7 @@ def per_image_ssim(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         # array (PIL's np.asarray), which it warns about.
         x, y = (torch.from_numpy(np.ascontiguousarray(a[start : start + _SSIM_CHUNK].transpose(0, 3, 1, 2), dtype=np.float64))
                 for a in (pred, truth))  # in 0..255
+        x, y = x.to(device), y.to(device)
         stacked = torch.cat((x, y, x * x, y * y, x * y), dim=1)  # (B, 15, H, W)
         filtered = torch.nn.functional.conv2d(stacked, g_rows, groups=planes)
         filtered = torch.nn.functional.conv2d(filtered, g_cols, groups=planes)
@@ -105,7 +109,7 @@ def per_image_ssim(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         )
         # Every channel has the same number of positions, so the mean over all of them equals
         # the mean of the per-channel means.
-        out[start : start + len(x)] = ssim_map.mean(dim=(1, 2, 3)).numpy()
+        out[start : start + len(x)] = ssim_map.mean(dim=(1, 2, 3)).cpu().numpy()
     return out
 
 
@@ -139,7 +143,8 @@ class MetricAccumulator:
     ``result()`` gives the same dict as ``summarize`` on the concatenation of all batches.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._device = device  # where SSIM's filtering runs (per_image_ssim)
         self._sums = {"mse": 0.0, "psnr": 0.0, "psnr_colour": 0.0, "ssim": 0.0, "cf_pred": 0.0, "cf_truth": 0.0}
         self._images = 0
         self._grey = 0
@@ -151,7 +156,7 @@ class MetricAccumulator:
         self._sums["psnr"] += float(psnr.sum())
         self._sums["psnr_colour"] += float(psnr[~grey].sum())
         self._grey += int(grey.sum())
-        self._sums["ssim"] += float(per_image_ssim(pred, truth).sum())
+        self._sums["ssim"] += float(per_image_ssim(pred, truth, self._device).sum())
         self._sums["cf_pred"] += float(colourfulness(pred).sum())
         self._sums["cf_truth"] += float(colourfulness(truth).sum())
         self._images += len(pred)

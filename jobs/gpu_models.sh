@@ -32,6 +32,10 @@ declare -A runs=(
   [w16-cf-ft]="--init bundled --loss psnr --cf-weight 0.1 --lr 5e-4"
   [w32-psnr-sem]="--width 32 --loss psnr --semantic"
   [w16-sem-ft]="--init bundled --semantic --loss psnr --cf-weight 0.1 --lr 5e-4"
+  [w32-sem-cf]="--width 32 --loss psnr --semantic --cf-weight 0.1"
+  [w48-sem-cf]="--width 48 --loss psnr --semantic --cf-weight 0.1"
+  [w32-sem-cf-best]="--width 32 --loss psnr --semantic --cf-weight 0.1 --keep-best"
+  [w32-psnr-sem-best]="--width 32 --loss psnr --semantic --keep-best"
 )
 pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset
@@ -45,13 +49,7 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for name in "${names[@]}"; do
   tail -n 4 "$out/$name.log" | sed "s/^/$name: /"
   if [[ -f $out/$name/model.pt ]]; then
-    "$python" - "$out/$name/model.pt" "$out/$name-fp16.pt" <<'EOF'
-import sys
-import torch
-payload = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-payload["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-torch.save(payload, sys.argv[2])
-EOF
+    "$python" -m jobs.gpu_collect half "$out/$name/model.pt" "$out/$name-fp16.pt"
   fi
 done
 exit $status

@@ -13,7 +13,9 @@ baseline, per folder) and ``OUT/holdout.png`` (grey, prediction and truth for 8 
 its class folder (each ``--data`` folder's classes counted apart) and feeds its features to the
 colouriser; ``metrics.json`` then also holds its held-out class accuracy.
 ``--score-every N`` also scores the holdouts every N epochs while training (one line each, and a
-learning curve in ``metrics.json``); that time is not counted against ``--minutes``.
+learning curve in ``metrics.json``); that time is not counted against ``--minutes``. With
+``--keep-best`` the model kept is the one of those scores (or the last) with the highest held-out
+PSNR, written to ``model.pt`` as soon as it is found (early stopping: a lease cut short still has it).
 
 ``--compare A.pt B.pt ...`` trains nothing: it scores those weights files (``bundled`` for the
 bundled model) on the same held-out photos and writes ``OUT/compare.json``.
@@ -71,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="bf16 autocast or float32; auto: bf16 where the device has fast bf16 (default: auto)")
     parser.add_argument("--score-every", type=int, default=0, metavar="EPOCHS",
                         help="also score the holdouts every EPOCHS epochs while training, off the clock (default: 0, only at the end)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="with --score-every: keep the weights whose held-out PSNR (mean over --data folders) is "
+                             "highest, written to model.pt as each is found, instead of the last")
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight)):
@@ -78,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
     if args.score_every < 0:
         parser.error(f"--score-every must be >= 0, got {args.score_every}")
+    if args.keep_best and not args.score_every:
+        parser.error("--keep-best needs --score-every N: the held-out scores it chooses by")
     for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             parser.error(f"{flag} must be > 0, got {value}")
@@ -124,28 +131,42 @@ def main(argv: Sequence[str] | None = None) -> None:
             init = without_class_head(init)
             config = dataclasses.replace(config, classes=classes)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        # Scoring runs on the training device, in float32: no TF32 rounding in its convolutions
+        # and products (training autocasts to bf16 and is not affected).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
                              colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                              seconds=args.minutes * 60 if args.minutes else None, precision=args.precision)
     curve: list[dict] = []
+    best: dict = {"psnr": -np.inf}  # with --keep-best: the epoch, mean held-out PSNR and weights of the best so far
 
     def score_holdouts(epoch: int, model: torch.nn.Module) -> None:
         if epoch % args.score_every:
             return
-        snapshot = copy.deepcopy(model).cpu().eval()  # the training model stays on its device, in train mode
+        snapshot = copy.deepcopy(model).eval()  # the training model stays in train mode
         point = {"epoch": epoch, **{folder: score(snapshot, holdout)[0] for folder, holdout in holdouts.items()}}
         curve.append(point)
         print(f"  {out.name}: epoch {epoch} held out: " + "; ".join(
             f"{folder} psnr {point[folder]['psnr']:.3f} ssim {point[folder]['ssim']:.4f} cf {point[folder]['colourfulness']:.2f}"
             for folder in holdouts), flush=True)
+        psnr = mean_psnr({folder: point[folder] for folder in holdouts})
+        if args.keep_best and psnr > best["psnr"]:
+            best.update(epoch=epoch, psnr=psnr, weights=colorizer.weights_bytes(snapshot))
+            write_atomically(out / "model.pt", best["weights"])  # a lease cut short still has it
 
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
                                           on_epoch=score_holdouts if args.score_every else None, labels=labels)
-    (out / "model.pt").write_bytes(colorizer.weights_bytes(model))
-
-    scores = {folder: score(model.cpu(), holdout) for folder, holdout in holdouts.items()}
+    scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
+    kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})
+    if args.keep_best and best["psnr"] > last_psnr:
+        model = colorizer.model_from_bytes(best["weights"]).to(device)
+        scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
+        kept_epoch = best["epoch"]
+        print(f"kept the weights of epoch {kept_epoch}: held-out PSNR {best['psnr']:.3f}, the last {last_psnr:.3f}", flush=True)
+    write_atomically(out / "model.pt", colorizer.weights_bytes(model))
     holdout = np.concatenate(list(holdouts.values()))
     picks = holdout[np.linspace(0, len(holdout) - 1, 8).round().astype(int)]
     rows = [evaluate.gray_baseline(picks), evaluate.colorize_rgb(model, picks), picks]
@@ -157,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),
-        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "holdout": scores,
+        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": kept_epoch, "holdout": scores,
         "curve": curve,
     }
     if labels is not None:
@@ -169,6 +190,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
               f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)
     print(f"{seconds:.0f} s of training, {epochs:.1f} epochs", flush=True)
+
+
+def mean_psnr(results: dict[str, dict]) -> float:
+    """The held-out PSNR that --keep-best chooses by: the mean over the --data folders, each
+    folder weighed alike whatever its size."""
+    return float(np.mean([result["psnr"] for result in results.values()]))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step: a reader (or a lease's time limit) never
+    finds half a file."""
+    scratch = path.with_name(f".{path.name}.partial")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
 
 
 def split(n: int) -> tuple[np.ndarray, np.ndarray]:

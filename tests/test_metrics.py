@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from colorize import metrics
 
@@ -98,6 +99,17 @@ def test_ssim_is_independent_of_chunking(monkeypatch: pytest.MonkeyPatch) -> Non
     whole = metrics.per_image_ssim(pred, truth)
     monkeypatch.setattr(metrics, "_SSIM_CHUNK", 2)
     np.testing.assert_allclose(metrics.per_image_ssim(pred, truth), whole, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_ssim_filters_on_the_device_asked_with_the_same_result(device: str) -> None:
+    truth = _random_batch(3, 16, seed=10)
+    pred = _noisy_copy(truth, 25.0, seed=11)
+    np.testing.assert_allclose(metrics.per_image_ssim(pred, truth, device), metrics.per_image_ssim(pred, truth), rtol=1e-12)
+    acc = metrics.MetricAccumulator(device)
+    acc.update(pred, truth)
+    assert acc.result()["ssim"] == pytest.approx(metrics.summarize(pred, truth)["ssim"], rel=1e-12)
 
 
 def test_metrics_take_read_only_arrays_without_warnings() -> None:

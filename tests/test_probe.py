@@ -309,3 +309,30 @@ def test_an_ablation_variant_refuses_a_negative_term_weight() -> None:
     for kw in ({"gan_weight": -0.02}, {"colourfulness_weight": -0.1}):
         with pytest.raises(ValueError, match="bad: term weights must be >= 0"):
             ablation.Variant("bad", ModelConfig(), **kw)
+
+
+def test_the_photo_model_job_keeps_the_weights_that_score_best_on_its_holdouts(labelled: Path, tmp_path: Path, capsys) -> None:
+    from jobs import photo_model
+
+    folders = [str(labelled / "train"), str(labelled / "test")]
+    out = tmp_path / "best"
+    # A learning rate far too high for this small model: it scores best early, then falls apart.
+    photo_model.main(["--data", folders[0], "--data", folders[1], "--size", "16", "--width", "4", "--depth", "2",
+                      "--loss", "psnr", "--lr", "1.0", "--epochs", "4", "--batch-size", "16", "--threads", "1",
+                      "--score-every", "1", "--keep-best", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    means = {point["epoch"]: np.mean([point[f]["psnr"] for f in folders]) for point in metrics["curve"]}
+    best = max(means, key=means.get)
+    assert sorted(means) == [1, 2, 3, 4] and best < 4, means
+    assert metrics["kept_epoch"] == best
+    assert np.mean([metrics["holdout"][f][0]["psnr"] for f in folders]) == pytest.approx(means[best])
+    assert f"kept the weights of epoch {best}" in capsys.readouterr().out
+    # model.pt is the kept model, and scores so again.
+    photo_model.main(["--data", folders[0], "--data", folders[1], "--size", "16", "--threads", "1",
+                      "--out", str(out), "--compare", str(out / "model.pt")])
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert rows[folders[0]][str(out / "model.pt")]["psnr"] == pytest.approx(metrics["holdout"][folders[0]][0]["psnr"])
+    assert not list(out.glob(".*partial"))
+    with pytest.raises(SystemExit):
+        photo_model.main(["--data", folders[0], "--keep-best", "--out", str(tmp_path / "refused")])
+    assert "--keep-best needs --score-every N" in capsys.readouterr().err

@@ -1,0 +1,95 @@
+"""A GPU lease's script and what brings its models back (jobs/gpu_lease.sh, jobs.gpu_collect), on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from colorize import colorizer
+from colorize.models import ModelConfig, build_model
+from jobs import gpu_collect
+from tests.helpers import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _weights(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
+    return path
+
+
+def test_collect_copies_each_changed_model_in_checked_parts_and_join_refuses_a_cut_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs, out, back = tmp_path / "runs", tmp_path / "out", tmp_path / "back"
+    first = _weights(runs / "a" / "model.pt", seed=0)
+    _weights(runs / "b" / "model.pt", seed=1)
+    monkeypatch.setattr(gpu_collect, "PART_BYTES", 1000)  # several parts from a small model
+
+    assert gpu_collect.collect(runs, out, ["a"]) == ["a"]  # only the runs named
+    assert gpu_collect.collect(runs, out, ["a"]) == []  # unchanged since: nothing to copy
+    parts = sorted(out.glob("a-fp16.pt.part*"))
+    assert len(parts) > 1 and all(p.stat().st_size <= 1000 for p in parts)
+    _weights(first, seed=2)  # a --keep-best run wrote a better model
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 1))
+    assert gpu_collect.collect(runs, out) == ["a", "b"]
+
+    joined = gpu_collect.join(out, back)
+    assert sorted(p.name for p in joined) == ["a-fp16.pt", "b-fp16.pt"]
+    model, _ = colorizer.load_weights(str(back / "a-fp16.pt"))
+    expected, _ = colorizer.load_weights(str(first))
+    for name, tensor in model.state_dict().items():
+        want = expected.state_dict()[name]
+        if want.is_floating_point():  # loaded back as float32, from float16 values
+            want = want.half().float()
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+
+    # A part cut short by the lease's time limit does not match the manifest: refused, by name.
+    last = sorted(out.glob("b-fp16.pt.part*"))[-1]
+    last.write_bytes(last.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="cut short for b"):
+        gpu_collect.join(out, tmp_path / "again")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        gpu_collect.join(tmp_path / "runs", tmp_path / "again")
+
+
+def _archive(path: Path, root: Path, name: str) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root / name, arcname=name)
+
+
+@pytest.mark.timeout(300)
+def test_the_lease_script_brings_back_the_models_logs_and_test_scores(tmp_path: Path) -> None:
+    src, archives = tmp_path / "src", tmp_path / "archives"
+    write_images(src / "photos", 24, size=64, seed=1)
+    write_images(src / "cifar10" / "train", 24, size=32, seed=2)
+    write_images(src / "cifar10" / "test", 6, size=32, seed=3)
+    archives.mkdir()
+    _archive(archives / "photos64.tar.gz", src, "photos")
+    _archive(archives / "cifar10-train.tar.gz", src, "cifar10")
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "THREADS": "1", "SCORE_EVERY": "1",
+           "RUNS": "w16-sem-ft", "ARCHIVES": str(archives), "DATA_DIR": str(tmp_path / "data"), "RUNS_DIR": str(runs)}
+    done = subprocess.run(["bash", "jobs/gpu_lease.sh", "0.05", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    (model,) = gpu_collect.join(out, tmp_path / "back")
+    assert colorizer.load_weights(str(model))[0].config.classes == 4  # two class folders in each --data
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+        scores = [json.loads(line) for line in tar.extractfile("./test.json").read().decode().splitlines()]
+    assert {"./w16-sem-ft.log", "./w16-sem-ft/metrics.json", "./w16-sem-ft/holdout.png"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".partial"))]
+    assert [s["model"] for s in scores] == ["bundled", str(runs / "w16-sem-ft" / "model.pt")]
+    assert all(s["images"] == 6 for s in scores)
+    assert len(list(out.iterdir())) <= 8  # what a lease may bring back
