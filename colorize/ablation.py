@@ -87,7 +87,9 @@ class Budget:
 
     With ``seconds``, training runs for that long instead of ``epochs`` (the cosine schedule
     follows the clock), for a lease of fixed length on a shared or unknown machine.
-    ``precision`` is one of :data:`colorize.objectives.PRECISIONS`.
+    ``precision`` is one of :data:`colorize.objectives.PRECISIONS`. ``shift`` moves each training
+    image by up to that many pixels each way (a random crop of the image padded by reflection,
+    CIFAR-10's usual augmentation) on top of the horizontal flips.
     """
 
     epochs: int = 4
@@ -97,6 +99,7 @@ class Budget:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     seconds: float | None = None
     precision: str = "auto"
+    shift: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -104,6 +107,8 @@ class Budget:
         for name, value in (("epochs", self.epochs), ("batch size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {self.shift}")
         for name, value in (("learning rate", self.lr), ("seconds", self.seconds)):
             if value is not None and not value > 0:  # `not >`: NaN is refused too
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -183,6 +188,8 @@ def fit(
             batch = lab[picked]
             if step % 2:
                 batch = batch.flip(-1)  # horizontal flips, half the batches
+            if budget.shift:
+                batch = random_shift(batch, budget.shift, generator)
             if cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             tensors = {"L": batch[:, :1], "ab": batch[:, 1:]}
@@ -205,6 +212,19 @@ def fit(
     if cuda:
         torch.cuda.synchronize()
     return model.eval(), time.perf_counter() - started, steps / max(1, steps_per_epoch)
+
+
+def random_shift(batch: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (B, C, S, S) moved by up to ``pixels`` each way, its border filled by
+    reflection: a random S x S crop of the image padded by ``pixels``. Offsets come from the
+    (CPU) ``generator``, so a seeded run stays the same run."""
+    b, _, h, w = batch.shape
+    padded = torch.nn.functional.pad(batch, (pixels,) * 4, mode="reflect")
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (b,), generator=generator).to(batch.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=batch.device))[:, :, None]  # (B, S, 1)
+    cols = (dx[:, None] + torch.arange(w, device=batch.device))[:, None, :]  # (B, 1, S)
+    picked = padded.permute(0, 2, 3, 1)[torch.arange(b, device=batch.device)[:, None, None], rows, cols]  # (B, S, S, C)
+    return picked.permute(0, 3, 1, 2)
 
 
 def _grid_examples(test: np.ndarray) -> np.ndarray:

@@ -36,6 +36,8 @@ declare -A runs=(
   [w48-sem-cf]="--width 48 --loss psnr --semantic --cf-weight 0.1"
   [w32-sem-cf-best]="--width 32 --loss psnr --semantic --cf-weight 0.1 --keep-best"
   [w32-psnr-sem-best]="--width 32 --loss psnr --semantic --keep-best"
+  [w32-psnr-sem-shift-best]="--width 32 --loss psnr --semantic --shift 4 --keep-best"
+  [w32-sem-cf-shift-best]="--width 32 --loss psnr --semantic --cf-weight 0.1 --shift 4 --keep-best"
 )
 pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset

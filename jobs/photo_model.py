@@ -65,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--shift", type=int, default=0, metavar="PIXELS",
+                        help="move each training image by up to PIXELS each way (reflection-padded random crops; default: 0)")
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos from each folder")
     parser.add_argument("--init", help="start from this model.pt or 'bundled' (same architecture; fine-tuning, e.g. with --gan-weight)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
@@ -83,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
     if args.score_every < 0:
         parser.error(f"--score-every must be >= 0, got {args.score_every}")
+    if not 0 <= args.shift < args.size // 2:
+        parser.error(f"--shift must be from 0 to {args.size // 2 - 1} pixels at --size {args.size}, got {args.shift}")
     if args.keep_best and not args.score_every:
         parser.error("--keep-best needs --score-every N: the held-out scores it chooses by")
     for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
@@ -139,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
                              colourfulness_weight=args.cf_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                             seconds=args.minutes * 60 if args.minutes else None, precision=args.precision)
+                             seconds=args.minutes * 60 if args.minutes else None, precision=args.precision,
+                             shift=args.shift)
     curve: list[dict] = []
     best: dict = {"psnr": -np.inf}  # with --keep-best: the epoch, mean held-out PSNR and weights of the best so far
 
@@ -175,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
         "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight, "init": args.init, "epochs": round(epochs, 2),
-        "batch_size": args.batch_size, "lr": args.lr, "seconds": round(seconds, 1),
+        "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": kept_epoch, "holdout": scores,

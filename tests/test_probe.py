@@ -336,3 +336,34 @@ def test_the_photo_model_job_keeps_the_weights_that_score_best_on_its_holdouts(l
     with pytest.raises(SystemExit):
         photo_model.main(["--data", folders[0], "--keep-best", "--out", str(tmp_path / "refused")])
     assert "--keep-best needs --score-every N" in capsys.readouterr().err
+
+
+def test_random_shift_crops_each_image_from_its_reflection_padded_copy() -> None:
+    batch = torch.arange(4 * 3 * 6 * 6, dtype=torch.float32).reshape(4, 3, 6, 6)
+    shifted = ablation.random_shift(batch, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2), mode="reflect")
+    offsets = []
+    for image, out in zip(padded, shifted):
+        (offset,) = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(image[:, dy : dy + 6, dx : dx + 6], out)]
+        offsets.append(offset)
+    assert len(set(offsets)) > 1  # each image its own offset
+    again = ablation.random_shift(batch, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, again)  # seeded
+    assert torch.equal(ablation.random_shift(batch, 0, torch.Generator()), batch)
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        ablation.Budget(shift=-1)
+
+
+def test_the_photo_model_job_trains_with_shifted_images(labelled: Path, tmp_path: Path, capsys) -> None:
+    from jobs import photo_model
+
+    argv = ["--data", str(labelled / "train"), "--size", "16", "--width", "4", "--depth", "2", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1"]
+    photo_model.main([*argv, "--shift", "2", "--out", str(tmp_path / "shifted")])
+    photo_model.main([*argv, "--out", str(tmp_path / "plain")])
+    shifted, plain = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("shifted", "plain"))
+    assert shifted["shift"] == 2 and plain["shift"] == 0
+    assert shifted["weights_id"] != plain["weights_id"]
+    with pytest.raises(SystemExit):
+        photo_model.main([*argv, "--shift", "8", "--out", str(tmp_path / "refused")])
+    assert "--shift must be from 0 to 7 pixels at --size 16, got 8" in capsys.readouterr().err
