@@ -15,7 +15,8 @@ colouriser; ``metrics.json`` then also holds its held-out class accuracy.
 ``--score-every N`` also scores the holdouts every N epochs while training (one line each, and a
 learning curve in ``metrics.json``); that time is not counted against ``--minutes``. With
 ``--keep-best`` the model kept is the one of those scores (or the last) with the highest held-out
-PSNR, written to ``model.pt`` as soon as it is found (early stopping: a lease cut short still has it).
+PSNR, written to ``model.pt`` as soon as it is found (training still runs to its end; a lease
+cut short still has the best so far).
 
 ``--compare A.pt B.pt ...`` trains nothing: it scores those weights files (``bundled`` for the
 bundled model) on the same held-out photos and writes ``OUT/compare.json``.
