@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,39 @@ def _critic_step(adversary: Adversary, L: torch.Tensor, real_ab: torch.Tensor, f
     adversary.optimizer.zero_grad(set_to_none=True)
     F.binary_cross_entropy_with_logits(logits, labels).backward()
     adversary.optimizer.step()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running mean and variance from ``batches`` of L (Lab
+    units) with the weights as they are now (PreciseBN: Wu & Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021). Returns the number of batches used; with none, nothing changes.
+
+    The running averages that BatchNorm keeps while training trail the weights: after a dozen
+    steps they are still mostly their initial values (a variance of 1 decays as 0.9**steps), and
+    an evaluated model that saw few steps can differ wholly from the one that trained; a
+    semantic branch trained to 100% on 16 px images under DDP scored 50-80% in eval mode, and
+    100% once recalibrated. Pass the bare module (not a DDP wrapper): the forwards here are
+    local and join no collectives.
+    """
+    batches = list(batches)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not batches or not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below, each weighted equally
+    was_training = model.training
+    model.train()
+    try:
+        for L in batches:
+            model(color.normalize_l(L))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(batches)
 
 
 def cosine_lr(base: float, progress: float, total: float) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from colorize import color, colorizer, quantize
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, load_backbone
-from colorize.objectives import Adversary, fast_bf16, resolve_precision
+from colorize.objectives import Adversary, fast_bf16, recalibrate_batchnorm, resolve_precision
 from colorize.train import train_step
 from tests.helpers import scene
 
@@ -345,6 +345,41 @@ def test_the_semantic_branch_learns_the_labels_beside_the_colour() -> None:
     losses = [float(train_step(model, batch, optimizer, loss="psnr", precision="float32")) for _ in range(80)]
     assert losses[-1] < losses[0] - 3.0, losses
     assert before < 0.7 and accuracy() >= 0.9, (before, accuracy())
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_its_batches_and_fixes_an_early_eval() -> None:
+    torch.manual_seed(0)
+    batch = lab_batch(32)
+    batch["label"] = (batch["L"].mean(dim=(1, 2, 3)) > batch["L"].mean()).long()
+    model = build_model(dataclasses.replace(SEMANTIC, classes=2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(10):  # fits the batch; the running statistics are still mostly their initial values
+        train_step(model, batch, optimizer, loss="psnr", precision="float32")
+
+    def accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            _, logits = model(color.normalize_l(batch["L"]), with_logits=True)
+        return float((logits.argmax(1) == batch["label"]).float().mean())
+
+    early = accuracy()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[torch.nn.Module, list[torch.Tensor]] = {m: [] for m in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach())) for m in norms]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    halves = [batch["L"][:16], batch["L"][16:]]
+    assert recalibrate_batchnorm(model, halves) == 2 and recalibrate_batchnorm(model, []) == 0
+    for hook in hooks:
+        hook.remove()
+
+    assert not model.training  # as accuracy() left it
+    for m in norms:
+        first, second = seen[m]
+        torch.testing.assert_close(m.running_mean, (first.mean((0, 2, 3)) + second.mean((0, 2, 3))) / 2)
+        torch.testing.assert_close(m.running_var, (first.var((0, 2, 3)) + second.var((0, 2, 3))) / 2)
+        assert m.momentum == 0.1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert early < 0.8 and accuracy() >= 0.9, (early, accuracy())
 
 
 def test_a_model_gains_the_semantic_branch_from_weights_without_it_and_colours_as_before() -> None:
