@@ -326,19 +326,29 @@ def test_the_semantic_branch_gives_class_logits_and_every_parameter_gets_a_gradi
         build_model(CONFIGS[0])(color.normalize_l(batch["L"]), with_logits=True)
 
 
-def test_the_semantic_branch_learns_the_labels_beside_the_colour() -> None:
-    # Two classes told apart by brightness alone: bright scenes are class 1.
+def brightness_classes() -> tuple[dict[str, torch.Tensor], torch.nn.Module, torch.optim.Optimizer]:
+    """A batch of two classes told apart by brightness alone (bright scenes are class 1), and a
+    fresh two-class semantic model with its optimiser."""
     torch.manual_seed(0)
     batch = lab_batch(32)
     batch["label"] = (batch["L"].mean(dim=(1, 2, 3)) > batch["L"].mean()).long()
     model = build_model(dataclasses.replace(SEMANTIC, classes=2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return batch, model, torch.optim.Adam(model.parameters(), lr=3e-3)
+
+
+def eval_accuracy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """The semantic branch's accuracy on ``batch`` in eval mode (BatchNorm's running statistics)."""
+    model.eval()
+    with torch.no_grad():
+        _, logits = model(color.normalize_l(batch["L"]), with_logits=True)
+    return float((logits.argmax(1) == batch["label"]).float().mean())
+
+
+def test_the_semantic_branch_learns_the_labels_beside_the_colour() -> None:
+    batch, model, optimizer = brightness_classes()
 
     def accuracy() -> float:
-        model.eval()
-        with torch.no_grad():
-            _, logits = model(color.normalize_l(batch["L"]), with_logits=True)
-        return float((logits.argmax(1) == batch["label"]).float().mean())
+        return eval_accuracy(model, batch)
 
     before = accuracy()
     # 80 steps: the branch fits the batch within 10, its BatchNorm statistics (eval mode) by about 60.
@@ -348,19 +358,12 @@ def test_the_semantic_branch_learns_the_labels_beside_the_colour() -> None:
 
 
 def test_recalibrated_batchnorm_holds_the_statistics_of_its_batches_and_fixes_an_early_eval() -> None:
-    torch.manual_seed(0)
-    batch = lab_batch(32)
-    batch["label"] = (batch["L"].mean(dim=(1, 2, 3)) > batch["L"].mean()).long()
-    model = build_model(dataclasses.replace(SEMANTIC, classes=2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch, model, optimizer = brightness_classes()
     for _ in range(10):  # fits the batch; the running statistics are still mostly their initial values
         train_step(model, batch, optimizer, loss="psnr", precision="float32")
 
     def accuracy() -> float:
-        model.eval()
-        with torch.no_grad():
-            _, logits = model(color.normalize_l(batch["L"]), with_logits=True)
-        return float((logits.argmax(1) == batch["label"]).float().mean())
+        return eval_accuracy(model, batch)
 
     early = accuracy()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
