@@ -48,13 +48,14 @@ class Variant:
     rebalance: bool = True
     gan_weight: float = 0.0
     colourfulness_weight: float = 0.0
+    psnr_weight: float = 0.0
     temperatures: tuple[float, ...] = ()
     note: str = ""
 
     def __post_init__(self) -> None:
-        if self.gan_weight < 0 or self.colourfulness_weight < 0:
+        if min(self.gan_weight, self.colourfulness_weight, self.psnr_weight) < 0:
             raise ValueError(f"{self.name}: term weights must be >= 0, got gan {self.gan_weight}, "
-                             f"colourfulness {self.colourfulness_weight}")
+                             f"colourfulness {self.colourfulness_weight}, psnr {self.psnr_weight}")
 
 
 def _unet(**kw: Any) -> ModelConfig:
@@ -197,7 +198,8 @@ def fit(
                 tensors["label"] = labels[picked]
             value = train_step(model, tensors, optimizer, loss=variant.loss,
                                class_weights=class_weights, adversary=adversary,
-                               colourfulness_weight=variant.colourfulness_weight, precision=precision)
+                               colourfulness_weight=variant.colourfulness_weight, psnr_weight=variant.psnr_weight,
+                               precision=precision)
             steps += 1
         epoch += 1
         if not bool(torch.isfinite(value)):  # once an epoch: reading it waits for the GPU

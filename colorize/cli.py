@@ -73,18 +73,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "'image' bytes column, or the CIFAR-10 python release (.tar.gz or extracted); local or s3://")
     p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints, model.pt, curve.png, grid.png")
     p.add_argument("--val", help="validation images, same forms as --data (CIFAR-10 python: its test batch)")
-    p.add_argument("--model", default="unet", choices=ARCHITECTURES, help="architecture (default: unet)")
-    p.add_argument("--width", type=_positive_int, default=32, help="channels of the first stage (default: 32)")
-    p.add_argument("--depth", type=_positive_int, default=3, help="downsampling stages (default: 3)")
-    p.add_argument("--image-size", type=_positive_int, default=32, help="square training resolution in px (default: 32)")
-    p.add_argument("--head", default="regression", choices=HEADS,
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="fine-tune this model: a model.pt (local or s3://) or 'bundled'; its architecture is kept, so "
+                   "--model, --width, --depth, --head and --attention are left out (default: a new model)")
+    p.add_argument("--model", choices=ARCHITECTURES, help="architecture (default: unet)")
+    p.add_argument("--width", type=_positive_int, help="channels of the first stage (default: 32)")
+    p.add_argument("--depth", type=_positive_int, help="downsampling stages (default: 3)")
+    p.add_argument("--image-size", type=_positive_int,
+                   help="square training resolution in px (default: 32, or --init's)")
+    p.add_argument("--head", choices=HEADS,
                    help="predict ab directly, or a distribution over ab cells (default: regression)")
-    p.add_argument("--attention", action="store_true", help="self-attention at the U-Net's bottleneck")
+    p.add_argument("--attention", action="store_true", default=None, help="self-attention at the U-Net's bottleneck")
     p.add_argument("--semantic", action="store_true",
                    help="add a semantic branch that learns each image's class and feeds it to the colouriser: "
                    "CIFAR-10's classes, a Parquet 'label' column, or top-level class folders (ImageNet's layout)")
-    p.add_argument("--temperature", type=_temperature, default=0.38,
-                   help="annealed-mean temperature the classification head decodes with (default: 0.38)")
+    p.add_argument("--temperature", type=_temperature,
+                   help="annealed-mean temperature the classification head decodes with (default: 0.38, or --init's)")
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
@@ -96,6 +100,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="weight of a PatchGAN adversarial term trained in the same loop (default: 0, off)")
     p.add_argument("--cf-weight", type=float, default=0.0,
                    help="weight of a term matching each image's colourfulness to its truth's (default: 0, off)")
+    p.add_argument("--psnr-weight", type=float, default=0.0,
+                   help="weight of minus the mean PSNR (dB) of the decoded ab beside the loss: with the classification "
+                   "head, asks its annealed mean to be faithful too (default: 0, off)")
     p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -34,6 +34,8 @@ SEMANTIC_SIZE = 32
 # The U-Net's parameters that only the semantic branch has: a model without the branch
 # fine-tunes into one with it by loading every other weight (models.load_backbone).
 SEMANTIC_MODULES = ("semantic", "classify", "fuse")
+# The colour head and, for classification, its fixed ab cell centres (a buffer built with the model).
+COLOUR_HEAD = ("head", "ab_bins")
 
 
 @dataclass(frozen=True)
@@ -298,13 +300,14 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model``, which may add a semantic branch that ``state`` lacks
-    (that branch keeps its fresh initialisation, so the model colours as ``state`` did).
-    Any other missing or unexpected key is an error."""
+    (that branch keeps its fresh initialisation, so the model colours as ``state`` did), or
+    whose colour head ``state`` lacks (:func:`without_colour_head`: a fresh head of another
+    kind on the same U-Net). Any other missing or unexpected key is an error."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes that differ; torch's message runs over many lines
         raise ValueError(f"weights do not fit this model: {str(error).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k.split(".")[0] not in SEMANTIC_MODULES]
+    missing = [k for k in missing if k.split(".")[0] not in (*SEMANTIC_MODULES, *COLOUR_HEAD)]
     if missing or unexpected:
         raise ValueError(f"weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -313,6 +316,13 @@ def without_class_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """``state`` less the semantic branch's class head: what carries over to a model of other
     classes (the branch's encoder and fusion do; :func:`load_backbone` starts a fresh head)."""
     return {k: v for k, v in state.items() if k.split(".")[0] != "classify"}
+
+
+def without_colour_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the U-Net's colour head, its last 1x1 convolution: what carries over to
+    the same U-Net with the other head (regression's 2 channels of ab or classification's
+    logits over ab cells); :func:`load_backbone` starts a fresh head."""
+    return {k: v for k, v in state.items() if k.split(".")[0] not in COLOUR_HEAD}
 
 
 def count_parameters(model: nn.Module) -> int:

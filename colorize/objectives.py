@@ -71,6 +71,7 @@ def train_step(
     class_weights: torch.Tensor | None = None,
     adversary: Adversary | None = None,
     colourfulness_weight: float = 0.0,
+    psnr_weight: float = 0.0,
     precision: str = "auto",
 ) -> torch.Tensor:
     """One step on a batch of ``L`` (B,1,H,W) and ``ab`` (B,2,H,W) in Lab units, and ``label``
@@ -79,7 +80,10 @@ def train_step(
     With an ``adversary``, the colouriser's loss gains ``weight`` times the non-saturating
     GAN loss of its predicted ab, then the discriminator takes one step on real against
     predicted ab. ``colourfulness_weight`` adds that times each image's colourfulness gap to
-    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units). A ``label``
+    its truth (:func:`colorize.colorizer.colourfulness_gap`, in 0..255 units), and
+    ``psnr_weight`` that times minus the mean per-image PSNR of the decoded ab
+    (:func:`colorize.colorizer.psnr_loss`, in dB): beside the classification head's
+    cross-entropy, it asks the annealed mean the model decodes with to be faithful too. A ``label``
     adds the semantic branch's cross-entropy, with weight 1 (measured in docs/colour.md).
 
     ``precision="bf16"`` runs the networks under bf16 autocast (weights, gradients, the
@@ -95,7 +99,7 @@ def train_step(
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     labels = batch.get("label")
     with autocast:
-        if adversary is None and not colourfulness_weight and labels is None:
+        if adversary is None and not colourfulness_weight and not psnr_weight and labels is None:
             value = colorizer.loss(model, L, ab, loss, class_weights=class_weights)
         else:
             # One forward pass feeds every term: DDP allows one forward per backward.
@@ -106,8 +110,10 @@ def train_step(
             value = colorizer.output_loss(model, out, L, ab, loss, class_weights=class_weights)
             if labels is not None:
                 value = value + F.cross_entropy(logits.float(), labels)
-            if colourfulness_weight or adversary is not None:
+            if colourfulness_weight or psnr_weight or adversary is not None:
                 fake_ab = colorizer.decode(model, out)
+            if psnr_weight:
+                value = value + psnr_weight * colorizer.psnr_loss(L, fake_ab, ab)
             if colourfulness_weight:
                 value = value + colourfulness_weight * colorizer.colourfulness_gap(L, fake_ab, ab)
             if adversary is not None:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from colorize import color, colorizer, data, evaluate, plots, quantize, storage
-from colorize.models import ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters
+from colorize.models import (
+    ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone, without_class_head,
+)
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, train_step
 
 __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
@@ -41,6 +43,11 @@ __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "semantic")
+# What a config's None means without --init (with it: the --init weights' own).
+DEFAULT_ARCHITECTURE = {"model": "unet", "width": 32, "depth": 3, "image_size": 32, "head": "regression",
+                        "attention": False, "temperature": ModelConfig.temperature}
+# Fields an --init file decides; a config may repeat them but not contradict them.
+INIT_DECIDES = ("model", "width", "depth", "head", "attention")
 
 
 @dataclass(frozen=True)
@@ -52,24 +59,33 @@ class TrainConfig:
     ``loss=None`` picks ``mse`` for the regression head and ``ce`` for classification;
     ``rebalance`` weighs the classes of ``ce`` by the inverse of their smoothed frequency.
     ``gan_weight > 0`` adds the PatchGAN term with that weight, ``cf_weight > 0`` the
-    colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`). ``precision``
+    colourfulness-gap term (:func:`colorize.colorizer.colourfulness_gap`), ``psnr_weight > 0``
+    minus the mean PSNR of the decoded ab (:func:`colorize.colorizer.psnr_loss`). ``precision``
     is one of :data:`colorize.objectives.PRECISIONS` (``auto``: bf16 autocast where the
     worker's device runs it fast). ``semantic`` gives the U-Net a semantic branch
     (``ModelConfig.classes``) trained on the images' classes (:func:`colorize.data.class_names`:
     CIFAR-10's, a Parquet ``label`` column, or class folders).
+
+    ``init`` (a weights file, local or ``s3://``, or ``"bundled"``) fine-tunes that model: the
+    architecture (``model``, ``width``, ``depth``, ``head``, ``attention`` and a semantic branch)
+    is the file's, and those fields must be left as None or agree with it; ``image_size`` and
+    ``temperature`` left as None are the file's too. :func:`resolve_init` fills them in. Without
+    ``init``, None means the defaults: a U-Net of width 32, depth 3, at 32 px, regression head,
+    no attention, temperature 0.38.
     """
 
     data: str
     out: str
     val: str | None = None
-    model: str = "unet"
-    width: int = 32
-    depth: int = 3
-    image_size: int = 32
-    head: str = "regression"
-    attention: bool = False
+    init: str | None = None
+    model: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    image_size: int | None = None
+    head: str | None = None
+    attention: bool | None = None
     semantic: bool = False
-    temperature: float = 0.38
+    temperature: float | None = None
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
@@ -77,6 +93,7 @@ class TrainConfig:
     rebalance: bool = True
     gan_weight: float = 0.0
     cf_weight: float = 0.0
+    psnr_weight: float = 0.0
     num_workers: int = 1
     gpu: bool = False
     precision: str = "auto"
@@ -87,29 +104,21 @@ class TrainConfig:
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.loss is None:
-            object.__setattr__(self, "loss", "ce" if self.head == "classification" else "mse")
+        if self.init is None:
+            for name, default in DEFAULT_ARCHITECTURE.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+        elif self.init.strip() == "":
+            raise ValueError("--init is empty: give a weights file, or 'bundled'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.loss not in colorizer.LOSSES:
-            raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
-        if self.model == "unet" and (self.loss == "ce") != (self.head == "classification"):
-            raise ValueError(f"--loss {self.loss} does not fit --head {self.head}: ce is the classification head's loss")
-        for flag, weight in (("--gan-weight", self.gan_weight), ("--cf-weight", self.cf_weight)):
+        terms = (("--gan-weight", self.gan_weight), ("--cf-weight", self.cf_weight), ("--psnr-weight", self.psnr_weight))
+        for flag, weight in terms:
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"{flag} must be a finite number >= 0, got {weight}")
-            if weight and self.model != "unet":
-                raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
-        if self.semantic and self.model != "unet":
-            raise ValueError(f"--semantic needs --model unet, got --model {self.model}")
         for name in ("epochs", "batch_size", "num_workers", "width", "depth", "image_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.image_size % 2**self.depth:
-            raise ValueError(f"--image-size {self.image_size} must be divisible by 2**depth = {2**self.depth} (--depth {self.depth})")
-        if self.image_size < 2 ** (self.depth + 1):
-            raise ValueError(f"--image-size {self.image_size} at --depth {self.depth} leaves a 1x1 bottleneck, on which "
-                             f"BatchNorm cannot train a batch of one: use at least {2 ** (self.depth + 1)}, or a smaller --depth")
         if self.batch_size < self.num_workers:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than --num-workers {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -118,6 +127,24 @@ class TrainConfig:
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if self.max_failures < -1:
             raise ValueError(f"--max-failures must be -1 (retry forever) or more, got {self.max_failures}")
+        if any(getattr(self, name) is None for name in DEFAULT_ARCHITECTURE):
+            return  # the rest needs the model, which resolve_init reads from the --init weights
+        if self.loss is None:
+            object.__setattr__(self, "loss", "ce" if self.head == "classification" else "mse")
+        if self.loss not in colorizer.LOSSES:
+            raise ValueError(f"--loss must be one of {colorizer.LOSSES}, got {self.loss!r}")
+        if self.model == "unet" and (self.loss == "ce") != (self.head == "classification"):
+            raise ValueError(f"--loss {self.loss} does not fit --head {self.head}: ce is the classification head's loss")
+        for flag, weight in terms:
+            if weight and self.model != "unet":
+                raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
+        if self.semantic and self.model != "unet":
+            raise ValueError(f"--semantic needs --model unet, got --model {self.model}")
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"--image-size {self.image_size} must be divisible by 2**depth = {2**self.depth} (--depth {self.depth})")
+        if self.image_size < 2 ** (self.depth + 1):
+            raise ValueError(f"--image-size {self.image_size} at --depth {self.depth} leaves a 1x1 bottleneck, on which "
+                             f"BatchNorm cannot train a batch of one: use at least {2 ** (self.depth + 1)}, or a smaller --depth")
         self.model_config()  # validates arch, width, depth and image_size
 
     def model_config(self, classes: int = 0) -> ModelConfig:
@@ -133,6 +160,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         return cls(**values)
+
+
+def resolve_init(config: TrainConfig, init: ModelConfig) -> TrainConfig:
+    """``config`` with the architecture of the model ``init`` that it fine-tunes; refuses an
+    architecture field that contradicts it (fine-tuning cannot change a model's shape)."""
+    decided = {"model": init.arch, "width": init.width, "depth": init.depth, "head": init.head, "attention": init.attention}
+    clashes = [f"--{name} {getattr(config, name)} (it has {value})" for name, value in decided.items()
+               if getattr(config, name) not in (None, value)]
+    if clashes:
+        raise ValueError(f"--init {config.init} fixes the model's architecture; leave out {', '.join(clashes)}")
+    return replace(config, **decided, image_size=config.image_size or init.image_size,
+                   temperature=config.temperature or init.temperature)
 
 
 @torch.inference_mode()
@@ -193,7 +232,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     ``loop_config`` holds the ``config`` (a :class:`TrainConfig` as a dict), the torch
     ``threads`` to run (the CPUs the worker reserved), for the classification head the
-    ``class_weights`` the driver estimated, and for a semantic branch the number of image ``classes``.
+    ``class_weights`` the driver estimated, for a semantic branch the number of image ``classes``,
+    and with ``--init`` the ``init`` weights (bytes) that a run with no checkpoint starts from.
     """
     config = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
@@ -215,6 +255,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
+    elif loop_config.get("init"):
+        start = colorizer.model_from_bytes(loop_config["init"])
+        state = start.state_dict()
+        if start.config.classes != model.config.classes:
+            state = without_class_head(state)  # other classes: a fresh class head; the branch carries over
+        load_backbone(model, state)
     precision = resolve_precision(config.precision, device)
     # Channels-last convolutions: what bf16 kernels want, and 1.06x to 1.6x faster in float32 on a CPU.
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
@@ -317,7 +363,8 @@ def _train_epoch(
         step = {name: batch[name][keep] for name in ("L", "ab", "label") if name in batch}
         recent.append(step["L"])
         value = float(train_step(model, step, optimizer, loss=config.loss, class_weights=class_weights, adversary=adversary,
-                                 colourfulness_weight=config.cf_weight, precision=precision))
+                                 colourfulness_weight=config.cf_weight, psnr_weight=config.psnr_weight,
+                                 precision=precision))
         totals[0] += value * readable
         totals[1] += readable
     recalibrate_batchnorm(colorizer.unwrap(model), recent)
@@ -436,9 +483,10 @@ def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:
         if name in earlier and earlier[name] != getattr(config, name)
     ]
     if changed:
+        hint = f" (--init {earlier['init']})" if earlier.get("init") and not config.init else ""
         raise ValueError(
             f"{config.out} holds checkpoints of another model ({'; '.join(changed)}): resume with the same "
-            "settings, or train into a new --out"
+            f"settings{hint}, or train into a new --out"
         )
 
 
@@ -476,6 +524,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
     storage.check_output(out_fs, out_path, config.out, "--out")
+    init = None
+    if config.init:
+        init, init_id = colorizer.load_weights(None if config.init == "bundled" else config.init, settings)
+        config = resolve_init(config, init.config)
     earlier = _earlier_run(out_fs, out_path)
     if earlier is not None:
         _check_resume(config, earlier[0])
@@ -487,6 +539,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
     val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
     classes = _classes(config, train_source, earlier[0] if earlier else None)
+    # The model's classes: the data's for --semantic; else an --init model's semantic branch
+    # stays, trained by the colour loss alone.
+    model_classes = len(classes) or (init.config.classes if init is not None else 0)
     class_index = {name: label for label, name in enumerate(classes)} if classes else None
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
@@ -509,10 +564,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     class_weights = None
     if config.loss == "ce" and config.rebalance:
         class_weights = estimate_class_weights(datasets["train"]).tolist()
-    params = count_parameters(build_model(config.model_config(len(classes))))
+    params = count_parameters(build_model(config.model_config(model_classes)))
+    start = f", from {config.init} ({init_id}, {init.config.image_size} px)" if init is not None else ""
+    branch = f" with a semantic branch over {model_classes} classes" if model_classes else ""
+    if model_classes and not classes:
+        branch += " (no --semantic: the colour loss alone trains it)"
     print(
-        f"training {config.model}{f' with a semantic branch over {len(classes)} classes' if classes else ''} "
-        f"({params / 1e6:.2f} M parameters) on {config.data} with "
+        f"training {config.model}{branch} ({params / 1e6:.2f} M parameters{start}) at {config.image_size} px on {config.data} with "
         f"{config.num_workers} worker(s), {cpus} CPU{' + 1 GPU' if config.gpu else ''} each; "
         f"checkpoints in {storage.to_uri(out_fs, storage.join(out_path, RUN_NAME))}",
         flush=True,
@@ -520,7 +578,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": asdict(config), "class_weights": class_weights, "threads": max(1, int(cpus)),
-                           "classes": len(classes)},
+                           "classes": model_classes, "init": colorizer.weights_bytes(init) if init is not None else None},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
         ),

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from colorize import ablation, color, colorizer, evaluate, imagesets, storage
-from colorize.models import ModelConfig, count_parameters, without_class_head
+from colorize.models import ModelConfig, count_parameters, without_class_head, without_colour_head
 from colorize.objectives import PRECISIONS, resolve_precision
 
 HOLDOUT = 0.05
@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="working resolution (default: 64)")
     parser.add_argument("--width", type=int, default=16, help="U-Net width (default: 16)")
     parser.add_argument("--depth", type=int, default=4, help="U-Net depth (default: 4)")
-    parser.add_argument("--head", choices=("regression", "classification"), default="regression")
+    parser.add_argument("--head", choices=("regression", "classification"),
+                        help="regression, or classification over ab cells (default: --init's head, else regression)")
     parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
     parser.add_argument("--semantic", action="store_true",
@@ -61,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gan-weight", type=float, default=0.0)
     parser.add_argument("--cf-weight", type=float, default=0.0,
                         help="weight of the colourfulness-gap term (0..255 units) beside the loss (default: 0)")
+    parser.add_argument("--psnr-weight", type=float, default=0.0,
+                        help="weight of minus the mean PSNR (dB) of the decoded ab beside the loss: with --head "
+                             "classification, asks its annealed mean at --temperature to be faithful (default: 0)")
+    parser.add_argument("--temperature", type=float, default=ModelConfig.temperature,
+                        help=f"the classification head's annealed-mean temperature, in training and in the weights "
+                             f"(default: {ModelConfig.temperature})")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--minutes", type=float,
                         help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
@@ -69,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shift", type=int, default=0, metavar="PIXELS",
                         help="move each training image by up to PIXELS each way (reflection-padded random crops; default: 0)")
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos from each folder")
-    parser.add_argument("--init", help="start from this model.pt or 'bundled' (same architecture; fine-tuning, e.g. with --gan-weight)")
+    parser.add_argument("--init", help="start from this model.pt or 'bundled' (its architecture; fine-tuning, e.g. with --gan-weight; "
+                             "a --head of the other kind starts fresh on its U-Net)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--device", default=ablation.Budget().device)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -81,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "highest, written to model.pt as each is found, instead of the last")
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
     args = parser.parse_args(argv)
-    for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight)):
+    for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight), ("--psnr-weight", args.psnr_weight)):
         if value < 0:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
+    if not 0 < args.temperature <= 1:
+        parser.error(f"--temperature must be in (0, 1], got {args.temperature}")
     if args.score_every < 0:
         parser.error(f"--score-every must be >= 0, got {args.score_every}")
     if not 0 <= args.shift < args.size // 2:
@@ -121,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.semantic and classes < 2:
         parser.error(f"--semantic needs at least two class folders in --data, found {classes}")
-    config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head,
-                         classes=classes if args.semantic else 0)
+    config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head or "regression",
+                         temperature=args.temperature, classes=classes if args.semantic else 0)
     init = None
     if args.init:
         start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
@@ -130,6 +140,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--semantic needs a U-Net, but --init {args.init} is the {start.config.arch}")
         init = start.state_dict()
         config = start.config
+        if args.head and args.head != config.head:
+            if config.arch != "unet":
+                parser.error(f"--head {args.head} needs a U-Net, but --init {args.init} is the {config.arch}")
+            # The same U-Net with a fresh colour head of the other kind, at this run's temperature.
+            init = without_colour_head(init)
+            config = dataclasses.replace(config, head=args.head, temperature=args.temperature)
         # Other folders' classes: a fresh class head; the branch's encoder and fusion carry over. With
         # a single class folder there is nothing to classify: the colour loss alone trains the branch.
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
@@ -142,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
-                             colourfulness_weight=args.cf_weight)
+                             colourfulness_weight=args.cf_weight, psnr_weight=args.psnr_weight)
     budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
                              seconds=args.minutes * 60 if args.minutes else None, precision=args.precision,
                              shift=args.shift)
@@ -180,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = {
         "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
-        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight, "init": args.init, "epochs": round(epochs, 2),
+        "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight,
+        "psnr_weight": args.psnr_weight, "init": args.init, "epochs": round(epochs, 2),
         "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "seconds": round(seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),

@@ -70,6 +70,15 @@ def test_train_with_a_model_size_that_does_not_divide(tmp_path: Path) -> None:
     assert_one_error_line(result, "--image-size 20", "--depth 3")
 
 
+def test_train_init_refuses_flags_that_change_the_models_shape(tmp_path: Path) -> None:
+    write_images(tmp_path / "d", 2)
+    result = colorize("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--init", "bundled", "--depth", "3")
+    assert_one_error_line(result, "--init bundled fixes the model's architecture; leave out --depth 3 (it has 4)")
+    picture = next((tmp_path / "d").rglob("*.jpg"))
+    result = colorize("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--init", str(picture))
+    assert_one_error_line(result, str(picture), "not a colorize weights file")
+
+
 def test_train_refuses_workers_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:
     write_images(tmp_path / "d", 4)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: train starts its own

@@ -89,7 +89,7 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
     "bad, match",
     [({"head": "classification", "loss": "mse"}, "does not fit"), ({"loss": "ce"}, "does not fit"),
      ({"model": "autoencoder", "gan_weight": 0.1}, "gan-weight"), ({"gan_weight": -1.0}, "gan-weight"),
-     ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight"),
+     ({"model": "autoencoder", "cf_weight": 0.1}, "cf-weight"), ({"cf_weight": -1.0}, "cf-weight"), ({"psnr_weight": -0.5}, "psnr-weight"),
      ({"lr": float("nan")}, "--lr"), ({"cf_weight": float("inf")}, "cf-weight"), ({"cpus_per_worker": 0.0}, "cpus-per-worker"),
      ({"max_failures": -2}, "max-failures"), ({"precision": "fp16"}, "--precision must be one of"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
      ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
@@ -129,6 +129,44 @@ def test_a_semantic_branch_learns_the_class_folders_under_ddp_and_resumes_only_o
         train(TrainConfig(**{**config, "data": str(tmp_path / "three"), "val": None, "epochs": 4}))
     with pytest.raises(ValueError, match="another model \\(--semantic True -> False\\)"):
         train(TrainConfig(**{**config, "semantic": False, "epochs": 4}))
+
+
+def test_fine_tuning_the_bundled_model_keeps_its_architecture_and_starts_from_its_weights(ray_cluster: str, tmp_path: Path) -> None:
+    write_day_and_night(tmp_path / "scenes", 32)
+    out = tmp_path / "run"
+    # A learning rate too small to move a weight by 1e-4 in two steps: what comes out is what went in.
+    config = dict(data=str(tmp_path / "scenes"), out=str(out), init="bundled", semantic=True, image_size=32,
+                  epochs=1, batch_size=16, lr=1e-7, num_workers=2, cpus_per_worker=0.5)
+    train(TrainConfig(**config))
+    summary = train(TrainConfig(**{**config, "epochs": 2}))
+
+    assert summary["resumed_at"] == [1] and summary["images"] == 32
+    bundled, _ = colorizer.load_weights(None)
+    tuned, _ = colorizer.load_weights(str(out / "model.pt"))
+    # The bundled model's shape, at the resolution asked for, with a class head for the two folders.
+    assert (tuned.config.width, tuned.config.depth, tuned.config.image_size, tuned.config.classes) == (16, 4, 32, 2)
+    before, after = bundled.state_dict(), tuned.state_dict()
+    for name in ("down.0.0.weight", "up.0.weight", "head.weight", "semantic.net.0.weight"):
+        assert torch.allclose(after[name], before[name], atol=1e-4), name  # a fresh model would be nowhere near
+    assert after["classify.weight"].shape[0] == 2 != before["classify.weight"].shape[0]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["init"], saved["width"], saved["depth"], saved["image_size"]) == ("bundled", 16, 4, 32)
+
+    without_init = {k: v for k, v in config.items() if k != "init"}
+    with pytest.raises(ValueError, match="another model .*--width 16 -> 32.* \\(--init bundled\\)"):
+        train(TrainConfig(**{**without_init, "epochs": 3}))
+
+
+def test_fine_tuning_refuses_a_shape_the_weights_do_not_have(tmp_path: Path) -> None:
+    config = dict(data=str(tmp_path), out=str(tmp_path / "run"), init="bundled")
+    with pytest.raises(ValueError, match="--init bundled fixes the model's architecture; leave out --width 48 \\(it has 16\\), "
+                                         "--head classification \\(it has regression\\)"):
+        train(TrainConfig(**config, width=48, head="classification"))
+    with pytest.raises(ValueError, match="--image-size 40 must be divisible by 2\\*\\*depth = 16"):
+        train(TrainConfig(**config, image_size=40))
+    with pytest.raises(storage.StorageError, match="no such weights file"):
+        train(TrainConfig(**{**config, "init": str(tmp_path / "missing.pt")}))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_semantic_run_needs_classes_in_its_data(ray_cluster: str, tmp_path: Path) -> None:
