@@ -46,8 +46,6 @@ ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "s
 # What a config's None means without --init (with it: the --init weights' own).
 DEFAULT_ARCHITECTURE = {"model": "unet", "width": 32, "depth": 3, "image_size": 32, "head": "regression",
                         "attention": False, "temperature": ModelConfig.temperature}
-# Fields an --init file decides; a config may repeat them but not contradict them.
-INIT_DECIDES = ("model", "width", "depth", "head", "attention")
 
 
 @dataclass(frozen=True)
@@ -166,8 +164,8 @@ def resolve_init(config: TrainConfig, init: ModelConfig) -> TrainConfig:
     """``config`` with the architecture of the model ``init`` that it fine-tunes; refuses an
     architecture field that contradicts it (fine-tuning cannot change a model's shape)."""
     decided = {"model": init.arch, "width": init.width, "depth": init.depth, "head": init.head, "attention": init.attention}
-    clashes = [f"--{name} {getattr(config, name)} (it has {value})" for name, value in decided.items()
-               if getattr(config, name) not in (None, value)]
+    clashes = [f"--{name} (it has no {name})" if value is False else f"--{name} {getattr(config, name)} (it has {value})"
+               for name, value in decided.items() if getattr(config, name) not in (None, value)]
     if clashes:
         raise ValueError(f"--init {config.init} fixes the model's architecture; leave out {', '.join(clashes)}")
     return replace(config, **decided, image_size=config.image_size or init.image_size,
