@@ -18,7 +18,9 @@ Four ways to turn N generated JPEGs into colour PNGs, on the same images, model 
   Data's cluster-wide actors, which the first Ray Data job on a cluster starts);
 - ``bulk, warm workers``: the bulk job again on the worker processes the first run started;
 - ``bulk-actors``: the same job with ``--actors 1``, the model in an actor between decode and
-  write tasks (the GPU layout, and the CPU default before the fused tasks).
+  write tasks (the GPU layout, and the CPU default before the fused tasks);
+- ``bulk-flip``: the bulk job with ``--flip-average`` (each image's chroma averaged with its
+  mirror image's, twice the model's work), on warm workers, against ``bulk, warm workers``.
 """
 
 from __future__ import annotations
@@ -126,11 +128,13 @@ def codec_seconds_per_image(paths: list[Path], png_level: int) -> float:
     return (time.perf_counter() - started) / len(paths)
 
 
-def bulk(folder: Path, out: Path, png_level: int, batch_size: int, actors: int | None = None) -> dict[str, Any]:
+def bulk(
+    folder: Path, out: Path, png_level: int, batch_size: int, actors: int | None = None, flip: bool = False
+) -> dict[str, Any]:
     from colorize.pipeline import BulkConfig, run
 
     return run(BulkConfig(input=str(folder), output=str(out), formats=("png",), png_level=png_level,
-                          batch_size=batch_size, actors=actors, overwrite=True))
+                          batch_size=batch_size, actors=actors, flip_average=flip, overwrite=True))
 
 
 def _timed(label: str, work, n: int, out: Path) -> dict[str, Any]:  # noqa: ANN001
@@ -155,7 +159,8 @@ def main() -> None:
                         help="PNG compression level for every mode (default: the job's default)")
     parser.add_argument("--naive-n", type=int, default=500,
                         help="images for the naive loop and the codec floor, at most --n (default: 500)")
-    parser.add_argument("--modes", default="codec,naive,tight,bulk,bulk-actors", help="comma-separated subset to run")
+    parser.add_argument("--modes", default="codec,naive,tight,bulk,bulk-actors",
+                        help="comma-separated subset to run, of those and bulk-flip")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     parser.add_argument("--name", help="results file name (default: bench_colorize-WxH)")
     args = parser.parse_args()
@@ -186,26 +191,28 @@ def main() -> None:
     if "tight" in modes:
         rows.append(_timed("tight", lambda out: tight(paths, out, model, png_level, args.batch_size), len(paths),
                            args.workdir / "out-tight"))
-    if "bulk" in modes or "bulk-actors" in modes:
+    if {"bulk", "bulk-actors", "bulk-flip"} & set(modes):
         import ray
 
         ray_start = start_ray()  # outside the timed part, as on a cluster that is already up
         ray_start += warm_ray_data()
         # Each job's first run starts its worker processes (each imports torch); a second
         # run in the same job finds them started, as a long job does after its first minute.
-        for label, mode, actors in (("bulk", "bulk", None), ("bulk, warm workers", "bulk", None),
-                                    ("bulk-actors", "bulk-actors", 1)):
-            if mode in modes:
-                rows.append(_timed(label, lambda out, a=actors: bulk(folder, out, png_level, args.batch_size, a), len(paths),
-                                   args.workdir / f"out-{mode}") | {"note": f"Ray and Ray Data started beforehand in {ray_start:.1f} s"})
+        for label, mode, actors, flip in (("bulk", "bulk", None, False), ("bulk, warm workers", "bulk", None, False),
+                                          ("bulk-flip", "bulk-flip", None, True), ("bulk-actors", "bulk-actors", 1, False)):
+            if mode in modes or (mode == "bulk" and "bulk-flip" in modes):  # flip's baseline: warm workers
+                run_bulk = lambda out, a=actors, f=flip: bulk(folder, out, png_level, args.batch_size, a, f)  # noqa: E731
+                rows.append(_timed(label, run_bulk, len(paths), args.workdir / f"out-{mode}")
+                            | {"note": f"Ray and Ray Data started beforehand in {ray_start:.1f} s"})
         ray.shutdown()
 
     rate = {row["mode"]: row["images_per_s"] for row in rows}
     for row in rows:
-        for base in ("naive", "tight", "codec bound"):
+        for base in ("naive", "tight", "codec bound", "bulk, warm workers"):
             if base in rate and row["mode"] != base:
                 row[f"x {base}"] = round(row["images_per_s"] / rate[base], 3)
-    columns = ["mode", "images", "seconds", "images_per_s", "x naive", "x tight", "x codec bound", "note"]
+    columns = ["mode", "images", "seconds", "images_per_s", "x naive", "x tight", "x codec bound",
+               "x bulk, warm workers", "note"]
     print(f"\n{args.n} JPEGs of {width}x{height}, batch {args.batch_size}, PNG level {png_level}, {weights_id}")
     print_table(rows, columns)
     write_results(args.name or f"bench_colorize-{width}x{height}",

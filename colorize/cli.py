@@ -16,6 +16,8 @@ EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)"
+FLIP_AVERAGE_HELP = ("average each image's chroma with its mirror image's: a little more fidelity, a little less "
+                     "colour, twice the model's work (default: off)")
 
 
 class _Once(argparse._StoreAction):
@@ -143,6 +145,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
+    p.add_argument("--flip-average", action="store_true", help=FLIP_AVERAGE_HELP)
     p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_evaluate, build_config=_evaluate_config)
 
@@ -201,6 +204,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call and per Parquet file (default: 64; CPU tasks read plain files in groups of 32, so at most 32 there)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
+    p.add_argument("--flip-average", action="store_true", help=FLIP_AVERAGE_HELP)
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
     gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")

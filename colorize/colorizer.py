@@ -40,12 +40,20 @@ def device_of(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def predict_ab(model: nn.Module, L: torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
+def predict_ab(
+    model: nn.Module, L: torch.Tensor, *, temperature: float | None = None, flip: bool = False
+) -> torch.Tensor:
     """(B, 1, H, W) L in [0, 100] -> (B, 2, H, W) ab in Lab units.
 
     A classification head is decoded by the annealed mean at ``temperature``, by default the
-    one in the model's config.
+    one in the model's config. With ``flip``, the ab predicted for each image and for its mirror
+    image (mirrored back) are averaged: one model call on twice the batch, for a little more
+    fidelity and a little less colour (docs/colour.md, rounds 7 and 8).
     """
+    if flip:
+        both = predict_ab(model, torch.cat((L, L.flip(-1))), temperature=temperature)
+        plain, mirrored = both.chunk(2)
+        return (plain + mirrored.flip(-1)) / 2
     if unwrap(model).config.arch == "autoencoder":
         return color.rgb_to_lab(model(color.gray_rgb_from_l(L)).float())[:, 1:]
     return decode(model, model(color.normalize_l(L)), temperature=temperature)
@@ -59,16 +67,23 @@ def decode(model: nn.Module, out: torch.Tensor, *, temperature: float | None = N
     return color.denormalize_ab(out.float())
 
 
-def predict_rgb(model: nn.Module, L: torch.Tensor, gray: torch.Tensor | None = None) -> torch.Tensor:
+def predict_rgb(
+    model: nn.Module, L: torch.Tensor, gray: torch.Tensor | None = None, *, flip: bool = False
+) -> torch.Tensor:
     """(B, 1, H, W) L -> (B, 3, H, W) sRGB in [0, 1].
 
     The U-Net's chroma is merged with the input's own lightness. The seed autoencoder's RGB
     comes back as it is, as the seed evaluated it; it sees ``gray`` (the 601 luma of the
-    original, in [0, 1]) when known, else the neutral grey of lightness L.
+    original, in [0, 1]) when known, else the neutral grey of lightness L. ``flip`` averages
+    the prediction with its mirror image's, as in :func:`predict_ab`.
     """
     if unwrap(model).config.arch == "autoencoder":
-        return model(color.gray_rgb_from_l(L) if gray is None else gray).float().clamp(0.0, 1.0)
-    return color.lab_to_rgb(torch.cat((L, predict_ab(model, L)), dim=1))
+        x = color.gray_rgb_from_l(L) if gray is None else gray
+        rgb = model(x).float()
+        if flip:
+            rgb = (rgb + model(x.flip(-1)).float().flip(-1)) / 2
+        return rgb.clamp(0.0, 1.0)
+    return color.lab_to_rgb(torch.cat((L, predict_ab(model, L, flip=flip)), dim=1))
 
 
 def loss(

@@ -33,6 +33,7 @@ class EvaluateConfig:
     out: str | None = None
     batch_size: int = 256
     temperature: float | None = None
+    flip_average: bool = False
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,15 +50,16 @@ def gray_baseline(truth: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def colorize_rgb(model: torch.nn.Module, truth: np.ndarray) -> np.ndarray:
+def colorize_rgb(model: torch.nn.Module, truth: np.ndarray, *, flip: bool = False) -> np.ndarray:
     """uint8 (N, H, W, 3) -> the model's colouring of their greyscale, uint8 (N, H, W, 3).
 
-    Runs on the model's device (validation in training runs it on the GPU).
+    Runs on the model's device (validation in training runs it on the GPU). ``flip`` averages
+    each prediction with its mirror image's (:func:`colorize.colorizer.predict_ab`).
     """
     device = colorizer.device_of(model)
     L = torch.from_numpy(color.rgb_to_lab_np(truth)[..., :1]).permute(0, 3, 1, 2)  # (N,1,H,W) in [0,100]
     gray = torch.from_numpy(color.luma_np(truth))[:, None]  # (N,1,H,W) in [0,1]
-    rgb = colorizer.predict_rgb(model, L.to(device), gray.to(device))
+    rgb = colorizer.predict_rgb(model, L.to(device), gray.to(device), flip=flip)
     return color.to_uint8(rgb.permute(0, 2, 3, 1).float().cpu().numpy())
 
 
@@ -67,8 +69,9 @@ def in_batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
         yield rgb[start : start + size]
 
 
-def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, dict, list]:
-    """Metrics of ``model`` and of the grey baseline over uint8 (N, H, W, 3) batches.
+def score(model: torch.nn.Module, batches: Iterable[np.ndarray], *, flip: bool = False) -> tuple[dict, dict, list]:
+    """Metrics of ``model`` (with ``flip``: averaged with its mirror images) and of the grey
+    baseline over uint8 (N, H, W, 3) batches.
 
     Returns the model's metrics, the baseline's, and a few examples for a picture grid.
     """
@@ -76,7 +79,7 @@ def score(model: torch.nn.Module, batches: Iterable[np.ndarray]) -> tuple[dict, 
     model_acc, gray_acc = metrics.MetricAccumulator(device), metrics.MetricAccumulator(device)
     examples: list[tuple[str, np.ndarray]] = []
     for truth in batches:
-        pred, gray = colorize_rgb(model, truth), gray_baseline(truth)
+        pred, gray = colorize_rgb(model, truth, flip=flip), gray_baseline(truth)
         model_acc.update(pred, truth)
         gray_acc.update(gray, truth)
         if not examples:
@@ -114,7 +117,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 yield batch["rgb"][batch["ok"]]
 
     try:
-        model_metrics, gray_metrics, examples = score(model, readable())
+        model_metrics, gray_metrics, examples = score(model, readable(), flip=config.flip_average)
     except NoImages:
         raise data.DataError(f"{config.data}: no readable images to evaluate") from None
     report = {
@@ -122,6 +125,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "weights": config.weights or f"bundled:{colorizer.BUNDLED_WEIGHTS}",
         "weights_id": weights,
         "model_config": model.config.to_dict(),
+        "flip_average": config.flip_average,
         "images": model_metrics.pop("images"),
         "unreadable": unreadable,
         "model": model_metrics,

@@ -70,6 +70,7 @@ class BulkConfig:
     max_pixels: int = 80_000_000
     png_level: int = 1
     temperature: float | None = None
+    flip_average: bool = False
     overwrite: bool = False
     s3_endpoint: str | None = None
 
@@ -236,24 +237,28 @@ def _stack(rows: list[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
 class Colorizer:
     """Loads the model once per actor; predicts chroma for whole batches."""
 
-    def __init__(self, weights: bytes, device: str, threads: int) -> None:
+    def __init__(self, weights: bytes, device: str, threads: int, flip: bool = False) -> None:
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = inference_model(weights, self.device)
+        self.flip = flip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return predict(self.model, batch, self.device)
+        return predict(self.model, batch, self.device, flip=self.flip)
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, np.ndarray]:
-    """Adds ``ab`` (B, 2, S, S), the chroma of every ``ok`` row, and drops ``small``."""
+def predict(
+    model: torch.nn.Module, batch: dict[str, np.ndarray], device: torch.device, *, flip: bool = False
+) -> dict[str, np.ndarray]:
+    """Adds ``ab`` (B, 2, S, S), the chroma of every ``ok`` row (with ``flip``, averaged with
+    its mirror image's), and drops ``small``."""
     ok = batch["status"] == "ok"
     size = batch["small"].shape[-1]
     ab = np.zeros((len(ok), 2, size, size), dtype=np.float32)
     if ok.any():
         L = torch.from_numpy(batch["small"][ok]).unsqueeze(1).to(device)  # (B,1,S,S), L in [0,100]
-        ab[ok] = colorizer.predict_ab(model, L).cpu().numpy()
+        ab[ok] = colorizer.predict_ab(model, L, flip=flip).cpu().numpy()
     batch["ab"] = ab
     del batch["small"]
     return batch
@@ -277,7 +282,7 @@ def inference_model(weights: bytes, device: torch.device) -> torch.nn.Module:
 
 
 def colorize_items(
-    batch: dict[str, np.ndarray], *, weights: bytes, read: dict[str, Any], write: dict[str, Any]
+    batch: dict[str, np.ndarray], *, weights: bytes, read: dict[str, Any], write: dict[str, Any], flip: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
     """Items -> status rows, with every step in this task: the CPU path.
 
@@ -288,7 +293,7 @@ def colorize_items(
     torch.set_num_threads(1)
     model = _cached_model(weights)
     for decoded in read_and_decode(batch, **read):
-        yield compose_and_write(predict(model, decoded, torch.device("cpu")), **write)
+        yield compose_and_write(predict(model, decoded, torch.device("cpu"), flip=flip), **write)
 
 
 def for_inference(model: torch.nn.Module) -> torch.nn.Module:
@@ -392,10 +397,12 @@ def _input_uri(uri: str, settings: storage.S3Settings) -> str:
 
 def _run_id(config: BulkConfig, settings: storage.S3Settings, model: torch.nn.Module, weights_id: str) -> dict[str, Any]:
     """What a run's colours depend on, for ``_CONFIG.json``: the input (as given, and as a full
-    path), the weights, and the temperature a classification head decodes at (None for regression)."""
+    path), the weights, the temperature a classification head decodes at (None for regression),
+    and whether each prediction is averaged with its mirror image's."""
     classification = model.config.head == "classification"
     return {"input": config.input, "input_uri": _input_uri(config.input, settings), "weights_id": weights_id,
-            "temperature_used": model.config.temperature if classification else None}
+            "temperature_used": model.config.temperature if classification else None,
+            "flip_average": config.flip_average}
 
 
 def _earlier_config(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -412,7 +419,8 @@ def _earlier_config(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 
 
 def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
-    """What makes this run's colours differ from the earlier run's: input, weights, temperature.
+    """What makes this run's colours differ from the earlier run's: input, weights, temperature,
+    flip averaging.
 
     The input matches if either its spelling or its full path does: a relative path inside a
     Ray job resolves into a working folder that is new for every upload.
@@ -423,14 +431,18 @@ def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
     for key, name in (("weights_id", "weights"), ("temperature_used", "decoding temperature")):
         if key in earlier and earlier[key] != run_id[key]:
             changed.append(f"{name} ({earlier[key]}, now {run_id[key]})")
+    # Runs from before --flip-average existed did not average.
+    if earlier.get("flip_average", False) != run_id["flip_average"]:
+        on_off = {False: "off", True: "on"}
+        changed.append(f"flip averaging ({on_off[earlier.get('flip_average', False)]}, now {on_off[run_id['flip_average']]})")
     return changed
 
 
 def _check_resume(earlier: dict[str, Any] | None, output: str, run_id: dict[str, Any]) -> None:
     """Refuse to resume into an output that an earlier run filled from another input, with other
-    weights or at another temperature, or that an unfinished ``--overwrite`` left holding the
-    colours of two runs: a resumed run skips inputs whose outputs exist by name, so it would
-    keep colours this run would not have made."""
+    weights, at another temperature or flip averaging, or that an unfinished ``--overwrite``
+    left holding the colours of two runs: a resumed run skips inputs whose outputs exist by
+    name, so it would keep colours this run would not have made."""
     if earlier is None:
         return
     if earlier.get(OVERWRITE_UNFINISHED):
@@ -555,7 +567,7 @@ def _plan(
         remote = storage.is_s3(config.output) or any(storage.is_s3(i.uri) for i in todo)
         ds = ds.map_batches(colorize_items, batch_size=files_per_call, batch_format="numpy",
                             num_cpus=TASK_CPUS if remote else FUSED_TASK_CPUS,
-                            fn_kwargs={"weights": weights, "read": read, "write": write})
+                            fn_kwargs={"weights": weights, "read": read, "write": write, "flip": config.flip_average})
         # Ray Data reserves part of the cluster for each operator's outputs and for operators
         # downstream; with one operator whose outputs are status rows, that held one of two
         # cores idle for much of a run (2,000 images: 24-27 s with it, 19-20 s without).
@@ -568,7 +580,7 @@ def _plan(
     ds = ds.map_batches(
         Colorizer,
         fn_constructor_kwargs={"weights": weights, "device": "cuda" if use_gpu else "cpu",
-                               "threads": max(1, round(actor_cpus))},
+                               "threads": max(1, round(actor_cpus)), "flip": config.flip_average},
         batch_size=config.batch_size,
         batch_format="numpy",
         zero_copy_batch=True,  # read-only views of the block: full-size L is never copied here

@@ -111,6 +111,14 @@ def test_flags_refuse_a_second_value_and_say_what_they_expected(argv: list[str],
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["run", "--input", "a", "--output", "o"], ["evaluate", "--data", "d"]], ids=["run", "evaluate"])
+def test_flip_averaging_is_off_unless_asked_for(command: list[str]) -> None:
+    parser = build_parser()
+    for extra, expected in (([], False), (["--flip-average"], True)):
+        args = parser.parse_args([*command, *extra])
+        assert args.build_config(args).flip_average is expected
+
+
 def test_run_refuses_model_actors_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:
     write_images(tmp_path / "in", 2)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # no cluster to join: run starts its own

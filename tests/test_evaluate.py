@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from colorize import colorizer
-from colorize.evaluate import EvaluateConfig, evaluate, gray_baseline, score
+from colorize.evaluate import EvaluateConfig, colorize_rgb, evaluate, gray_baseline, score
 from colorize.models import ModelConfig, build_model
 from tests.helpers import scene, write_images
 
@@ -44,6 +44,26 @@ def test_gray_baseline_is_601_luma_on_every_channel() -> None:
     assert (gray == gray[..., :1]).all()
 
 
+def test_flip_averaging_colours_mirrored_images_as_the_mirror_images() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # vivid enough for its asymmetry to show in 8-bit colour
+    rng = np.random.default_rng(0)
+    images = np.stack([scene(rng, 16) for _ in range(6)])
+    images[:, :, :4] //= 2  # darker on the left: no image is its own mirror
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+
+    def mirror_gap(flip: bool) -> int:
+        pair = colorize_rgb(model, images, flip=flip), colorize_rgb(model, mirrored, flip=flip)
+        return int(np.abs(pair[0].astype(np.int16) - pair[1][:, :, ::-1]).max())
+
+    assert mirror_gap(flip=False) > 3
+    assert mirror_gap(flip=True) <= 1  # the same up to rounding to 8 bits
+    flipped, _, _ = score(model, iter([images]), flip=True)
+    assert flipped["psnr"] != score(model, iter([images]))[0]["psnr"]
+
+
 @pytest.mark.timeout(600)
 def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     write_images(tmp_path / "data", 12)
@@ -56,6 +76,7 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     report = evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(weights), out=str(tmp_path / "out")))
 
     assert report["images"] == 12 and report["unreadable"] == 2  # skipped and counted, not scored as black
+    assert report["flip_average"] is False
     for group in ("model", "gray"):
         for key in ("mse", "psnr", "ssim"):
             assert math.isfinite(report[group][key]), (group, key)

@@ -147,6 +147,27 @@ def test_temperature_is_an_inference_flag(tmp_path) -> None:
         assert torch.allclose(colorizer.predict_ab(cold, L), colorizer.predict_ab(default, L, temperature=0.1))
 
 
+@pytest.mark.parametrize("config", [*CONFIGS, ModelConfig(width=4, depth=2, image_size=16, classes=3)],
+                         ids=lambda c: f"{c.arch}-{c.head}-att{c.attention:d}-classes{c.classes}")
+def test_flip_averaging_is_the_mean_of_the_two_views_and_mirror_symmetric(config: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    if config.head == "classification":
+        with torch.no_grad():
+            model.head.weight.mul_(30)  # from near-uniform logits to an opinionated random model
+    L = lab_batch(3)["L"]
+    with torch.inference_mode():
+        rgb = colorizer.predict_rgb(model, L, flip=True)
+        # A mirrored image is coloured as the mirror of the image's colouring...
+        torch.testing.assert_close(colorizer.predict_rgb(model, L.flip(-1), flip=True), rgb.flip(-1), atol=1e-5, rtol=0)
+        # ...which a random model does not do by itself...
+        assert not torch.allclose(colorizer.predict_rgb(model, L.flip(-1)), colorizer.predict_rgb(model, L).flip(-1), atol=1e-3)
+        if config.arch == "unet":
+            # ...and the chroma is the mean of the image's and its mirror's.
+            views = colorizer.predict_ab(model, L), colorizer.predict_ab(model, L.flip(-1)).flip(-1)
+            torch.testing.assert_close(colorizer.predict_ab(model, L, flip=True), (views[0] + views[1]) / 2, atol=1e-4, rtol=0)
+
+
 def test_weights_files_from_before_the_head_option_still_load() -> None:
     config = ModelConfig.from_dict({"arch": "unet", "width": 8, "depth": 2, "image_size": 16})
     assert config.head == "regression" and not config.attention

@@ -411,6 +411,42 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
     assert len(list((out / "images").glob("*.png"))) == 240
 
 
+@pytest.mark.parametrize("actors", [None, 1], ids=["fused-tasks", "actor"])
+def test_flip_averaging_colours_a_mirrored_image_as_the_mirror_image(
+    ray_cluster: str, tmp_path: Path, actors: int | None
+) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16))
+    with torch.no_grad():
+        model.head.weight.mul_(20)  # vivid, so that its asymmetry shows in 8-bit colour
+    weights = str(tmp_path / "vivid.pt")
+    Path(weights).write_bytes(colorizer.weights_bytes(model))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = scene(np.random.default_rng(7), 48)
+    image[:, :12] = image[:, :12] // 2  # a darker left edge: the scene is not its own mirror image
+    Image.fromarray(image).save(folder / "image.png")
+    Image.fromarray(image[:, ::-1]).save(folder / "mirror.png")
+
+    def mirror_gap(out: Path) -> int:
+        pair = [np.asarray(Image.open(out / "images" / f"{name}.png"), dtype=np.int16) for name in ("image", "mirror")]
+        return int(np.abs(pair[0] - pair[1][:, ::-1]).max())
+
+    plain, averaged = tmp_path / "plain", tmp_path / "averaged"
+    assert run(BulkConfig(input=str(folder), output=str(plain), weights=weights, actors=actors))["written"] == 2
+    assert run(BulkConfig(input=str(folder), output=str(averaged), weights=weights, actors=actors,
+                          flip_average=True))["written"] == 2
+    assert json.loads((averaged / "_CONFIG.json").read_text())["flip_average"] is True
+    assert mirror_gap(plain) > 3  # the random model alone colours the two differently
+    assert mirror_gap(averaged) <= 1  # averaged, the same up to rounding to 8 bits
+
+    # The colours depend on it, so an output made one way is not resumed the other.
+    with pytest.raises(storage.StorageError, match=r"another flip averaging \(on, now off\)"):
+        run(BulkConfig(input=str(folder), output=str(averaged), weights=weights, actors=actors))
+
+
 def test_a_classification_model_colours_at_the_temperature_asked_for(ray_cluster: str, tmp_path: Path) -> None:
     import torch
 
