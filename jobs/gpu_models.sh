@@ -38,6 +38,8 @@ declare -A runs=(
   [w32-psnr-sem-best]="--width 32 --loss psnr --semantic --keep-best"
   [w32-psnr-sem-shift-best]="--width 32 --loss psnr --semantic --shift 4 --keep-best"
   [w32-sem-cf-shift-best]="--width 32 --loss psnr --semantic --cf-weight 0.1 --shift 4 --keep-best"
+  # CIFAR-10's own 32 px (rounds 15 and 17, the best CIFAR-10 scores so far), on both folders
+  [w32-at32-sem-shift-best]="--size 32 --depth 3 --width 32 --loss psnr --semantic --shift 2 --keep-best"
 )
 pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset
