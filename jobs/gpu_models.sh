@@ -38,11 +38,15 @@ declare -A runs=(
   [w32-psnr-sem-best]="--width 32 --loss psnr --semantic --keep-best"
   [w32-psnr-sem-shift-best]="--width 32 --loss psnr --semantic --shift 4 --keep-best"
   [w32-sem-cf-shift-best]="--width 32 --loss psnr --semantic --cf-weight 0.1 --shift 4 --keep-best"
-  # CIFAR-10's own 32 px (rounds 15 and 17, the best CIFAR-10 scores so far), on both folders
+  # CIFAR-10's own 32 px (rounds 15 and 17, the best CIFAR-10 scores so far), on both folders;
+  # its --size and --depth come after common's, and the last of a flag wins
   [w32-at32-sem-shift-best]="--size 32 --depth 3 --width 32 --loss psnr --semantic --shift 2 --keep-best"
 )
 pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset
+for name in "${names[@]}"; do
+  [[ -v runs[$name] ]] || { echo "gpu_models.sh: no run named $name; the runs: ${!runs[*]}" >&2; exit 2; }
+done
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the run's flags are meant to split
   "$python" -m jobs.photo_model "${common[@]}" ${runs[$name]} --out "$out/$name" >"$out/$name.log" 2>&1 &
