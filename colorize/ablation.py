@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from colorize import color, colorizer, evaluate, imagesets, metrics, plots, quantize
-from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone
+from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone, load_pretrained
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
@@ -131,9 +131,12 @@ def fit(
     init: dict[str, torch.Tensor] | None = None,
     on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
     labels: torch.Tensor | None = None,
+    pretrained: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train ``variant`` on Lab images (N, 3, S, S), from the state dict ``init`` if given
-    (fine-tuning; a model with a semantic branch may start from one without); returns the
+    (fine-tuning; a model with a semantic branch may start from one without), its frozen
+    pretrained encoder (``ModelConfig.pretrained``) from ``pretrained``, a full encoder's
+    weights (:func:`colorize.models.load_pretrained`), if given; returns the
     model, seconds taken and epochs done (fractional under a time budget). A model with a
     semantic branch (``classes``) learns its classes from ``labels``, int64 (N,) on the images' device (without them,
     through the colour loss alone). ``on_epoch(epoch, model)`` runs after each epoch (say, to score a holdout)
@@ -145,6 +148,8 @@ def fit(
     model = build_model(variant.model)
     if init is not None:
         load_backbone(model, init)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
     if labels is not None and not variant.model.classes:
         raise ValueError(f"{variant.name}: image labels are for a model with a semantic branch, and this one has none")
     # NHWC convolutions (bf16 tensor cores on a GPU; on a CPU 1.06x to 1.6x faster in float32,

@@ -9,7 +9,9 @@ checkpoint:
   head) or logits over quantised ab cells (the ``classification`` head, decoded by the
   annealed mean in :mod:`colorize.colorizer`); optionally self-attention at the bottleneck,
   and optionally a semantic branch (:class:`SemanticEncoder`): a small classifier of the
-  whole image, trained on image labels, whose features are fused into the bottleneck.
+  whole image, trained on image labels, whose features are fused into the bottleneck; and
+  optionally a frozen pretrained encoder (:class:`PretrainedFeatures`) whose feature map is
+  fused there too.
 
 :class:`PatchDiscriminator` is the pix2pix critic for the adversarial term.
 """
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colorize import color
+from colorize import backbones, color
 
 ARCHITECTURES = ("unet", "autoencoder")
 HEADS = ("regression", "classification")
@@ -34,6 +36,12 @@ SEMANTIC_SIZE = 32
 # The U-Net's parameters that only the semantic branch has: a model without the branch
 # fine-tunes into one with it by loading every other weight (models.load_backbone).
 SEMANTIC_MODULES = ("semantic", "classify", "fuse")
+# Frozen pretrained encoders (ModelConfig.pretrained): each its network and the last of its
+# blocks whose features the U-Net uses. MobileNetV2's blocks 0-10 are the ones nsfwjs kept
+# frozen at their ImageNet weights (its blocks 11-16 were fine-tuned to its own task).
+PRETRAINED = {"mobilenet_v2": 11}
+# The modules a U-Net gains with a pretrained encoder: its weights load apart (load_backbone).
+PRETRAINED_MODULES = ("pretrained", "pretrained_fuse")
 # The colour head and, for classification, its fixed ab cell centres (a buffer built with the model).
 COLOUR_HEAD = ("head", "ab_bins")
 
@@ -55,6 +63,9 @@ class ModelConfig:
         classes: with a positive number, the U-Net gains a semantic branch that classifies
             the whole image into this many classes (trained on image labels beside the
             colour loss) and feeds its features to the bottleneck; 0, none.
+        pretrained: the name of a frozen pretrained encoder (a key of :data:`PRETRAINED`)
+            whose feature map, at the bottleneck's resolution, is added to the bottleneck;
+            ``""``, none. Its weights travel in the checkpoint like any other.
     """
 
     arch: str = "unet"
@@ -65,6 +76,7 @@ class ModelConfig:
     attention: bool = False
     temperature: float = 0.38
     classes: int = 0
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -83,6 +95,8 @@ class ModelConfig:
             raise ValueError(f"classes must be 0 (no semantic branch) or at least 2, got {self.classes}")
         if self.arch == "autoencoder" and self.classes:
             raise ValueError("the seed autoencoder has no semantic branch")
+        if self.pretrained and (self.arch != "unet" or self.pretrained not in PRETRAINED):
+            raise ValueError(f"pretrained must be one of {sorted(PRETRAINED)} on a U-Net, got {self.pretrained!r}")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
 
@@ -165,6 +179,36 @@ class SemanticEncoder(nn.Module):
         return self.net(l_norm)
 
 
+class PretrainedFeatures(nn.Module):
+    """A frozen pretrained encoder on the U-Net's input: (B, 1, H, W) normalised L ->
+    (B, features, H/2**depth, W/2**depth), the bottleneck's resolution.
+
+    L becomes the neutral sRGB grey it stands for, in [0, 1] as nsfwjs feeds its MobileNetV2
+    (a linear probe of the pooled features on CIFAR-10 scores 5 points higher so than on
+    Keras's [-1, 1]), resized so that the encoder's stride lands on the bottleneck's grid.
+    The encoder stays in eval mode (its batch-norm statistics fixed) and gets no gradient.
+    """
+
+    def __init__(self, *, name: str, depth: int) -> None:
+        super().__init__()
+        self.net = backbones.MobileNetV2(blocks=PRETRAINED[name])
+        self.net.requires_grad_(False)
+        self.depth = depth
+        self.features = self.net.features
+
+    def train(self, mode: bool = True) -> PretrainedFeatures:
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, l_norm: torch.Tensor) -> torch.Tensor:
+        side = (l_norm.shape[-2] >> self.depth) * self.net.stride, (l_norm.shape[-1] >> self.depth) * self.net.stride
+        grey = color.gray_rgb_from_l(l_norm * color.L_RANGE + color.L_CENTER).clamp(0, 1)  # (B, 1, H, W) in [0, 1]
+        grey = F.interpolate(grey, size=side, mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            return self.net(grey.expand(-1, 3, -1, -1))
+
+
 class UNet(nn.Module):
     """U-Net colouriser in Lab: (B, 1, H, W) normalised L -> (B, 2, H, W) normalised ab,
     or (B, Q, H, W) logits over :func:`ab_bins` with the classification head.
@@ -173,7 +217,9 @@ class UNet(nn.Module):
     classifies the image, and its features, through a small MLP, are added to every position
     of the bottleneck (Iizuka et al. 2016's fusion of global and local features). The MLP's
     last layer starts at zero, so a model that gains the branch starts out colouring exactly
-    as it did without it.
+    as it did without it. With ``config.pretrained``, the feature map of a frozen pretrained
+    encoder (:class:`PretrainedFeatures`) is added to the bottleneck through two 1x1
+    convolutions, the last also starting at zero.
 
     H and W must be divisible by ``2**config.depth``.
     """
@@ -208,6 +254,13 @@ class UNet(nn.Module):
             )
             nn.init.zeros_(self.fuse[-1].weight)
             nn.init.zeros_(self.fuse[-1].bias)
+        if config.pretrained:
+            self.pretrained = PretrainedFeatures(name=config.pretrained, depth=config.depth)
+            self.pretrained_fuse = nn.Sequential(
+                nn.Conv2d(self.pretrained.features, widths[-1], 1), nn.ReLU(inplace=True), nn.Conv2d(widths[-1], widths[-1], 1)
+            )
+            nn.init.zeros_(self.pretrained_fuse[-1].weight)
+            nn.init.zeros_(self.pretrained_fuse[-1].bias)
 
     def encode(self, l_norm: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature maps, finest first, the bottleneck last."""
@@ -231,6 +284,8 @@ class UNet(nn.Module):
             x = x + self.fuse(features)[:, :, None, None]
         elif with_logits:
             raise ValueError("this model has no semantic branch (ModelConfig.classes = 0), so no class logits")
+        if self.config.pretrained:
+            x = x + self.pretrained_fuse(self.pretrained(l_norm))
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             x = merge(torch.cat((up(x), skip), dim=1))
         return (self.head(x), logits) if with_logits else self.head(x)
@@ -300,16 +355,31 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model``, which may add a semantic branch that ``state`` lacks
-    (that branch keeps its fresh initialisation, so the model colours as ``state`` did), or
+    (that branch keeps its fresh initialisation, so the model colours as ``state`` did), or a
+    pretrained encoder (whose weights :func:`load_pretrained` loads), or
     whose colour head ``state`` lacks (:func:`without_colour_head`: a fresh head of another
     kind on the same U-Net). Any other missing or unexpected key is an error."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shapes that differ; torch's message runs over many lines
         raise ValueError(f"weights do not fit this model: {str(error).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k.split(".")[0] not in (*SEMANTIC_MODULES, *COLOUR_HEAD)]
+    missing = [k for k in missing if k.split(".")[0] not in (*SEMANTIC_MODULES, *PRETRAINED_MODULES, *COLOUR_HEAD)]
     if missing or unexpected:
         raise ValueError(f"weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a pretrained encoder's weights (a full network's state dict, such as
+    :func:`colorize.backbones.mobilenet_v2_state` gives) into ``model``'s
+    :class:`PretrainedFeatures`; the layers it does not use are left out."""
+    if not isinstance(getattr(model, "pretrained", None), PretrainedFeatures):
+        raise ValueError("this model has no pretrained encoder (ModelConfig.pretrained is empty)")
+    net = model.pretrained.net
+    wanted = net.state_dict()
+    absent = [k for k in wanted if k not in state]
+    if absent:
+        raise ValueError(f"these are not {model.config.pretrained} weights: {absent[0]} is missing")
+    net.load_state_dict({k: state[k] for k in wanted})
 
 
 def without_class_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import json
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from colorize import ablation, color, colorizer, evaluate, imagesets, storage
+from colorize import ablation, backbones, color, colorizer, evaluate, imagesets, storage
 from colorize.models import ModelConfig, count_parameters, without_class_head, without_colour_head
 from colorize.objectives import PRECISIONS, resolve_precision
 
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--semantic", action="store_true",
                         help="add a semantic branch that learns each image's class from its class folder and feeds the "
                              "colouriser (from --init weights without one, the branch starts fresh)")
+    parser.add_argument("--pretrained", metavar="WEIGHTS",
+                        help="add a frozen ImageNet-pretrained MobileNetV2 whose features feed the bottleneck, its "
+                             "weights from this file (python -m jobs.fetch_pretrained writes it)")
     parser.add_argument("--gan-weight", type=float, default=0.0)
     parser.add_argument("--cf-weight", type=float, default=0.0,
                         help="weight of the colourfulness-gap term (0..255 units) beside the loss (default: 0)")
@@ -151,6 +155,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
             init = without_class_head(init)
             config = dataclasses.replace(config, classes=classes)
+    pretrained = None
+    if args.pretrained:
+        if config.arch != "unet":
+            parser.error(f"--pretrained needs a U-Net, but --init {args.init} is the {config.arch}")
+        try:
+            pretrained = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+            backbones.MobileNetV2().load_state_dict(pretrained)  # all of it there, every shape right
+        except OSError as error:
+            parser.error(f"--pretrained: {error}")
+        except (RuntimeError, pickle.UnpicklingError, AttributeError, TypeError):
+            parser.error(f"--pretrained {args.pretrained}: not MobileNetV2 weights (python -m jobs.fetch_pretrained writes them)")
+        config = dataclasses.replace(config, pretrained="mobilenet_v2")
     device = torch.device(args.device)
     if device.type == "cuda":
         # Scoring runs on the training device, in float32: no TF32 rounding in its convolutions
@@ -180,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_atomically(out / "model.pt", best["weights"])  # a lease cut short still has it
 
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
-                                          on_epoch=score_holdouts if args.score_every else None, labels=labels)
+                                          on_epoch=score_holdouts if args.score_every else None, labels=labels,
+                                          pretrained=pretrained)
     scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
     kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})
     if args.keep_best and best["psnr"] > last_psnr:
