@@ -143,7 +143,8 @@ def _critic_step(adversary: Adversary, L: torch.Tensor, real_ab: torch.Tensor, f
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running mean and variance from ``batches`` of L (Lab
     units) with the weights as they are now (PreciseBN: Wu & Johnson, "Rethinking 'Batch' in
-    BatchNorm", 2021). Returns the number of batches used; with none, nothing changes.
+    BatchNorm", 2021), but those of a frozen pretrained encoder. Returns the number of batches
+    used; with none, nothing changes.
 
     The running averages that BatchNorm keeps while training trail the weights: after a dozen
     steps they are still mostly their initial values (a variance of 1 decays as 0.9**steps), and
@@ -153,15 +154,17 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     local and join no collectives.
     """
     batches = list(batches)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    model.train()
+    # A frozen pretrained encoder stays in eval mode under train(): its statistics are its own.
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if not batches or not norms:
+        model.train(was_training)
         return 0
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below, each weighted equally
-    was_training = model.training
-    model.train()
     try:
         for L in batches:
             model(color.normalize_l(L))

@@ -172,6 +172,18 @@ def test_the_pretrained_encoder_starts_as_a_no_op_stays_frozen_and_travels_in_th
     assert torch.allclose(colorizer.predict_ab(loaded, L), colorizer.predict_ab(trained.eval(), L), atol=1e-4)  # NCHW vs NHWC
 
 
+def test_batchnorm_recalibration_leaves_the_frozen_encoders_statistics_alone() -> None:
+    from colorize.objectives import recalibrate_batchnorm
+
+    model = build_model(PRETRAINED)
+    load_pretrained(model, random_mobilenet_state())
+    frozen = {k: v.clone() for k, v in model.pretrained.state_dict().items()}
+    before = model.down[0][1].running_mean.clone()
+    assert recalibrate_batchnorm(model, [lab_batch(8)["L"]]) == 1
+    assert all(torch.equal(v, frozen[k]) for k, v in model.pretrained.state_dict().items())
+    assert not torch.equal(model.down[0][1].running_mean, before)  # the U-Net's own are re-estimated
+
+
 def test_pretrained_weights_go_only_where_they_fit() -> None:
     with pytest.raises(ValueError, match="no pretrained encoder"):
         load_pretrained(build_model(dataclasses.replace(PRETRAINED, pretrained="")), random_mobilenet_state())
