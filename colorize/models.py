@@ -36,8 +36,8 @@ SEMANTIC_SIZE = 32
 # The U-Net's parameters that only the semantic branch has: a model without the branch
 # fine-tunes into one with it by loading every other weight (models.load_backbone).
 SEMANTIC_MODULES = ("semantic", "classify", "fuse")
-# Frozen pretrained encoders (ModelConfig.pretrained): each its network and the last of its
-# blocks whose features the U-Net uses. MobileNetV2's blocks 0-10 are the ones nsfwjs kept
+# Frozen pretrained encoders (ModelConfig.pretrained), each with how many of its blocks the
+# U-Net uses (11: blocks 0-10). MobileNetV2's blocks 0-10 are the ones nsfwjs kept
 # frozen at their ImageNet weights (its blocks 11-16 were fine-tuned to its own task).
 PRETRAINED = {"mobilenet_v2": 11}
 # The modules a U-Net gains with a pretrained encoder: its weights load apart (load_backbone).

@@ -168,6 +168,9 @@ def resolve_init(config: TrainConfig, init: ModelConfig) -> TrainConfig:
                for name, value in decided.items() if getattr(config, name) not in (None, value)]
     if clashes:
         raise ValueError(f"--init {config.init} fixes the model's architecture; leave out {', '.join(clashes)}")
+    if init.pretrained:
+        raise ValueError(f"--init {config.init} has a pretrained encoder ({init.pretrained}), which colorize train "
+                         "does not build: fine-tune it with python -m jobs.photo_model")
     return replace(config, **decided, image_size=config.image_size or init.image_size,
                    temperature=config.temperature or init.temperature)
 

@@ -184,6 +184,13 @@ def test_batchnorm_recalibration_leaves_the_frozen_encoders_statistics_alone() -
     assert not torch.equal(model.down[0][1].running_mean, before)  # the U-Net's own are re-estimated
 
 
+def test_colorize_train_refuses_to_fine_tune_a_model_with_a_pretrained_encoder() -> None:
+    from colorize.train import TrainConfig, resolve_init
+
+    with pytest.raises(ValueError, match="has a pretrained encoder \\(mobilenet_v2\\), which colorize train does not build"):
+        resolve_init(TrainConfig(data="x", out="y", init="w.pt"), PRETRAINED)
+
+
 def test_pretrained_weights_go_only_where_they_fit() -> None:
     with pytest.raises(ValueError, match="no pretrained encoder"):
         load_pretrained(build_model(dataclasses.replace(PRETRAINED, pretrained="")), random_mobilenet_state())
