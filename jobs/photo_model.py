@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import os
-import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for uri in [*(args.compare or []), *([args.init] if args.init else [])]:
             if uri != "bundled":
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
+        pretrained = read_pretrained(args.pretrained) if args.pretrained else None
         holdouts, holdout_labels, parts, label_parts, classes = {}, {}, [], [], 0
         for folder in args.data:
             images = imagesets.load_folder(folder, size=args.size, limit=args.limit)
@@ -155,17 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
             init = without_class_head(init)
             config = dataclasses.replace(config, classes=classes)
-    pretrained = None
-    if args.pretrained:
+    if pretrained is not None:
         if config.arch != "unet":
             parser.error(f"--pretrained needs a U-Net, but --init {args.init} is the {config.arch}")
-        try:
-            pretrained = torch.load(args.pretrained, map_location="cpu", weights_only=True)
-            backbones.MobileNetV2().load_state_dict(pretrained)  # all of it there, every shape right
-        except OSError as error:
-            parser.error(f"--pretrained: {error}")
-        except (RuntimeError, pickle.UnpicklingError, AttributeError, TypeError):
-            parser.error(f"--pretrained {args.pretrained}: not MobileNetV2 weights (python -m jobs.fetch_pretrained writes them)")
         config = dataclasses.replace(config, pretrained="mobilenet_v2")
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -230,6 +222,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
               f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)
     print(f"{seconds:.0f} s of training, {epochs:.1f} epochs", flush=True)
+
+
+def read_pretrained(path: str) -> dict[str, torch.Tensor]:
+    """The MobileNetV2 weights file ``--pretrained`` names, checked whole (every weight there,
+    every shape right); a ValueError in one line if it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        backbones.MobileNetV2().load_state_dict(state)
+    except OSError as error:
+        raise ValueError(f"--pretrained: {error}") from None
+    except Exception:  # torch.load of arbitrary bytes fails in many ways (KeyError, UnpicklingError, ...)
+        raise ValueError(f"--pretrained {path}: not MobileNetV2 weights (python -m jobs.fetch_pretrained writes them)") from None
+    return state
 
 
 def mean_psnr(results: dict[str, dict]) -> float:

@@ -216,8 +216,10 @@ def test_the_photo_model_job_trains_with_the_pretrained_encoder(tmp_path: Path, 
     assert metrics["model"]["pretrained"] == model.config.pretrained == "mobilenet_v2"
     assert Image.open(out / "holdout.png").size == (8 * 16, 3 * 16)
     (tmp_path / "junk.pt").write_bytes(b"not torch")
+    (tmp_path / "short.pt").write_bytes(b"junk\n")
     torch.save({"layers.Conv1.weight": torch.zeros(1)}, tmp_path / "partial.pt")
-    for path, reason in ((tmp_path / "junk.pt", "not MobileNetV2 weights"), (tmp_path / "partial.pt", "not MobileNetV2 weights"),
+    for path, reason in ((tmp_path / "junk.pt", "not MobileNetV2 weights"), (tmp_path / "short.pt", "not MobileNetV2 weights"),
+                         (tmp_path / "partial.pt", "not MobileNetV2 weights"),
                          (tmp_path / "none.pt", "No such file")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main(["--data", str(labelled / "train"), "--size", "16", "--pretrained", str(path),
