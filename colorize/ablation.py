@@ -264,7 +264,7 @@ def run_variant(
     temperatures = [variant.model.temperature, *variant.temperatures] if variant.model.head == "classification" else [None]
     rows = []
     for temperature in temperatures:
-        colorizer.set_temperature(model, temperature)
+        colorizer.set_decoding(model, temperature=temperature)
         result, examples = score(model, test)
         label = variant.name if temperature in (None, variant.model.temperature) else f"{variant.name} T={temperature:g}"
         Image.fromarray(np.concatenate(list(examples), axis=1)).save(out / "ablation" / f"{label.replace(' ', '_')}.png")
@@ -277,7 +277,7 @@ def run_variant(
             "hardware": hardware(budget.device), "precision": resolve_precision(budget.precision, torch.device(budget.device)),
             "weights": str(weights), **result,
         })
-    colorizer.set_temperature(model, variant.model.temperature)
+    colorizer.set_decoding(model, temperature=variant.model.temperature)
     return rows
 
 

@@ -48,15 +48,19 @@ def predict_ab(
     A classification head is decoded by the annealed mean at ``temperature``, by default the
     one in the model's config. With ``flip``, the ab predicted for each image and for its mirror
     image (mirrored back) are averaged: one model call on twice the batch, for a little more
-    fidelity and a little less colour (docs/colour.md, rounds 7 and 8).
+    fidelity and a little less colour (docs/colour.md, rounds 7 and 8). The result is scaled by
+    the config's ``saturation``.
     """
+    config = unwrap(model).config
+    views = torch.cat((L, L.flip(-1))) if flip else L
+    if config.arch == "autoencoder":
+        ab = color.rgb_to_lab(model(color.gray_rgb_from_l(views)).float())[:, 1:]
+    else:
+        ab = decode(model, model(color.normalize_l(views)), temperature=temperature)
     if flip:
-        both = predict_ab(model, torch.cat((L, L.flip(-1))), temperature=temperature)
-        plain, mirrored = both.chunk(2)
-        return (plain + mirrored.flip(-1)) / 2
-    if unwrap(model).config.arch == "autoencoder":
-        return color.rgb_to_lab(model(color.gray_rgb_from_l(L)).float())[:, 1:]
-    return decode(model, model(color.normalize_l(L)), temperature=temperature)
+        plain, mirrored = ab.chunk(2)
+        ab = (plain + mirrored.flip(-1)) / 2
+    return ab if config.saturation == 1 else ab * config.saturation
 
 
 def decode(model: nn.Module, out: torch.Tensor, *, temperature: float | None = None) -> torch.Tensor:
@@ -75,13 +79,19 @@ def predict_rgb(
     The U-Net's chroma is merged with the input's own lightness. The seed autoencoder's RGB
     comes back as it is, as the seed evaluated it; it sees ``gray`` (the 601 luma of the
     original, in [0, 1]) when known, else the neutral grey of lightness L. ``flip`` averages
-    the prediction with its mirror image's, as in :func:`predict_ab`.
+    the prediction with its mirror image's, as in :func:`predict_ab`; the config's
+    ``saturation`` scales the chroma (the autoencoder's too, keeping its own lightness).
     """
-    if unwrap(model).config.arch == "autoencoder":
+    bare = unwrap(model)
+    if bare.config.arch == "autoencoder":
         x = color.gray_rgb_from_l(L) if gray is None else gray
         rgb = model(x).float()
         if flip:
             rgb = (rgb + model(x.flip(-1)).float().flip(-1)) / 2
+        if bare.config.saturation != 1:
+            lab = color.rgb_to_lab(rgb.clamp(0.0, 1.0))
+            lab = torch.cat((lab[:, :1], lab[:, 1:] * bare.config.saturation), dim=1)
+            return color.lab_to_rgb(lab)
         return rgb.clamp(0.0, 1.0)
     return color.lab_to_rgb(torch.cat((L, predict_ab(model, L, flip=flip)), dim=1))
 
@@ -221,22 +231,29 @@ def read_weights(uri: str | None, settings: storage.S3Settings | None = None) ->
     return storage.read_bytes(fs, path)
 
 
-def set_temperature(model: nn.Module, temperature: float | None) -> nn.Module:
-    """Make ``model`` decode with ``temperature`` by default (None keeps its own), in place, and
-    return it; the weights file written from it then carries that temperature."""
-    if temperature is not None:
-        model.config = dataclasses.replace(model.config, temperature=temperature)
+def set_decoding(model: nn.Module, *, temperature: float | None = None, saturation: float | None = None) -> nn.Module:
+    """Make ``model`` decode with ``temperature`` and scale its chroma by ``saturation`` (None
+    keeps the model's own), in place, and return it; the weights file written from it then
+    carries both. Values out of range raise ValueError, from the config."""
+    given = {k: v for k, v in (("temperature", temperature), ("saturation", saturation)) if v is not None}
+    if given:
+        model.config = dataclasses.replace(model.config, **given)
     return model
 
 
 def load_weights(
-    uri: str | None, settings: storage.S3Settings | None = None, *, temperature: float | None = None
+    uri: str | None,
+    settings: storage.S3Settings | None = None,
+    *,
+    temperature: float | None = None,
+    saturation: float | None = None,
 ) -> tuple[nn.Module, str]:
     """A model in eval mode and its weights id, from a file (local or ``s3://``) or the bundled
-    default; ``temperature`` overrides a classification head's decoding temperature."""
+    default; ``temperature`` overrides a classification head's decoding temperature, and
+    ``saturation`` the factor on its predicted chroma."""
     raw = read_weights(uri, settings)
     try:
-        return set_temperature(model_from_bytes(raw), temperature), weights_id(raw)
+        model = model_from_bytes(raw)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
             pickle.UnpicklingError) as error:
         # torch's own messages run over many lines (and advise weights_only=False, which this
@@ -246,3 +263,4 @@ def load_weights(
             f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
             f"with 'config' and 'state_dict' ({reason})"
         ) from None
+    return set_decoding(model, temperature=temperature, saturation=saturation), weights_id(raw)

@@ -33,6 +33,7 @@ class EvaluateConfig:
     out: str | None = None
     batch_size: int = 256
     temperature: float | None = None
+    saturation: float | None = None
     flip_average: bool = False
     s3_endpoint: str | None = None
 
@@ -100,7 +101,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if config.out:  # checked before the work, not after it
         out_fs, out_path = storage.resolve(config.out, settings)
         storage.check_output(out_fs, out_path, config.out, "--out")
-    model, weights = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
+    model, weights = colorizer.load_weights(
+        config.weights, settings, temperature=config.temperature, saturation=config.saturation
+    )
     source = data.locate(config.data, settings=settings, limit=config.limit)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)

@@ -30,6 +30,10 @@ from colorize import backbones, color
 
 ARCHITECTURES = ("unet", "autoencoder")
 HEADS = ("regression", "classification")
+# ModelConfig.saturation's ceiling. On CIFAR-10 the bundled model matches the truth's
+# colourfulness at 1.6 and overshoots it by a quarter at 2; at 4 over a third of its coloured
+# pixels leave the sRGB gamut (and are desaturated back into it): more is a typo, not a wish.
+MAX_SATURATION = 4.0
 # The semantic branch sees L pooled down to at most this side: what class an image is needs no
 # more (CIFAR-10's own size), and its cost then stays flat at any working resolution.
 SEMANTIC_SIZE = 32
@@ -60,6 +64,9 @@ class ModelConfig:
         attention: a self-attention block at the U-Net's bottleneck.
         temperature: the annealed-mean temperature a classification head decodes with by
             default (1 is the mean of the distribution; towards 0, its mode).
+        saturation: the factor the predicted chroma (ab) is multiplied by at inference, for
+            either head: 1 as trained, above 1 more vivid and less faithful, 0 grey. Training
+            losses never see it.
         classes: with a positive number, the U-Net gains a semantic branch that classifies
             the whole image into this many classes (trained on image labels beside the
             colour loss) and feeds its features to the bottleneck; 0, none.
@@ -75,6 +82,7 @@ class ModelConfig:
     head: str = "regression"
     attention: bool = False
     temperature: float = 0.38
+    saturation: float = 1.0
     classes: int = 0
     pretrained: str = ""
 
@@ -99,6 +107,8 @@ class ModelConfig:
             raise ValueError(f"pretrained must be one of {sorted(PRETRAINED)} on a U-Net, got {self.pretrained!r}")
         if not 0 < self.temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
+        if not 0 <= self.saturation <= MAX_SATURATION:  # also refuses NaN
+            raise ValueError(f"saturation must be in [0, {MAX_SATURATION:g}], got {self.saturation}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -70,6 +70,7 @@ class BulkConfig:
     max_pixels: int = 80_000_000
     png_level: int = 1
     temperature: float | None = None
+    saturation: float | None = None
     flip_average: bool = False
     overwrite: bool = False
     s3_endpoint: str | None = None
@@ -398,11 +399,11 @@ def _input_uri(uri: str, settings: storage.S3Settings) -> str:
 def _run_id(config: BulkConfig, settings: storage.S3Settings, model: torch.nn.Module, weights_id: str) -> dict[str, Any]:
     """What a run's colours depend on, for ``_CONFIG.json``: the input (as given, and as a full
     path), the weights, the temperature a classification head decodes at (None for regression),
-    and whether each prediction is averaged with its mirror image's."""
+    the factor on the chroma, and whether each prediction is averaged with its mirror image's."""
     classification = model.config.head == "classification"
     return {"input": config.input, "input_uri": _input_uri(config.input, settings), "weights_id": weights_id,
             "temperature_used": model.config.temperature if classification else None,
-            "flip_average": config.flip_average}
+            "saturation_used": model.config.saturation, "flip_average": config.flip_average}
 
 
 def _earlier_config(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
@@ -420,7 +421,7 @@ def _earlier_config(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 
 def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
     """What makes this run's colours differ from the earlier run's: input, weights, temperature,
-    flip averaging.
+    saturation, flip averaging.
 
     The input matches if either its spelling or its full path does: a relative path inside a
     Ray job resolves into a working folder that is new for every upload.
@@ -431,6 +432,9 @@ def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
     for key, name in (("weights_id", "weights"), ("temperature_used", "decoding temperature")):
         if key in earlier and earlier[key] != run_id[key]:
             changed.append(f"{name} ({earlier[key]}, now {run_id[key]})")
+    # Runs from before --saturation existed, like those from before --flip-average, used the defaults.
+    if earlier.get("saturation_used", 1.0) != run_id["saturation_used"]:
+        changed.append(f"saturation ({earlier.get('saturation_used', 1.0):g}, now {run_id['saturation_used']:g})")
     # Runs from before --flip-average existed did not average.
     if earlier.get("flip_average", False) != run_id["flip_average"]:
         on_off = {False: "off", True: "on"}
@@ -440,7 +444,7 @@ def _changes(earlier: dict[str, Any], run_id: dict[str, Any]) -> list[str]:
 
 def _check_resume(earlier: dict[str, Any] | None, output: str, run_id: dict[str, Any]) -> None:
     """Refuse to resume into an output that an earlier run filled from another input, with other
-    weights, at another temperature or flip averaging, or that an unfinished ``--overwrite``
+    weights, at another temperature, saturation or flip averaging, or that an unfinished ``--overwrite``
     left holding the colours of two runs: a resumed run skips inputs whose outputs exist by
     name, so it would keep colours this run would not have made."""
     if earlier is None:
@@ -598,8 +602,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
     storage.check_output(out_fs, out_root, config.output, "--output")
-    # Fail here, not in every actor; the actors get the model with any --temperature applied.
-    model, weights_id = colorizer.load_weights(config.weights, settings, temperature=config.temperature)
+    # Fail here, not in every actor; the workers get the model with any --temperature and
+    # --saturation applied, in its config.
+    model, weights_id = colorizer.load_weights(
+        config.weights, settings, temperature=config.temperature, saturation=config.saturation
+    )
     weights_raw = colorizer.weights_bytes(model)
     run_id = _run_id(config, settings, model, weights_id)
     config_path = storage.join(out_root, "_CONFIG.json")

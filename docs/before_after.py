@@ -15,6 +15,11 @@ Two pictures:
 
   Without ``--weights`` the bundled model alone (``--weights bundled`` names it beside
   others); a weights file's column is titled by its file name.
+
+- ``docs/saturation.png``: the same photographs, coloured by the bundled model at each
+  ``colorize run --saturation`` factor given::
+
+      python docs/before_after.py --skimage --saturation 1 --saturation 1.3 --saturation 1.6
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ def samples(out: Path) -> None:
     plots.image_grid(columns, cell=128).save(ROOT / "docs" / "before-after.png")
 
 
-def skimage_photos(weights: list[str | None]) -> None:
+def skimage_photos(weights: list[str | None], saturations: list[float | None], picture: Path) -> None:
+    """One column per model (at its own saturation), or per saturation of the first model."""
     import skimage.data
 
     from colorize.pipeline import BulkConfig, run
@@ -59,14 +65,17 @@ def skimage_photos(weights: list[str | None]) -> None:
             Image.fromarray(rgb).save(folder / f"{name}.png")
             originals.append(rgb)
         columns = [("original", originals), ("input (grey)", [np.asarray(Image.fromarray(o).convert("L").convert("RGB")) for o in originals])]
-        for i, uri in enumerate(weights):
+        runs = [(uri, None) for uri in weights] if saturations == [None] else [(weights[0], s) for s in saturations]
+        for i, (uri, saturation) in enumerate(runs):
             out = Path(scratch) / f"out-{i}"
-            summary = run(BulkConfig(input=str(folder), output=str(out), weights=uri, formats=("png",)))
+            summary = run(BulkConfig(input=str(folder), output=str(out), weights=uri, saturation=saturation, formats=("png",)))
             if summary["written"] != len(SKIMAGE_PHOTOS):
                 raise RuntimeError(f"{uri}: {summary}")
             title = "bundled" if uri is None else Path(uri).parent.name if Path(uri).name == "model.pt" else Path(uri).stem
+            if saturation is not None:
+                title = f"{title}, saturation {saturation:g}"
             columns.append((title, [np.asarray(Image.open(out / "images" / f"{n}.png").convert("RGB")) for n in SKIMAGE_PHOTOS]))
-    plots.image_grid(columns, cell=CELL).save(ROOT / "docs" / "skimage-before-after.png")
+    plots.image_grid(columns, cell=CELL).save(picture)
 
 
 def main() -> None:
@@ -74,9 +83,13 @@ def main() -> None:
     parser.add_argument("out", nargs="?", default="out", help="the quick start's output folder (default: out)")
     parser.add_argument("--skimage", action="store_true", help="scikit-image's sample photos instead")
     parser.add_argument("--weights", action="append", help="a model.pt to compare (repeatable; default: the bundled model)")
+    parser.add_argument("--saturation", action="append", type=float,
+                        help="with --skimage: a column per factor, of the first model, into docs/saturation.png (repeatable)")
     args = parser.parse_args()
     if args.skimage:
-        skimage_photos([None if w == "bundled" else w for w in args.weights or ["bundled"]])
+        weights = [None if w == "bundled" else w for w in args.weights or ["bundled"]]
+        picture = "saturation.png" if args.saturation else "skimage-before-after.png"
+        skimage_photos(weights, args.saturation or [None], ROOT / "docs" / picture)
     else:
         samples(Path(args.out))
 

@@ -44,6 +44,17 @@ def test_help_explains_every_flag(command: str) -> None:
     assert result.returncode == 0 and f"colorize {command}" in result.stdout
 
 
+def test_the_readmes_name_every_flag_of_every_command() -> None:
+    docs = (REPO / "README.md").read_text() + (REPO / "cluster" / "README.md").read_text()
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    unnamed = {
+        command: [flag for action in parser._actions for flag in action.option_strings
+                  if flag.startswith("--") and flag != "--help" and flag not in docs]
+        for command, parser in subparsers.choices.items()
+    }
+    assert not any(unnamed.values()), unnamed
+
+
 def test_jobs_entrypoints_are_the_same_commands() -> None:
     for module, flag in (("jobs.train", "--epochs"), ("jobs.colorize", "--max-pixels"), ("jobs.evaluate", "--weights")):
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -101,8 +112,10 @@ def test_train_against_unreachable_s3(tmp_path: Path) -> None:
     [(["run", "--input", "a", "--input", "b", "--output", "o"], "--input was given twice"),
      (["train", "--data", "d", "--out", "o", "--lr", "0.1", "--lr", "0.2"], "--lr was given twice"),
      (["run", "--input", "a", "--output", "o", "--batch-size", "abc"], "expected a whole number, got 'abc'"),
-     (["run", "--input", "a", "--output", "o", "--temperature", "warm"], "expected a number, got 'warm'")],
-    ids=["input-twice", "lr-twice", "not-a-number", "temperature-not-a-number"],
+     (["run", "--input", "a", "--output", "o", "--temperature", "warm"], "expected a number, got 'warm'"),
+     (["run", "--input", "a", "--output", "o", "--saturation", "-1"], "must be in [0, 4], got -1"),
+     (["evaluate", "--data", "d", "--saturation", "nan"], "must be in [0, 4], got nan")],
+    ids=["input-twice", "lr-twice", "not-a-number", "temperature-not-a-number", "saturation-negative", "saturation-nan"],
 )
 def test_flags_refuse_a_second_value_and_say_what_they_expected(argv: list[str], fragment: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -117,6 +130,14 @@ def test_flip_averaging_is_off_unless_asked_for(command: list[str]) -> None:
     for extra, expected in (([], False), (["--flip-average"], True)):
         args = parser.parse_args([*command, *extra])
         assert args.build_config(args).flip_average is expected
+
+
+@pytest.mark.parametrize("command", [["run", "--input", "a", "--output", "o"], ["evaluate", "--data", "d"]], ids=["run", "evaluate"])
+def test_saturation_is_the_models_own_unless_asked_for(command: list[str]) -> None:
+    parser = build_parser()
+    for extra, expected in (([], None), (["--saturation", "1.6"], 1.6), (["--saturation", "0"], 0.0)):
+        args = parser.parse_args([*command, *extra])
+        assert args.build_config(args).saturation == expected
 
 
 def test_run_refuses_model_actors_the_ray_it_starts_can_never_place(tmp_path: Path) -> None:

@@ -147,6 +147,36 @@ def test_temperature_is_an_inference_flag(tmp_path) -> None:
         assert torch.allclose(colorizer.predict_ab(cold, L), colorizer.predict_ab(default, L, temperature=0.1))
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.arch}-{c.head}-att{c.attention:d}")
+def test_saturation_scales_the_predicted_chroma_and_keeps_the_lightness(config: ModelConfig, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    path = tmp_path / "m.pt"
+    path.write_bytes(colorizer.weights_bytes(model))
+    L = lab_batch(2)["L"]
+    as_trained, _ = colorizer.load_weights(str(path))
+    vivid, _ = colorizer.load_weights(str(path), saturation=1.5)
+    grey, _ = colorizer.load_weights(str(path), saturation=0)
+    assert as_trained.config.saturation == 1.0 and vivid.config.saturation == 1.5
+    with torch.inference_mode():
+        ab = colorizer.predict_ab(as_trained, L)
+        torch.testing.assert_close(colorizer.predict_ab(vivid, L), 1.5 * ab)
+        torch.testing.assert_close(colorizer.predict_ab(vivid, L, flip=True), 1.5 * colorizer.predict_ab(as_trained, L, flip=True))
+        # In RGB: the grey model gives neutral grey, and the vivid one more chroma at the same lightness
+        # (the autoencoder keeps its own lightness, the U-Nets the input's).
+        rgb = {name: colorizer.predict_rgb(m, L) for name, m in (("as", as_trained), ("vivid", vivid), ("grey", grey))}
+    lab = {name: color.rgb_to_lab(x) for name, x in rgb.items()}
+    chroma = {name: x[:, 1:].norm(dim=1).mean().item() for name, x in lab.items()}
+    assert chroma["grey"] < 0.1 and chroma["vivid"] > 1.2 * chroma["as"] > 0, chroma
+    torch.testing.assert_close(lab["vivid"][:, :1], lab["as"][:, :1], atol=0.5, rtol=0)
+    # Written from the model, the weights file carries it; the config refuses what is out of range.
+    again = colorizer.model_from_bytes(colorizer.weights_bytes(vivid))
+    assert again.config.saturation == 1.5
+    for bad in (-0.1, 4.5, float("nan")):
+        with pytest.raises(ValueError, match="saturation must be in"):
+            colorizer.load_weights(str(path), saturation=bad)
+
+
 @pytest.mark.parametrize("config", [*CONFIGS, ModelConfig(width=4, depth=2, image_size=16, classes=3)],
                          ids=lambda c: f"{c.arch}-{c.head}-att{c.attention:d}-classes{c.classes}")
 def test_flip_averaging_is_the_mean_of_the_two_views_and_mirror_symmetric(config: ModelConfig) -> None:

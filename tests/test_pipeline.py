@@ -447,6 +447,25 @@ def test_flip_averaging_colours_a_mirrored_image_as_the_mirror_image(
         run(BulkConfig(input=str(folder), output=str(averaged), weights=weights, actors=actors))
 
 
+def test_saturation_scales_the_colour_and_is_part_of_what_a_run_resumes(ray_cluster: str, tmp_path: Path) -> None:
+    folder = scene_pngs(tmp_path / "in", 3, 48)
+    lab = {}
+    for saturation in (None, 1.5):
+        out = tmp_path / f"out-{saturation}"
+        summary = run(BulkConfig(input=str(folder), output=str(out), saturation=saturation))
+        assert summary["written"] == 3
+        assert json.loads((out / "_CONFIG.json").read_text())["saturation_used"] == (saturation or 1.0)
+        lab[saturation] = color.rgb_to_lab_np(np.asarray(Image.open(out / "images" / "0.png"), dtype=np.float32) / 255.0)
+    chroma = {k: np.linalg.norm(v[..., 1:], axis=-1).mean() for k, v in lab.items()}
+    assert chroma[1.5] > 1.3 * chroma[None] > 0, chroma  # up to 1.5x, less where the gamut clips
+    np.testing.assert_allclose(lab[1.5][..., 0], lab[None][..., 0], atol=1.0)  # the same lightness, to 8-bit rounding
+
+    # Resumed at the same factor, nothing is redone; at another (or the model's own 1), refused.
+    assert run(BulkConfig(input=str(folder), output=str(tmp_path / "out-1.5"), saturation=1.5))["skipped"] == 3
+    with pytest.raises(storage.StorageError, match=r"another saturation \(1\.5, now 1\)"):
+        run(BulkConfig(input=str(folder), output=str(tmp_path / "out-1.5")))
+
+
 def test_a_classification_model_colours_at_the_temperature_asked_for(ray_cluster: str, tmp_path: Path) -> None:
     import torch
 
