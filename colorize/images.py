@@ -103,6 +103,11 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         # One palette entry or one grey or RGB value marked transparent (a PNG tRNS chunk).
         img = img.convert("LA" if img.mode == "L" else "RGBA")
+    elif img.mode in ("1", "I", "I;16") and "transparency" in img.info:
+        # The same in 1-bit and 16-bit grey, which Pillow has no mode with alpha for; a 1-bit
+        # image's transparent value is given on the 8-bit scale (0 or 255).
+        values = np.asarray(img.convert("L") if img.mode == "1" else img)
+        alpha = np.where(values == img.info["transparency"], 0, 255).astype(np.uint8)
     elif img.mode == "P":
         img = img.convert("RGB")
     elif img.mode == "PA":

@@ -87,31 +87,30 @@ class BulkConfig:
 
 @dataclass(frozen=True)
 class Done:
-    """What earlier runs finished: output relpaths with a PNG, sources with a Parquet row.
+    """What earlier runs finished: the output relpaths with a PNG, and those with a Parquet row.
 
     An input counts as done only when every requested format has it, so a run cut off
-    between an input's PNG and its Parquet row redoes that input.
+    between an input's PNG and its Parquet row redoes that input. Inputs are matched by their
+    output name, not their full path: a relative ``--input`` resumed from another working
+    folder (a new Ray job upload) names the same inputs.
     """
 
     formats: tuple[str, ...]
     pngs: frozenset[str] = frozenset()
-    sources: frozenset[str] = frozenset()
+    rows: frozenset[str] = frozenset()
 
-    def contains(self, relpath: str, source: str) -> bool:
-        return ("png" not in self.formats or relpath in self.pngs) and (
-            "parquet" not in self.formats or source in self.sources
-        )
+    def contains(self, relpath: str) -> bool:
+        return ("png" not in self.formats or relpath in self.pngs) and ("parquet" not in self.formats or relpath in self.rows)
 
     def under(self, items: list[sources.Item]) -> Done:
         """Only the entries that belong to the archives among ``items`` (what tasks need)."""
         prefixes = tuple(i.relpath + "/" for i in items if i.kind == "archive")
-        uris = tuple(i.uri + "/" for i in items if i.kind == "archive")
         if not prefixes:
             return Done(self.formats)
         return Done(
             self.formats,
             frozenset(p for p in self.pngs if p.startswith(prefixes)),
-            frozenset(s for s in self.sources if s.startswith(uris)),
+            frozenset(r for r in self.rows if r.startswith(prefixes)),
         )
 
 
@@ -167,7 +166,7 @@ def _read_item(
             except storage.StorageError as error:
                 yield _status_row(source, member.relpath, "failed", str(error))
                 continue
-            if done.contains(member_relpath, source):
+            if done.contains(member_relpath):
                 yield _status_row(source, member_relpath, "skipped")
             else:
                 yield _decode_row(source, member_relpath, lambda data=member.data: data, size, max_pixels)
@@ -329,7 +328,7 @@ def compose_and_write(
 ) -> dict[str, np.ndarray]:
     """Full-size outputs for the batch's good rows; a status row for every row.
 
-    Sources in ``in_parquet`` already have their Parquet row and get only a PNG.
+    Outputs in ``in_parquet`` (relpaths) already have their Parquet row and get only a PNG.
     """
     fs, root = storage.resolve(output, settings)
     status, reasons = list(batch["status"]), list(batch["error"])
@@ -349,17 +348,22 @@ def compose_and_write(
             continue
         heights[i], widths[i] = L.shape
         status[i] = "written"
-        if batch["source"][i] in in_parquet:
+        if batch["relpath"][i] in in_parquet:
             continue
         records.append(
             {"source": batch["source"][i], "relpath": batch["relpath"][i], "width": int(widths[i]),
-             "height": int(heights[i]), "png": png, "weights": weights_id}
+             "height": int(heights[i]), "png": png, "weights": weights_id, "row": i}
         )
     if records and "parquet" in formats:
         # PNGs first, then the Parquet file: a crash in between leaves inputs that a resumed
         # run redoes (they are not in Parquet yet), never Parquet rows without their PNG.
         name = hashlib.sha256("\n".join(sorted(r["source"] for r in records)).encode()).hexdigest()[:20]
-        storage.write_bytes_atomic(fs, storage.join(root, "parquet", f"part-{name}.parquet"), _parquet_bytes(records))
+        try:
+            storage.write_bytes_atomic(fs, storage.join(root, "parquet", f"part-{name}.parquet"), _parquet_bytes(records))
+        except storage.StorageError as error:  # the batch's inputs fail, with the reason; the run goes on
+            for record in records:
+                status[record["row"]] = "failed"
+                reasons[record["row"]] = f"cannot write its Parquet part: {errors.one_line(error, with_type=False)}"
     return {
         "source": batch["source"],
         "relpath": batch["relpath"],
@@ -504,9 +508,9 @@ def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]
 
 
 def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
-    """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``source`` column."""
+    """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``relpath`` column."""
     pngs: set[str] = set()
-    parquet_sources: set[str] = set()
+    rows: set[str] = set()
     images_dir = storage.join(root, "images")
     if "png" in formats and storage.exists(fs, images_dir):
         pngs = {posixpath.relpath(p, images_dir) for p in storage.list_files(fs, images_dir) if p.endswith(".png")}
@@ -516,13 +520,13 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
             if path.endswith(".parquet"):
                 try:
                     with fs.open_input_file(path) as f:
-                        parquet_sources.update(pq.read_table(f, columns=["source"]).column("source").to_pylist())
+                        rows.update(pq.read_table(f, columns=["relpath"]).column("relpath").to_pylist())
                 except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
                     raise storage.StorageError(
                         f"{storage.to_uri(fs, path)}: cannot read this earlier output to resume ({error}); "
                         "move it away, or pass --overwrite"
                     ) from None
-    return Done(formats, frozenset(pngs), frozenset(parquet_sources))
+    return Done(formats, frozenset(pngs), frozenset(rows))
 
 
 def actor_pool(num_gpus: int, actors: int | None) -> tuple[int, float]:
@@ -619,12 +623,12 @@ def run(config: BulkConfig) -> dict[str, Any]:
     items = found[: config.limit] if config.limit else found
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
-    todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath, i.uri)]
+    todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
     skipped = len(items) - len(todo)
     # Inputs redone for a missing PNG whose Parquet row exists keep that row, not a second one.
-    in_parquet = frozenset(i.uri for i in todo if i.uri in done.sources)
+    in_parquet = frozenset(i.relpath for i in todo if i.relpath in done.rows)
     done = done.under(todo)
-    in_parquet |= done.sources
+    in_parquet |= done.rows
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 import tarfile
 import zipfile
@@ -28,6 +29,7 @@ from colorize import storage
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest entry with a scheme is not a path
 # What training reads from folders and the bulk job from archives (where .json/.cls sit beside
 # the images); every format here is one the pinned Pillow decodes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif",
@@ -96,9 +98,14 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
-    items = []
+    items, first_with = [], {}
     for uri, relpath, archive, error in zip(uris, relpaths, archives, errors):
-        items.append(Item("archive", uri, relpath, error) if archive else Item("file", uri, next(names), error))
+        output = relpath if archive else next(names)
+        # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
+        first = first_with.setdefault(output, uri)
+        if first != uri and not error:
+            error = f"its output name {output!r} is that of {first}, listed before it, whose output it would overwrite"
+        items.append(Item("archive" if archive else "file", uri, output, error))
     return items
 
 
@@ -120,6 +127,8 @@ def _why_not_read(uri: str) -> str:
         return NOT_UTF8
     if storage.is_s3(uri):
         return ""
+    if URL.match(uri):
+        return f"a {uri.split(':', 1)[0]} URL: only local paths and s3:// URIs are read"
     try:
         mode = os.stat(uri).st_mode
     except OSError:
@@ -163,13 +172,13 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
             text = storage.read_bytes(fs, path).decode("utf-8")
         except UnicodeDecodeError as error:
             raise storage.StorageError(f"{uri}: a text manifest must be UTF-8 ({error})") from None
-        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not entries:
         raise storage.StorageError(f"{uri}: the manifest lists no inputs")
     base = posixpath.dirname(path)  # a filesystem path: "bucket/key" on S3, so normpath keeps "s3://"
 
     def resolve(entry: str) -> str:
-        if storage.is_s3(entry):
+        if storage.is_s3(entry) or URL.match(entry):  # another scheme fails as an input, by name
             return entry
         if posixpath.isabs(entry):
             return "/" + posixpath.normpath(entry).lstrip("/")  # normpath keeps a leading "//"
@@ -196,27 +205,30 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     if path.lower().endswith(".zip"):
         with fs.open_input_file(path) as raw, _open_zip(raw, path) as archive:
             members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
-            for member, name in zip(members, output_names(members)):
+            names, first_with = _member_outputs(members)
+            for member in members:
+                member_relpath = posixpath.join(relpath, names[member])
+                if first_with[names[member]] != member:
+                    yield Member(member, member_relpath, None, _same_output(first_with[names[member]]))
+                    continue
                 try:
                     data, error = archive.read(member), ""
                 except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error) as e:
                     data, error = None, f"cannot read from the zip: {e}"
-                yield Member(member, posixpath.join(relpath, name), data, error)
+                yield Member(member, member_relpath, data, error)
         return
     mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
     members: list[str] = []
+    listing_broke: Exception | None = None
     try:
         with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
             for m in archive:
                 if (m.isfile() or m.issym() or m.islnk()) and _is_image_member(m.name):
                     members.append(m.name)
-    except (OSError, EOFError, tarfile.TarError, zlib.error):
-        pass  # the second pass meets the same break after the members listed so far
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
+        listing_broke = error  # the second pass streams the members listed so far, then this is raised
     members = list(dict.fromkeys(members))
-    names = dict(zip(members, output_names([storage.utf8_name(m) for m in members])))
-    first_with = {}  # output name -> the member that has it; another member spelled alike fails
-    for member, name in names.items():
-        first_with.setdefault(name, member)
+    names, first_with = _member_outputs(members)
     with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for m in archive:
             if m.name not in names:
@@ -225,13 +237,34 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
             output = names.pop(m.name)  # pop: a name repeated in a tar counts once
             member_relpath = posixpath.join(relpath, output)
             if first_with[output] != m.name:
-                yield Member(name, member_relpath, None, f"its name, written in UTF-8, is that of another member "
-                             f"({storage.utf8_name(first_with[output])!r}), whose output it would overwrite")
+                yield Member(name, member_relpath, None, _same_output(first_with[output]))
             elif m.isfile():
                 yield Member(name, member_relpath, archive.extractfile(m).read())
             else:
                 target = storage.utf8_name(m.linkname)
                 yield Member(name, member_relpath, None, f"a link to {target!r} inside the archive (not followed)")
+    if listing_broke is not None:
+        # A break that was passing (an S3 connection reset) would otherwise end the archive
+        # early without a word: the members after it were never listed.
+        raise listing_broke
+
+
+def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Output names (relative to the archive) of an archive's distinct member names, and for
+    each output name the first member that has it. Two members can share one once written in
+    UTF-8 and rid of "." components (``./a.jpg`` and ``a.jpg``); all but the first then fail
+    rather than overwrite its output."""
+    spelled = ["/".join(part for part in storage.utf8_name(m).split("/") if part != ".") for m in members]
+    names = dict(zip(members, output_names(spelled)))
+    first_with: dict[str, str] = {}
+    for member, name in names.items():
+        first_with.setdefault(name, member)
+    return names, first_with
+
+
+def _same_output(first: str) -> str:
+    return (f"its name, written in UTF-8 and without '.' components, is that of another member "
+            f"({storage.utf8_name(first)!r}), whose output it would overwrite")
 
 
 def _open_zip(raw: object, path: str) -> zipfile.ZipFile:

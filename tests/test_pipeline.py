@@ -166,6 +166,24 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
         assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
 
 
+def test_a_relative_input_resumed_from_another_working_folder_is_not_redone(
+    ray_cluster: str, weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Ray job does on each upload: the same ``--input imgs``, under a new working folder."""
+    out = tmp_path / "out"
+    for upload in ("w1", "w2"):
+        scene_pngs(tmp_path / upload / "imgs", 3, 24)
+    monkeypatch.chdir(tmp_path / "w1")
+    assert run(BulkConfig(input="imgs", output=str(out), weights=weights))["written"] == 3
+
+    monkeypatch.chdir(tmp_path / "w2")
+    summary = run(BulkConfig(input="imgs", output=str(out), weights=weights))
+
+    assert (summary["written"], summary["skipped"]) == (0, 3)
+    rows = pq.read_table(out / "parquet").column("relpath").to_pylist()
+    assert sorted(rows) == ["0.png", "1.png", "2.png"]  # one row each, not a second from the new folder
+
+
 def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
     ray_cluster: str, weights: str, tmp_path: Path
 ) -> None:

@@ -99,6 +99,74 @@ def test_two_tar_members_spelled_alike_in_utf8_do_not_share_an_output(tmp_path: 
     assert second.data is None and "is that of another member ('caf%E9.png')" in second.error
 
 
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_members_spelled_alike_but_for_dot_components_do_not_share_an_output(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"dots.{kind}"
+    entries = (("./x.png", 0), ("x.png", 1))  # `tar -C d -cf dots.tar .`, then `tar -rf dots.tar x.png`
+    if kind == "tar":
+        with tarfile.open(path, "w") as tar:
+            for name, seed in entries:
+                info = tarfile.TarInfo(name)
+                info.size = len(_good_png(seed))
+                tar.addfile(info, io.BytesIO(_good_png(seed)))
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, seed in entries:
+                archive.writestr(name, _good_png(seed))
+
+    first, second = sources.archive_members(LOCAL, str(path), path.name)
+
+    assert first.data == _good_png(0) and not first.error
+    assert storage.safe_relpath(first.relpath) == storage.safe_relpath(second.relpath)
+    assert second.data is None and "is that of another member ('./x.png')" in second.error
+
+
+def test_a_tar_whose_listing_broke_off_once_is_listed_as_failed_after_its_members(tmp_path: Path) -> None:
+    """An S3 connection reset in the first of a tar's two reads: the second reads it whole, but the
+    members after the break were never listed, so the archive must not end as if complete."""
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for i in range(4):
+            payload = _good_png(i) + bytes(20_000)
+            info = tarfile.TarInfo(f"m{i}.png")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    blob, reads = whole.getvalue(), []
+
+    class ResetOnce(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            if len(reads) == 1 and self.tell() > 45_000:
+                raise OSError("connection reset")
+            return super().read(n)
+
+    class FlakyStore:
+        def open_input_stream(self, path: str, compression: str | None = None) -> io.BytesIO:
+            reads.append(path)
+            return ResetOnce(blob)
+
+    names = []
+    with pytest.raises(OSError, match="connection reset"):
+        for member in sources.archive_members(FlakyStore(), "shard.tar", "shard.tar"):
+            names.append(member.name)
+    assert names == ["m0.png", "m1.png", "m2.png"] and len(reads) == 2  # m3 was never listed
+
+
+def test_a_manifest_names_each_output_once_and_says_why_an_entry_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jpg").touch()
+    (tmp_path / "list.txt").write_text(
+        f"{tmp_path}/data/x.jpg\n  # an indented comment\nhttps://example.com/y.jpg\ns3:/{tmp_path}/data/x.jpg\n"
+    )
+
+    items = sources.discover(str(tmp_path / "list.txt"), storage.S3Settings(endpoint="http://127.0.0.1:9"))
+
+    assert [i.uri for i in items] == [f"{tmp_path}/data/x.jpg", "https://example.com/y.jpg", f"s3:/{tmp_path}/data/x.jpg"]
+    assert items[0].error == ""
+    assert items[1].error == "a https URL: only local paths and s3:// URIs are read"
+    # The local file and the S3 object would both be written as images/<tmp>/data/x.png.
+    assert items[2].relpath == items[0].relpath and f"is that of {tmp_path}/data/x.jpg, listed before it" in items[2].error
+
+
 def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path) -> None:
     (tmp_path / "lists").mkdir()
     (tmp_path / "img.png").touch()
@@ -227,11 +295,11 @@ def test_malformed_headers_are_image_errors(payload: bytes) -> None:
         images.decode(payload, max_pixels=10_000)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "1"])
 def test_one_transparent_value_becomes_alpha(mode: str) -> None:
     img = Image.new(mode, (4, 3))
-    img.putpixel((1, 1), 200 if mode == "L" else (200, 100, 50))
-    decoded = images.decode(encode(img, transparency=0 if mode == "L" else (0, 0, 0)), max_pixels=100)
+    img.putpixel((1, 1), {"L": 200, "RGB": (200, 100, 50), "I;16": 40_000, "1": 1}[mode])
+    decoded = images.decode(encode(img, transparency=(0, 0, 0) if mode == "RGB" else 0), max_pixels=100)
     expected = np.zeros((3, 4), dtype=np.uint8)
     expected[1, 1] = 255
     np.testing.assert_array_equal(decoded.alpha, expected)
@@ -279,3 +347,14 @@ def test_an_output_that_cannot_be_written_fails_alone_with_the_reason(tmp_path: 
     assert rows["error"][1].startswith("cannot write output: ") and "1.png" in rows["error"][1]
     (part,) = (tmp_path / "out" / "parquet").iterdir()
     assert sorted(pq.read_table(part).column("relpath").to_pylist()) == ["0.png", "2.png"]
+
+
+def test_a_parquet_part_that_cannot_be_written_fails_its_inputs_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "parquet").write_text("a file where the parts' folder goes")
+    rows = _write_three_pngs_once(tmp_path)
+
+    assert list(rows["status"]) == ["failed"] * 3
+    assert all(e.startswith("cannot write its Parquet part: ") for e in rows["error"])
+    # Their PNGs were written first; a re-run redoes them, as they have no Parquet row.
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
