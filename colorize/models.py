@@ -37,6 +37,9 @@ MAX_SATURATION = 4.0
 # The semantic branch sees L pooled down to at most this side: what class an image is needs no
 # more (CIFAR-10's own size), and its cost then stays flat at any working resolution.
 SEMANTIC_SIZE = 32
+# The smallest input the semantic branch trains on: its last stage is then 2x2, where BatchNorm
+# still has more than one value per channel in a batch of one image.
+SEMANTIC_MIN_SIZE = 16
 # The U-Net's parameters that only the semantic branch has: a model without the branch
 # fine-tunes into one with it by loading every other weight (models.load_backbone).
 SEMANTIC_MODULES = ("semantic", "classify", "fuse")

@@ -176,6 +176,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
 
 def cosine_lr(base: float, progress: float, total: float) -> float:
-    """Learning rate at ``progress`` of ``total`` (epochs or steps) on a cosine schedule that
-    ends at 5% of ``base``."""
+    """Learning rate at ``progress`` of ``total`` (epochs or steps) on a cosine schedule from
+    ``base`` at 0 to 5% of it at ``total`` (training's last epoch, ``total - 1``, is just above)."""
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress / total)))

@@ -34,7 +34,8 @@ from torch import nn
 
 from colorize import color, colorizer, data, evaluate, plots, quantize, storage
 from colorize.models import (
-    ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone, without_class_head,
+    SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
+    without_class_head,
 )
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, train_step
 
@@ -143,6 +144,9 @@ class TrainConfig:
         if self.image_size < 2 ** (self.depth + 1):
             raise ValueError(f"--image-size {self.image_size} at --depth {self.depth} leaves a 1x1 bottleneck, on which "
                              f"BatchNorm cannot train a batch of one: use at least {2 ** (self.depth + 1)}, or a smaller --depth")
+        if self.semantic and self.image_size < SEMANTIC_MIN_SIZE:
+            raise ValueError(f"--image-size {self.image_size} is too small for --semantic: its branch needs at least "
+                             f"{SEMANTIC_MIN_SIZE} to train a batch of one")
         self.model_config()  # validates arch, width, depth and image_size
 
     def model_config(self, classes: int = 0) -> ModelConfig:
@@ -168,11 +172,14 @@ def resolve_init(config: TrainConfig, init: ModelConfig) -> TrainConfig:
                for name, value in decided.items() if getattr(config, name) not in (None, value)]
     if clashes:
         raise ValueError(f"--init {config.init} fixes the model's architecture; leave out {', '.join(clashes)}")
+    size = config.image_size or init.image_size
+    if init.classes and size < SEMANTIC_MIN_SIZE:
+        raise ValueError(f"--init {config.init} has a semantic branch, which needs --image-size {SEMANTIC_MIN_SIZE} or "
+                         f"more to train a batch of one, got {size}")
     if init.pretrained:
         raise ValueError(f"--init {config.init} has a pretrained encoder ({init.pretrained}), which colorize train "
                          "does not build: fine-tune it with python -m jobs.photo_model")
-    return replace(config, **decided, image_size=config.image_size or init.image_size,
-                   temperature=config.temperature or init.temperature)
+    return replace(config, **decided, image_size=size, temperature=config.temperature or init.temperature)
 
 
 @torch.inference_mode()
@@ -252,6 +259,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         model, states, state = _restore(checkpoint)
+        # The temperature is how the head decodes, not what it is: this run's may differ.
+        colorizer.set_decoding(model, temperature=config.temperature)
         start_epoch, history = state["epoch"] + 1, state["history"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
@@ -262,6 +271,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if start.config.classes != model.config.classes:
             state = without_class_head(state)  # other classes: a fresh class head; the branch carries over
         load_backbone(model, state)
+    if model.config.classes and not config.semantic:
+        # A branch fine-tuned without --semantic: no labels reach its class head, and DDP
+        # (which waits for every trainable parameter's gradient) would stop at the second step.
+        model.classify.requires_grad_(False)
     precision = resolve_precision(config.precision, device)
     # Channels-last convolutions: what bf16 kernels want, and 1.06x to 1.6x faster in float32 on a CPU.
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
@@ -313,7 +326,9 @@ def _restore(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, dict], dict[s
         model = colorizer.model_from_bytes(Path(directory, "model.pt").read_bytes())
         for name in ("optimizer", "discriminator", "discriminator_optimizer"):
             if Path(directory, f"{name}.pt").exists():
-                states[name] = torch.load(Path(directory, f"{name}.pt"), weights_only=True)
+                # On the CPU: a run trained on GPUs may resume without them (load_state_dict then
+                # moves each state to its parameter's device).
+                states[name] = torch.load(Path(directory, f"{name}.pt"), map_location="cpu", weights_only=True)
         state = json.loads(Path(directory, "state.json").read_text())
     return model, states, state
 
@@ -535,7 +550,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         state = earlier[1]
         if state is not None and state["epoch"] + 1 >= config.epochs:
             print(f"{config.out} has already trained {state['epoch'] + 1} epoch(s), --epochs {config.epochs}: "
-                  "nothing to do (a larger --epochs continues it)", flush=True)
+                  "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)
             return _summary(out_fs, out_path, state)
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
     val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None

@@ -20,6 +20,7 @@ from PIL import Image
 
 from colorize import colorizer, data, storage
 from colorize import train as train_module
+from colorize.models import ModelConfig, build_model
 from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
 from tests.helpers import ray_processes, scene, write_images
@@ -76,13 +77,14 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
                   cf_weight=0.02, **TINY)
     train(TrainConfig(epochs=1, **config))
     assert TrainConfig(**config).loss == "ce"
-    summary = train(TrainConfig(epochs=2, **config))
+    summary = train(TrainConfig(epochs=2, temperature=0.5, **config))  # decoding, not architecture: may change
 
     assert summary["resumed_at"] == [1] and np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_psnr"])
     checkpoint = max(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
     assert {"model.pt", "optimizer.pt", "discriminator.pt", "discriminator_optimizer.pt"} <= {p.name for p in checkpoint.iterdir()}
     model, _ = colorizer.load_weights(str(out / "model.pt"))
-    assert model.config.head == "classification"
+    assert (model.config.head, model.config.temperature) == ("classification", 0.5)
+    assert json.loads((out / "config.json").read_text())["temperature"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -94,7 +96,8 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"max_failures": -2}, "max-failures"), ({"precision": "fp16"}, "--precision must be one of"), ({"width": 0}, "--width"), ({"image_size": 0}, "--image-size"),
      ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
      ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck"),
-     ({"model": "autoencoder", "semantic": True}, "--semantic needs --model unet")],
+     ({"model": "autoencoder", "semantic": True}, "--semantic needs --model unet"),
+     ({"semantic": True, "image_size": 8, "depth": 2}, "--image-size 8 is too small for --semantic")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -155,6 +158,25 @@ def test_fine_tuning_the_bundled_model_keeps_its_architecture_and_starts_from_it
     without_init = {k: v for k, v in config.items() if k != "init"}
     with pytest.raises(ValueError, match="another model .*--width 16 -> 32.* \\(--init bundled\\)"):
         train(TrainConfig(**{**without_init, "epochs": 3}))
+
+
+def test_a_semantic_model_fine_tunes_under_ddp_without_labels(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    """Without --semantic no labels reach the branch's class head: DDP must not wait for its gradients."""
+    torch.manual_seed(0)
+    start = build_model(ModelConfig(width=8, depth=2, image_size=16, classes=3))
+    (tmp_path / "start.pt").write_bytes(colorizer.weights_bytes(start))
+    out = tmp_path / "run"
+    config = {k: v for k, v in TINY.items() if k not in ("width", "depth")}
+    summary = train(TrainConfig(data=str(images), out=str(out), init=str(tmp_path / "start.pt"), epochs=2, num_workers=2, **config))
+
+    assert summary["images"] == 96 and np.isfinite(summary["train_loss"])
+    tuned, _ = colorizer.load_weights(str(out / "model.pt"))
+    before, after = start.state_dict(), tuned.state_dict()
+    assert torch.equal(after["classify.weight"], before["classify.weight"])  # no labels: left as it was
+    assert not torch.equal(after["semantic.net.0.weight"], before["semantic.net.0.weight"])  # the colour loss trains the rest
+
+    with pytest.raises(ValueError, match="has a semantic branch, which needs --image-size 16 or more"):
+        train(TrainConfig(data=str(images), out=str(tmp_path / "small"), init=str(tmp_path / "start.pt"), **{**config, "image_size": 8}))
 
 
 def test_fine_tuning_refuses_a_shape_the_weights_do_not_have(tmp_path: Path) -> None:
