@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import requests
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from colorize import errors
@@ -53,10 +54,10 @@ AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 EXIT_JOB_FAILED = 1  # the job failed without an exit status of its own (e.g. runtime env setup)
 EXIT_JOB_STOPPED = 130  # the job was stopped, as `colorize` returns when interrupted
 
-# A name is secret-looking if it contains one of these, or has KEY or AUTH as a word
-# (LICENSE_KEY, KEYFILE_PASS...; not MONKEY or AUTHOR).
+# A name is secret-looking if it contains one of these, or has KEY, AUTH or PASS as a word
+# (LICENSE_KEY, KEYFILE_PASS, DB_PASS...; not MONKEY, AUTHOR or PASSENGERS).
 _SECRET_NAME = re.compile(
-    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|(?:^|_)(?:KEY|AUTH)S?(?:_|$)", re.IGNORECASE
+    r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE|(?:^|_)(?:KEY|AUTH|PASS)S?(?:_|$)", re.IGNORECASE
 )
 _MIN_SECRET_CHARS = 4  # shorter values ("1", "yes") would blank out unrelated text
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -263,7 +264,14 @@ def connect(address: str) -> JobSubmissionClient:
     # The SDK lets RAY_ADDRESS and RAY_API_SERVER_ADDRESS override the address it is given;
     # here the address on the command line wins.
     with _environ(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None), _errors(url, Redactor(())):
-        return JobSubmissionClient(url)
+        try:
+            return JobSubmissionClient(url)
+        except (requests.HTTPError, ValueError) as error:  # requests' JSONDecodeError is a ValueError
+            # Something answered, but not Ray's version check: another service on that port.
+            raise ClusterError(
+                f"{url} answered, but not as a Ray job server ({type(error).__name__}); "
+                "expected the head node's dashboard address, port 8265 unless changed"
+            ) from error
 
 
 def _network_reason(error: requests.RequestException) -> str:
@@ -280,6 +288,11 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
         yield
     except (requests.RequestException, ConnectionError, aiohttp.ClientError) as error:
         raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
+    except AuthenticationError as error:  # HTTP 401 or 403 from a cluster with token authentication
+        raise ClusterError(
+            f"{url}: {errors.first_line(str(error)).rstrip(':. ')}: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
+            "to the cluster's token"
+        ) from error
     except RuntimeError as error:  # what the SDK raises for an HTTP error answer
         match = _HTTP_ERROR.match(str(error))
         message = errors.first_line(match.group(1) if match else str(error)).rstrip(".") or type(error).__name__
@@ -355,21 +368,28 @@ def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor)
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
 
+    def poll(why: str) -> None:
+        print(f"colorize: the log stream {why}; polling every {_POLL_S:.0f} s instead", file=sys.stderr, flush=True)
+        while not client.get_job_status(job_id).is_terminal():
+            write(client.get_job_logs(job_id)[written:])
+            time.sleep(_POLL_S)
+        write(client.get_job_logs(job_id)[written:])
+
     with _errors(url, redact):
         client.get_job_info(job_id)  # an unknown id is an error here, not a broken stream
         try:
             asyncio.run(stream())
         except (RuntimeError, aiohttp.ClientError) as error:
-            print(f"colorize: the log stream broke off ({error}); polling every {_POLL_S:.0f} s instead",
-                  file=sys.stderr, flush=True)
-            while not client.get_job_status(job_id).is_terminal():
-                write(client.get_job_logs(job_id)[written:])
-                time.sleep(_POLL_S)
-            write(client.get_job_logs(job_id)[written:])
-        sys.stdout.write(redact.flush())
+            poll(f"broke off ({error})")
         deadline = time.monotonic() + _SETTLE_TIMEOUT_S
         while not (info := client.get_job_info(job_id)).status.is_terminal() and time.monotonic() < deadline:
             time.sleep(0.2)
+        if not info.status.is_terminal():
+            # The stream closed cleanly before the job ended (the head lost the driver node's log
+            # agent): follow the rest by polling rather than report a running job as failed.
+            poll("ended before the job did")
+            info = client.get_job_info(job_id)
+        sys.stdout.write(redact.flush())
     return info
 
 

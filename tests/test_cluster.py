@@ -9,7 +9,9 @@ cluster needs, the pinned versions and the real command-line parser.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import http.server
 import json
 import os
 import re
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -286,6 +289,45 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
     assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
 
 
+@contextlib.contextmanager
+def _answering(status: int, body: bytes) -> Iterator[str]:
+    """An HTTP server on a free local port that answers every GET with ``status`` and ``body``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("status", "body", "fragment"),
+    [(401, b"Unauthorized", "Authentication required: Unauthorized: set RAY_AUTH_TOKEN"),
+     (200, b"<html>Grafana</html>", "answered, but not as a Ray job server (JSONDecodeError)"),
+     (500, b"oops", "answered, but not as a Ray job server (HTTPError)")],
+    ids=["token-auth", "another-service", "server-error"],
+)
+def test_a_server_that_is_not_an_open_ray_job_server_is_one_error_line(status: int, body: bytes, fragment: str) -> None:
+    with _answering(status, body) as url:
+        result = colorize("jobs", "list", "--address", url, timeout=90)
+
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"colorize jobs: error: {url}") and fragment in line, line
+
+
 @pytest.mark.timeout(120)
 def test_an_unreachable_address_is_one_error_line_and_exit_2() -> None:
     port = free_ports(1)[0]
@@ -348,9 +390,10 @@ def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() ->
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
     named = {"LICENSE_KEY": "abcd1234", "WANDB_API_KEY": "abcd1234", "KEY_FILE_PASS": "abcd1234",
-             "HF_AUTH": "abcd1234", "MONKEY_COUNT": "12345", "AUTHOR": "someone", "KEYBOARD": "qwerty"}
-    assert submit.describe_env(named) == ("LICENSE_KEY=*** WANDB_API_KEY=*** KEY_FILE_PASS=*** HF_AUTH=*** "
-                                          "MONKEY_COUNT=12345 AUTHOR=someone KEYBOARD=qwerty")
+             "HF_AUTH": "abcd1234", "DB_PASS": "abcd1234", "MONKEY_COUNT": "12345", "AUTHOR": "someone",
+             "KEYBOARD": "qwerty", "PASSENGERS": "12345"}
+    assert submit.describe_env(named) == ("LICENSE_KEY=*** WANDB_API_KEY=*** KEY_FILE_PASS=*** HF_AUTH=*** DB_PASS=*** "
+                                          "MONKEY_COUNT=12345 AUTHOR=someone KEYBOARD=qwerty PASSENGERS=12345")
 
     redact = submit.Redactor(submit.secret_values(env))
     pieces = ["key wJalrX", "UtnFEMI ok\nprogress 50%\r", "tail hunter", "22"]
@@ -413,6 +456,26 @@ def test_a_broken_log_stream_falls_back_to_polling(monkeypatch, capsys) -> None:
     # Printed as the job ran: before the poll that saw it end and the final get_job_info.
     assert "epoch 2\n" in "".join(outs[:-2])
     assert "polling" in "".join(err for _, err in printed)
+
+
+class _ShortStreamClient(_NoStreamClient):
+    """A job server whose log websocket closes cleanly while the job still runs."""
+
+    async def tail_job_logs(self, job_id: str):  # noqa: ANN201
+        yield self._logs[0]
+
+
+def test_a_log_stream_that_ends_before_the_job_is_followed_by_polling(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(submit, "_POLL_S", 0.0)
+    monkeypatch.setattr(submit, "_SETTLE_TIMEOUT_S", 0.0)
+    client = _ShortStreamClient(["epoch 1\n", "epoch 1\n", "epoch 1\nepoch 2\n", "epoch 1\nepoch 2\ndone\n"])
+
+    info = submit.follow(client, "job", "http://h:8265", submit.Redactor(()))
+
+    out, err = capsys.readouterr()
+    assert info.status == JobStatus.SUCCEEDED and submit.exit_status(info) == 0  # not "failed" while running
+    assert out == "epoch 1\nepoch 2\ndone\n"
+    assert "ended before the job did" in err
 
 
 # --- the configs under cluster/ ----------------------------------------------------------------
