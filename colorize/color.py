@@ -174,8 +174,8 @@ def ab_gamut_bins(grid: float = 10.0) -> torch.Tensor:
     """Centres (Q, 2) of the ``grid``-sized ab cells that hold some colour sRGB can show.
 
     The quantisation of Zhang et al. (2016), cells of side 10 over [-110, 110]^2 kept where
-    they overlap the gamut; they count 313 cells from ImageNet pixels, this exact test (a
-    7x7 sample of each cell against 99 lightness levels) keeps a few more at the edges.
+    they overlap the gamut; they count 313 cells from ImageNet pixels (with some spill past
+    the gamut), this exact test (a 7x7 sample of each cell against 99 lightness levels) keeps 262.
     """
     edge = int(AB_RANGE // grid)
     axis = torch.arange(-edge, edge + 1, dtype=torch.float64) * grid

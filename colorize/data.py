@@ -161,7 +161,12 @@ def load_dataset(
         # The kind and root, not the Source: its file list would travel with every task.
         ds = ds.map_batches(_label_rows, fn_kwargs={"kind": source.kind, "root": source.path, "class_index": class_index},
                             batch_format="numpy")
-    return ds.limit(limit) if limit else ds
+    if limit:
+        # Ray Data hands blocks on as their tasks finish; in order, the first `limit` rows of
+        # CIFAR-10's batches or of Parquet shards are the same subset every epoch and every run.
+        ds.context.execution_options.preserve_order = True
+        return ds.limit(limit)
+    return ds
 
 
 def _label_rows(batch: dict[str, np.ndarray], *, kind: str, root: str, class_index: dict[str, int]) -> dict[str, np.ndarray]:
@@ -221,8 +226,8 @@ def prepare_batch(
             img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "rgb" in batch else _decode(item)
             rgb[i] = _crop_resize(img, image_size, rng if augment else None)
             ok[i] = True
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
+        except Exception:  # noqa: BLE001 - Pillow on corrupt bytes also raises struct.error, TypeError, SyntaxError
+            continue  # one unreadable image is a row with ok=False, never a failed task
     lab = color.rgb_to_lab_np(rgb).transpose(0, 3, 1, 2)  # (B, 3, S, S)
     out = {"L": np.ascontiguousarray(lab[:, :1]), "ab": np.ascontiguousarray(lab[:, 1:]), "ok": ok}
     if with_rgb:
@@ -301,7 +306,9 @@ def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> I
     path, batch = str(items["path"][0]), str(items["batch"][0])
     if path.endswith(".tar.gz"):
         with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
-            raw = next(tar.extractfile(m).read() for m in tar if posixpath.basename(m.name) == batch)
+            raw = next((tar.extractfile(m).read() for m in tar if posixpath.basename(m.name) == batch), None)
+        if raw is None:
+            raise DataError(f"{path}: no {batch} in this archive; is it the CIFAR-10 python release?")
     else:
         raw = storage.read_bytes(fs, storage.join(path, batch))
     entry = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()

@@ -319,6 +319,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break  # nothing readable: the driver says so, rather than training epochs of nothing
 
 
+def _ingest_options(*, preserve_order: bool) -> ray.data.ExecutionOptions:
+    """Ray Train's default options for feeding a dataset to the workers, kept in order if asked."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or preserve_order
+    return options
+
+
 def _restore(checkpoint: Checkpoint) -> tuple[nn.Module, dict[str, dict], dict[str, Any]]:
     """The model, the optimiser and discriminator states, and ``state.json`` of a checkpoint."""
     states = {}
@@ -599,7 +606,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # In order where a limit picks the rows (--limit; --val-limit always): the same subset
+        # every epoch, not whichever read tasks finish first (Train replaces each dataset's own options).
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={
+            "train": _ingest_options(preserve_order=config.limit is not None), "val": _ingest_options(preserve_order=True),
+        }),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=out_path,

@@ -330,6 +330,41 @@ def test_official_cifar10_python_release_is_read(ray_cluster: str, tmp_path: Pat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == list(data.CIFAR_CLASSES)
 
 
+def test_a_limited_cifar_or_parquet_set_is_the_same_rows_every_time(ray_cluster: str, tmp_path: Path) -> None:
+    """--limit (and --val-limit) keep the first rows in order, not those of whichever read task ends first."""
+    folder = tmp_path / data.CIFAR_DIR
+    folder.mkdir()
+    for k in range(1, 6):
+        (folder / f"data_batch_{k}").write_bytes(_cifar_batch(4, k))
+    rng = np.random.default_rng(1)
+    expected = [scene(rng, 32) for _ in range(4)] + [scene(np.random.default_rng(2), 32)]
+    for _ in range(2):
+        rows = data.load_dataset(str(folder), split="train", limit=5).take_all()
+        assert [r["label"] for r in rows] == [0, 1, 2, 3, 0]
+        assert all(np.array_equal(r["rgb"], e) for r, e in zip(rows, expected))
+
+
+def test_a_cifar_archive_without_a_batch_says_which(ray_cluster: str, tmp_path: Path) -> None:
+    archive = tmp_path / data.CIFAR_ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        for k in range(1, 6):
+            payload = _cifar_batch(2, k)
+            info = tarfile.TarInfo(f"{data.CIFAR_DIR}/data_batch_{k}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(Exception, match="no test_batch in this archive"):
+        data.load_dataset(str(archive), split="test").take_all()
+
+
+def test_a_row_that_pillow_fails_on_in_any_way_is_skipped() -> None:
+    good = io.BytesIO()
+    Image.fromarray(scene(np.random.default_rng(0), 16)).save(good, "PNG")
+    good = good.getvalue()
+    # A Parquet image column of path strings: Pillow's TypeError, not an OSError.
+    out = data.prepare_batch({"bytes": np.array([good, "photos/a.jpg"], dtype=object)}, image_size=16, augment=False)
+    assert out["ok"].tolist() == [True, False]
+
+
 def test_a_cifar_batch_that_smuggles_an_object_is_refused(ray_cluster: str, tmp_path: Path) -> None:
     class Payload:
         def __reduce__(self):
