@@ -362,10 +362,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32, help="working resolution of every model (default: 32)")
     args = parser.parse_args(argv)
     chosen = [_scaled(v, args.width_scale, args.image_size) for v in VARIANTS if not args.variants or v.name in args.variants.split(",")]
-    if args.report_only:
-        chosen = []
     if args.variants and len(chosen) != len(args.variants.split(",")):
         parser.error(f"--variants: unknown name in {args.variants!r}")
+    if args.report_only:
+        chosen = []
     for flag, value in (("--limit", args.limit), ("--test-limit", args.test_limit)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")

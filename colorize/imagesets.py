@@ -22,12 +22,15 @@ from colorize.sources import IMAGE_SUFFIXES
 @dataclass(frozen=True)
 class ImageSet:
     """``rgb`` uint8 (N, S, S, 3), ``labels`` int64 (N,) indexing ``classes``; ``unreadable``
-    files were skipped."""
+    files were skipped. ``index`` (N,) is each image's place in the folder's whole sorted
+    listing of ``listed`` files, whatever subset ``limit`` kept."""
 
     rgb: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
     unreadable: int = 0
+    index: np.ndarray | None = None
+    listed: int = 0
 
 
 def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: int = 0) -> ImageSet:
@@ -42,6 +45,7 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{root}: no images found")
+    listed = {p: i for i, p in enumerate(files)}
     if limit and limit < len(files):
         files = sorted(random.Random(seed).sample(files, limit))
     loose = [p for p in files if len(p.relative_to(root).parts) < 2]
@@ -55,7 +59,9 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     classes = tuple(sorted({p.relative_to(root).parts[0] for p, _ in readable}))
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[p.relative_to(root).parts[0]] for p, _ in readable], dtype=np.int64)
-    return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable=len(files) - len(readable))
+    index = np.array([listed[p] for p, _ in readable], dtype=np.int64)
+    return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable=len(files) - len(readable),
+                    index=index, listed=len(listed))
 
 
 def _square(path: Path, size: int) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 # One GPU lease, end to end: unpack the archives of `python -m jobs.gpu_data` in .gpu/ (or
 # ARCHIVES=DIR; a cifar10-test.tar.gz beside them adds the test split), train jobs/gpu_models.sh's
 # runs for MINUTES side by side, then score every model and the bundled one on CIFAR-10's test
-# split on the GPU (test.json).
+# split on the GPU, each at its own working size (test.json).
 #
 #   RUNS="w16-sem-ft w32-sem-cf-best" [FETCH="w32-sem-cf-best"] [LIMIT=SECONDS] jobs/gpu_lease.sh MINUTES OUT
 #
@@ -22,6 +22,7 @@ data=${DATA_DIR:-/tmp/gpu-data}
 runs=${RUNS_DIR:-/tmp/gpu-runs}
 python=${PYTHON:-python3}
 mkdir -p "$data" "$runs" "$out"
+rm -f "$runs/.stop"  # an earlier call's: the copier below would quit at once
 for archive in "${ARCHIVES:-.gpu}"/*.tar.gz; do tar xzf "$archive" -C "$data"; done
 
 collect() {
@@ -57,11 +58,13 @@ from pathlib import Path
 import torch
 from colorize import colorizer, evaluate, imagesets
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 scoring
-test = imagesets.load_folder(sys.argv[1], size=32)
+tests = {}  # the test split at each model's working size, as `colorize evaluate` scores it (resized bicubically here)
 for path in [None, *sorted(Path(sys.argv[2]).glob("*/model.pt"))]:
     model, weights_id = colorizer.load_weights(path and str(path))
+    size = model.config.image_size
+    test = tests.setdefault(size, imagesets.load_folder(sys.argv[1], size=size))
     result, gray, _ = evaluate.score(model.to(os.environ.get("DEVICE", "cuda")), evaluate.in_batches(test.rgb))
-    print(json.dumps({"model": str(path or "bundled"), "weights_id": weights_id, "images": len(test.rgb),
+    print(json.dumps({"model": str(path or "bundled"), "weights_id": weights_id, "images": len(test.rgb), "size": size,
                       **{k: round(v, 5) for k, v in result.items()}, "gray_psnr": round(gray["psnr"], 5)}), flush=True)
 EOF
   collect

@@ -57,7 +57,8 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for name in "${names[@]}"; do
   tail -n 4 "$out/$name.log" | sed "s/^/$name: /"
   if [[ -f $out/$name/model.pt ]]; then
-    "$python" -m jobs.gpu_collect half "$out/$name/model.pt" "$out/$name-fp16.pt"
+    # One run's copy failing must not cost the others their summaries and copies (set -e).
+    "$python" -m jobs.gpu_collect half "$out/$name/model.pt" "$out/$name-fp16.pt" || status=1
   fi
 done
 exit $status

@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", required=True, action="append",
                         help="a folder of class folders of photos (repeat to train on several)")
     parser.add_argument("--out", required=True, help="folder for model.pt, metrics.json, holdout.png")
-    parser.add_argument("--size", type=int, default=64, help="working resolution (default: 64)")
-    parser.add_argument("--width", type=int, default=16, help="U-Net width (default: 16)")
-    parser.add_argument("--depth", type=int, default=4, help="U-Net depth (default: 4)")
+    parser.add_argument("--size", type=int, help="working resolution (default: --init's, else 64)")
+    parser.add_argument("--width", type=int, help="U-Net width (default: 16; with --init, its own)")
+    parser.add_argument("--depth", type=int, help="U-Net depth (default: 4; with --init, its own)")
     parser.add_argument("--head", choices=("regression", "classification"),
                         help="regression, or classification over ab cells (default: --init's head, else regression)")
     parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
@@ -68,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--psnr-weight", type=float, default=0.0,
                         help="weight of minus the mean PSNR (dB) of the decoded ab beside the loss: with --head "
                              "classification, asks its annealed mean at --temperature to be faithful (default: 0)")
-    parser.add_argument("--temperature", type=float, default=ModelConfig.temperature,
+    parser.add_argument("--temperature", type=float,
                         help=f"the classification head's annealed-mean temperature, in training and in the weights "
-                             f"(default: {ModelConfig.temperature})")
+                             f"(default: --init's, else {ModelConfig.temperature})")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--minutes", type=float,
                         help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
@@ -95,8 +95,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight), ("--psnr-weight", args.psnr_weight)):
         if value < 0:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
-    if not 0 < args.temperature <= 1:
+    if args.temperature is not None and not 0 < args.temperature <= 1:
         parser.error(f"--temperature must be in (0, 1], got {args.temperature}")
+    start = None
+    if args.init:  # read first: its working size is the default --size the images load at
+        try:
+            start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
+        except (ValueError, storage.StorageError) as error:
+            parser.error(str(error))
+        for flag, given, has in (("--width", args.width, start.config.width), ("--depth", args.depth, start.config.depth)):
+            if given is not None and given != has:
+                parser.error(f"--init {args.init} fixes the model's architecture; leave out {flag} {given} (it has {has})")
+    args.size = args.size or (start.config.image_size if start is not None else 64)
+    if start is not None and args.size % 2**start.config.depth:
+        parser.error(f"--size {args.size} must be divisible by 2**depth = {2**start.config.depth} (--init {args.init})")
     if args.score_every < 0:
         parser.error(f"--score-every must be >= 0, got {args.score_every}")
     if not 0 <= args.shift < args.size // 2:
@@ -112,14 +124,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     started = time.perf_counter()
     try:
-        for uri in [*(args.compare or []), *([args.init] if args.init else [])]:
+        for uri in args.compare or []:
             if uri != "bundled":
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
         pretrained = read_pretrained(args.pretrained) if args.pretrained else None
         holdouts, holdout_labels, parts, label_parts, classes = {}, {}, [], [], 0
         for folder in args.data:
             images = imagesets.load_folder(folder, size=args.size, limit=args.limit)
-            held, rest = split(len(images.rgb))
+            held, rest = holdout_split(images)
+            if not len(held) or not len(rest):
+                raise ValueError(f"{folder}: {len(images.rgb)} images leave {len(rest)} to train on and {len(held)} to hold "
+                                 f"out (5% of the folder, at least 8): give it more images, or a larger --limit")
             holdouts[folder], holdout_labels[folder] = images.rgb[held], images.labels[held] + classes
             parts.append(images.rgb[rest])
             label_parts.append(images.labels[rest] + classes)  # each folder's classes after the folders before it
@@ -135,21 +150,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.semantic and classes < 2:
         parser.error(f"--semantic needs at least two class folders in --data, found {classes}")
-    config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size, head=args.head or "regression",
-                         temperature=args.temperature, classes=classes if args.semantic else 0)
+    temperature = args.temperature or ModelConfig.temperature
+    config = ModelConfig(arch="unet", width=args.width or 16, depth=args.depth or 4, image_size=args.size,
+                         head=args.head or "regression", temperature=temperature, classes=classes if args.semantic else 0)
     init = None
-    if args.init:
-        start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
+    if start is not None:
         if args.semantic and start.config.arch != "unet":
             parser.error(f"--semantic needs a U-Net, but --init {args.init} is the {start.config.arch}")
         init = start.state_dict()
-        config = start.config
+        # Its architecture; this run's working size (a U-Net is fully convolutional) and, if given, temperature.
+        config = dataclasses.replace(start.config, image_size=args.size, temperature=args.temperature or start.config.temperature)
         if args.head and args.head != config.head:
             if config.arch != "unet":
                 parser.error(f"--head {args.head} needs a U-Net, but --init {args.init} is the {config.arch}")
             # The same U-Net with a fresh colour head of the other kind, at this run's temperature.
             init = without_colour_head(init)
-            config = dataclasses.replace(config, head=args.head, temperature=args.temperature)
+            config = dataclasses.replace(config, head=args.head, temperature=temperature)
         # Other folders' classes: a fresh class head; the branch's encoder and fusion carry over. With
         # a single class folder there is nothing to classify: the colour loss alone trains the branch.
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
@@ -249,6 +265,17 @@ def write_atomically(path: Path, data: bytes) -> None:
     scratch = path.with_name(f".{path.name}.partial")
     scratch.write_bytes(data)
     os.replace(scratch, path)
+
+
+def holdout_split(images: imagesets.ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the held-out images of a folder's ``images``, and of the rest: those of the
+    folder's seeded 5% (:func:`split` of its whole listing) that ``images`` holds. So a run with
+    ``--limit`` never trains on an image that a run without it holds out, or holds one out
+    that it trains on."""
+    held_out = np.zeros(images.listed, dtype=bool)
+    held_out[split(images.listed)[0]] = True
+    mask = held_out[images.index]
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
 def split(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -92,4 +92,5 @@ def test_the_lease_script_brings_back_the_models_logs_and_test_scores(tmp_path: 
     assert not [n for n in names if n.endswith((".pt", ".partial"))]
     assert [s["model"] for s in scores] == ["bundled", str(runs / "w16-sem-ft" / "model.pt")]
     assert all(s["images"] == 6 for s in scores)
+    assert [s["size"] for s in scores] == [64, 64]  # each model at its own working size, as `colorize evaluate` scores it
     assert len(list(out.iterdir())) <= 8  # what a lease may bring back

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorize import ablation, colorizer
+from colorize import ablation, colorizer, imagesets
 from colorize.models import ModelConfig, build_model
 from colorize.probe import ProbeConfig, probe
 from tests.helpers import scene
@@ -120,7 +120,7 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     assert semantic.config.classes == 2  # the training folder's classes, not CIFAR-10's ten
 
     (out / "ablation.md").unlink()
-    ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16"])
+    ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--variants", "unet-class"])
     assert "unet-class T=0.6" in (out / "ablation.md").read_text()
 
 
@@ -162,21 +162,58 @@ def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_pa
         ablation.Budget(seconds=0)
 
 
-def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
+def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one_line(
+    labelled: Path, weights: Path, tmp_path: Path, capsys
+) -> None:
     from jobs import photo_model
+
+    eight = tmp_path / "eight"
+    write_classes(eight, 8, seed=2)
 
     for argv, reason in ((["--data", str(tmp_path / "none")], "not a folder of class folders"),
                          (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file"),
                          (["--data", str(labelled / "train"), "--cf-weight", "-0.1"], "--cf-weight must be >= 0"),
                          (["--data", str(labelled / "train"), "--gan-weight", "-1"], "--gan-weight must be >= 0"),
                          (["--data", str(labelled / "train"), "--minutes", "0"], "--minutes must be > 0"),
-                         (["--data", str(labelled / "train"), "--score-every", "-1"], "--score-every must be >= 0")):
+                         (["--data", str(labelled / "train"), "--score-every", "-1"], "--score-every must be >= 0"),
+                         (["--data", str(labelled / "train"), "--init", str(weights), "--width", "8"],
+                          "leave out --width 8 (it has 4)"),
+                         (["--data", str(labelled / "train"), "--init", str(weights), "--size", "18"],
+                          "--size 18 must be divisible by 2**depth = 4"),
+                         (["--data", str(eight)], "8 images leave 0 to train on and 8 to hold out")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main([*argv, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and reason in errors[0], errors
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_a_limited_photo_model_run_holds_out_only_what_a_whole_run_holds_out(labelled: Path) -> None:
+    """The seeded 5% is drawn from the whole folder, so runs with and without --limit never train on
+    each other's held-out images (the bundled model's stage 2, at --limit, once did)."""
+    from jobs import photo_model
+
+    whole = imagesets.load_folder(labelled / "test", size=16)
+    held, rest = photo_model.holdout_split(whole)
+    assert np.array_equal(held, photo_model.split(96)[0])  # without --limit: the split it always was
+    held_out = set(whole.index[held].tolist())
+    part = imagesets.load_folder(labelled / "test", size=16, limit=48)
+    part_held, part_rest = photo_model.holdout_split(part)
+    assert set(part.index[part_held].tolist()) <= held_out
+    assert not set(part.index[part_rest].tolist()) & held_out
+
+
+def test_a_photo_model_fine_tune_takes_the_temperature_asked_for(labelled: Path, tmp_path: Path) -> None:
+    from jobs import photo_model
+
+    start = tmp_path / "class.pt"
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16, head="classification", temperature=1.0))
+    start.write_bytes(colorizer.weights_bytes(model))
+    photo_model.main(["--data", str(labelled / "train"), "--init", str(start), "--temperature", "0.3", "--loss", "ce",
+                      "--psnr-weight", "1", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--out", str(tmp_path / "o")])
+    tuned, _ = colorizer.load_weights(str(tmp_path / "o" / "model.pt"))
+    assert (tuned.config.temperature, tuned.config.image_size) == (0.3, 16)
 
 
 def test_the_photo_model_job_trains_on_two_folders_and_scores_each_holdout(labelled: Path, tmp_path: Path) -> None:
