@@ -147,7 +147,7 @@ def with_ray(folder: Path, workdir: Path, gpu: bool, n_train: int, png_level: in
     shards = write_parquet_shards(workdir / f"parquet-32-{n_train}", n_train, 32, rows_per_shard=512)
     last = ray_train(None, shards, 1, 256, 2, 1, workdir / "ray-train", gpu=gpu)
     ray.shutdown()
-    return [{"what": f"bulk job, {'1 GPU actor' if gpu else 'CPU actors'}", "images_per_s": summary["images_per_second"],
+    return [{"what": f"bulk job, {'1 GPU actor' if gpu else 'CPU tasks'}", "images_per_s": summary["images_per_second"],
              "note": "end to end, Ray started beforehand"},
             {"what": "Ray Train, 1 worker, Ray Data, batch 256", "images_per_s": round(last["images"] / last["seconds"], 1)}]
 

@@ -1,7 +1,7 @@
 """What every benchmark shares: generated images, a process-tree memory sampler, tables, JSON.
 
 Plain numpy, Pillow and /proc, so that the model-only GPU benchmark can import it on a
-machine without Ray or pyarrow.
+machine without Ray (that benchmark itself also needs torch and pyarrow, through colorize).
 """
 
 from __future__ import annotations

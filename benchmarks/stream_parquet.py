@@ -59,7 +59,9 @@ def main() -> None:
     for before, after in zip(series, series[1:]):
         after["images_per_s"] = round((after["done"] - before["done"]) / max(after["t"] - before["t"], 1e-9), 1)
     # Steady state: from the first sample with images flowing to the last full interval.
-    steady = [s for s in series[1:-1] if s.get("images_per_s")]
+    # A stall after the start stays in: it is what the steady mean and its variation are for.
+    flowing = [i for i, s in enumerate(series[1:-1], start=1) if s.get("images_per_s")]
+    steady = series[flowing[0] : len(series) - 1] if flowing else []
     second_half = steady[len(steady) // 2:]
     first_half = steady[: len(steady) // 2]
     summary = {

@@ -69,6 +69,11 @@ class S3Settings:
         if self.endpoint is None:
             return
         parts = urlsplit(self.endpoint)
+        if parts.username or parts.password:  # never echoed: it would be a key and its secret
+            raise StorageError(
+                f"{parts.scheme}://...@{parts.hostname}: an S3 endpoint URL takes no user or password; "
+                "credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the AWS config)"
+            )
         if (
             parts.scheme not in ("http", "https")
             or not parts.netloc
@@ -108,6 +113,8 @@ def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSyst
         if settings is None:
             settings = S3Settings.from_env()
         return s3_filesystem(settings), join(bucket, key)
+    if uri.lower().startswith("s3:"):  # s3:/bucket/key, s3:bucket: a typo, not a local folder named "s3:"
+        raise StorageError(f"{uri}: expected s3://bucket/key")
     scheme = _SCHEME.match(uri)
     if scheme:
         raise StorageError(

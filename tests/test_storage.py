@@ -87,6 +87,18 @@ def test_settings_reject_bad_endpoint(endpoint: str) -> None:
         S3Settings(endpoint=endpoint)
 
 
+def test_an_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(StorageError, match="takes no user or password") as refused:
+        S3Settings(endpoint="http://AKIAEXAMPLE:wJalrSECRET@minio.local:9000/x")
+    assert "AKIAEXAMPLE" not in str(refused.value) and "wJalrSECRET" not in str(refused.value)
+
+
+@pytest.mark.parametrize("uri", ["s3:/bucket/key", "s3:bucket/key", "S3:/b"])
+def test_a_mistyped_s3_uri_is_refused_not_taken_as_a_local_path(uri: str) -> None:
+    with pytest.raises(StorageError, match="expected s3://bucket/key"):
+        storage.resolve(uri, S3Settings())
+
+
 def test_join() -> None:
     assert storage.join("bkt", "a", "b.png") == "bkt/a/b.png"
     assert storage.join("bkt/", "/a/", "b") == "bkt/a/b"
