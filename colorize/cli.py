@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from colorize import storage, submit
 from colorize.colorizer import LOSSES
@@ -56,24 +56,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type for a number in [low, high], or (low, high] with ``low_open``; NaN is refused."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
 
 
-def _saturation(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= MAX_SATURATION:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SATURATION:g}], got {text}")
-    return value
+_temperature = _number_in(0, 1, low_open=True)
+_saturation = _number_in(0, MAX_SATURATION)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -98,15 +98,31 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
-    items, first_with = [], {}
-    for uri, relpath, archive, error in zip(uris, relpaths, archives, errors):
-        output = relpath if archive else next(names)
-        # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
-        first = first_with.setdefault(output, uri)
-        if first != uri and not error:
-            error = f"its output name {output!r} is that of {first}, listed before it, whose output it would overwrite"
+    outputs = [relpath if archive else next(names) for relpath, archive in zip(relpaths, archives)]
+    # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
+    shadowed = _shadowed(zip(uris, outputs))
+    items = []
+    for uri, output, archive, error in zip(uris, outputs, archives, errors):
+        if uri in shadowed and not error:
+            error = (f"its output name {output!r} is that of {shadowed[uri]}, listed before it, "
+                     "whose output it would overwrite")
         items.append(Item("archive" if archive else "file", uri, output, error))
     return items
+
+
+def _shadowed(outputs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """For each input whose output name an earlier input already has, that earlier input.
+
+    ``outputs`` pairs each input with its output name, in order. The first input with a name
+    keeps it; the rest fail, naming it, rather than overwrite its output.
+    """
+    first_with: dict[str, str] = {}
+    shadowed: dict[str, str] = {}
+    for key, output in outputs:
+        first = first_with.setdefault(output, key)
+        if first != key:
+            shadowed[key] = first
+    return shadowed
 
 
 def _output_prefix(fs: pafs.FileSystem, path: str, output: str) -> str:
@@ -205,11 +221,11 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     if path.lower().endswith(".zip"):
         with fs.open_input_file(path) as raw, _open_zip(raw, path) as archive:
             members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
-            names, first_with = _member_outputs(members)
+            names, shadowed = _member_outputs(members)
             for member in members:
                 member_relpath = posixpath.join(relpath, names[member])
-                if first_with[names[member]] != member:
-                    yield Member(member, member_relpath, None, _same_output(first_with[names[member]]))
+                if member in shadowed:
+                    yield Member(member, member_relpath, None, _same_output(shadowed[member]))
                     continue
                 try:
                     data, error = archive.read(member), ""
@@ -228,7 +244,7 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
     except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
         listing_broke = error  # the second pass streams the members listed so far, then this is raised
     members = list(dict.fromkeys(members))
-    names, first_with = _member_outputs(members)
+    names, shadowed = _member_outputs(members)
     with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for m in archive:
             if m.name not in names:
@@ -236,8 +252,8 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
             name = storage.utf8_name(m.name)
             output = names.pop(m.name)  # pop: a name repeated in a tar counts once
             member_relpath = posixpath.join(relpath, output)
-            if first_with[output] != m.name:
-                yield Member(name, member_relpath, None, _same_output(first_with[output]))
+            if m.name in shadowed:
+                yield Member(name, member_relpath, None, _same_output(shadowed[m.name]))
             elif m.isfile():
                 yield Member(name, member_relpath, archive.extractfile(m).read())
             else:
@@ -250,16 +266,12 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
 
 
 def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Output names (relative to the archive) of an archive's distinct member names, and for
-    each output name the first member that has it. Two members can share one once written in
-    UTF-8 and rid of "." components (``./a.jpg`` and ``a.jpg``); all but the first then fail
-    rather than overwrite its output."""
+    """Output names (relative to the archive) of an archive's distinct member names, and the
+    members :func:`_shadowed` by an earlier one. Two members can share an output name once
+    written in UTF-8 and rid of "." components (``./a.jpg`` and ``a.jpg``)."""
     spelled = ["/".join(part for part in storage.utf8_name(m).split("/") if part != ".") for m in members]
     names = dict(zip(members, output_names(spelled)))
-    first_with: dict[str, str] = {}
-    for member, name in names.items():
-        first_with.setdefault(name, member)
-    return names, first_with
+    return names, _shadowed(names.items())
 
 
 def _same_output(first: str) -> str:
