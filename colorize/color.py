@@ -38,8 +38,10 @@ def _matrix(rows: tuple, like: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Multiply each pixel's 3-vector along dim -3 by ``matrix``."""
-    return torch.einsum("ij,...jhw->...ihw", matrix, x)
+    """Multiply each pixel's 3-vector along dim -3 by ``matrix``, in ``x``'s own precision: autocast
+    would run the product in bf16 (2/255 off in sRGB), rounding the targets and colour losses."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.einsum("ij,...jhw->...ihw", matrix, x)
 
 
 def srgb_to_linear(rgb: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,8 @@ def _srgb_curve(linear: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], shape (..., 3, H, W) -> Lab, same shape; L in [0, 100]."""
-    rgb = rgb.float() if not rgb.is_floating_point() else rgb
+    if not rgb.is_floating_point():
+        raise TypeError(f"rgb_to_lab takes floating-point sRGB in [0, 1], got {rgb.dtype} (divide 8-bit values by 255)")
     xyz = _apply(_matrix(RGB_TO_XYZ, rgb), srgb_to_linear(rgb))
     white = torch.tensor(WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
     t = xyz / white

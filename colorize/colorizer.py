@@ -67,7 +67,10 @@ def decode(model: nn.Module, out: torch.Tensor, *, temperature: float | None = N
     """A U-Net's raw output (normalised ab, or logits over ab cells) -> ab in Lab units."""
     bare = unwrap(model)
     if bare.config.head == "classification":
-        return quantize.annealed_mean(out, bare.ab_bins, temperature or bare.config.temperature)
+        temperature = bare.config.temperature if temperature is None else temperature
+        if not 0 < temperature <= 1:  # NaN too
+            raise ValueError(f"temperature must be in (0, 1], got {temperature}")
+        return quantize.annealed_mean(out, bare.ab_bins, temperature)
     return color.denormalize_ab(out.float())
 
 
@@ -205,8 +208,20 @@ def weights_bytes(model: nn.Module) -> bytes:
 def model_from_bytes(data: bytes) -> nn.Module:
     """Rebuild a model from :func:`weights_bytes` output. Never unpickles arbitrary objects."""
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = build_model(ModelConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    config, state = ModelConfig.from_dict(payload["config"]), payload["state_dict"]
+    # Shapes are checked on a skeleton first: a config its tensors do not match (width 4096)
+    # would otherwise allocate a model of any size before load_state_dict compared them.
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
+    found = {k: v.shape for k, v in state.items()}
+    if found != expected:
+        key = sorted(expected.keys() ^ found.keys()) or [k for k in expected if expected[k] != found[k]]
+        raise ValueError(f"its tensors do not fit its config {config} (first at {key[0]!r})")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"its tensor {bad!r} holds NaN or infinite values")
+    model = build_model(config)
+    model.load_state_dict(state)
     return model.eval()
 
 

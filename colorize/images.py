@@ -53,7 +53,8 @@ class Decoded:
 def decode(data: bytes, *, max_pixels: int) -> Decoded:
     """Encoded image bytes -> :class:`Decoded`, with EXIF orientation applied.
 
-    Handles modes 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr and 16/32-bit grey (I;16, I).
+    Handles modes 1, L, LA, La, P, PA, RGB, RGBA, RGBa, CMYK, YCbCr and 16-bit grey (I;16, and
+    I holding 16-bit values, as 16-bit PNGs used to open).
     Raises :class:`ImageError` for empty, non-image, corrupt, truncated, unsupported or
     oversized input.
     """
@@ -72,6 +73,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         if width * height > max_pixels:
             raise ImageError(f"image is {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels:,}")
         try:
+            _scale_low_bit_transparency(img)
             img.load()
             img = ImageOps.exif_transpose(img)
             return _lightness_and_alpha(img)
@@ -98,8 +100,25 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = pillows
 
 
+def _scale_low_bit_transparency(img: Image.Image) -> None:
+    """Put a 2- or 4-bit grey PNG's transparent value on the 8-bit scale of its pixels.
+
+    Pillow scales such pixels to 0-255 but leaves the tRNS value as written (0-3, 0-15), so no
+    pixel would match it. Called before loading, while the tile still names the bit depth.
+    """
+    if img.mode != "L" or "transparency" not in img.info or not img.tile:
+        return
+    bits = {"L;2": 2, "L;4": 4}.get(img.tile[0].args) if isinstance(img.tile[0].args, str) else None
+    if bits is not None:
+        img.info["transparency"] *= 255 // (2**bits - 1)
+
+
 def _lightness_and_alpha(img: Image.Image) -> Decoded:
     alpha = None
+    if img.mode in ("La", "RGBa"):
+        # Premultiplied alpha (grey TIFFs with associated alpha open as La): its alpha band
+        # is "a", and Pillow converts La to nothing but LA.
+        img = img.convert(img.mode.upper())
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         # One palette entry or one grey or RGB value marked transparent (a PNG tRNS chunk).
         img = img.convert("LA" if img.mode == "L" else "RGBA")
@@ -112,11 +131,12 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
         img = img.convert("RGB")
     elif img.mode == "PA":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+    if img.mode in ("RGBA", "LA"):
         alpha = np.asarray(img.getchannel("A"), dtype=np.uint8)
-        img = img.convert("RGB" if img.mode.startswith("RGB") else "L")
+        img = img.convert("RGB" if img.mode == "RGBA" else "L")
     if img.mode.startswith("I"):
-        # 16-bit PNG grey (and PIL's 32-bit "I", which 16-bit PNGs used to open as).
+        # 16-bit PNG grey (and PIL's 32-bit "I", which 16-bit PNGs used to open as); values
+        # past 16 bits are clipped to white.
         grey = np.asarray(img, dtype=np.float32) / 65535.0
         L = color.rgb_to_lab_np(np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1))[..., 0]
     elif img.mode in ("1", "L"):
@@ -137,6 +157,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I"):
         grey = np.asarray(img, dtype=np.float32) / 257.0  # 65535 -> 255
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("La", "RGBa"):
+        img = img.convert(img.mode.upper())  # premultiplied alpha; Pillow converts La to LA only
     return img.convert("RGB")
 
 
@@ -174,6 +196,8 @@ def compose(L: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
     :func:`_lab_to_srgb8`), three times faster.
     """
     height, width = L.shape
+    if not np.isfinite(ab_small).all():
+        raise ValueError("the model predicted NaN or infinite chroma (are its weights finite?)")
     ab = torch.from_numpy(np.ascontiguousarray(ab_small, dtype=np.float32))[None]
     if ab.shape[-2:] != (height, width):
         ab = F.interpolate(ab, size=(height, width), mode="bilinear", align_corners=False)

@@ -36,7 +36,8 @@ class ImageSet:
 def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: int = 0) -> ImageSet:
     """Every image under ``root`` (class = first folder below it), centre-cropped to ``size``.
 
-    ``limit`` keeps a seeded random subset, so that a small study still sees every class.
+    ``limit`` keeps a seeded random subset of the whole listing (not drawn class by class: a
+    small one may miss a class). ``classes`` are the class folders with a readable image kept.
     Files that cannot be decoded are skipped and counted.
     """
     root = Path(root)
@@ -45,14 +46,14 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{root}: no images found")
-    listed = {p: i for i, p in enumerate(files)}
-    if limit and limit < len(files):
-        files = sorted(random.Random(seed).sample(files, limit))
     loose = [p for p in files if len(p.relative_to(root).parts) < 2]
     if loose:
         raise ValueError(f"{root}: images must sit in class folders, found {loose[0].name} directly in it")
+    listed = {p: i for i, p in enumerate(files)}
+    if limit and limit < len(files):
+        files = sorted(random.Random(seed).sample(files, limit))
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
-        decoded = list(pool.map(lambda p: _square(p, size), files, chunksize=256))
+        decoded = list(pool.map(lambda p: _square(p, size), files))
     readable = [(p, a) for p, a in zip(files, decoded) if a is not None]
     if not readable:
         raise ValueError(f"{root}: none of its {len(files)} images could be read")

@@ -34,6 +34,7 @@ HEADS = ("regression", "classification")
 # colourfulness at 1.6 and overshoots it by a quarter at 2; at 4 over a third of its coloured
 # pixels leave the sRGB gamut (and are desaturated back into it): more is a typo, not a wish.
 MAX_SATURATION = 4.0
+ATTENTION_HEADS = 4  # heads of the bottleneck's self-attention (ModelConfig.attention)
 # The semantic branch sees L pooled down to at most this side: what class an image is needs no
 # more (CIFAR-10's own size), and its cost then stays flat at any working resolution.
 SEMANTIC_SIZE = 32
@@ -94,14 +95,17 @@ class ModelConfig:
             raise ValueError(f"model arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if self.width < 1 or self.depth < 1:
             raise ValueError(f"width and depth must be positive, got {self.width}, {self.depth}")
-        if self.image_size % (2**self.depth):
+        if self.image_size < 2**self.depth or self.image_size % (2**self.depth):
             raise ValueError(
-                f"image_size {self.image_size} must be divisible by 2**depth = {2**self.depth}"
+                f"image_size {self.image_size} must be a positive multiple of 2**depth = {2**self.depth}"
             )
         if self.head not in HEADS:
             raise ValueError(f"model head must be one of {HEADS}, got {self.head!r}")
         if self.arch == "autoencoder" and (self.head != "regression" or self.attention):
             raise ValueError("the seed autoencoder has no classification head and no attention")
+        if self.attention and not SelfAttention.fits(self.width * 2**self.depth):
+            raise ValueError(f"attention works on the bottleneck's width * 2**depth channels, which must be a multiple of "
+                             f"{ATTENTION_HEADS} and of its norm's groups; {self.width} * 2**{self.depth} is not")
         if self.classes < 0 or self.classes == 1:
             raise ValueError(f"classes must be 0 (no semantic branch) or at least 2, got {self.classes}")
         if self.arch == "autoencoder" and self.classes:
@@ -144,10 +148,19 @@ def ab_bins() -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all positions of a feature map, with a residual."""
 
-    def __init__(self, *, channels: int, heads: int = 4) -> None:
+    def __init__(self, *, channels: int, heads: int = ATTENTION_HEADS) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(min(32, channels // 4), channels)
+        self.norm = nn.GroupNorm(self.groups(channels), channels)
         self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    @staticmethod
+    def groups(channels: int) -> int:
+        return min(32, channels // 4)
+
+    @classmethod
+    def fits(cls, channels: int, heads: int = ATTENTION_HEADS) -> bool:
+        """Whether ``channels`` split into ``heads`` and into the norm's groups."""
+        return channels % heads == 0 and cls.groups(channels) > 0 and channels % cls.groups(channels) == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -42,11 +42,12 @@ def _critic_input(L: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def fast_bf16(device_type: str) -> bool:
-    """Whether bf16 autocast speeds training up on this kind of device: on CUDA, and on CPUs
-    with AVX-512 BF16 or AMX instructions (oneDNN emulates bf16 on others, slower than
-    float32). Measured by ``benchmarks/bench_cpu_precision.py``."""
+    """Whether bf16 autocast speeds training up on this kind of device: on GPUs with bf16 units
+    (NVIDIA's since Ampere; older ones emulate it), and on CPUs with AVX-512 BF16 or AMX
+    instructions (oneDNN emulates bf16 on others, slower than float32). Measured by
+    ``benchmarks/bench_cpu_precision.py``."""
     if device_type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return False
     probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -53,8 +53,12 @@ def encoder_features(model: nn.Module, rgb: np.ndarray, batch_size: int = 500) -
         L = torch.from_numpy(color.rgb_to_lab_np(rgb[start : start + batch_size])[..., :1]).permute(0, 3, 1, 2)
         if model.config.arch == "unet":
             stages = model.encode(color.normalize_l(L))
-        else:
-            stages = [model.encoder(color.gray_rgb_from_l(L))]
+        else:  # the seed autoencoder: the output of each strided convolution and its ReLU
+            x, stages = color.gray_rgb_from_l(L), []
+            for layer in model.encoder:
+                x = layer(x)
+                if isinstance(layer, nn.ReLU):
+                    stages.append(x)
         parts.append(torch.cat([s.mean(dim=(2, 3)) for s in stages], dim=1))
     return torch.cat(parts)
 

@@ -52,8 +52,12 @@ def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float) 
     Temperature 1 is the plain mean (smooth, desaturated); lower values move towards the mode
     (vivid, sometimes patchy). Zhang et al. use 0.38.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=1)
-    return torch.einsum("bqhw,qc->bchw", probs, bins.to(probs))
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # else the mean runs in bf16
+        # Shifted so that the largest logit is 0 before dividing: a tiny temperature then tends
+        # to the mode instead of overflowing to inf (and NaN after the softmax).
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.amax(dim=1, keepdim=True)) / temperature, dim=1)
+        return torch.einsum("bqhw,qc->bchw", probs, bins.to(probs))
 
 
 def class_prior(ab_batches: Iterable[torch.Tensor], bins: torch.Tensor, *, sigma: float = SIGMA) -> torch.Tensor:

@@ -166,7 +166,11 @@ class TrainConfig:
 
 def resolve_init(config: TrainConfig, init: ModelConfig) -> TrainConfig:
     """``config`` with the architecture of the model ``init`` that it fine-tunes; refuses an
-    architecture field that contradicts it (fine-tuning cannot change a model's shape)."""
+    architecture field that contradicts it (fine-tuning cannot change a model's shape).
+
+    The run's model decodes at ``init``'s temperature unless the run sets one, and at saturation
+    1 whatever ``init``'s: a factor suits the colour of the model it was chosen for, not this one.
+    """
     decided = {"model": init.arch, "width": init.width, "depth": init.depth, "head": init.head, "attention": init.attention}
     clashes = [f"--{name} (it has no {name})" if value is False else f"--{name} {getattr(config, name)} (it has {value})"
                for name, value in decided.items() if getattr(config, name) not in (None, value)]

@@ -159,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--semantic needs a U-Net, but --init {args.init} is the {start.config.arch}")
         init = start.state_dict()
         # Its architecture; this run's working size (a U-Net is fully convolutional) and, if given, temperature.
-        config = dataclasses.replace(start.config, image_size=args.size, temperature=args.temperature or start.config.temperature)
+        # Not its saturation: a factor suited to its colour, not to the model this run makes (as colorize train).
+        config = dataclasses.replace(start.config, image_size=args.size, saturation=1.0,
+                                     temperature=args.temperature or start.config.temperature)
         if args.head and args.head != config.head:
             if config.arch != "unet":
                 parser.error(f"--head {args.head} needs a U-Net, but --init {args.init} is the {config.arch}")

@@ -122,6 +122,20 @@ def test_gray_rgb_from_l_inverts_every_grey_level() -> None:
     assert np.array_equal(color.to_uint8(back[0, 0].numpy()), np.arange(256, dtype=np.uint8))
 
 
+def test_colour_conversions_stay_float32_under_bf16_autocast() -> None:
+    # Training targets and colour losses are computed inside the bf16 autocast of a training step.
+    rgb = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lab, back = color.rgb_to_lab(rgb), color.lab_to_rgb(color.rgb_to_lab(rgb))
+    assert lab.dtype == back.dtype == torch.float32
+    assert torch.allclose(lab, color.rgb_to_lab(rgb)) and torch.allclose(back, rgb, atol=1e-4)
+
+
+def test_rgb_to_lab_refuses_8_bit_values() -> None:
+    with pytest.raises(TypeError, match="divide 8-bit values by 255"):
+        color.rgb_to_lab(torch.full((3, 1, 1), 128, dtype=torch.uint8))
+
+
 def test_normalisation_constants() -> None:
     L = torch.tensor([0.0, 50.0, 100.0])
     assert color.normalize_l(L).tolist() == [-0.5, 0.0, 0.5]

@@ -61,6 +61,23 @@ def test_compose_keeps_lightness_when_it_desaturates_out_of_gamut_chroma() -> No
     assert np.ptp(rgb.astype(int), axis=-1).min() > 20  # still coloured, not grey
 
 
+def test_compose_refuses_chroma_that_is_not_finite() -> None:
+    # A ValueError fails the batch's inputs with a reason; NaN used to become an IndexError that failed the task.
+    ab = np.full((2, 4, 4), np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match="predicted NaN or infinite chroma"):
+        images.compose(np.full((4, 4), 50.0, dtype=np.float32), ab)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_image_outside_the_class_folders_is_refused_whatever_subset_is_drawn(tmp_path, seed: int) -> None:
+    for i in range(20):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match="found loose.png directly in it"):
+        imagesets.load_folder(tmp_path, size=8, limit=5, seed=seed)
+
+
 def test_compose_bounds_its_work_on_tall_images() -> None:
     L = np.linspace(0, 100, 1100, dtype=np.float32)[:, None].repeat(3, axis=1)  # more rows than one tile
     ab = np.zeros((2, 1, 1), dtype=np.float32)

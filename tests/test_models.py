@@ -91,7 +91,8 @@ def test_bf16_and_float32_steps_agree_to_bf16_precision() -> None:
 def test_auto_precision_is_bf16_where_the_device_has_it_fast() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if fast_bf16("cpu") else "float32")
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"  # no GPU needed to resolve it
+    # On CUDA: bf16 where the GPU has bf16 units (Ampere and later); False without a GPU.
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if fast_bf16("cuda") else "float32")
     assert resolve_precision("float32", torch.device("cuda")) == "float32"
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -334,6 +335,36 @@ def test_a_pickled_object_in_a_weights_file_is_refused(tmp_path) -> None:
     torch.save({"config": CONFIGS[0].to_dict(), "state_dict": {}, "x": Payload()}, path)
     with pytest.raises(ValueError, match="not a colorize weights file"):
         colorizer.load_weights(str(path))
+
+
+def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_building(tmp_path) -> None:
+    state = build_model(CONFIGS[0]).state_dict()
+    # A width this large would take over 100 GiB if built before the shapes were compared.
+    huge = {**CONFIGS[0].to_dict(), "width": 4096, "depth": 3}
+    torch.save({"config": huge, "state_dict": state}, tmp_path / "huge.pt")
+    with pytest.raises(ValueError, match="its tensors do not fit its config"):
+        colorizer.load_weights(str(tmp_path / "huge.pt"))
+    state = {k: v.clone() for k, v in state.items()}
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save({"config": CONFIGS[0].to_dict(), "state_dict": state}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        colorizer.load_weights(str(tmp_path / "nan.pt"))
+
+
+def test_attention_the_bottleneck_cannot_split_is_refused_in_the_config() -> None:
+    with pytest.raises(ValueError, match="attention works on the bottleneck's width"):
+        ModelConfig(width=33, depth=3, image_size=64, attention=True)
+    with pytest.raises(ValueError, match="positive multiple of 2"):
+        ModelConfig(width=4, depth=2, image_size=0)
+    build_model(ModelConfig(width=4, depth=1, image_size=8, attention=True))  # 8 channels: 2 groups, 4 heads
+
+
+def test_a_classification_head_decodes_at_the_temperature_given() -> None:
+    model = build_model(dataclasses.replace(CONFIGS[0], head="classification")).eval()
+    L = torch.rand(1, 1, CONFIGS[0].image_size, CONFIGS[0].image_size) * 100
+    with pytest.raises(ValueError, match=r"temperature must be in \(0, 1\], got 0.0"):
+        colorizer.predict_ab(model, L, temperature=0.0)  # not the config's, silently
+    assert not torch.equal(colorizer.predict_ab(model, L, temperature=1.0), colorizer.predict_ab(model, L))
 
 
 def test_the_bundled_weights_load() -> None:

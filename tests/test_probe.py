@@ -19,7 +19,7 @@ from PIL import Image
 
 from colorize import ablation, colorizer, imagesets
 from colorize.models import ModelConfig, build_model
-from colorize.probe import ProbeConfig, probe
+from colorize.probe import ProbeConfig, encoder_features, probe
 from tests.helpers import scene
 
 
@@ -70,6 +70,13 @@ def test_the_probe_scores_the_encoder_it_was_given(labelled: Path, tmp_path: Pat
     report = probe(ProbeConfig(data=str(labelled), weights=str(tmp_path / "blind.pt"), epochs=20))
     assert report["accuracy_colourisation"] == report["chance"] == 0.5
     assert report["accuracy_random_init"] > 0.9
+
+
+@pytest.mark.parametrize(("arch", "features"), [("unet", 4 + 8 + 16), ("autoencoder", 4 + 8)])
+def test_the_probe_pools_every_encoder_stage(arch: str, features: int) -> None:
+    model = build_model(ModelConfig(arch=arch, width=4, depth=2, image_size=16))
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert encoder_features(model, rgb).shape == (3, features)
 
 
 def test_the_probe_refuses_mismatched_class_folders(labelled: Path, weights: Path, tmp_path: Path) -> None:

@@ -52,6 +52,17 @@ def test_lower_temperature_moves_from_the_mean_towards_the_mode() -> None:
     distances = [float((quantize.annealed_mean(logits, BINS, t).flatten() - mode).norm()) for t in (1.0, 0.38, 0.1, 0.02)]
     assert distances == sorted(distances, reverse=True)
     assert distances[-1] < 1.0
+    # The limit: the mode itself, not an overflow to NaN (logits / 1e-40 are past float32).
+    assert torch.equal(quantize.annealed_mean(logits, BINS, 1e-40).flatten(), mode)
+
+
+def test_annealed_mean_stays_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, len(BINS), 4, 4) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ab = quantize.annealed_mean(logits, BINS, 0.38)
+    assert ab.dtype == torch.float32
+    assert torch.allclose(ab, quantize.annealed_mean(logits, BINS, 0.38), atol=1e-5)
 
 
 def test_rebalancing_weighs_rare_colours_up_and_keeps_the_loss_scale() -> None:

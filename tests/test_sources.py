@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colorize import images, pipeline, sources, storage
+from colorize import images, imagesets, pipeline, sources, storage
 from colorize.models import ModelConfig, build_model
 from tests.helpers import encode, scene
 
@@ -303,6 +305,40 @@ def test_one_transparent_value_becomes_alpha(mode: str) -> None:
     expected = np.zeros((3, 4), dtype=np.uint8)
     expected[1, 1] = 255
     np.testing.assert_array_equal(decoded.alpha, expected)
+
+
+def _grey_png(bits: int, width: int, row: bytes, transparent: int) -> bytes:
+    """A one-row grey PNG of ``bits`` per pixel (Pillow writes no 2- or 4-bit grey) with a tRNS value."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 1, bits, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", transparent)) + chunk(b"IDAT", zlib.compress(b"\0" + row)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("bits", "width", "row"), [(2, 4, bytes([0b00_01_10_11])), (4, 2, bytes([0x0F]))], ids=["2-bit", "4-bit"])
+def test_a_2_or_4_bit_grey_png_keeps_its_transparent_value(bits: int, width: int, row: bytes) -> None:
+    # Pillow scales the pixels to 8 bits but not the tRNS value: the brightest pixel is the transparent one.
+    decoded = images.decode(_grey_png(bits, width, row, transparent=2**bits - 1), max_pixels=100)
+    np.testing.assert_array_equal(decoded.alpha, [[255] * (width - 1) + [0]])
+    assert decoded.L[0, 0] == 0 and decoded.L[0, -1] == pytest.approx(100)
+
+
+def test_a_grey_tiff_with_premultiplied_alpha_is_read() -> None:
+    img = Image.new("LA", (2, 1))
+    img.putpixel((0, 0), (200, 255))
+    img.putpixel((1, 0), (100, 128))
+    buffer = io.BytesIO()
+    img.save(buffer, "TIFF")
+    # ExtraSamples (tag 338, one SHORT) from 2, unassociated alpha, to 1, associated: Pillow opens it as "La".
+    data = bytearray(buffer.getvalue())
+    at = data.find(struct.pack("<HHIH", 338, 3, 1, 2))
+    data[at + 8] = 1
+    assert Image.open(io.BytesIO(bytes(data))).mode == "La"
+    decoded = images.decode(bytes(data), max_pixels=100)
+    np.testing.assert_array_equal(decoded.alpha, [[255, 128]])
+    # Un-premultiplied: 100 at alpha 128/255 is a grey of 199.
+    np.testing.assert_allclose(decoded.L, images.lightness(np.array([[200, 199]], dtype=np.uint8)), atol=0.5)
+    assert imagesets.square(Image.open(io.BytesIO(bytes(data))), 2).mode == "RGB"
 
 
 @pytest.mark.parametrize("payload", [b"", b"PK\x05\x06"], ids=["empty", "under-22-bytes"])
