@@ -152,7 +152,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: test batch)")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only N images (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only N files, unreadable ones included (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
     p.add_argument("--temperature", type=_temperature,

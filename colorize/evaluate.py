@@ -78,16 +78,16 @@ def score(model: torch.nn.Module, batches: Iterable[np.ndarray], *, flip: bool =
     """
     device = colorizer.device_of(model)  # SSIM's filtering too: on a GPU it costs little there
     model_acc, gray_acc = metrics.MetricAccumulator(device), metrics.MetricAccumulator(device)
-    examples: list[tuple[str, np.ndarray]] = []
+    examples: dict[str, list[np.ndarray]] = {"gray": [], "prediction": [], "truth": []}
     for truth in batches:
         pred, gray = colorize_rgb(model, truth, flip=flip), gray_baseline(truth)
         model_acc.update(pred, truth)
         gray_acc.update(gray, truth)
-        if not examples:
-            examples = [("gray", gray[:GRID_EXAMPLES]), ("prediction", pred[:GRID_EXAMPLES]), ("truth", truth[:GRID_EXAMPLES])]
-    if not examples:
+        for rows, images in zip(examples.values(), (gray, pred, truth)):
+            rows.extend(images[: GRID_EXAMPLES - len(rows)])  # the first few, whatever the batch size
+    if not examples["truth"]:
         raise NoImages("no readable images to evaluate")
-    return model_acc.result(), gray_acc.result(), examples
+    return model_acc.result(), gray_acc.result(), [(name, np.stack(rows)) for name, rows in examples.items()]
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
@@ -104,6 +104,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     model, weights = colorizer.load_weights(
         config.weights, settings, temperature=config.temperature, saturation=config.saturation
     )
+    if model.config.image_size < metrics.SSIM_WINDOW:
+        raise ValueError(f"{config.weights or 'the bundled model'}: it works at {model.config.image_size} px, below SSIM's "
+                         f"{metrics.SSIM_WINDOW} px window, so its colour cannot be scored")
     source = data.locate(config.data, settings=settings, limit=config.limit)
     if not ray.is_initialized():
         ray.init(log_to_driver=False)

@@ -32,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, evaluate, plots, quantize, storage
+from colorize import color, colorizer, data, evaluate, metrics, plots, quantize, storage
 from colorize.models import (
     SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
     without_class_head,
@@ -144,6 +144,9 @@ class TrainConfig:
         if self.image_size < 2 ** (self.depth + 1):
             raise ValueError(f"--image-size {self.image_size} at --depth {self.depth} leaves a 1x1 bottleneck, on which "
                              f"BatchNorm cannot train a batch of one: use at least {2 ** (self.depth + 1)}, or a smaller --depth")
+        if self.val and self.image_size < metrics.SSIM_WINDOW:
+            raise ValueError(f"--image-size {self.image_size} is below SSIM's {metrics.SSIM_WINDOW} px window, so --val "
+                             f"could not be scored: use at least {metrics.SSIM_WINDOW}, or leave out --val")
         if self.semantic and self.image_size < SEMANTIC_MIN_SIZE:
             raise ValueError(f"--image-size {self.image_size} is too small for --semantic: its branch needs at least "
                              f"{SEMANTIC_MIN_SIZE} to train a batch of one")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from colorize import backbones
+from colorize import backbones, errors
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="the .pt file to write")
     parser.add_argument("--tarball", help=f"a local copy of {backbones.NSFWJS_TARBALL} instead of downloading it")
     args = parser.parse_args(argv)
+    if Path(args.out).is_dir():  # before the download, not after it
+        parser.error(f"--out {args.out} is a folder; give the .pt file to write")
     try:
         if args.tarball:
             tarball = Path(args.tarball).read_bytes()
@@ -39,8 +41,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (OSError, urllib.error.URLError, ValueError, KeyError) as error:
         parser.error(str(error))  # one line and exit status 2
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+    except (OSError, RuntimeError) as error:  # torch.save reports a folder in the way as RuntimeError
+        parser.error(f"--out {out}: cannot write it: {errors.one_line(error, with_type=False)}")
     count = sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked"))
     print(f"wrote {out}: MobileNetV2, {count:,} weights")
 

@@ -239,3 +239,6 @@ def test_the_fetch_job_refuses_a_package_that_is_not_nsfwjs_in_one_line(tmp_path
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert exit_info.value.code == 2 and len(errors) == 1 and reason in errors[0], errors
     assert not (tmp_path / "mobilenet_v2.pt").exists()
+    with pytest.raises(SystemExit):  # refused before a download
+        fetch_pretrained.main(["--out", str(tmp_path), "--tarball", str(tmp_path / "other.tgz")])
+    assert "is a folder; give the .pt file to write" in capsys.readouterr().err

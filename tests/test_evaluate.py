@@ -35,6 +35,8 @@ def test_a_grey_model_scores_exactly_the_grey_baseline() -> None:
     assert model_metrics == gray_metrics
     assert model_metrics["images"] == 15
     assert [title for title, _ in examples] == ["gray", "prediction", "truth"]
+    # The grid's rows are the first images, however they were batched.
+    np.testing.assert_array_equal(dict(examples)["truth"], np.concatenate(batches)[:8])
 
 
 def test_gray_baseline_is_601_luma_on_every_channel() -> None:
@@ -84,3 +86,8 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     assert report["model"]["colourfulness_truth"] > 10
     assert json.loads((tmp_path / "out/metrics.json").read_text()) == report
     assert (tmp_path / "out/grid.png").stat().st_size > 0
+
+    small = tmp_path / "small.pt"  # a model too small to score: refused before Ray reads anything
+    small.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=8))))
+    with pytest.raises(ValueError, match="works at 8 px, below SSIM's 11 px window"):
+        evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(small)))

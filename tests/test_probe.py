@@ -105,7 +105,7 @@ def test_the_probe_skips_and_counts_unreadable_images(weights: Path, tmp_path: P
     assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 2)
 
 
-def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
+def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     data = tmp_path / "data"
     write_classes(data / "train", 64, seed=0)
     write_classes(data / "test", 80, seed=1)
@@ -129,6 +129,11 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path) -> None:
     (out / "ablation.md").unlink()
     ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--variants", "unet-class"])
     assert "unet-class T=0.6" in (out / "ablation.md").read_text()
+    before = (out / "ablation.json").read_text()
+    with pytest.raises(SystemExit):  # another test set would replace the grey row beside rows scored on this one
+        ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--test-limit", "3"])
+    assert "this run's --data, --test-limit and --image-size give 3 at 16 px" in capsys.readouterr().err
+    assert (out / "ablation.json").read_text() == before
 
 
 def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_path: Path, capsys) -> None:
@@ -158,7 +163,13 @@ def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_pa
                          (["--lr", "nan"], "learning rate must be > 0, got nan"),
                          (["--limit", "0"], "--limit must be at least 1, got 0"),
                          (["--test-limit", "-1"], "--test-limit must be at least 1, got -1"),
-                         (["--width-scale", "0"], "--width-scale must be > 0, got 0.0")):
+                         (["--width-scale", "0"], "--width-scale must be a finite number > 0, got 0.0"),
+                         (["--width-scale", "inf"], "--width-scale must be a finite number > 0, got inf"),
+                         (["--image-size", "8"], "--image-size 8 is below SSIM's 11 px window"),
+                         (["--image-size", "20"], "--image-size: image_size 20 must be a positive multiple of 2**depth = 8"),
+                         (["--variants", "unet-mse,unet-msee"], "--variants: unknown name 'unet-msee'"),
+                         (["--device", "gpu"], "device 'gpu' is not a torch device"),
+                         *([(["--device", "cuda"], "this machine has no CUDA GPU")] if not torch.cuda.is_available() else [])):
         with pytest.raises(SystemExit) as exit_info:  # --data does not exist: the numbers are checked first
             ablation.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "docs"), *argv])
         assert exit_info.value.code == 2

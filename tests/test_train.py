@@ -97,7 +97,8 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"image_size": 24, "depth": 4}, "--image-size 24 must be divisible by 2\\*\\*depth = 16"),
      ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck"),
      ({"model": "autoencoder", "semantic": True}, "--semantic needs --model unet"),
-     ({"semantic": True, "image_size": 8, "depth": 2}, "--image-size 8 is too small for --semantic")],
+     ({"semantic": True, "image_size": 8, "depth": 2}, "--image-size 8 is too small for --semantic"),
+     ({"val": "v", "image_size": 8, "depth": 2}, "--image-size 8 is below SSIM's 11 px window")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
