@@ -215,10 +215,23 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
 ) -> None:
     """Parquet parts are named by the inputs they hold: an --overwrite grouping them otherwise
     added a second row for every input, and one cut off left two runs' colours to be resumed."""
+    real_plan = pipeline._plan
+
+    class CutAfterFirstBatch:
+        """The run's dataset, with a Ctrl-C as the driver takes its first batch of results."""
+
+        def __init__(self, dataset) -> None:  # noqa: ANN001
+            self.dataset = dataset
+
+        def iter_batches(self, **options):  # noqa: ANN003, ANN202
+            for batch in self.dataset.iter_batches(**options):
+                yield batch  # that batch's outputs are written
+                raise KeyboardInterrupt
+
     def cut_off(config: BulkConfig) -> None:
         """Runs ``config`` with a Ctrl-C once the outputs are being written."""
         with monkeypatch.context() as patch:
-            patch.setattr(pipeline, "_plan", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+            patch.setattr(pipeline, "_plan", lambda *args: CutAfterFirstBatch(real_plan(*args)))
             with pytest.raises(KeyboardInterrupt):
                 run(config)
 

@@ -294,6 +294,28 @@ def test_the_photo_model_job_adds_a_semantic_branch_that_learns_every_folders_cl
     assert colorizer.load_weights(str(tmp_path / "flat-out" / "model.pt"))[0].config.classes == 4
 
 
+class BrightnessClassifier(torch.nn.Module):
+    """A semantic branch that knows one thing: class 1 is bright, class 0 dark."""
+
+    def forward(self, L: torch.Tensor, *, with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        brightness = L.mean(dim=(1, 2, 3))
+        return L, torch.stack((-brightness, brightness), dim=1)
+
+
+def test_the_photo_model_class_accuracy_counts_right_answers_across_batches() -> None:
+    from jobs import photo_model
+
+    rgb = np.zeros((601, 8, 8, 3), dtype=np.uint8)  # more than one batch of 500
+    rgb[::3] = 230  # every third image bright
+    labels = np.zeros(601, dtype=np.int64)
+    labels[::3] = 1
+    model = BrightnessClassifier()
+    assert photo_model.class_accuracy(model, rgb, labels) == 1.0
+    assert photo_model.class_accuracy(model, rgb, 1 - labels) == 0.0
+    labels[:100] = 1 - labels[:100]
+    assert photo_model.class_accuracy(model, rgb, labels) == pytest.approx(501 / 601)
+
+
 def test_the_photo_model_job_scores_its_holdouts_each_epoch_without_changing_the_training(labelled: Path, tmp_path: Path) -> None:
     from jobs import photo_model
 

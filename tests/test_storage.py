@@ -189,7 +189,7 @@ def test_an_endpoint_that_drops_every_connection_is_tried_a_bounded_number_of_ti
             storage.stat(fs, path, "s3://bucket/x")
     finally:
         listener.close()
-    assert 1 <= len(accepted) <= storage._MAX_ATTEMPTS
+    assert 1 <= len(accepted) <= 3  # not the SDK's 10 tries with backoff
 
 
 @pytest.fixture

@@ -275,16 +275,15 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
 def test_workers_step_together_when_one_has_nothing_readable(ray_cluster: str, tmp_path: Path) -> None:
     """A DDP worker that skipped a step alone left the others waiting in its all-reduce forever."""
     folder = tmp_path / "mostly-broken"
-    write_images(folder, 16)
-    for i in range(48):
+    write_images(folder, 24)
+    for i in range(40):
         (folder / "class0" / f"broken{i:02d}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    config = {**TINY, "batch_size": 8, "num_workers": 2}  # 4 images a worker a step: many steps hold none readable
-    try:
-        summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **config))
-    except data.DataError as error:  # possible where no step ever had a readable image on both workers
-        assert "never came in a step where each of the 2 workers had one" in str(error)
-        return
-    assert summary["skipped"] == 48 and summary["images"] + summary["dropped"] == 16 and summary["images"] > 0
+    # 4 images a worker a step: a worker has none readable in 15% of its steps, so 93% of runs
+    # drop a step; every step is dropped in 1 run in 25,000 (and a run whose workers skip a step
+    # apart hangs until the timeout).
+    config = {**TINY, "batch_size": 8, "num_workers": 2}
+    summary = train(TrainConfig(data=str(folder), out=str(tmp_path / "run"), epochs=1, **config))
+    assert summary["skipped"] == 40 and summary["images"] + summary["dropped"] == 24 and summary["images"] > 0
 
 
 def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> None:
@@ -295,11 +294,9 @@ def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> 
 
 
 def test_the_default_worker_share_leaves_a_cpu_for_reading(ray_cluster: str) -> None:
-    total = ray.cluster_resources()["CPU"]  # 4 logical CPUs
-    for workers in range(1, 13):
-        share = train_module.default_cpus_per_worker(workers, gpu=False)
-        assert 0.25 <= share <= 1.0 and (share * 4).is_integer(), (workers, share)
-        assert workers * share <= total - 1 or share == 0.25, (workers, share)  # 0.25: the floor, past what fits
+    assert ray.cluster_resources()["CPU"] == 4  # 3 left for the workers: whole CPUs up to 3, then quarters
+    shares = [train_module.default_cpus_per_worker(workers, gpu=False) for workers in (1, 2, 3, 4, 5, 6, 12, 13)]
+    assert shares == [1.0, 1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.25]  # 0.25: the floor, past what fits
     assert train_module.default_cpus_per_worker(2, gpu=True) == 1.0
 
 
