@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     parser.add_argument("--name", help="results file name (default: bench_colorize-WxH)")
     args = parser.parse_args()
+    if args.n < 1 or args.naive_n < 1:
+        parser.error(f"--n and --naive-n must be at least 1, got {args.n} and {args.naive_n}")
 
     from colorize.pipeline import BulkConfig
 

@@ -4,7 +4,9 @@
 
 Times :func:`colorize.objectives.train_step` (the step every trainer here takes) and the
 bulk job's forward pass on the bundled model's architecture, four ways in one run: float32
-and bf16 autocast, each with NCHW and channels-last tensors. The first rows are the baseline
+and bf16 autocast, each with NCHW and channels-last tensors. The four take turns, ``--chunk``
+steps at a time, and each reports its median rate over its turns, so that a spell of
+contention on a shared machine does not land on one of them. The first rows are the baseline
 every ratio is taken against. bf16 on a CPU needs AVX-512 BF16 or AMX to be fast (oneDNN);
 without them autocast emulates it and is slower, which this script shows rather than assumes.
 Training also reports the loss after the same seeded steps in every mode, so a precision that
@@ -14,7 +16,11 @@ is fast but learns differently shows up here.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -40,52 +46,65 @@ def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else tensor
 
 
-def train_rate(config: ModelConfig, precision: str, layout: str, *, batch_size: int, steps: int, loss: str,
-               cf_weight: float) -> dict[str, float]:
-    """Images per second over ``steps`` timed steps (after 3 untimed), and the last loss."""
+def _trainer(config: ModelConfig, precision: str, layout: str, *, batch_size: int, loss: str,
+             cf_weight: float) -> Callable[[], float]:
+    """One mode's seeded training: each call takes the next step and returns its loss."""
     torch.manual_seed(0)
     model = build_model(config)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [{k: _layout(v, layout) for k, v in _batch(batch_size, config.image_size, seed).items()} for seed in range(4)]
-    values = []
-    for step in range(3 + steps):
-        if step == 3:
-            started = time.perf_counter()
-        value = train_step(model, batches[step % len(batches)], optimizer, loss=loss, colourfulness_weight=cf_weight,
-                           precision=precision)
-        values.append(float(value))
-    seconds = time.perf_counter() - started
-    return {"images_per_s": steps * batch_size / seconds, "last_loss": values[-1]}
+    steps = itertools.count()
+
+    def step() -> float:
+        return float(train_step(model, batches[next(steps) % len(batches)], optimizer, loss=loss,
+                                colourfulness_weight=cf_weight, precision=precision))
+
+    return step
 
 
-def inference_rate(config: ModelConfig, precision: str, layout: str, *, batch_size: int, repeats: int) -> dict[str, float]:
-    """Images per second of the bulk job's forward pass (:func:`colorizer.predict_ab`, BatchNorm
-    folded) on one thread, as each of its CPU tasks runs it, and the largest ab difference
-    from the same model in float32 on the same batch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _predictor(config: ModelConfig, precision: str, layout: str, *, batch_size: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """One mode's bulk-job forward pass (:func:`colorizer.predict_ab`, BatchNorm folded) on the
+    same batch, and the same model's float32 ab on it."""
+    torch.manual_seed(0)
     model = for_inference(build_model(config).eval())
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     L = _layout(_batch(batch_size, config.image_size, 0)["L"], layout)
     with torch.inference_mode():
         reference = colorizer.predict_ab(model, L.contiguous())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            colorizer.predict_ab(model, L)  # warm-up
+
+    def predict() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return colorizer.predict_ab(model, L)
+
+    return predict, reference
+
+
+def _interleaved(calls: list[Callable[[], object]], *, total: int, chunk: int, images: int) -> tuple[list[float], list[object]]:
+    """Each call's median images/s over chunks of ``chunk`` calls (``total`` in all, after 3 untimed),
+    the calls taking turns chunk by chunk so that a spell of contention falls on all of them;
+    and each one's last result."""
+    last: list[object] = [None] * len(calls)
+    for i, call in enumerate(calls):
+        for _ in range(3):
+            last[i] = call()
+    rates: list[list[float]] = [[] for _ in calls]
+    for _ in range(max(1, math.ceil(total / chunk))):
+        for i, call in enumerate(calls):
             started = time.perf_counter()
-            for _ in range(repeats):
-                ab = colorizer.predict_ab(model, L)
-            seconds = time.perf_counter() - started
-    torch.set_num_threads(threads)
-    return {"images_per_s": repeats * batch_size / seconds, "ab_max_diff": float((ab.float() - reference).abs().max())}
+            for _ in range(chunk):
+                last[i] = call()
+            rates[i].append(chunk * images / (time.perf_counter() - started))
+    return [statistics.median(r) for r in rates], last
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per mode")
+    parser.add_argument("--chunk", type=int, default=5, help="steps a mode takes in its turn (default: 5)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=64, help="working resolution (the bundled model's: 64)")
     parser.add_argument("--width", type=int, default=16)
@@ -96,24 +115,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = ModelConfig(arch="unet", width=args.width, depth=args.depth, image_size=args.size)
 
+    trainers = [_trainer(config, p, layout, batch_size=args.batch_size, loss=args.loss, cf_weight=args.cf_weight)
+                for p, layout in MODES]
+    train_rates, losses = _interleaved(trainers, total=args.steps, chunk=args.chunk, images=args.batch_size)
+    torch.set_num_threads(1)  # as each of the bulk job's CPU tasks runs it
+    predictors = [_predictor(config, p, layout, batch_size=args.batch_size) for p, layout in MODES]
+    infer_rates, abs_ = _interleaved([p for p, _ in predictors], total=args.steps, chunk=args.chunk, images=args.batch_size)
+    torch.set_num_threads(args.threads)
+
     rows = []
-    for precision, layout in MODES:
-        train = train_rate(config, precision, layout, batch_size=args.batch_size, steps=args.steps, loss=args.loss,
-                           cf_weight=args.cf_weight)
-        infer = inference_rate(config, precision, layout, batch_size=args.batch_size, repeats=args.steps)
+    for (precision, layout), train_rate, loss, infer_rate, ab, (_, reference) in zip(
+            MODES, train_rates, losses, infer_rates, abs_, predictors):
         rows.append({"precision": precision, "layout": layout,
-                     "train_images_per_s": round(train["images_per_s"], 1), "train_last_loss": round(train["last_loss"], 4),
-                     "infer_1_thread_images_per_s": round(infer["images_per_s"], 1),
-                     "infer_ab_max_diff": round(infer["ab_max_diff"], 3)})
-        print(f"{precision} {layout}: train {train['images_per_s']:.1f} images/s, infer {infer['images_per_s']:.1f} images/s",
-              flush=True)
+                     "train_images_per_s": round(train_rate, 1), "train_last_loss": round(loss, 4),
+                     "infer_1_thread_images_per_s": round(infer_rate, 1),
+                     "infer_ab_max_diff": round(float((ab.float() - reference).abs().max()), 3)})
     for row in rows:
         row["train x float32 nchw"] = round(row["train_images_per_s"] / rows[0]["train_images_per_s"], 2)
         row["infer x float32 nchw"] = round(row["infer_1_thread_images_per_s"] / rows[0]["infer_1_thread_images_per_s"], 2)
     print_table(rows, list(rows[0]))
-    write_results(f"bench_cpu_precision-{args.size}px", {"threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
-                                          "loss": args.loss, "cf_weight": args.cf_weight, "model": config.to_dict(),
-                                          "rows": rows})
+    write_results(f"bench_cpu_precision-{args.size}px", {"threads": args.threads, "steps": args.steps, "chunk": args.chunk,
+                                          "batch_size": args.batch_size, "loss": args.loss, "cf_weight": args.cf_weight,
+                                          "model": config.to_dict(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def main() -> None:
     args = parser.parse_args()
 
     root = args.workdir / f"listing-{args.n}"
-    if not root.exists():
+    marker = root.with_name(f"{root.name}.complete")  # a tree cut off while being made is made again
+    if not marker.exists():
         make_tree(root, args.n)
+        marker.touch()
     fs, path = pafs.LocalFileSystem(), str(root)
     best = {"pyarrow FileSelector (baseline)": float("inf"), "storage.list_files": float("inf")}
     for _ in range(args.repeat):

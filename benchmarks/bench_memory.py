@@ -1,7 +1,7 @@
 """Peak memory of the whole process tree (driver, raylet, GCS, every Ray worker) for the bulk
 job on 1x and 10x the images: a streaming job's peak does not grow with its input.
 
-    .venv/bin/python -m benchmarks.bench_memory --n 200 --size 256
+    .venv/bin/python -m benchmarks.bench_memory --n 1000 --size 256
 
 Each scale runs on a fresh Ray instance, so both start from the same baseline. Memory is
 sampled from /proc every 0.25 s: PSS (shared pages, such as the object store's, split
@@ -40,7 +40,7 @@ def measure(folder: Path, out: Path, batch_size: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=200, help="images at 1x (default: 200; 10x is ten times that)")
+    parser.add_argument("--n", type=int, default=1000, help="images at 1x (default: 1000; 10x is ten times that)")
     parser.add_argument("--size", type=int, default=256, help="side of the square JPEGs (default: 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))

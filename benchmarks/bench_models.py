@@ -3,9 +3,11 @@
     .venv/bin/python -m benchmarks.bench_models --weights A.pt [--weights bundled ...] [--threads 2] [--bulk N]
 
 Each model is prepared as the bulk job prepares it (``pipeline.for_inference``, channels-last,
-float32) and colours the same batch of L at its working size; the best of several timed rounds
-is reported, and every ratio is taken against the first ``--weights`` (the baseline) measured
-in the same run. Without ``--weights``: the bundled model alone.
+float32) and colours the same batch of L at its working size. The models take turns, round by
+round, so that a spell of contention on a shared machine falls on all of them; each one's best
+round is reported, and every ratio is taken against the first ``--weights`` (the baseline)
+measured in the same run. Without ``--weights``: the bundled model alone. The bulk job's CPU
+tasks run one torch thread each, hence ``--threads 1`` by default.
 
 ``--bulk N`` also times the whole bulk job (:func:`colorize.pipeline.run`, PNG output) with
 each weights file on the same N generated JPEGs (``--bulk-size``, default 256 px): Ray is
@@ -29,23 +31,26 @@ from colorize.models import count_parameters
 from colorize.pipeline import for_inference
 
 
-def images_per_second(model: torch.nn.Module, L: torch.Tensor, rounds: int, calls: int) -> float:
+def images_per_second(models: list[tuple[torch.nn.Module, torch.Tensor]], rounds: int, calls: int) -> list[float]:
+    """Each (model, L)'s best rate over ``rounds``, the models taking turns within each round."""
+    best = [0.0] * len(models)
     with torch.inference_mode():
-        for _ in range(2):
-            colorizer.predict_ab(model, L)
-        best = 0.0
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(calls):
+        for model, L in models:
+            for _ in range(2):
                 colorizer.predict_ab(model, L)
-            best = max(best, calls * len(L) / (time.perf_counter() - start))
+        for _ in range(rounds):
+            for i, (model, L) in enumerate(models):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    colorizer.predict_ab(model, L)
+                best[i] = max(best[i], calls * len(L) / (time.perf_counter() - start))
     return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", action="append", help="a weights file, or 'bundled' (repeatable; the first is the baseline)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as each bulk-job task)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5)
@@ -54,7 +59,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, models = [], []
     for uri in args.weights or ["bundled"]:
         try:
             model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
@@ -62,10 +67,10 @@ def main() -> None:
             parser.error(f"--weights: {error}")
         model = for_inference(model.eval()).to(memory_format=torch.channels_last)
         size = model.config.image_size
-        L = torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)) * 100
-        rate = images_per_second(model, L, args.rounds, args.calls)
-        rows.append({"weights": uri, "weights_id": weights_id, "parameters_m": count_parameters(model) / 1e6,
-                     "size": size, "images_per_s": rate, "x_first": rate / rows[0]["images_per_s"] if rows else 1.0})
+        models.append((model, torch.rand(args.batch, 1, size, size, generator=torch.Generator().manual_seed(0)) * 100))
+        rows.append({"weights": uri, "weights_id": weights_id, "parameters_m": count_parameters(model) / 1e6, "size": size})
+    for row, rate in zip(rows, images_per_second(models, args.rounds, args.calls)):
+        row["images_per_s"], row["x_first"] = rate, rate / (rows[0].get("images_per_s") or rate)
     columns = ["weights", "parameters_m", "size", "images_per_s", "x_first"]
     if args.bulk:
         bulk_rates(rows, args.bulk, args.bulk_size, args.workdir)

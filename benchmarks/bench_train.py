@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     args = parser.parse_args()
+    if not 1 <= args.batch_size <= args.n:
+        parser.error(f"--batch-size must be between 1 and --n {args.n}, got {args.batch_size}: batches drop a partial last batch")
 
     folder = write_parquet_shards(args.workdir / f"parquet-32-{args.n}", args.n, 32, rows_per_shard=512)
     arrays = in_memory(folder)

@@ -6,8 +6,9 @@ inputs to the cluster arithmetic in docs/scaling.md.
 One process, one torch thread, so each figure is the cost on one core:
 
 - ``train decode``: what ``colorize train`` does per image (:func:`colorize.data.prepare_batch`:
-  JPEG decode, random crop, resize to the working size, Lab), and the same with Pillow's JPEG
-  draft mode (DCT-domain downscaling during decode) for comparison;
+  JPEG decode, random crop, resize to the working size, Lab), and, apart, a decode and resize
+  with Pillow's JPEG draft mode (DCT-domain downscaling during decode): without the crop and
+  the Lab conversion, so not like for like (docs/performance.md gives the like-for-like gain);
 - ``bulk``: what ``colorize run`` does per image outside the model (:func:`colorize.images.decode`
   with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1);
 - ``model``: the bundled U-Net's batched forward pass per image on CPU, as trained and as the

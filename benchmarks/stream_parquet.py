@@ -64,6 +64,9 @@ def main() -> None:
     steady = series[flowing[0] : len(series) - 1] if flowing else []
     second_half = steady[len(steady) // 2:]
     first_half = steady[: len(steady) // 2]
+    if len(first_half) < 1:
+        raise SystemExit(f"{done} images streamed in {series[-1]['t']:.1f} s gave {len(steady)} full sampling intervals "
+                         "with images flowing; a steady rate needs at least 2: raise --n or lower --interval")
     summary = {
         "images": done, "seconds": series[-1]["t"], "images_per_s": round(done / series[-1]["t"], 1),
         "steady_images_per_s_mean": round(statistics.mean(s["images_per_s"] for s in steady), 1),
