@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import pickle
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -267,6 +268,9 @@ def load_weights(
     default; ``temperature`` overrides a classification head's decoding temperature, and
     ``saturation`` the factor on its predicted chroma."""
     raw = read_weights(uri, settings)
+    if not zipfile.is_zipfile(io.BytesIO(raw)):  # what torch.save writes; torch's own error says less
+        raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file: not a torch zip file "
+                         f"({len(raw):,} bytes; truncated, corrupt or another format?)")
     try:
         model = model_from_bytes(raw)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,

@@ -51,6 +51,7 @@ _PLACEHOLDER = np.zeros((1, 1), dtype=np.float32)
 TASK_CPUS = 0.5
 FUSED_TASK_CPUS = 1.0
 FILES_PER_READ = 32
+SHOWN_FAILURES = 5  # failures printed after the summary line; failed/failed.parquet lists them all
 OVERWRITE_UNFINISHED = "overwrite_unfinished"  # in _CONFIG.json while an --overwrite over another run's outputs runs
 MAX_INPUT_BLOCKS = 4096
 
@@ -641,11 +642,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
     storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
-    print(
-        f"colourising {len(todo)} item(s) from {config.input} ({skipped} already done) with "
-        f"{weights_id} into {config.output}",
-        file=sys.stderr, flush=True,
-    )
+    archives = sum(i.kind == "archive" for i in todo)
+    what = f"{len(todo) - archives} file(s)" + (f" and {archives} archive(s), whose members are counted as they are read"
+                                               if archives else "")
+    print(f"colourising {what} from {config.input} ({skipped} already done) with {weights_id} into {config.output}",
+          file=sys.stderr, flush=True)
     if todo:
         read = {"settings": settings, "size": model.config.image_size, "max_pixels": config.max_pixels,
                 "done": done, "chunk": config.batch_size}
@@ -681,4 +682,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
         + (f"; failures listed in {storage.to_uri(out_fs, failed_path)}" if failures else ""),
         file=sys.stderr, flush=True,
     )
+    for failure in failures[:SHOWN_FAILURES]:  # the rest are a Parquet read away
+        print(f"  failed: {failure['source']}: {failure['error']}", file=sys.stderr)
+    if len(failures) > SHOWN_FAILURES:
+        print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
     return summary

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -277,20 +278,25 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
     """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
-    forbidden, is a file, or lies in a bucket that does not exist (the first write would fail,
-    after the work had started); ``path`` itself need not exist yet."""
+    forbidden, is a file, lies in a bucket that does not exist, or (locally) in a folder that
+    cannot be written to (the first write would fail, after the work had started); ``path``
+    itself need not exist yet."""
     with _errors(fs, uri):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
         if kind == pafs.FileType.NotFound and _bucket_missing(fs, path):
             raise StorageError(f"{uri}: no such bucket")
-        if kind == pafs.FileType.NotFound and fs.type_name == "local":
-            above = os.path.dirname(path)
+        if fs.type_name == "local":
+            above = path
             while fs.get_file_info(above).type == pafs.FileType.NotFound and above != os.path.dirname(above):
                 above = os.path.dirname(above)
             if fs.get_file_info(above).type == pafs.FileType.File:
                 raise StorageError(f"{uri}: {above} is a file, so {flag} cannot be made under it")
+            try:  # an unnamed file, gone when closed: permissions, a read-only disk, /sys
+                tempfile.TemporaryFile(dir=above).close()
+            except OSError as error:
+                raise StorageError(f"{uri}: cannot write in {above}: {error.strerror or error}") from None
 
 
 def safe_relpath(relpath: str) -> str:

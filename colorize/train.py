@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -271,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}", flush=True)
+            _say(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}")
     elif loop_config.get("init"):
         start = colorizer.model_from_bytes(loop_config["init"])
         state = start.state_dict()
@@ -315,7 +317,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             row.update(val_metrics)
         history.append(row)
         if rank == 0:
-            print(_progress_line(row, config.epochs), flush=True)
+            _say(_progress_line(row, config.epochs))
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
@@ -412,6 +414,12 @@ def _train_epoch(
         "images_per_second": round(float(totals[1]) / max(seconds, 1e-9), 1),
         "lr": optimizer.param_groups[0]["lr"],
     }
+
+
+def _say(line: str) -> None:
+    """Print a progress line from a train worker once. Ray Train's print patch sends a plain
+    print both to the worker's stdout and to its logger, and Ray forwards both to the driver."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
@@ -576,6 +584,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    # Ray Data's bars, drawn by the workers' data streams, are hundreds of lines in a log file.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
     if started_here:
         _check_resources(config, cpus)  # before anything is written or sampled

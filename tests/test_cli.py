@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from colorize import cli
 from colorize.cli import build_parser
 from tests.helpers import write_images
 
@@ -53,6 +54,23 @@ def test_the_readmes_name_every_flag_of_every_command() -> None:
         for command, parser in subparsers.choices.items()
     }
     assert not any(unnamed.values()), unnamed
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [(["run", "--input", "a", "--output", "o", "--weigths", "w.pt"],
+      "colorize run: error: unrecognized arguments: --weigths w.pt (--weigths: did you mean --weights?)"),
+     (["run", "--input", "a", "--ouptut", "o"],
+      "colorize run: error: the following arguments are required: --output (--ouptut: did you mean --output?)"),
+     (["evaluate", "--data", "d", "--output", "o"], "colorize evaluate: error: unrecognized arguments: --output o (--output: did you mean --out?)"),
+     (["run", "--input", "a", "--out", "o", "--flurb"], "colorize run: error: unrecognized arguments: --flurb (--flurb is not one of its flags)")],
+)
+def test_a_mistyped_flag_is_named_by_the_command_it_was_given_to(argv: list[str], error: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == error and lines[0].startswith(f"usage: colorize {argv[0]} ")
 
 
 def test_jobs_entrypoints_are_the_same_commands() -> None:
@@ -182,7 +200,7 @@ def test_run_with_bad_credentials(tmp_path: Path, s3) -> None:
 def test_run_with_weights_that_are_not_weights(tmp_path: Path) -> None:
     (tmp_path / "w.pt").write_bytes(b"not a torch file")
     result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out"), "--weights", str(tmp_path / "w.pt"))
-    assert_one_error_line(result, "not a colorize weights file")
+    assert_one_error_line(result, "not a colorize weights file: not a torch zip file (16 bytes; truncated, corrupt")
     assert not (tmp_path / "out").exists()
 
 

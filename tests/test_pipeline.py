@@ -114,7 +114,7 @@ def test_a_folder_of_mixed_images_keeps_size_and_lightness(ray_cluster: str, wei
     assert json.loads((out / "_SUMMARY.json").read_text()) == summary
 
 
-def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, weights: str, tmp_path: Path, capsys) -> None:
     good = encode(Image.fromarray(scene(np.random.default_rng(2), 32)), "JPEG")
     broken = {
         "empty.jpg": b"",
@@ -143,6 +143,12 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
     assert "max-pixels" in failed["bomb.png"]
     assert "corrupt" in failed["header.ppm"] and "cannot read" in failed["fake.zip"]
     assert sorted(p.name for p in (tmp_path / "out/images").iterdir()) == ["good0.png", "good1.png", "good2.png"]
+    # The first few reasons are said where the run is watched; the rest are a Parquet read away.
+    said = capsys.readouterr().err.splitlines()
+    assert "colourising 9 file(s) and 1 archive(s)" in said[0]
+    shown = [line for line in said if line.startswith("  failed: ")]
+    assert len(shown) == pipeline.SHOWN_FAILURES and said[-1] == "  ... and 2 more"
+    assert set(shown) <= {f"  failed: {folder / name}: {error}" for name, error in failed.items()}
 
 
 def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pickle
 import re
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,6 +165,17 @@ def test_an_unreachable_endpoint_is_one_error_line() -> None:
     message = str(excinfo.value)
     assert message.startswith(f"{uri}: cannot reach S3 endpoint http://127.0.0.1:{port}: ")
     assert "\n" not in message
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
+    try:  # sysfs takes no new files, even from root; a machine where it did would prove nothing
+        tempfile.TemporaryFile(dir="/sys").close()
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    with pytest.raises(StorageError, match="^/sys/out/run: cannot write in /sys: "):
+        storage.check_output(pafs.LocalFileSystem(), "/sys/out/run", "/sys/out/run", "--out")
+    storage.check_output(pafs.LocalFileSystem(), str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b"), "--out")
 
 
 def test_an_endpoint_that_drops_every_connection_is_tried_a_bounded_number_of_times() -> None:
