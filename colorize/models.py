@@ -141,8 +141,11 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 @functools.lru_cache(maxsize=1)
 def ab_bins() -> torch.Tensor:
-    """The classification head's classes: centres (Q, 2) of the gamut's ab cells, Lab units."""
-    return color.ab_gamut_bins()
+    """The classification head's classes: centres (Q, 2) of the gamut's ab cells, Lab units;
+    on the CPU, even when first asked for under another default device (a model built on
+    ``meta`` to check a weights file's shapes), since the cache keeps them."""
+    with torch.device("cpu"):
+        return color.ab_gamut_bins()
 
 
 class SelfAttention(nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from colorize import color, colorizer, quantize
+from colorize import color, colorizer, models, quantize
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, load_backbone, without_colour_head
 from colorize.objectives import Adversary, recalibrate_batchnorm, resolve_precision
 from colorize.train import train_step
@@ -360,6 +360,15 @@ def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_bu
     torch.save({"config": CONFIGS[0].to_dict(), "state_dict": state}, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match="holds NaN or infinite values"):
         colorizer.load_weights(str(tmp_path / "nan.pt"))
+
+
+def test_a_classification_model_loads_in_a_process_that_has_not_built_one_yet() -> None:
+    # As in a fresh Ray worker: the ab cells are first computed while the shapes are checked on "meta".
+    data = colorizer.weights_bytes(build_model(CONFIGS[3]))
+    models.ab_bins.cache_clear()
+    model = colorizer.model_from_bytes(data)
+    assert model.ab_bins.device.type == models.ab_bins().device.type == "cpu"
+    assert torch.isfinite(colorizer.predict_ab(model, torch.full((1, 1, 16, 16), 50.0))).all()
 
 
 def test_attention_the_bottleneck_cannot_split_is_refused_in_the_config() -> None:
