@@ -4,7 +4,8 @@
                             --photos ../shared/data/photos-train.tar.gz --out .gpu
 
 Writes ``OUT/cifar10-train.tar.gz``, CIFAR-10's ``cifar10/train/`` members with their bytes
-unchanged (the test split stays behind: the GPU runs never score on it), and
+unchanged (the test split stays behind: training never sees it; ``jobs/gpu_lease.sh`` scores
+on it only where ``cifar10-test.tar.gz`` is packed beside these), and
 ``OUT/photos64.tar.gz``, every photo under ``photos/`` centre-cropped and resized to ``--size``
 exactly as ``imagesets.load_folder`` does it, re-encoded as JPEG (quality 90, no chroma
 subsampling: 36 dB from the crops) under its own name, so that ``jobs.photo_model`` holds out the
