@@ -38,6 +38,14 @@ def _luminance_tables() -> np.ndarray:
 _Y_TABLES = _luminance_tables()
 
 
+def max_encoded_bytes(max_pixels: int) -> int:
+    """The most bytes an input of at most ``max_pixels`` can take, encoded: 8 a pixel (16-bit
+    RGBA, uncompressed, the largest form any supported format stores) and 16 MiB of metadata
+    (EXIF, ICC profiles, thumbnails). Larger files and archive members are refused unread, so
+    that a 20 GB file named .jpg fails alone instead of exhausting a worker's memory."""
+    return 8 * max_pixels + 16 * 2**20
+
+
 class ImageError(ValueError):
     """An input that cannot be coloured, with a reason a person can act on."""
 

@@ -153,10 +153,11 @@ def _read_item(
     members = 0
     try:
         fs, path = storage.resolve(uri, settings)
+        limit = images.max_encoded_bytes(max_pixels)
         if kind == "file":
-            yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path), size, max_pixels)
+            yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path, limit=limit), size, max_pixels)
             return
-        for member in sources.archive_members(fs, path, relpath):
+        for member in sources.archive_members(fs, path, relpath, limit=limit):
             members += 1
             source = f"{uri}/{member.name}"
             if member.error:

@@ -208,11 +208,11 @@ def _manifest_relpath(uri: str) -> str:
     return uri[5:] if storage.is_s3(uri) else uri.lstrip("/")
 
 
-def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Member]:
+def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int | None = None) -> Iterator[Member]:
     """Stream every image member of an archive, with a reason for each that cannot be read.
 
     A zip member that cannot be read (bad CRC, encrypted, an unsupported compression) fails
-    alone. Tar archives are read twice as streams (names first, for collision-free output
+    alone, and so does one of more than ``limit`` bytes uncompressed, unread. Tar archives are read twice as streams (names first, for collision-free output
     names, then the bytes), so nothing is unpacked to disk and nothing needs random access;
     one that breaks off yields the members before the break, then raises. Links inside a
     tar are not followed (a stream cannot go back for their target) and fail alone. A tar
@@ -226,6 +226,9 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
                 member_relpath = posixpath.join(relpath, names[member])
                 if member in shadowed:
                     yield Member(member, member_relpath, None, _same_output(shadowed[member]))
+                    continue
+                if limit is not None and archive.getinfo(member).file_size > limit:
+                    yield Member(member, member_relpath, None, storage.too_large(limit))
                     continue
                 try:
                     data, error = archive.read(member), ""
@@ -254,6 +257,8 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str) -> Iterator[Me
             member_relpath = posixpath.join(relpath, output)
             if m.name in shadowed:
                 yield Member(name, member_relpath, None, _same_output(shadowed[m.name]))
+            elif m.isfile() and limit is not None and m.size > limit:
+                yield Member(name, member_relpath, None, storage.too_large(limit))  # the stream skips its bytes
             elif m.isfile():
                 yield Member(name, member_relpath, archive.extractfile(m).read())
             else:

@@ -223,12 +223,20 @@ def utf8_name(name: str) -> str:
     return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in name)
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    """The whole content of file ``path``."""
+def read_bytes(fs: pafs.FileSystem, path: str, *, limit: int | None = None) -> bytes:
+    """The whole content of file ``path``; with ``limit``, a StorageError instead for a file of
+    more bytes than that, having read no more than one byte past it."""
     with _errors(fs, to_uri(fs, path)):
         # A stream is one GET on S3; a random-access file would first HEAD the object.
         with fs.open_input_stream(path, compression=None) as f:  # raw bytes, even for *.gz
-            return f.read()
+            data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise StorageError(f"{to_uri(fs, path)}: {too_large(limit)}")
+    return data
+
+
+def too_large(limit: int) -> str:
+    return f"over {limit:,} bytes, more than an image of --max-pixels can be: not read into memory"
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

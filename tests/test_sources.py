@@ -221,6 +221,36 @@ def _good_png(seed: int) -> bytes:
     return encode(Image.fromarray(scene(np.random.default_rng(seed), 8)))
 
 
+def test_an_input_larger_than_any_image_of_max_pixels_fails_unread(tmp_path: Path) -> None:
+    """A 20 GB file named .jpg, or a zip bomb's member, would fill a worker's memory."""
+    limit = images.max_encoded_bytes(64)  # 16 MiB and 512 bytes
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(folder / "huge.jpg", "wb") as f:
+        f.truncate(limit + 1)  # sparse: no disk and, read with the limit, no more memory than it
+    (folder / "fine.png").write_bytes(_good_png(0))  # 8x8: 64 pixels
+    with zipfile.ZipFile(folder / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("inner.png", bytes(limit + 1))  # 16 KB on disk
+        archive.writestr("ok.png", _good_png(1))
+    with tarfile.open(folder / "big.tar", "w") as tar:
+        info = tarfile.TarInfo("inner.png")
+        info.size = limit + 1
+        tar.addfile(info, io.BytesIO(bytes(limit + 1)))
+        info = tarfile.TarInfo("ok.png")
+        info.size = len(_good_png(2))
+        tar.addfile(info, io.BytesIO(_good_png(2)))
+    items = sources.discover(str(folder), storage.S3Settings())
+    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    rows = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=64,
+                                    done=pipeline.Done(("png",)), chunk=16)
+    outcome = {str(r): (str(s), str(e)) for out in rows for r, s, e in zip(out["relpath"], out["status"], out["error"])}
+    assert {r: s for r, (s, _) in outcome.items()} == {
+        "huge.png": "failed", "fine.png": "ok", "bomb.zip/inner.png": "failed", "bomb.zip/ok.png": "ok",
+        "big.tar/inner.png": "failed", "big.tar/ok.png": "ok"}
+    for relpath in ("huge.png", "bomb.zip/inner.png", "big.tar/inner.png"):
+        assert f"over {limit:,} bytes, more than an image of --max-pixels can be" in outcome[relpath][1]
+
+
 def test_a_zip_member_that_cannot_be_read_fails_alone(tmp_path: Path) -> None:
     path = tmp_path / "pack.zip"
     with zipfile.ZipFile(path, "w") as archive:
