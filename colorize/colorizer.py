@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colorize import color, errors, quantize, storage
-from colorize.models import ModelConfig, build_model
+from colorize.models import ModelConfig, build_model, check_temperature
 
 REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
 # The psnr loss's floor on each image's MSE (50 dB): it bounds how much one near-perfect image
@@ -69,8 +69,7 @@ def decode(model: nn.Module, out: torch.Tensor, *, temperature: float | None = N
     bare = unwrap(model)
     if bare.config.head == "classification":
         temperature = bare.config.temperature if temperature is None else temperature
-        if not 0 < temperature <= 1:  # NaN too
-            raise ValueError(f"temperature must be in (0, 1], got {temperature}")
+        check_temperature(temperature)
         return quantize.annealed_mean(out, bare.ab_bins, temperature)
     return color.denormalize_ab(out.float())
 

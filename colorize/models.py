@@ -112,8 +112,7 @@ class ModelConfig:
             raise ValueError("the seed autoencoder has no semantic branch")
         if self.pretrained and (self.arch != "unet" or self.pretrained not in PRETRAINED):
             raise ValueError(f"pretrained must be one of {sorted(PRETRAINED)} on a U-Net, got {self.pretrained!r}")
-        if not 0 < self.temperature <= 1:
-            raise ValueError(f"temperature must be in (0, 1], got {self.temperature}")
+        check_temperature(self.temperature)
         if not 0 <= self.saturation <= MAX_SATURATION:  # also refuses NaN
             raise ValueError(f"saturation must be in [0, {MAX_SATURATION:g}], got {self.saturation}")
 
@@ -126,6 +125,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**data)
+
+
+def check_temperature(temperature: float) -> None:
+    """Refuse an annealed-mean temperature outside (0, 1] (NaN too) with a ValueError."""
+    if not 0 < temperature <= 1:
+        raise ValueError(f"temperature must be in (0, 1], got {temperature}")
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:

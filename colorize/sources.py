@@ -212,8 +212,9 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
     """Stream every image member of an archive, with a reason for each that cannot be read.
 
     A zip member that cannot be read (bad CRC, encrypted, an unsupported compression) fails
-    alone, and so does one of more than ``limit`` bytes uncompressed, unread. Tar archives are read twice as streams (names first, for collision-free output
-    names, then the bytes), so nothing is unpacked to disk and nothing needs random access;
+    alone, and so does one of more than ``limit`` bytes uncompressed, unread. Tar archives
+    are read twice as streams (names first, for collision-free output names, then the
+    bytes), so nothing is unpacked to disk and nothing needs random access;
     one that breaks off yields the members before the break, then raises. Links inside a
     tar are not followed (a stream cannot go back for their target) and fail alone. A tar
     member name that is not UTF-8 is read all the same, under :func:`storage.utf8_name`.
