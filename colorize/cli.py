@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from colorize import storage, submit
+from colorize import images, storage, submit
 from colorize.colorizer import LOSSES
 from colorize.models import ARCHITECTURES, HEADS, MAX_SATURATION
 from colorize.objectives import PRECISIONS
@@ -247,8 +247,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
                    "every CPU task runs the model itself)")
     p.add_argument("--limit", type=_positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
-    p.add_argument("--max-pixels", type=_positive_int, default=80_000_000,
-                   help="refuse images with more pixels (decompression bombs; default: 80,000,000)")
+    p.add_argument("--max-pixels", type=_positive_int, default=images.MAX_PIXELS,
+                   help=f"refuse images with more pixels (decompression bombs; default: {images.MAX_PIXELS:,})")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG zlib compression level: 1 encodes 4.3-4.9x faster than 6 for files about 17%% larger (default: 1)")
     p.add_argument("--overwrite", action="store_true",

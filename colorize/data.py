@@ -154,9 +154,7 @@ def load_dataset(
     elif source.kind == "parquet":
         ds = _parquet_images(source.fs, source.path, labels=class_index is not None)
     else:
-        files = list(source.files)
-        ds = ray.data.read_binary_files(files, filesystem=source.fs, override_num_blocks=_blocks(len(files)),
-                                        include_paths=class_index is not None)
+        ds = _files(source, with_paths=class_index is not None)
     if class_index is not None:
         # The kind and root, not the Source: its file list would travel with every task.
         ds = ds.map_batches(_label_rows, fn_kwargs={"kind": source.kind, "root": source.path, "class_index": class_index},
@@ -257,6 +255,28 @@ def _crop_resize(img: Image.Image, size: int, rng: np.random.Generator | None) -
     if rng is not None and rng.random() < 0.5:
         img = ImageOps.mirror(img)
     return np.asarray(img, dtype=np.uint8)
+
+
+def _files(source: Source, *, with_paths: bool) -> ray.data.Dataset:
+    """Rows of ``bytes`` (and ``path``) for ``source``'s files, read in Ray tasks."""
+    paths = pa.array(source.files, type=pa.string())
+    step = -(-len(paths) // _blocks(len(paths)))
+    ds = ray.data.from_arrow([pa.table({"path": paths.slice(i, step)}) for i in range(0, len(paths), step)])
+    return ds.map_batches(_read_files, fn_kwargs={"fs": source.fs, "with_paths": with_paths}, batch_format="numpy")
+
+
+def _read_files(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem, with_paths: bool) -> dict[str, np.ndarray]:
+    """Each file's bytes; none (an unreadable row) for a file that is gone since it was
+    listed, cannot be read, or is larger than any image of ``images.MAX_PIXELS`` can be
+    (never read into memory). A training run that takes days outlives some of its files."""
+    limit = images.max_encoded_bytes(images.MAX_PIXELS)
+    contents = np.empty(len(batch["path"]), dtype=object)
+    for i, path in enumerate(batch["path"]):
+        try:
+            contents[i] = storage.read_bytes(fs, str(path), limit=limit)
+        except storage.StorageError:
+            contents[i] = b""
+    return {"bytes": contents, **({"path": batch["path"]} if with_paths else {})}
 
 
 def _blocks(n_files: int) -> int:

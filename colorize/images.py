@@ -36,6 +36,7 @@ def _luminance_tables() -> np.ndarray:
 
 
 _Y_TABLES = _luminance_tables()
+MAX_PIXELS = 80_000_000  # the default --max-pixels: larger images are refused as decompression bombs
 
 
 def max_encoded_bytes(max_pixels: int) -> int:

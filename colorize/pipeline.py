@@ -68,7 +68,7 @@ class BulkConfig:
     num_gpus: int = 0
     actors: int | None = None
     limit: int | None = None
-    max_pixels: int = 80_000_000
+    max_pixels: int = images.MAX_PIXELS
     png_level: int = 1
     temperature: float | None = None
     saturation: float | None = None

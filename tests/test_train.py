@@ -20,6 +20,7 @@ from PIL import Image
 
 from colorize import colorizer, data, storage
 from colorize import train as train_module
+from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
@@ -270,6 +271,30 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
     with pytest.raises(data.DataError, match="no readable training images"):
         train(TrainConfig(data=str(folder), out=str(tmp_path / "unreadable"), epochs=3, **TINY))
     assert not (tmp_path / "unreadable" / "model.pt").exists()
+
+
+def test_a_training_file_gone_since_the_listing_is_an_unreadable_row(ray_cluster: str, tmp_path: Path) -> None:
+    """A run that takes days outlives some of its files; one of them used to fail the whole run."""
+    paths = write_images(tmp_path / "scenes", 4)
+    source = data.locate(str(tmp_path / "scenes"))
+    paths[0].unlink()
+
+    rows = data.lab_dataset(source, image_size=16, augment=False).take_all()
+
+    assert len(rows) == 4 and sum(row["ok"] for row in rows) == 3
+
+
+def test_a_training_file_larger_than_any_image_can_be_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("colorize.images.MAX_PIXELS", 64)
+    limit = max_encoded_bytes(64)  # 16 MiB and 512 bytes
+    for name, size in (("huge.png", limit + 1), ("largest.png", limit)):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(size)  # sparse: no disk
+    paths = np.array([str(tmp_path / "huge.png"), str(tmp_path / "largest.png")], dtype=object)
+
+    rows = data._read_files({"path": paths}, fs=storage.resolve(str(tmp_path))[0], with_paths=True)
+
+    assert [len(b) for b in rows["bytes"]] == [0, limit] and list(rows["path"]) == list(paths)
 
 
 def test_workers_step_together_when_one_has_nothing_readable(ray_cluster: str, tmp_path: Path) -> None:
