@@ -58,7 +58,8 @@ class Source:
     kind: str  # "cifar", "parquet" or "files"
     fs: pafs.FileSystem
     path: str
-    files: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # the images to read: the first --limit of those listed
+    listed: tuple[str, ...] = ()  # every image found, whatever the limit: where a folder's classes come from
 
 
 def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None) -> Source:
@@ -71,9 +72,16 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     name = posixpath.basename(path.rstrip("/"))
     if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
         return Source(uri, "cifar", fs, path)
-    if path.endswith(".parquet") or _has_parquet(fs, path, info):
+    if path.endswith(".parquet"):
         return Source(uri, "parquet", fs, path)
-    files = [p for p in storage.list_files(fs, path) if p.lower().endswith(IMAGE_SUFFIXES)]
+    found = storage.list_files(fs, path)
+    files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
+    shards = [p for p in found if p.endswith(".parquet")]
+    if shards and not files:
+        return Source(uri, "parquet", fs, path)
+    if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
+        print(f"{uri}: reading its image files, not the {len(shards)} Parquet file(s) beside them, such as "
+              f"{storage.utf8_name(shards[0])} (a folder of Parquet shards alone is read as shards)", file=sys.stderr, flush=True)
     files = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8", "; rename them (convmv does) to use them")
     if fs.type_name == "local":  # a named pipe would block its read task forever
         files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
@@ -82,7 +90,7 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)
-    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files))
+    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files))
 
 
 def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> list[str]:  # noqa: ANN001
@@ -99,15 +107,15 @@ def class_names(source: Source) -> tuple[str, ...]:
     """The classes of ``source``'s images, in label order, raising a one-line error where it has none.
 
     CIFAR-10: its ten classes. Parquet: a ``label`` column of integers 0..K-1, named "0".."K-1"
-    (read on its own, not the images). A folder: its top-level subfolders, sorted (ImageNet's
-    layout); every image must sit in one.
+    (read on its own, not the images). A folder: the top-level subfolders of every image
+    listed, whatever the limit, sorted (ImageNet's layout); every image must sit in one.
     """
     if source.kind == "cifar":
         return CIFAR_CLASSES
     if source.kind == "parquet":
         return _parquet_classes(source)
-    folders = [_class_folder(p, source.path) for p in source.files]
-    loose = [p for p, folder in zip(source.files, folders) if folder is None]
+    folders = [_class_folder(p, source.path) for p in source.listed]
+    loose = [p for p, folder in zip(source.listed, folders) if folder is None]
     if loose:
         raise DataError(f"{source.uri}: {len(loose)} image(s), such as {storage.utf8_name(loose[0])}, are not in a class "
                         "folder; image classes come from the top-level folders (class/image.jpg)")
@@ -305,12 +313,6 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _is_cifar_dir(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> bool:
     return info.type == pafs.FileType.Directory and storage.exists(fs, storage.join(path, "data_batch_1"))
-
-
-def _has_parquet(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> bool:
-    if info.type != pafs.FileType.Directory:
-        return False
-    return any(p.endswith(".parquet") for p in storage.list_files(fs, path))
 
 
 def _cifar_python(fs: pafs.FileSystem, path: str, split: str) -> ray.data.Dataset:

@@ -7,15 +7,17 @@ on the GPU and skip the input pipeline entirely. Folders only, in the ImageNet l
 
 from __future__ import annotations
 
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
-from colorize import images
+from colorize import images, storage
 from colorize.sources import IMAGE_SUFFIXES
 
 
@@ -43,7 +45,9 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder of class folders")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # storage's walk, as training's: class folders that are symbolic links are followed (rglob skips them).
+    found = storage.list_files(pafs.LocalFileSystem(), str(root))
+    files = sorted(Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
     if not files:
         raise ValueError(f"{root}: no images found")
     loose = [p for p in files if len(p.relative_to(root).parts) < 2]

@@ -60,13 +60,17 @@ def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float) 
         return torch.einsum("bqhw,qc->bchw", probs, bins.to(probs))
 
 
+class NoPixels(ValueError):
+    """No colour to estimate a prior from: every sampled image was unreadable."""
+
+
 def class_prior(ab_batches: Iterable[torch.Tensor], bins: torch.Tensor, *, sigma: float = SIGMA) -> torch.Tensor:
     """Empirical distribution (Q,) of the cells over ab batches, smoothed by a Gaussian in ab."""
     counts = torch.zeros(len(bins), dtype=torch.float64)
     for ab in ab_batches:
         counts += torch.bincount(hard_encode(ab, bins).flatten(), minlength=len(bins)).double().cpu()
     if counts.sum() == 0:
-        raise ValueError("no pixels to estimate the colour prior from")
+        raise NoPixels("no pixels to estimate the colour prior from")
     centres = bins.double().cpu()
     kernel = torch.exp(-torch.cdist(centres, centres) ** 2 / (2 * sigma**2))
     smoothed = kernel @ (counts / counts.sum())

@@ -198,7 +198,8 @@ def validate(
     """Loss and image metrics (next to the grey baseline) on up to ``limit`` images, and the
     semantic branch's accuracy where the batches have a ``label`` (-1: a class it does not know).
 
-    Returns the metrics and the first few examples for a picture grid; ({}, []) without images.
+    Returns the metrics and the first few examples for a picture grid; with no readable
+    image, only ``val_images`` (0) and ``val_unreadable``.
     """
     model.eval()
     loss_sum, seen, unreadable = 0.0, 0, 0
@@ -227,7 +228,7 @@ def validate(
     try:
         model_metrics, gray_metrics, examples = evaluate.score(model, truths())
     except evaluate.NoImages:
-        return {}, []
+        return {"val_images": 0, "val_unreadable": unreadable}, []
     kept = ("mse", "psnr", "ssim", "colourfulness", "colourfulness_truth", "delta_colourfulness")
     result = {f"val_{k}": v for k, v in model_metrics.items() if k in kept}
     result.update({f"gray_{k}": v for k, v in gray_metrics.items() if k in ("mse", "psnr", "ssim")})
@@ -271,6 +272,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The temperature is how the head decodes, not what it is: this run's may differ.
         colorizer.set_decoding(model, temperature=config.temperature)
         start_epoch, history = state["epoch"] + 1, state["history"]
+        if history[-1]["images"] == 0:  # it took no step, and failed the run: once the data is mended, do it again
+            start_epoch, history = start_epoch - 1, history[:-1]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
             _say(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}")
@@ -441,6 +444,8 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
             line += f"  classes {100 * row['val_class_accuracy']:.1f}% right"
         if row.get("val_unreadable"):
             line += f"  val skipped {row['val_unreadable']} unreadable"
+    elif row.get("val_images") == 0:
+        line += f"  val: no readable images ({row['val_unreadable']} unreadable)"
     return line
 
 
@@ -599,11 +604,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit,
             class_index=class_index,
         )
-    # The class names beside the config: what a resumed run checks its data against.
-    storage.write_json(out_fs, storage.join(out_path, "config.json"), {**asdict(config), **({"classes": classes} if classes else {})})
     class_weights = None
     if config.loss == "ce" and config.rebalance:
-        class_weights = estimate_class_weights(datasets["train"]).tolist()
+        try:
+            class_weights = estimate_class_weights(datasets["train"]).tolist()
+        except quantize.NoPixels:
+            raise data.DataError(f"{config.data}: no readable images among the first {quantize.PRIOR_IMAGES:,}, "
+                                 "where the classification head's colour prior comes from") from None
+    # The class names beside the config: what a resumed run checks its data against.
+    storage.write_json(out_fs, storage.join(out_path, "config.json"), {**asdict(config), **({"classes": classes} if classes else {})})
     params = count_parameters(build_model(config.model_config(model_classes)))
     start = f", from {config.init} ({init_id}, {init.config.image_size} px)" if init is not None else ""
     branch = f" with a semantic branch over {model_classes} classes" if model_classes else ""
@@ -651,7 +660,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if last.get("dropped"):
                 why += (f"; the {last['dropped']} readable ones never came in a step where each of the {config.num_workers} "
                         "workers had one: try fewer --num-workers")
-            raise data.DataError(f"{config.data}: no readable training images ({why})")
+            raise data.DataError(f"{config.data}: no readable training images in epoch {last['epoch']} ({why})")
         for name in ("model.pt", "curve.png", "grid.png", "state.json"):
             source = Path(directory, name)
             if source.exists():

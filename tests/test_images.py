@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -76,6 +77,20 @@ def test_an_image_outside_the_class_folders_is_refused_whatever_subset_is_drawn(
     Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
     with pytest.raises(ValueError, match="found loose.png directly in it"):
         imagesets.load_folder(tmp_path, size=8, limit=5, seed=seed)
+
+
+def test_an_image_set_follows_class_folders_that_are_symbolic_links(tmp_path) -> None:
+    """As training does: train/test splits are often made of links to class folders."""
+    for name in ("dog", "cat"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), (200, 40, 40)).save(tmp_path / name / "0.png")
+    (tmp_path / "train").mkdir()
+    os.rename(tmp_path / "dog", tmp_path / "train" / "dog")
+    os.symlink(tmp_path / "cat", tmp_path / "train" / "cat")
+
+    found = imagesets.load_folder(tmp_path / "train", size=8)
+
+    assert found.classes == ("cat", "dog") and len(found.rgb) == 2
 
 
 def test_compose_bounds_its_work_on_tall_images() -> None:

@@ -268,9 +268,30 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
 
     for i, path in enumerate(sorted(folder.rglob("*.jpg"))):
         path.write_bytes(b"" if i % 2 else b"\xff\xd8 not a jpeg either")
-    with pytest.raises(data.DataError, match="no readable training images"):
-        train(TrainConfig(data=str(folder), out=str(tmp_path / "unreadable"), epochs=3, **TINY))
-    assert not (tmp_path / "unreadable" / "model.pt").exists()
+    out = tmp_path / "unreadable"
+    with pytest.raises(data.DataError, match="no readable training images in epoch 1 \\(18 unreadable\\)"):
+        train(TrainConfig(data=str(folder), out=str(out), epochs=1, **TINY))
+    assert not (out / "model.pt").exists()
+    with pytest.raises(data.DataError, match="no readable images among the first 2,048, where the classification head's"):
+        train(TrainConfig(data=str(folder), out=str(tmp_path / "classes"), head="classification", epochs=1, **TINY))
+    assert not (tmp_path / "classes" / "config.json").exists()
+
+    # Once the data is mended, the same command does that epoch again (it used to fail again on its checkpoint).
+    write_images(folder, 16, fmt="JPEG")
+    summary = train(TrainConfig(data=str(folder), out=str(out), epochs=1, **TINY))
+    assert [r["epoch"] for r in history(out)] == [1] and summary["images"] == 16 and summary["skipped"] == 2
+
+
+def test_a_validation_set_with_nothing_readable_is_reported_not_dropped() -> None:
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16))
+    batch = {"L": torch.zeros(3, 1, 16, 16), "ab": torch.zeros(3, 2, 16, 16), "ok": torch.zeros(3, dtype=torch.bool)}
+
+    metrics, examples = train_module.validate(model, [batch], limit=32, loss="mse")
+
+    assert metrics == {"val_images": 0, "val_unreadable": 3} and examples == []
+    row = {"epoch": 1, "train_loss": 0.1, "images": 8, "seconds": 1.0, "images_per_second": 8.0, "precision": "float32",
+           "skipped": 0, **metrics}
+    assert train_module._progress_line(row, 1).endswith("val: no readable images (3 unreadable)")
 
 
 def test_a_training_file_gone_since_the_listing_is_an_unreadable_row(ray_cluster: str, tmp_path: Path) -> None:
@@ -411,6 +432,33 @@ def test_training_images_whose_names_are_not_utf8_are_skipped_with_a_warning(
 
     assert sorted(source.files) == sorted(str(p) for p in paths[1:])
     assert "skipping 1 image(s) whose file names are not valid UTF-8, such as " in capsys.readouterr().err
+
+
+def test_a_folders_classes_are_those_of_every_image_whatever_the_limit(tmp_path: Path) -> None:
+    """A --limit smoke test must give the model the classes the full run will have."""
+    for name in "abcde":
+        write_images(tmp_path / "classes" / name, 4)
+
+    limited = data.locate(str(tmp_path / "classes"), limit=3)
+
+    assert len(limited.files) == 3 and data.class_names(limited) == ("a", "b", "c", "d", "e")
+
+
+def test_parquet_files_beside_images_are_left_out_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hugging Face's image-folder layout keeps a metadata.parquet beside the images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = write_images(tmp_path / "photos", 4)
+    pq.write_table(pa.table({"file_name": ["0000.jpg"], "caption": ["a field"]}), tmp_path / "photos" / "metadata.parquet")
+
+    source = data.locate(str(tmp_path / "photos"))
+
+    assert source.kind == "files" and sorted(source.files) == sorted(str(p) for p in paths)
+    assert "reading its image files, not the 1 Parquet file(s) beside them, such as " in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"image": [paths[0].read_bytes()]}), tmp_path / "shards" / "part-0.parquet")
+    assert data.locate(str(tmp_path / "shards")).kind == "parquet"
 
 
 def test_training_skips_pipes_and_dangling_links_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
