@@ -327,7 +327,7 @@ def _cifar_python(fs: pafs.FileSystem, path: str, split: str) -> ray.data.Datase
 def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
     path, batch = str(items["path"][0]), str(items["batch"][0])
     if path.endswith(".tar.gz"):
-        with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
+        with storage.open_stream(fs, path) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
             raw = next((tar.extractfile(m).read() for m in tar if posixpath.basename(m.name) == batch), None)
         if raw is None:
             raise DataError(f"{path}: no {batch} in this archive; is it the CIFAR-10 python release?")

@@ -220,7 +220,7 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
     member name that is not UTF-8 is read all the same, under :func:`storage.utf8_name`.
     """
     if path.lower().endswith(".zip"):
-        with fs.open_input_file(path) as raw, _open_zip(raw, path) as archive:
+        with storage.open_seekable(fs, path) as raw, _open_zip(raw, path) as archive:
             members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
             names, shadowed = _member_outputs(members)
             for member in members:
@@ -241,7 +241,7 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
     members: list[str] = []
     listing_broke: Exception | None = None
     try:
-        with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+        with storage.open_stream(fs, path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
             for m in archive:
                 if (m.isfile() or m.issym() or m.islnk()) and _is_image_member(m.name):
                     members.append(m.name)
@@ -249,7 +249,7 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
         listing_broke = error  # the second pass streams the members listed so far, then this is raised
     members = list(dict.fromkeys(members))
     names, shadowed = _member_outputs(members)
-    with fs.open_input_stream(path, compression=None) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
+    with storage.open_stream(fs, path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
         for m in archive:
             if m.name not in names:
                 continue

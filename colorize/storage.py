@@ -13,6 +13,7 @@ Failures that a user can fix (missing path, unreachable endpoint, wrong keys) su
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -223,11 +224,23 @@ def utf8_name(name: str) -> str:
     return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in name)
 
 
+def open_stream(fs: pafs.FileSystem, path: str) -> pafs.NativeFile:
+    """``path``'s raw bytes (even for *.gz) to read front to back, 8 MiB a request: unbuffered,
+    each of tarfile's 10 KiB reads was an S3 GET (a 3 MiB tar took 602 of them, and 11 s)."""
+    return fs.open_input_stream(path, compression=None, buffer_size=8 * 2**20)
+
+
+def open_seekable(fs: pafs.FileSystem, path: str) -> io.BufferedReader:
+    """``path`` for readers that seek (zipfile), 1 MiB a request: unbuffered, each read of a
+    member's header or data was an S3 GET (a zip of 500 images took 1,503, and 18 s)."""
+    return io.BufferedReader(fs.open_input_file(path), 2**20)
+
+
 def read_bytes(fs: pafs.FileSystem, path: str, *, limit: int | None = None) -> bytes:
     """The whole content of file ``path``; with ``limit``, a StorageError instead for a file of
     more bytes than that, having read no more than one byte past it."""
     with _errors(fs, to_uri(fs, path)):
-        # A stream is one GET on S3; a random-access file would first HEAD the object.
+        # One read: on S3 a HEAD (for the size) and one GET.
         with fs.open_input_stream(path, compression=None) as f:  # raw bytes, even for *.gz
             data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:

@@ -142,7 +142,7 @@ def test_a_tar_whose_listing_broke_off_once_is_listed_as_failed_after_its_member
             return super().read(n)
 
     class FlakyStore:
-        def open_input_stream(self, path: str, compression: str | None = None) -> io.BytesIO:
+        def open_input_stream(self, path: str, compression: str | None = None, buffer_size: int | None = None) -> io.BytesIO:
             reads.append(path)
             return ResetOnce(blob)
 
@@ -424,3 +424,55 @@ def test_a_parquet_part_that_cannot_be_written_fails_its_inputs_with_the_reason(
     assert all(e.startswith("cannot write its Parquet part: ") for e in rows["error"])
     # Their PNGs were written first; a re-run redoes them, as they have no Parquet row.
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+class _CountingReads(pafs.FSSpecHandler):
+    """Local files, counting the reads that reach them: on S3 each is a GET."""
+
+    def __init__(self) -> None:
+        import fsspec.implementations.local
+
+        super().__init__(fsspec.implementations.local.LocalFileSystem())
+        self.reads = 0
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_Counted(open(path, "rb"), self), mode="r")
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.PythonFile(_Counted(open(path, "rb"), self), mode="r")
+
+
+class _Counted:
+    def __init__(self, f: io.BufferedReader, counter: _CountingReads) -> None:
+        self._f, self._counter = f, counter
+
+    def read(self, n: int = -1) -> bytes:
+        self._counter.reads += 1
+        return self._f.read(n)
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - seek, tell, close... as the file has them
+        return getattr(self._f, name)
+
+
+@pytest.mark.parametrize("name", ["shard.tar", "shard.tar.gz", "shard.zip"])
+def test_archives_are_read_in_large_requests_not_one_per_member(tmp_path: Path, name: str) -> None:
+    """On S3 every read is a GET: a 3 MiB tar took 602 of them (11 s), a zip of 500 images 1,503 (18 s)."""
+    rng = np.random.default_rng(0)  # incompressible members: the .tar.gz is as large as the .tar
+    payloads = {f"img/{i:03d}.png": rng.bytes(4000) for i in range(200)}
+    path = tmp_path / name
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as archive:
+            for member, data in payloads.items():
+                archive.writestr(member, data)
+    else:
+        with tarfile.open(path, "w:gz" if name.endswith(".gz") else "w") as tar:
+            for member, data in payloads.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    counter = _CountingReads()
+
+    members = list(sources.archive_members(pafs.PyFileSystem(counter), str(path), name))
+
+    assert {m.name: m.data for m in members} == payloads
+    assert counter.reads <= 12  # a few per pass over the archive
