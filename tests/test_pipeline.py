@@ -345,14 +345,17 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
             tar.addfile(info, io.BytesIO(payloads[f"shard/{i:03d}.jpg"]))
     last = tarfile.open(fileobj=io.BytesIO(whole.getvalue())).getmembers()[-1]
     (folder / "cut.tar").write_bytes(whole.getvalue()[: last.offset_data + 100])  # breaks off inside m2.jpg
+    scene_pngs(folder / "loose", 10, 16)
 
     out = tmp_path / "out"
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
 
-    assert (summary["inputs"], summary["written"], summary["failed"]) == (12, 10, 2), summary
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (22, 20, 2), summary
     written = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.png"))
-    assert written == sorted(["cut.tar/m0.png", "cut.tar/m1.png",
+    assert written == sorted(["cut.tar/m0.png", "cut.tar/m1.png", *(f"loose/{i}.png" for i in range(10)),
                               *(f"{a}/shard/{i:03d}.png" for a in ("more.zip", "part.tar.gz") for i in range(4))])
+    # A Parquet part an archive, and one for the loose files together (not one each, as when archives were among them).
+    assert len(list((out / "parquet").glob("part-*.parquet"))) == 4
     failures = {Path(r["source"]).name: r for r in pq.read_table(out / "failed/failed.parquet").to_pylist()}
     assert sorted(failures) == ["cut.tar", "escape.jpg"]
     assert failures["escape.jpg"]["source"].endswith("part.tar.gz/../escape.jpg") and ".." in failures["escape.jpg"]["error"]
@@ -360,7 +363,7 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
     assert not (tmp_path / "escape.png").exists() and not (out / "escape.png").exists()
 
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
-    assert (again["skipped"], again["written"], again["failed"]) == (10, 0, 2)
+    assert (again["skipped"], again["written"], again["failed"]) == (20, 0, 2)
 
 
 def test_manifests_in_text_and_parquet(ray_cluster: str, weights: str, tmp_path: Path) -> None:
