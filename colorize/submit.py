@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import requests
+from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+from ray._raylet import Config
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
@@ -45,6 +47,9 @@ WORKING_DIR_EXCLUDES = (
     ".git/", ".venv/", "venv/", "__pycache__/", "*.egg-info/", ".pytest_cache/", ".hypothesis/",
     ".ray/", ".tmp/", "build/", "/data/", "/runs/", "/out/",
 )
+# The job server refuses a request body over this (Ray's DASHBOARD_CLIENT_MAX_SIZE), and the
+# working dir goes up zipped in one request.
+UPLOAD_LIMIT_BYTES = 100 * 1024**2
 
 # Where S3 lives, passed to every job when set here. Keys are not: clusters should use IAM
 # roles, and --aws-credentials is the explicit opt-in.
@@ -59,6 +64,10 @@ EXIT_JOB_STOPPED = 130  # the job was stopped, as `colorize` returns when interr
 _SECRET_NAME = re.compile(
     r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE|(?:^|_)(?:KEY|AUTH|PASS)S?(?:_|$)", re.IGNORECASE
 )
+# Settings that only mention one (RAY_AUTH_MODE, TOKENIZERS_PARALLELISM), and switch values,
+# are not secrets: hiding "false" or "disabled" would blank those words out of every log line.
+_PLAIN_NAME = re.compile(r"_MODE$|^TOKENIZERS_", re.IGNORECASE)
+_PLAIN_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "enabled", "disabled", "none", "null"})
 _MIN_SECRET_CHARS = 4  # shorter values ("1", "yes") would blank out unrelated text
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONNECT_TIMEOUT_S = 10.0
@@ -167,10 +176,57 @@ def runtime_env(config: SubmitConfig, environ: Mapping[str, str] = os.environ) -
                 f"--working-dir {folder}: expected the colorize project folder (with colorize/ and jobs/), "
                 "or --no-working-dir to run the colorize installed on the cluster"
             )
+        check_upload_size(folder, environ)
         result.update(working_dir=str(folder), excludes=list(WORKING_DIR_EXCLUDES))
     if config.pip:
         result["pip"] = list(config.pip)
     return result
+
+
+def check_upload_size(
+    folder: Path, environ: Mapping[str, str] = os.environ, limit: int = UPLOAD_LIMIT_BYTES
+) -> None:
+    """Fail with a one-line ValueError if the files uploaded from ``folder`` add up to over ``limit`` bytes.
+
+    Counts what Ray would pack, before it packs it, and stops counting once over the limit.
+    """
+    total = 0
+    per_entry: dict[str, int] = {}  # bytes counted under each top-level file or folder
+    for path, size in _upload_files(folder, environ):
+        total += size
+        entry = path.relative_to(folder).parts[0]
+        per_entry[entry] = per_entry.get(entry, 0) + size
+        if total > limit:
+            biggest = max(per_entry, key=per_entry.__getitem__)
+            shown = f"{biggest}/" if (folder / biggest).is_dir() else biggest
+            raise ValueError(
+                f"--working-dir {folder}: at least {total / 2**20:.1f} MiB to upload, over the job server's "
+                f"{limit / 2**20:.0f} MiB limit, {per_entry[biggest] / 2**20:.1f} MiB of it in {shown}; move that "
+                "into data/, list it in .rayignore, or pass --working-dir a folder without it"
+            )
+
+
+def _upload_files(folder: Path, environ: Mapping[str, str]) -> Iterator[tuple[Path, int]]:
+    """(path, bytes) of each file Ray would upload from ``folder``.
+
+    Skips what Ray skips: WORKING_DIR_EXCLUDES, and what a .rayignore or .gitignore in any folder on
+    the way lists (.gitignore not with RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1).
+    """
+    # Ray's own matchers, so that this skips exactly what its packing skips.
+    include_gitignore = environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    stack = [(folder, [_get_excludes(folder, list(WORKING_DIR_EXCLUDES))])]
+    while stack:
+        parent, excludes = stack.pop()
+        excludes = excludes + get_excludes_from_ignore_files(
+            parent, include_gitignore=include_gitignore, logger=logging.getLogger(__name__)
+        )
+        for path in parent.iterdir():
+            if any(excluded(path) for excluded in excludes):
+                continue
+            if path.is_dir():
+                stack.append((path, excludes))
+            elif path.is_file():
+                yield path, path.stat().st_size
 
 
 def secret_values(*environments: Mapping[str, str]) -> set[str]:
@@ -179,7 +235,9 @@ def secret_values(*environments: Mapping[str, str]) -> set[str]:
         value
         for env in environments
         for name, value in env.items()
-        if (_SECRET_NAME.search(name) or name in AWS_CREDENTIALS) and len(value) >= _MIN_SECRET_CHARS
+        if ((_SECRET_NAME.search(name) and not _PLAIN_NAME.search(name)) or name in AWS_CREDENTIALS)
+        and len(value) >= _MIN_SECRET_CHARS
+        and value.lower() not in _PLAIN_VALUES
     }
 
 
@@ -250,8 +308,12 @@ def _environ(**values: str | None) -> Iterator[None]:
 
 
 def connect(address: str) -> JobSubmissionClient:
-    """A client for the job server at ``address``; a ClusterError in seconds if it cannot be reached."""
+    """A client for the job server at ``address``; a ClusterError in seconds if it cannot be reached.
+
+    Sends the token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, if set, unless RAY_AUTH_MODE says otherwise.
+    """
     url = dashboard_url(address)
+    _use_token_if_given()
     try:
         # The SDK's own check waits for the TCP timeout on a silent host; any HTTP answer,
         # even 401 from a cluster with token auth, shows the server is there.
@@ -274,6 +336,18 @@ def connect(address: str) -> JobSubmissionClient:
             ) from error
 
 
+def _use_token_if_given() -> None:
+    """Set RAY_AUTH_MODE=token in this process if a token is given and the mode is not set.
+
+    Ray's client sends a token only in that mode, and would ignore a RAY_AUTH_TOKEN set alone.
+    """
+    given = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not given or os.environ.get("RAY_AUTH_MODE"):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray reads the mode once per process; read it again, as Ray itself does
+
+
 def _network_reason(error: requests.RequestException) -> str:
     if isinstance(error, requests.Timeout):
         return f"no answer in {_CONNECT_TIMEOUT_S:.0f} s"
@@ -288,10 +362,12 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
         yield
     except (requests.RequestException, ConnectionError, aiohttp.ClientError) as error:
         raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
-    except AuthenticationError as error:  # HTTP 401 or 403 from a cluster with token authentication
+    except AuthenticationError as error:  # HTTP 401 or 403 from a cluster with token auth, or a bad token file
+        mode = os.environ.get("RAY_AUTH_MODE", "")
+        hint = f"; RAY_AUTH_MODE={mode} sends no token: unset it" if mode and mode.lower() != "token" else ""
         raise ClusterError(
-            f"{url}: {errors.first_line(str(error)).rstrip(':. ')}: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) "
-            "to the cluster's token"
+            f"{url}: {errors.first_line(error.message).rstrip(':. ')}: set RAY_AUTH_TOKEN to the cluster's token, "
+            f"or RAY_AUTH_TOKEN_PATH to a file holding it{hint}"
         ) from error
     except RuntimeError as error:  # what the SDK raises for an HTTP error answer
         match = _HTTP_ERROR.match(str(error))

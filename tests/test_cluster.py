@@ -29,11 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jsonschema
+import pyarrow.parquet as pq
 import pytest
 import ray.autoscaler
 import requests
 import yaml
 from packaging.specifiers import SpecifierSet
+from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.job_submission import JobDetails, JobStatus
 
@@ -328,6 +330,66 @@ def test_a_server_that_is_not_an_open_ray_job_server_is_one_error_line(status: i
     assert line.startswith(f"colorize jobs: error: {url}") and fragment in line, line
 
 
+@contextlib.contextmanager
+def _wanting_token(token: str) -> Iterator[tuple[str, list[str | None]]]:
+    """A job server with token auth and no jobs, as Ray 2.60 answers; yields its URL and the
+    Authorization header of each request."""
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                status, body = 401, b"Unauthorized: Missing authentication token"
+            elif self.path == "/api/version":
+                status, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
+            else:
+                status, body = 200, b"[]"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variable", ["RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"])
+def test_a_token_in_the_environment_alone_reaches_a_cluster_with_token_auth(variable: str, tmp_path: Path) -> None:
+    token = "colorize-test-token"
+    (tmp_path / "token").write_text(token)
+    env = {k: v for k, v in _client_env().items() if k != "RAY_AUTH_MODE"}  # as in a shell that never set it
+    env[variable] = token if variable == "RAY_AUTH_TOKEN" else str(tmp_path / "token")
+    with _wanting_token(token) as (url, seen):
+        result = colorize("jobs", "list", "--address", url, env=env, timeout=90)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ID", "STATUS", "START", "(UTC)", "ENTRYPOINT"]
+    assert f"Bearer {token}" in seen
+
+
+@pytest.mark.timeout(120)
+def test_a_token_with_auth_mode_disabled_is_one_error_line_that_says_so() -> None:
+    with _wanting_token("colorize-test-token") as (url, _):
+        result = colorize("jobs", "list", "--address", url, timeout=90,
+                          env=_client_env(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="colorize-test-token"))
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"colorize jobs: error: {url}: Authentication required: Unauthorized: Missing authentication token: "
+        "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it; "
+        "RAY_AUTH_MODE=disabled sends no token: unset it"
+    ]
+
+
 @pytest.mark.timeout(120)
 def test_an_unreachable_address_is_one_error_line_and_exit_2() -> None:
     port = free_ports(1)[0]
@@ -386,6 +448,55 @@ def test_the_runtime_env_passes_s3_settings_and_keys_only_when_asked() -> None:
         submit.runtime_env(submit.SubmitConfig(address="h:1", job=job, working_dir=str(ROOT / "cluster")), environ)
 
 
+def _project(folder: Path, big: dict[str, int]) -> Path:
+    """A project folder (colorize/, jobs/) with sparse files of ``big[relpath]`` MiB each."""
+    for name in ("colorize/__init__.py", "jobs/__init__.py", *big):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.truncate(path, big.get(name, 0) * 2**20)  # sparse: takes no disk
+    return folder
+
+
+def test_a_working_dir_over_the_upload_limit_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    folder = _project(tmp_path, {f"ILSVRC/train/{i}.JPEG": 60 for i in range(3)} | {"notes.txt": 1})
+    config = submit.SubmitConfig(address="http://127.0.0.1:1", job=("train", "--data", "s3://b/d", "--out", "s3://b/o"),
+                                 working_dir=str(folder))
+
+    # Refused before connecting (the address is unreachable), having counted 120 of ILSVRC/'s 180 MiB.
+    with pytest.raises(ValueError) as refused:
+        submit.submit(config)
+
+    assert str(refused.value) == (
+        f"--working-dir {folder}: at least 121.0 MiB to upload, over the job server's 100 MiB limit, 120.0 MiB of it "
+        "in ILSVRC/; move that into data/, list it in .rayignore, or pass --working-dir a folder without it"
+    )
+    assert submit.UPLOAD_LIMIT_BYTES == DASHBOARD_CLIENT_MAX_SIZE
+
+
+@pytest.mark.parametrize(("layout", "environ", "refused"), [
+    ({"data/imagenet-parquet/part-0.parquet": 200}, {}, False),
+    ({"scans/a.tif": 200, ".rayignore": 0}, {}, False),
+    ({"scans/a.tif": 200, ".gitignore": 0}, {}, False),
+    ({"scans/a.tif": 200, ".gitignore": 0}, {"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}, True),
+    ({"scans/a.tif": 200, "scans/.rayignore": 0}, {}, False),
+    ({"model.pt": 101}, {}, True),
+], ids=["data", "rayignore", "gitignore", "gitignore-ignored", "nested-rayignore", "one-big-file"])
+def test_the_upload_size_counts_only_what_ray_uploads(tmp_path: Path, layout: dict, environ: dict,
+                                                      refused: bool) -> None:
+    folder = _project(tmp_path, layout)
+    for ignore in folder.rglob(".*ignore"):
+        ignore.write_text("*.tif\n" if ignore.parent.name == "scans" else "scans/\n")
+    config = submit.SubmitConfig(address="h:1", job=("train", "--data", "s3://b/d", "--out", "s3://b/o"),
+                                 working_dir=str(folder))
+
+    if refused:
+        with pytest.raises(ValueError, match=r"over the job server's 100 MiB limit, [\d.]+ MiB of it in (scans/|model\.pt);"):
+            submit.runtime_env(config, environ)
+    else:
+        submit.runtime_env(config, environ)
+
+
 def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
@@ -398,6 +509,18 @@ def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() ->
     redact = submit.Redactor(submit.secret_values(env))
     pieces = ["key wJalrX", "UtnFEMI ok\nprogress 50%\r", "tail hunter", "22"]
     assert "".join(redact.feed(p) for p in pieces) + redact.flush() == "key *** ok\nprogress 50%\rtail ***"
+
+
+def test_settings_that_only_mention_tokens_or_auth_are_not_redacted() -> None:
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token", "HF_HUB_TOKEN_CHECK": "disabled",
+           "AWS_SESSION_TOKEN": "FwoGZXIvYXdz", "HF_TOKEN": "hf_abcdef", "GITHUB_TOKEN": "ghp_1234",
+           "NPM_AUTH": "abcd1234"}
+
+    assert submit.describe_env(env) == ("TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=token HF_HUB_TOKEN_CHECK=disabled "
+                                        "AWS_SESSION_TOKEN=*** HF_TOKEN=*** GITHUB_TOKEN=*** NPM_AUTH=***")
+    redact = submit.Redactor(submit.secret_values(env))
+    line = "--out s3://b/token-tests/ (auth disabled, verbose false) ghp_1234"
+    assert redact(line) == "--out s3://b/token-tests/ (auth disabled, verbose false) ***"
 
 
 def test_submission_ids_are_readable_and_unique() -> None:
@@ -488,6 +611,37 @@ def _pyproject(pattern: str) -> str:
 
 def _pinned_ray() -> str:
     return _pyproject(r'"ray\[[\w,]+\]==([\d.]+)"')
+
+
+def _readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks under the ``## section`` heading of cluster/README.md."""
+    text = (CLUSTER / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL)
+
+
+def test_the_imagenet_recipe_writes_its_shards_where_submit_leaves_them_behind(tmp_path: Path) -> None:
+    folder = _project(tmp_path, {})
+    for split in ("train", "val"):
+        for name in ("n01440764/a.JPEG", "b.JPEG"):
+            path = folder / "data/ILSVRC/Data/CLS-LOC" / split / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"jpeg bytes")
+    (recipe,) = _readme_blocks("ImageNet as Parquet shards in S3", "python")
+
+    subprocess.run([sys.executable, "-c", recipe], cwd=folder, check=True, timeout=120)
+
+    for split in ("train", "val"):
+        assert pq.read_table(folder / f"data/imagenet-parquet/{split}/part-00000.parquet").num_rows == 2
+    synced = re.search(r"aws s3 sync (\S+) ", _readme_blocks("ImageNet as Parquet shards in S3", "bash")[0]).group(1)
+    assert (folder / synced / "train").is_dir()
+    # Nothing the recipe reads or writes goes up with the job.
+    assert sorted(p.relative_to(folder).as_posix() for p, _ in submit._upload_files(folder, {})) == [
+        "colorize/__init__.py", "jobs/__init__.py"]
+
+
+def test_the_documented_upload_limit_is_the_job_servers() -> None:
+    limits = re.findall(r"(\d+) MiB in one upload", (CLUSTER / "README.md").read_text())
+    assert limits == [str(DASHBOARD_CLIENT_MAX_SIZE // 2**20)]
 
 
 def test_the_aws_config_is_a_valid_cluster_launcher_config() -> None:
