@@ -258,7 +258,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         if fs.type_name != "local":
             # S3 makes an object visible only once its upload completes, so a plain PUT
             # (or multipart upload, for large data) is already atomic.
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:  # the bytes given, even for *.gz
                 f.write(data)
             return
         parent = os.path.dirname(path)
