@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from PIL import Image, ImageOps
@@ -77,11 +78,13 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     found = storage.list_files(fs, path)
     files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     shards = [p for p in found if p.endswith(".parquet")]
-    if shards and not files:
+    if shards and (not files or _holds_images(fs, shards[0])):
+        if files:  # such as a README's banner.png beside the data/ shards
+            _warn(uri, f"reading its Parquet shards, not the {len(files)} image file(s) beside them", files[0])
         return Source(uri, "parquet", fs, path)
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
-        print(f"{uri}: reading its image files, not the {len(shards)} Parquet file(s) beside them, such as "
-              f"{storage.utf8_name(shards[0])} (a folder of Parquet shards alone is read as shards)", file=sys.stderr, flush=True)
+        _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
+              shards[0])
     files = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8", "; rename them (convmv does) to use them")
     if fs.type_name == "local":  # a named pipe would block its read task forever
         files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
@@ -97,10 +100,21 @@ def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> lis
     """``files`` for which ``keep`` holds, with one warning line naming how many were left out, and why."""
     kept = [p for p in files if keep(p)]
     if len(kept) < len(files):
-        first = next(p for p in files if not keep(p))
-        print(f"{uri}: skipping {len(files) - len(kept)} image(s) {why}, such as {storage.utf8_name(first)}{hint}",
-              file=sys.stderr, flush=True)
+        _warn(uri, f"skipping {len(files) - len(kept)} image(s) {why}", next(p for p in files if not keep(p)), hint)
     return kept
+
+
+def _warn(uri: str, what: str, example: str, hint: str = "") -> None:
+    print(f"{uri}: {what}, such as {storage.utf8_name(example)}{hint}", file=sys.stderr, flush=True)
+
+
+def _holds_images(fs: pafs.FileSystem, shard: str) -> bool:
+    """Whether a Parquet file has the ``image`` column of a training shard (its footer alone is read)."""
+    try:
+        with fs.open_input_file(shard) as f:
+            return "image" in pq.read_schema(f).names
+    except (OSError, ValueError):  # not Parquet after all: reading it as a shard would fail too
+        return False
 
 
 def class_names(source: Source) -> tuple[str, ...]:
@@ -270,19 +284,25 @@ def _files(source: Source, *, with_paths: bool) -> ray.data.Dataset:
     paths = pa.array(source.files, type=pa.string())
     step = -(-len(paths) // _blocks(len(paths)))
     ds = ray.data.from_arrow([pa.table({"path": paths.slice(i, step)}) for i in range(0, len(paths), step)])
-    return ds.map_batches(_read_files, fn_kwargs={"fs": source.fs, "with_paths": with_paths}, batch_format="numpy")
+    # 64 files a call: a block's worth (500 to 6,400 files) would all be in memory before any went on.
+    return ds.map_batches(_read_files, fn_kwargs={"fs": source.fs, "with_paths": with_paths}, batch_format="numpy",
+                          batch_size=64)
 
 
 def _read_files(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem, with_paths: bool) -> dict[str, np.ndarray]:
     """Each file's bytes; none (an unreadable row) for a file that is gone since it was
-    listed, cannot be read, or is larger than any image of ``images.MAX_PIXELS`` can be
-    (never read into memory). A training run that takes days outlives some of its files."""
+    listed (a training run that takes days outlives some of its files), that this process may
+    not read, or that is larger than any image of ``images.MAX_PIXELS`` can be (never read
+    into memory). Storage that cannot be reached, or refuses the worker, fails the task with
+    its reason: every file would be unreadable, and the run would not say why."""
     limit = images.max_encoded_bytes(images.MAX_PIXELS)
     contents = np.empty(len(batch["path"]), dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
             contents[i] = storage.read_bytes(fs, str(path), limit=limit)
-        except storage.StorageError:
+        except storage.StorageError as error:
+            if error.__cause__ is not None and not isinstance(error.__cause__, (FileNotFoundError, PermissionError)):
+                raise
             contents[i] = b""
     return {"bytes": contents, **({"path": batch["path"]} if with_paths else {})}
 

@@ -272,11 +272,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The temperature is how the head decodes, not what it is: this run's may differ.
         colorizer.set_decoding(model, temperature=config.temperature)
         start_epoch, history = state["epoch"] + 1, state["history"]
-        if history[-1]["images"] == 0:  # it took no step, and failed the run: once the data is mended, do it again
+        redo = history[-1]["images"] == 0  # it took no step, and failed the run: once the data is mended, do it again
+        if redo:
             start_epoch, history = start_epoch - 1, history[:-1]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
-            _say(f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}")
+            _say(f"redoing epoch {start_epoch + 1}/{config.epochs}, which had no readable images" if redo
+                 else f"resuming from the checkpoint of epoch {start_epoch}/{config.epochs}")
     elif loop_config.get("init"):
         start = colorizer.model_from_bytes(loop_config["init"])
         state = start.state_dict()

@@ -24,7 +24,7 @@ from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
-from tests.helpers import ray_processes, scene, write_images
+from tests.helpers import free_ports, ray_processes, scene, write_images
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -455,10 +455,13 @@ def test_parquet_files_beside_images_are_left_out_with_a_warning(tmp_path: Path,
     source = data.locate(str(tmp_path / "photos"))
 
     assert source.kind == "files" and sorted(source.files) == sorted(str(p) for p in paths)
-    assert "reading its image files, not the 1 Parquet file(s) beside them, such as " in capsys.readouterr().err
-    (tmp_path / "shards").mkdir()
+    assert "reading its image files, not the 1 Parquet file(s) without an 'image' column beside them" in capsys.readouterr().err
+    (tmp_path / "shards" / "assets").mkdir(parents=True)
     pq.write_table(pa.table({"image": [paths[0].read_bytes()]}), tmp_path / "shards" / "part-0.parquet")
     assert data.locate(str(tmp_path / "shards")).kind == "parquet"
+    paths[0].rename(tmp_path / "shards" / "assets" / "banner.jpg")  # a README's picture beside real shards
+    assert data.locate(str(tmp_path / "shards")).kind == "parquet"
+    assert "reading its Parquet shards, not the 1 image file(s) beside them" in capsys.readouterr().err
 
 
 def test_training_skips_pipes_and_dangling_links_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -485,6 +488,21 @@ def test_training_from_an_s3_folder(ray_cluster: str, s3, tmp_path: Path) -> Non
                                 semantic=True, s3_endpoint=s3.endpoint, **TINY))
     assert summary["images"] == 32
     assert "val_class_accuracy" in summary  # the class folders were found under the S3 prefix
+
+
+def test_an_object_gone_is_an_unreadable_row_and_unreachable_storage_says_why(s3, tmp_path: Path) -> None:
+    """Every file unreadable, with no reason given, was what a worker that cannot reach S3 got."""
+    bucket = s3.bucket("train-reads")
+    fs, root = storage.resolve(bucket, s3.settings)
+    storage.write_bytes_atomic(fs, storage.join(root, "a.png"), b"some bytes")
+    paths = np.array([storage.join(root, "a.png"), storage.join(root, "gone.png")], dtype=object)
+
+    assert [len(b) for b in data._read_files({"path": paths}, fs=fs, with_paths=False)["bytes"]] == [10, 0]
+
+    (port,) = free_ports(1)
+    unreachable, _ = storage.resolve(bucket, storage.S3Settings(endpoint=f"http://127.0.0.1:{port}"))
+    with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint"):
+        data._read_files({"path": paths}, fs=unreachable, with_paths=False)
 
 
 def test_training_from_parquet_shards(ray_cluster: str, tmp_path: Path) -> None:
