@@ -18,12 +18,11 @@ a long job does.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 import torch
-
-import shutil
-from pathlib import Path
 
 from benchmarks.common import print_table, start_ray, warm_ray_data, write_jpegs, write_results
 from colorize import colorizer, storage
