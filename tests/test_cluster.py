@@ -292,11 +292,12 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
 
 
 @contextlib.contextmanager
-def _answering(status: int, body: bytes) -> Iterator[str]:
-    """An HTTP server on a free local port that answers every GET with ``status`` and ``body``."""
+def _serving(answer: Callable[[str, str | None], tuple[int, bytes]]) -> Iterator[str]:
+    """An HTTP server on a free local port that answers each GET with ``answer(path, Authorization header)``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            status, body = answer(self.path, self.headers.get("Authorization"))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -311,6 +312,11 @@ def _answering(status: int, body: bytes) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def _answering(status: int, body: bytes) -> contextlib.AbstractContextManager[str]:
+    """A server that answers every GET with ``status`` and ``body``."""
+    return _serving(lambda path, authorization: (status, body))
 
 
 @pytest.mark.timeout(120)
@@ -336,29 +342,16 @@ def _wanting_token(token: str) -> Iterator[tuple[str, list[str | None]]]:
     Authorization header of each request."""
     seen: list[str | None] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
-            seen.append(self.headers.get("Authorization"))
-            if self.headers.get("Authorization") != f"Bearer {token}":
-                status, body = 401, b"Unauthorized: Missing authentication token"
-            elif self.path == "/api/version":
-                status, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
-            else:
-                status, body = 200, b"[]"
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path: str, authorization: str | None) -> tuple[int, bytes]:
+        seen.append(authorization)
+        if authorization != f"Bearer {token}":
+            return 401, b"Unauthorized: Missing authentication token"
+        if path == "/api/version":
+            return 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
+        return 200, b"[]"
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
+    with _serving(answer) as url:
+        yield url, seen
 
 
 @pytest.mark.timeout(120)
