@@ -301,7 +301,7 @@ def _read_files(batch: dict[str, np.ndarray], *, fs: pafs.FileSystem, with_paths
         try:
             contents[i] = storage.read_bytes(fs, str(path), limit=limit)
         except storage.StorageError as error:
-            if error.__cause__ is not None and not isinstance(error.__cause__, (FileNotFoundError, PermissionError)):
+            if not storage.of_one_file(error):
                 raise
             contents[i] = b""
     return {"bytes": contents, **({"path": batch["path"]} if with_paths else {})}

@@ -248,6 +248,13 @@ def read_bytes(fs: pafs.FileSystem, path: str, *, limit: int | None = None) -> b
     return data
 
 
+def of_one_file(error: StorageError) -> bool:
+    """Whether ``error`` is about one file (gone, not readable here, over a read's limit), not
+    about the storage behind it (unreachable, refusing these credentials), where every other
+    file would fail the same way."""
+    return error.__cause__ is None or isinstance(error.__cause__, (FileNotFoundError, PermissionError))
+
+
 def too_large(limit: int) -> str:
     return f"over {limit:,} bytes, more than an image of --max-pixels can be: not read into memory"
 
