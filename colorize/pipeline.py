@@ -26,7 +26,8 @@ import os
 import posixpath
 import sys
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Container, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -108,27 +109,44 @@ class Done:
     def contains(self, relpath: str) -> bool:
         return ("png" not in self.formats or relpath in self.pngs) and ("parquet" not in self.formats or relpath in self.rows)
 
-    def under(self, items: list[sources.Item]) -> Done:
-        """Only the entries that belong to the archives among ``items`` (what tasks need)."""
-        archives = {i.relpath for i in items if i.kind == "archive"}
-        if not archives:
-            return Done(self.formats)
-        return Done(
-            self.formats,
-            frozenset(p for p in self.pngs if _in_archive(p, archives)),
-            frozenset(r for r in self.rows if _in_archive(r, archives)),
-        )
+
+def task_rows(todo: list[sources.Item], done: Done) -> list[dict[str, Any]]:
+    """The rows the tasks map over: each input with its own part of ``done``.
+
+    ``written``: the outputs inside an archive that earlier runs finished, whose members are
+    skipped unread; ``in_parquet``: the outputs of an input that already have their Parquet
+    row, and get only a PNG (an input redone for a missing PNG). Each task gets only its own
+    inputs' entries: handed to every task whole, the entries of a million images resumed
+    were unpickled again by each of them (0.3 s a set, three sets).
+    """
+    archives: dict[str, tuple[list[str], list[str]]] = {i.relpath: ([], []) for i in todo if i.kind == "archive"}
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for relpath in (done.pngs | done.rows) if archives else ():
+        by_folder[relpath.rpartition("/")[0]].append(relpath)
+    for folder, entries in by_folder.items():  # a few folders an archive: each looked up once
+        archive = folder if folder in archives else _archive_of(folder, archives)
+        if archive is not None:
+            written, in_parquet = archives[archive]
+            written.extend(r for r in entries if done.contains(r))
+            in_parquet.extend(r for r in entries if r in done.rows)
+    rows = []
+    for item in todo:
+        if item.kind == "archive":
+            written, in_parquet = (sorted(entries) for entries in archives[item.relpath])
+        else:
+            written, in_parquet = [], [item.relpath] if item.relpath in done.rows else []
+        rows.append({**asdict(item), "written": written, "in_parquet": in_parquet})
+    return rows
 
 
-def _in_archive(relpath: str, archives: set[str]) -> bool:
-    """Whether a folder above ``relpath`` is one of ``archives``: a lookup a folder, where
-    ``startswith`` over every archive took 24 s for a million entries of 1,000 archives."""
+def _archive_of(relpath: str, archives: Container[str]) -> str | None:
+    """The folder above ``relpath`` that is one of ``archives``, if any."""
     end = relpath.find("/")
     while end != -1:
         if relpath[:end] in archives:
-            return True
+            return relpath[:end]
         end = relpath.find("/", end + 1)
-    return False
+    return None
 
 
 # --- stage 1: read and decode (CPU) ----------------------------------------------------------
@@ -140,19 +158,19 @@ def read_and_decode(
     settings: storage.S3Settings,
     size: int,
     max_pixels: int,
-    done: Done,
     chunk: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Items (files or archives) -> decoded rows, ``chunk`` at a time, or fewer where they
-    reach ``CHUNK_PIXELS`` (a chunk of large photos is as much memory as one of thumbnails).
+    """:func:`task_rows` -> decoded rows, ``chunk`` at a time, or fewer where they reach
+    ``CHUNK_PIXELS`` (a chunk of large photos is as much memory as one of thumbnails).
 
-    Archive members that ``done`` says are written come out as ``skipped`` rows.
+    Archive members already ``written`` come out as ``skipped`` rows, their bytes unread.
     """
     rows: list[dict[str, Any]] = []
     pixels = 0
-    for kind, uri, relpath, error in zip(batch["kind"], batch["uri"], batch["relpath"], batch["error"]):
+    columns = (batch[key] for key in ("kind", "uri", "relpath", "error", "written", "in_parquet"))
+    for kind, uri, relpath, error, written, in_parquet in zip(*columns):
         item = sources.Item(str(kind), str(uri), str(relpath), str(error))
-        for row in _read_item(item, settings, size, max_pixels, done):
+        for row in _read_item(item, settings, size, max_pixels, frozenset(written), frozenset(in_parquet)):
             rows.append(row)
             pixels += row["L"].size
             if len(rows) == chunk or pixels >= CHUNK_PIXELS:
@@ -163,7 +181,8 @@ def read_and_decode(
 
 
 def _read_item(
-    item: sources.Item, settings: storage.S3Settings, size: int, max_pixels: int, done: Done
+    item: sources.Item, settings: storage.S3Settings, size: int, max_pixels: int,
+    written: frozenset[str], in_parquet: frozenset[str],
 ) -> Iterator[dict[str, Any]]:
     kind, uri, relpath = item.kind, item.uri, item.relpath
     if item.error:
@@ -174,30 +193,29 @@ def _read_item(
         fs, path = storage.resolve(uri, settings)
         limit = images.max_encoded_bytes(max_pixels)
         if kind == "file":
-            yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path, limit=limit), size, max_pixels)
+            read = lambda: storage.read_bytes(fs, path, limit=limit)  # noqa: E731
+            yield _decode_row(uri, relpath, read, size, max_pixels, in_parquet=relpath in in_parquet)
             return
-        for member in sources.archive_members(fs, path, relpath, limit=limit):
+        # Outputs are written under safe relpaths only, so an unsafe one is never ``written``.
+        for member in sources.archive_members(fs, path, relpath, limit=limit, skip=written.__contains__):
             members += 1
             source = f"{uri}/{member.name}"
             if member.error:
                 yield _status_row(source, member.relpath, "failed", member.error)
-                continue
-            try:
-                member_relpath = storage.safe_relpath(member.relpath)
-            except storage.StorageError as error:
-                yield _status_row(source, member.relpath, "failed", str(error))
-                continue
-            if done.contains(member_relpath):
-                yield _status_row(source, member_relpath, "skipped")
+            elif member.skipped:
+                yield _status_row(source, member.relpath, "skipped")
             else:
-                yield _decode_row(source, member_relpath, lambda data=member.data: data, size, max_pixels)
+                yield _decode_row(source, member.relpath, lambda data=member.data: data, size, max_pixels,
+                                  in_parquet=member.relpath in in_parquet)
     except Exception as error:  # noqa: BLE001 - untrusted bytes: whatever breaks, the input is listed, the run goes on
         # Members streamed before the archive broke off were already yielded and are kept.
         where = f" after {members} member(s)" if members else ""
         yield _status_row(uri, relpath, "failed", f"cannot read{where}: {errors.one_line(error)}")
 
 
-def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> dict[str, Any]:  # noqa: ANN001
+def _decode_row(  # noqa: ANN001
+    source: str, relpath: str, read, size: int, max_pixels: int, *, in_parquet: bool = False
+) -> dict[str, Any]:
     try:
         relpath = storage.safe_relpath(relpath)
         decoded = images.decode(read(), max_pixels=max_pixels)
@@ -213,6 +231,7 @@ def _decode_row(source: str, relpath: str, read, size: int, max_pixels: int) -> 
         "L": decoded.L,
         "alpha": decoded.alpha if decoded.alpha is not None else _PLACEHOLDER.astype(np.uint8),
         "has_alpha": decoded.alpha is not None,
+        "in_parquet": in_parquet,
         "small": images.resize_lightness(decoded.L, size),
     }
 
@@ -226,6 +245,7 @@ def _status_row(source: str, relpath: str, status: str, error: str = "") -> dict
         "L": _PLACEHOLDER,
         "alpha": _PLACEHOLDER.astype(np.uint8),
         "has_alpha": False,
+        "in_parquet": False,
         "small": None,
     }
 
@@ -248,6 +268,7 @@ def _stack(rows: list[dict[str, Any]], size: int) -> dict[str, np.ndarray]:
         "L": objects("L"),
         "alpha": objects("alpha"),
         "has_alpha": np.array([r["has_alpha"] for r in rows], dtype=bool),
+        "in_parquet": np.array([r["in_parquet"] for r in rows], dtype=bool),
         "small": small,
     }
 
@@ -345,11 +366,10 @@ def compose_and_write(
     formats: tuple[str, ...],
     png_level: int,
     weights_id: str,
-    in_parquet: frozenset[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """Full-size outputs for the batch's good rows; a status row for every row.
 
-    Outputs in ``in_parquet`` (relpaths) already have their Parquet row and get only a PNG.
+    Rows ``in_parquet`` already have their Parquet row and get only a PNG.
     """
     fs, root = storage.resolve(output, settings)
     status, reasons = list(batch["status"]), list(batch["error"])
@@ -369,7 +389,7 @@ def compose_and_write(
             continue
         heights[i], widths[i] = L.shape
         status[i] = "written"
-        if batch["relpath"][i] in in_parquet:
+        if batch["in_parquet"][i]:
             continue
         records.append(
             {"source": batch["source"][i], "relpath": batch["relpath"][i], "width": int(widths[i]),
@@ -588,20 +608,20 @@ def _check_resources(config: BulkConfig) -> None:
 
 
 def _plan(
-    todo: list[sources.Item], config: BulkConfig, weights: bytes, read: dict[str, Any], write: dict[str, Any]
+    tasks: list[dict[str, Any]], config: BulkConfig, weights: bytes, read: dict[str, Any], write: dict[str, Any]
 ) -> ray.data.Dataset:
-    """The dataset of status rows: fused CPU tasks, or CPU tasks around model actors."""
+    """The dataset of status rows over :func:`task_rows`: fused CPU tasks, or CPU tasks around model actors."""
     actor_path = config.num_gpus > 0 or config.actors is not None
     if not actor_path:
-        remote = storage.is_s3(config.output) or any(storage.is_s3(i.uri) for i in todo)
-        ds = _per_call(todo, colorize_items, num_cpus=TASK_CPUS if remote else FUSED_TASK_CPUS,
+        remote = storage.is_s3(config.output) or any(storage.is_s3(t["uri"]) for t in tasks)
+        ds = _per_call(tasks, colorize_items, num_cpus=TASK_CPUS if remote else FUSED_TASK_CPUS,
                        fn_kwargs={"weights": weights, "read": read, "write": write, "flip": config.flip_average})
         # Ray Data reserves part of the cluster for each operator's outputs and for operators
         # downstream; with one operator whose outputs are status rows, that held one of two
         # cores idle for much of a run (2,000 images: 24-27 s with it, 19-20 s without).
         ds.context.op_resource_reservation_enabled = False
         return ds
-    ds = _per_call(todo, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs=read)
+    ds = _per_call(tasks, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs=read)
     use_gpu = config.num_gpus > 0
     actors, actor_cpus = actor_pool(config.num_gpus, config.actors)
     ds = ds.map_batches(
@@ -619,17 +639,17 @@ def _plan(
                           zero_copy_batch=True, num_cpus=TASK_CPUS)
 
 
-def _per_call(todo: list[sources.Item], fn, **options: Any) -> ray.data.Dataset:  # noqa: ANN001
-    """``fn`` mapped over ``todo``: archives one per call, so that one slow archive never holds
+def _per_call(tasks: list[dict[str, Any]], fn, **options: Any) -> ray.data.Dataset:  # noqa: ANN001
+    """``fn`` mapped over ``tasks``: archives one per call, so that one slow archive never holds
     up the rest; plain files in groups, so that each call's output (a model batch, a Parquet
     part) is many rows, not one. A block of inputs is one task, one call each, so the cores
     share the work out to the end."""
     parts = []
-    for group, per_call in (([i for i in todo if i.kind != "archive"], FILES_PER_READ),
-                            ([i for i in todo if i.kind == "archive"], 1)):
+    for group, per_call in (([t for t in tasks if t["kind"] != "archive"], FILES_PER_READ),
+                            ([t for t in tasks if t["kind"] == "archive"], 1)):
         if group:
             blocks = min(MAX_INPUT_BLOCKS, -(-len(group) // per_call))
-            ds = ray.data.from_items([asdict(i) for i in group], override_num_blocks=blocks)
+            ds = ray.data.from_items(group, override_num_blocks=blocks)
             parts.append(ds.map_batches(fn, batch_size=per_call, batch_format="numpy", **options))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
@@ -659,10 +679,6 @@ def run(config: BulkConfig) -> dict[str, Any]:
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
     skipped = len(items) - len(todo)
-    # Inputs redone for a missing PNG whose Parquet row exists keep that row, not a second one.
-    in_parquet = frozenset(i.relpath for i in todo if i.relpath in done.rows)
-    done = done.under(todo)
-    in_parquet |= done.rows
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
@@ -682,10 +698,10 @@ def run(config: BulkConfig) -> dict[str, Any]:
           file=sys.stderr, flush=True)
     if todo:
         read = {"settings": settings, "size": model.config.image_size, "max_pixels": config.max_pixels,
-                "done": done, "chunk": config.batch_size}
+                "chunk": config.batch_size}
         write = {"output": config.output, "settings": settings, "formats": config.formats,
-                 "png_level": config.png_level, "weights_id": weights_id, "in_parquet": in_parquet}
-        ds = _plan(todo, config, weights_raw, read, write)
+                 "png_level": config.png_level, "weights_id": weights_id}
+        ds = _plan(task_rows(todo, done), config, weights_raw, read, write)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
                 counts[str(status)] += 1

@@ -18,7 +18,7 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -60,12 +60,14 @@ def is_archive(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Member:
-    """An image member of an archive: its bytes, or why they cannot be read."""
+    """An image member of an archive: its bytes, or why they cannot be read, or that they
+    were not read (``skipped``)."""
 
     name: str
     relpath: str  # where the output goes under images/ (with .png)
     data: bytes | None
     error: str = ""
+    skipped: bool = False
 
 
 def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | None = None) -> list[Item]:
@@ -208,8 +210,14 @@ def _manifest_relpath(uri: str) -> str:
     return uri[5:] if storage.is_s3(uri) else uri.lstrip("/")
 
 
-def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int | None = None) -> Iterator[Member]:
+def archive_members(
+    fs: pafs.FileSystem, path: str, relpath: str, *, limit: int | None = None,
+    skip: Callable[[str], bool] = lambda relpath: False,
+) -> Iterator[Member]:
     """Stream every image member of an archive, with a reason for each that cannot be read.
+
+    A member whose output relpath ``skip`` accepts (one a resumed run has written) comes out
+    ``skipped``, its bytes unread: a zip never reads them, a tar stream passes over them.
 
     A zip member that cannot be read (bad CRC, encrypted, an unsupported compression) fails
     alone, and so does one of more than ``limit`` bytes uncompressed, unread. Tar archives
@@ -227,6 +235,9 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
                 member_relpath = posixpath.join(relpath, names[member])
                 if member in shadowed:
                     yield Member(member, member_relpath, None, _same_output(shadowed[member]))
+                    continue
+                if skip(member_relpath):
+                    yield Member(member, member_relpath, None, skipped=True)
                     continue
                 if limit is not None and archive.getinfo(member).file_size > limit:
                     yield Member(member, member_relpath, None, storage.too_large(limit))
@@ -258,6 +269,8 @@ def archive_members(fs: pafs.FileSystem, path: str, relpath: str, *, limit: int 
             member_relpath = posixpath.join(relpath, output)
             if m.name in shadowed:
                 yield Member(name, member_relpath, None, _same_output(shadowed[m.name]))
+            elif skip(member_relpath):
+                yield Member(name, member_relpath, None, skipped=True)
             elif m.isfile() and limit is not None and m.size > limit:
                 yield Member(name, member_relpath, None, storage.too_large(limit))  # the stream skips its bytes
             elif m.isfile():

@@ -28,6 +28,16 @@ from tests.helpers import encode, scene
 LOCAL = pafs.LocalFileSystem()
 
 
+def _batch(items: list[sources.Item]) -> dict[str, np.ndarray]:
+    """``items`` as the columns a read task gets, with nothing done before."""
+    rows = pipeline.task_rows(items, pipeline.Done(("png",)))
+    batch = {key: np.empty(len(rows), dtype=object) for key in rows[0]}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            batch[key][i] = value
+    return batch
+
+
 def test_output_names_are_distinct_even_where_a_stem_is_another_input_s_name() -> None:
     relpaths = ["b.jpg", "b.png", "b.png.jpg", "c.jpg", "d", "sub/b.jpg"]
     names = list(sources.output_names(relpaths))
@@ -66,9 +76,9 @@ def test_a_file_name_that_is_not_utf8_fails_alone_under_a_printable_name(tmp_pat
     assert [(i.relpath, bool(i.error)) for i in items] == [("caf%E9.png", True), ("d%FCr/x.png", True), ("fine.png", False)]
     assert items[0].uri == f"{tmp_path}/caf%E9.png" and "not valid UTF-8" in items[0].error
 
-    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    batch = _batch(items)
     (rows,) = pipeline.read_and_decode(
-        batch, settings=storage.S3Settings(), size=32, max_pixels=10**6, done=pipeline.Done(("png",)), chunk=8
+        batch, settings=storage.S3Settings(), size=32, max_pixels=10**6, chunk=8
     )
     assert list(rows["status"]) == ["failed", "failed", "ok"]
     assert pa.array(list(rows["source"])).to_pylist() == [i.uri for i in items]  # Parquet can hold every name
@@ -240,9 +250,8 @@ def test_an_input_larger_than_any_image_of_max_pixels_fails_unread(tmp_path: Pat
         info.size = len(_good_png(2))
         tar.addfile(info, io.BytesIO(_good_png(2)))
     items = sources.discover(str(folder), storage.S3Settings())
-    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
-    rows = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=64,
-                                    done=pipeline.Done(("png",)), chunk=16)
+    batch = _batch(items)
+    rows = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=64, chunk=16)
     outcome = {str(r): (str(s), str(e)) for out in rows for r, s, e in zip(out["relpath"], out["status"], out["error"])}
     assert {r: s for r, (s, _) in outcome.items()} == {
         "huge.png": "failed", "fine.png": "ok", "bomb.zip/inner.png": "failed", "bomb.zip/ok.png": "ok",
@@ -385,10 +394,9 @@ def _write_three_pngs_once(tmp_path: Path) -> dict[str, np.ndarray]:
     for i in range(3):
         (folder / f"{i}.png").write_bytes(_good_png(i))
     items = sources.discover(str(folder), storage.S3Settings())
-    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    batch = _batch(items)
     model = build_model(ModelConfig(width=4, depth=2, image_size=16)).eval()
-    (decoded,) = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=16, max_pixels=10**6,
-                                          done=pipeline.Done(("png", "parquet")), chunk=8)
+    (decoded,) = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=16, max_pixels=10**6, chunk=8)
     return pipeline.compose_and_write(pipeline.predict(model, decoded, torch.device("cpu")), output=str(tmp_path / "out"),
                                       settings=storage.S3Settings(), formats=("png", "parquet"), png_level=1,
                                       weights_id="test")
@@ -486,18 +494,52 @@ def test_a_chunk_of_large_images_stops_at_its_pixel_budget(tmp_path: Path, monke
         Image.fromarray(scene(np.random.default_rng(i), 8)).save(tmp_path / f"small{i}.png")
     items = [sources.Item("file", str(tmp_path / f"{name}.png"), f"{name}.png", "")
              for name in ("large0", "large1", "large2", "large3", "large4", "small0", "small1", "small2", "small3", "small4")]
-    batch = {key: np.array([getattr(i, key) for i in items], dtype=object) for key in ("kind", "uri", "relpath", "error")}
+    batch = _batch(items)
 
-    chunks = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=10**6,
-                                      done=pipeline.Done(("png",)), chunk=8)
+    chunks = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=10**6, chunk=8)
 
     assert [len(c["relpath"]) for c in chunks] == [3, 7]
 
 
-def test_the_outputs_done_that_tasks_need_are_those_inside_archives() -> None:
+def test_each_task_gets_only_its_own_inputs_part_of_what_is_done() -> None:
     items = [sources.Item("archive", "/in/a.tar", "a.tar", ""), sources.Item("archive", "/in/sub/b.zip", "sub/b.zip", ""),
-             sources.Item("file", "/in/c.png", "c.png", "")]
-    done = pipeline.Done(("png",), pngs=frozenset({"a.tar/x.png", "sub/b.zip/y/z.png", "c.png", "a.tar.gz/x.png", "sub/x.png"}))
+             sources.Item("file", "/in/c.png", "c.png", ""), sources.Item("file", "/in/d.png", "d.png", "")]
+    done = pipeline.Done(("png", "parquet"),
+                         pngs=frozenset({"a.tar/x.png", "a.tar/y.png", "sub/b.zip/y/z.png", "a.tar.gz/x.png", "sub/x.png"}),
+                         rows=frozenset({"a.tar/x.png", "a.tar/w.png", "sub/b.zip/y/z.png", "c.png"}))
 
-    assert done.under(items).pngs == {"a.tar/x.png", "sub/b.zip/y/z.png"}
-    assert done.under(items[2:]) == pipeline.Done(("png",))
+    rows = {r["relpath"]: (r["written"], r["in_parquet"]) for r in pipeline.task_rows(items, done)}
+
+    assert rows == {
+        "a.tar": (["a.tar/x.png"], ["a.tar/w.png", "a.tar/x.png"]),  # y has no row and w no PNG: both redone
+        "sub/b.zip": (["sub/b.zip/y/z.png"], ["sub/b.zip/y/z.png"]),
+        "c.png": ([], ["c.png"]),  # redone for its PNG; its row is kept, not written twice
+        "d.png": ([], []),
+    }
+
+
+def test_members_already_written_are_skipped_unread(tmp_path: Path) -> None:
+    """Resuming a zip does not read what is done: a member that would fail its CRC is skipped."""
+    path = tmp_path / "pack.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("done.png", _good_png(0))
+        archive.writestr("todo.png", _good_png(1))
+    raw = bytearray(path.read_bytes())
+    at = raw.index(_good_png(0))
+    raw[at + 40] ^= 0xFF  # done.png's bytes no longer match its CRC
+    path.write_bytes(bytes(raw))
+    written = {"pack.zip/done.png"}.__contains__
+
+    done, todo = sources.archive_members(LOCAL, str(path), "pack.zip", skip=written)
+    assert (done.skipped, done.data, done.error) == (True, None, "")
+    assert not todo.skipped and todo.data == _good_png(1)
+    assert "CRC" in next(iter(sources.archive_members(LOCAL, str(path), "pack.zip"))).error
+
+    tar = tmp_path / "pack.tar"
+    with tarfile.open(tar, "w") as archive:
+        for name, payload in (("done.png", _good_png(0)), ("todo.png", _good_png(1))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    members = list(sources.archive_members(LOCAL, str(tar), "pack.tar", skip={"pack.tar/done.png"}.__contains__))
+    assert [(m.name, m.skipped, m.data is None) for m in members] == [("done.png", True, True), ("todo.png", False, False)]
