@@ -365,11 +365,12 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
     assert (again["skipped"], again["written"], again["failed"]) == (20, 0, 2)
 
-    # A member whose PNG is gone is redone; its Parquet row is kept, not written twice.
+    # A member or file whose PNG is gone is redone; its Parquet row is kept, not written twice.
     (out / "images/more.zip/shard/001.png").unlink()
+    (out / "images/loose/3.png").unlink()
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
-    assert (again["skipped"], again["written"], again["failed"]) == (19, 1, 2)
-    assert (out / "images/more.zip/shard/001.png").is_file()
+    assert (again["skipped"], again["written"], again["failed"]) == (18, 2, 2)
+    assert (out / "images/more.zip/shard/001.png").is_file() and (out / "images/loose/3.png").is_file()
     relpaths = pq.read_table(out / "parquet", columns=["relpath"]).column("relpath").to_pylist()
     assert len(relpaths) == len(set(relpaths)) == 20
 
