@@ -97,7 +97,7 @@ def test_ssim_is_independent_of_chunking(monkeypatch: pytest.MonkeyPatch) -> Non
     truth = _random_batch(5, 11, seed=6)
     pred = _noisy_copy(truth, 20.0, seed=7)
     whole = metrics.per_image_ssim(pred, truth)
-    monkeypatch.setattr(metrics, "_SSIM_CHUNK", 2)
+    monkeypatch.setattr(metrics, "_SSIM_CHUNK_PIXELS", 2 * 11 * 11)  # two images a chunk
     np.testing.assert_allclose(metrics.per_image_ssim(pred, truth), whole, rtol=1e-12)
 
 
