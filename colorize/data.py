@@ -61,6 +61,7 @@ class Source:
     path: str
     files: tuple[str, ...] = ()  # the images to read: the first --limit of those listed
     listed: tuple[str, ...] = ()  # every image found, whatever the limit: where a folder's classes come from
+    left_out: tuple[str, ...] = ()  # image files found but not listed: names not UTF-8, not regular files
 
 
 def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None) -> Source:
@@ -85,15 +86,18 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
               shards[0])
+    found_files = files
     files = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8", "; rename them (convmv does) to use them")
     if fs.type_name == "local":  # a named pipe would block its read task forever
         files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
     if not files:
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_SUFFIXES)})")
+    kept = set(files)
+    left_out = tuple(p for p in found_files if p not in kept)
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)
-    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files))
+    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files), left_out=left_out)
 
 
 def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> list[str]:  # noqa: ANN001
@@ -162,12 +166,14 @@ def load_dataset(
     settings: storage.S3Settings | None = None,
     limit: int | None = None,
     class_index: dict[str, int] | None = None,
+    with_paths: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of raw images (``bytes`` or ``rgb`` rows) from any supported source.
 
     With ``class_index`` (class name -> label, usually from the training source's
     :func:`class_names`) each row also has an int64 ``label``: -1 for a class the index lacks
     (or none at all: an image outside a class folder, Parquet without a ``label`` column).
+    ``with_paths``: a folder's rows also have the ``path`` of their file.
     """
     if isinstance(source, str):
         source = locate(source, settings=settings, limit=limit)
@@ -176,11 +182,11 @@ def load_dataset(
     elif source.kind == "parquet":
         ds = _parquet_images(source.fs, source.path, labels=class_index is not None)
     else:
-        ds = _files(source, with_paths=class_index is not None)
+        ds = _files(source, with_paths=with_paths or class_index is not None)
     if class_index is not None:
         # The kind and root, not the Source: its file list would travel with every task.
-        ds = ds.map_batches(_label_rows, fn_kwargs={"kind": source.kind, "root": source.path, "class_index": class_index},
-                            batch_format="numpy")
+        ds = ds.map_batches(_label_rows, fn_kwargs={"kind": source.kind, "root": source.path, "class_index": class_index,
+                                                    "keep_paths": with_paths}, batch_format="numpy")
     if limit:
         # Ray Data hands blocks on as their tasks finish; in order, the first `limit` rows of
         # CIFAR-10's batches or of Parquet shards are the same subset every epoch and every run.
@@ -189,10 +195,12 @@ def load_dataset(
     return ds
 
 
-def _label_rows(batch: dict[str, np.ndarray], *, kind: str, root: str, class_index: dict[str, int]) -> dict[str, np.ndarray]:
+def _label_rows(
+    batch: dict[str, np.ndarray], *, kind: str, root: str, class_index: dict[str, int], keep_paths: bool = False
+) -> dict[str, np.ndarray]:
     """Each row's class name (from its folder, or its source's own label) mapped through ``class_index``."""
     if kind == "files":
-        names = [_class_folder(str(p), root) for p in batch.pop("path")]
+        names = [_class_folder(str(p), root) for p in (batch["path"] if keep_paths else batch.pop("path"))]
     elif "label" not in batch:  # Parquet shards without labels, such as unlabelled validation images
         names = [None] * len(batch["bytes"])
     else:
@@ -212,13 +220,15 @@ def lab_dataset(
     limit: int | None = None,
     with_rgb: bool = False,
     class_index: dict[str, int] | None = None,
+    with_paths: bool = False,
 ) -> ray.data.Dataset:
     """Rows of ``L`` (1, S, S), ``ab`` (2, S, S) float32 and ``ok`` (bool), streamed.
 
     ``with_rgb`` adds the uint8 ``rgb`` (S, S, 3) each row's Lab came from (for scoring);
-    ``class_index`` the int64 ``label`` of each row (see :func:`load_dataset`).
+    ``class_index`` the int64 ``label`` of each row, and ``with_paths`` a folder's ``path``
+    (see :func:`load_dataset`).
     """
-    raw = load_dataset(source, split=split, settings=settings, limit=limit, class_index=class_index)
+    raw = load_dataset(source, split=split, settings=settings, limit=limit, class_index=class_index, with_paths=with_paths)
     return raw.map_batches(
         prepare_batch,
         fn_kwargs={"image_size": image_size, "augment": augment, "with_rgb": with_rgb, "with_label": class_index is not None},
@@ -234,7 +244,8 @@ def prepare_batch(
 
     Undecodable rows come out as zeros with ``ok = False`` rather than failing the task.
     ``with_rgb`` also returns the uint8 ``rgb`` (B, S, S, 3) the Lab values came from;
-    ``with_label`` passes the rows' ``label`` through (see ``class_index``).
+    ``with_label`` passes the rows' ``label`` through (see ``class_index``); a ``path`` column
+    passes through too.
     """
     rows = batch["rgb"] if "rgb" in batch else batch["bytes"]
     n = len(rows)
@@ -254,6 +265,8 @@ def prepare_batch(
         out["rgb"] = rgb
     if with_label:
         out["label"] = batch["label"]
+    if "path" in batch:
+        out["path"] = batch["path"]
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+NAMED_UNREADABLE = 100  # unreadable files a report names (evaluate, probe); its count is of all of them
+
 
 def first_line(text: str) -> str:
     """The first non-blank line of ``text``, stripped; "" if there is none."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from colorize import color, colorizer, metrics, plots, storage
+from colorize import color, colorizer, errors, metrics, plots, storage
 
 GRID_EXAMPLES = 8
 
@@ -111,14 +111,18 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     prepared = data.lab_dataset(
-        source, image_size=model.config.image_size, augment=False, split="test", limit=config.limit, with_rgb=True
+        source, image_size=model.config.image_size, augment=False, split="test", limit=config.limit, with_rgb=True,
+        with_paths=True,
     )
     unreadable = 0
+    named: list[str] = []  # a folder's unreadable files (Parquet and CIFAR-10 rows have no name)
 
     def readable() -> Iterator[np.ndarray]:
         nonlocal unreadable
         for batch in prepared.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
             unreadable += int((~batch["ok"]).sum())
+            if "path" in batch:
+                named.extend(storage.to_uri(source.fs, str(p)) for p in batch["path"][~batch["ok"]])
             if batch["ok"].any():
                 yield batch["rgb"][batch["ok"]]
 
@@ -134,6 +138,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "flip_average": config.flip_average,
         "images": model_metrics.pop("images"),
         "unreadable": unreadable,
+        "unreadable_files": sorted(named)[:errors.NAMED_UNREADABLE],
+        # Found in the folder (whatever --limit) but not read: names that are not UTF-8, dangling
+        # links, pipes; a warning said so.
+        "left_out": len(source.left_out),
+        "left_out_files": [storage.utf8_name(storage.to_uri(source.fs, p)) for p in source.left_out[:errors.NAMED_UNREADABLE]],
         "model": model_metrics,
         "gray": {k: v for k, v in gray_metrics.items() if k != "images"},
     }

@@ -23,14 +23,14 @@ from colorize.sources import IMAGE_SUFFIXES
 
 @dataclass(frozen=True)
 class ImageSet:
-    """``rgb`` uint8 (N, S, S, 3), ``labels`` int64 (N,) indexing ``classes``; ``unreadable``
-    files were skipped. ``index`` (N,) is each image's place in the folder's whole sorted
-    listing of ``listed`` files, whatever subset ``limit`` kept."""
+    """``rgb`` uint8 (N, S, S, 3), ``labels`` int64 (N,) indexing ``classes``; the
+    ``unreadable`` files (paths) were skipped. ``index`` (N,) is each image's place in the
+    folder's whole sorted listing of ``listed`` files, whatever subset ``limit`` kept."""
 
     rgb: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
-    unreadable: int = 0
+    unreadable: tuple[str, ...] = ()
     index: np.ndarray | None = None
     listed: int = 0
 
@@ -40,14 +40,15 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
 
     ``limit`` keeps a seeded random subset of the whole listing (not drawn class by class: a
     small one may miss a class). ``classes`` are the class folders with a readable image kept.
-    Files that cannot be decoded are skipped and counted.
+    Files that cannot be decoded, and dangling links, pipes and devices, are skipped and named
+    in ``unreadable``.
     """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder of class folders")
     # storage's walk, as training's: class folders that are symbolic links are followed (rglob skips them).
     found = storage.list_files(pafs.LocalFileSystem(), str(root))
-    files = sorted(Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
+    files = sorted(Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise ValueError(f"{root}: no images found")
     loose = [p for p in files if len(p.relative_to(root).parts) < 2]
@@ -65,12 +66,14 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[p.relative_to(root).parts[0]] for p, _ in readable], dtype=np.int64)
     index = np.array([listed[p] for p, _ in readable], dtype=np.int64)
-    return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable=len(files) - len(readable),
-                    index=index, listed=len(listed))
+    unreadable = tuple(str(p) for p, a in zip(files, decoded) if a is None)
+    return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable, index=index, listed=len(listed))
 
 
 def _square(path: Path, size: int) -> np.ndarray | None:
     """The image at ``path`` as :func:`square` makes it, or None if it cannot be decoded."""
+    if not os.path.isfile(path):  # a dangling link; a pipe would block its read for ever
+        return None
     try:
         with Image.open(path) as img:
             return np.asarray(square(img, size), dtype=np.uint8)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colorize import color, colorizer, imagesets, storage
+from colorize import color, colorizer, errors, imagesets, storage
 from colorize.models import build_model
 
 
@@ -111,7 +111,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "model_config": trained.config.to_dict(),
         "train_images": len(train_y),
         "test_images": len(test_y),
-        "unreadable": train.unreadable + test.unreadable,
+        "unreadable": len(train.unreadable) + len(test.unreadable),
+        "unreadable_files": [storage.utf8_name(p) for p in (train.unreadable + test.unreadable)[:errors.NAMED_UNREADABLE]],
         "classes": len(train.classes),
         "chance": float(np.bincount(test.labels).max() / len(test_y)),
     }

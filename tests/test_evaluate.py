@@ -71,6 +71,7 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     write_images(tmp_path / "data", 12)
     (tmp_path / "data" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
     (tmp_path / "data" / "empty.png").write_bytes(b"")
+    (tmp_path / "data" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     torch.manual_seed(0)
     weights = tmp_path / "w.pt"
     weights.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=16))))
@@ -78,6 +79,8 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     report = evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(weights), out=str(tmp_path / "out")))
 
     assert report["images"] == 12 and report["unreadable"] == 2  # skipped and counted, not scored as black
+    assert report["unreadable_files"] == [str(tmp_path / "data" / name) for name in ("broken.jpg", "empty.png")]
+    assert (report["left_out"], report["left_out_files"]) == (1, [str(tmp_path / "data" / "gone.png")])
     assert report["flip_average"] is False
     for group in ("model", "gray"):
         for key in ("mse", "psnr", "ssim"):

@@ -102,8 +102,11 @@ def test_the_probe_skips_and_counts_unreadable_images(weights: Path, tmp_path: P
     write_classes(tmp_path / "test", 8, seed=1)
     (tmp_path / "train" / "day" / "truncated.png").write_bytes((tmp_path / "train" / "day" / "001.png").read_bytes()[:40])
     (tmp_path / "test" / "dusk" / "garbage.jpg").write_bytes(b"not a picture")
+    (tmp_path / "test" / "dusk" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     report = probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
-    assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 2)
+    assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 3)
+    assert report["unreadable_files"] == [str(tmp_path / path) for path in
+                                          ("train/day/truncated.png", "test/dusk/garbage.jpg", "test/dusk/gone.jpg")]
 
 
 def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
