@@ -93,13 +93,19 @@ def test_an_image_set_follows_class_folders_that_are_symbolic_links(tmp_path) ->
     assert found.classes == ("cat", "dog") and len(found.rgb) == 2
 
 
-def test_compose_bounds_its_work_on_tall_images() -> None:
-    L = np.linspace(0, 100, 1100, dtype=np.float32)[:, None].repeat(3, axis=1)  # more rows than one tile
-    ab = np.zeros((2, 1, 1), dtype=np.float32)
-    rgb = images.compose(L, ab)
-    assert rgb.shape == (1100, 3, 3)
-    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])  # neutral grey
-    assert np.all(np.diff(rgb[:, 0, 0].astype(int)) >= 0)
+def test_compose_works_in_blocks_of_pixels_with_the_same_result_whatever_the_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    L = rng.uniform(0, 100, (37, 53)).astype(np.float32)
+    ab = rng.uniform(-90, 90, (2, 8, 8)).astype(np.float32)  # some of it out of gamut
+    whole = images.compose(L, ab)
+    monkeypatch.setattr(images, "_GAMUT_PIXELS", 100)  # 20 blocks, most across rows
+    assert np.array_equal(images.compose(L, ab), whole)
+
+    for shape in ((1100, 1), (1, 1100)):  # one column, one row: many blocks either way
+        ramp = np.linspace(0, 100, 1100, dtype=np.float32).reshape(shape)
+        rgb = images.compose(ramp, np.zeros((2, 1, 1), dtype=np.float32)).reshape(-1, 3)
+        assert np.array_equal(rgb[:, 0], rgb[:, 1]) and np.array_equal(rgb[:, 1], rgb[:, 2])  # neutral grey
+        assert np.all(np.diff(rgb[:, 0].astype(int)) >= 0) and rgb[0, 0] == 0 and rgb[-1, 0] == 255
 
 
 def _png(img: Image.Image) -> bytes:
