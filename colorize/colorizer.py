@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import pickle
+import re
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -256,6 +257,19 @@ def set_decoding(model: nn.Module, *, temperature: float | None = None, saturati
     return model
 
 
+def _why_not_loaded(error: Exception) -> str:
+    """torch's reason for refusing a weights file, in one line. Its messages run over many
+    lines; the weights-only unpickler's opens with advice to load with weights_only=False (which
+    this project never does), in terminal bold, and gives the cause after "WeightsUnpickler
+    error:", of which the first sentence says enough."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    _, marker, cause = text.partition("WeightsUnpickler error:")
+    if marker:
+        text = re.split(r"(?<=\.)\s", cause.strip(), maxsplit=1)[0]
+    line = f"{type(error).__name__}: {errors.first_line(text)}"
+    return line if len(line) <= 160 else line[:159] + "…"
+
+
 def load_weights(
     uri: str | None,
     settings: storage.S3Settings | None = None,
@@ -274,11 +288,12 @@ def load_weights(
         model = model_from_bytes(raw)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
             pickle.UnpicklingError) as error:
-        # torch's own messages run over many lines (and advise weights_only=False, which this
-        # project never does); the type and the first line say enough.
-        reason = errors.one_line(error, max_chars=160)
+        reason = _why_not_loaded(error)
         raise ValueError(
             f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
             f"with 'config' and 'state_dict' ({reason})"
         ) from None
+    if temperature is not None and model.config.head != "classification":  # else it would change nothing, silently
+        raise ValueError(f"{uri or bundled_weights_path()}: a decoding temperature is for a classification head; "
+                         f"this model's head is {model.config.head}")
     return set_decoding(model, temperature=temperature, saturation=saturation), weights_id(raw)

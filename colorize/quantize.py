@@ -56,6 +56,9 @@ def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float) 
         # Shifted so that the largest logit is 0 before dividing: a tiny temperature then tends
         # to the mode instead of overflowing to inf (and NaN after the softmax).
         logits = logits.float()
+        # A temperature that float32 rounds to 0 (1e-46) would give 0/0: its smallest normal
+        # number gives the limit, the mode.
+        temperature = max(temperature, torch.finfo(torch.float32).tiny)
         probs = torch.softmax((logits - logits.amax(dim=1, keepdim=True)) / temperature, dim=1)
         return torch.einsum("bqhw,qc->bchw", probs, bins.to(probs))
 

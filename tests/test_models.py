@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,8 +345,12 @@ class Payload:
 def test_a_pickled_object_in_a_weights_file_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"config": CONFIGS[0].to_dict(), "state_dict": {}, "x": Payload()}, path)
-    with pytest.raises(ValueError, match="not a colorize weights file"):
+    with pytest.raises(ValueError, match="not a colorize weights file") as refused:
         colorizer.load_weights(str(path))
+    # torch's cause, not its advice to load with weights_only=False, and no terminal escapes
+    assert re.search(r"\(UnpicklingError: Unsupported global: GLOBAL [\w.]*print was not an allowed global by default\.\)$",
+                     str(refused.value))
+    assert "\x1b" not in str(refused.value) and "weights_only" not in str(refused.value)
 
 
 def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_building(tmp_path) -> None:

@@ -208,10 +208,10 @@ def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
             run(BulkConfig(**{"input": str(first), "output": str(out), "weights": weights, "formats": ("png",), **changed}))
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
 
-    # The same folder through a link is the same input, and a temperature changes nothing for a
-    # regression model; --overwrite takes the new input on.
-    assert run(BulkConfig(input=str(tmp_path / "link-to-a"), output=str(out), weights=weights, formats=("png",),
-                          temperature=0.5))["skipped"] == 2
+    # The same folder through a link is the same input; --overwrite takes the new input on.
+    assert run(BulkConfig(input=str(tmp_path / "link-to-a"), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
+    with pytest.raises(ValueError, match="a decoding temperature is for a classification head; this model's head is regression"):
+        run(BulkConfig(input=str(first), output=str(out), weights=weights, temperature=0.5))  # it would change nothing
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 2
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
 
