@@ -186,6 +186,7 @@ def fit(
     steps, epoch, done, value = 0, 0, False, torch.zeros(())
     while not done:
         order = torch.randperm(len(lab), generator=generator).to(device)
+        before = steps
         for step in range(steps_per_epoch):
             if budget.seconds:
                 progress = (time.perf_counter() - started) / budget.seconds
@@ -213,6 +214,8 @@ def fit(
                                colourfulness_weight=variant.colourfulness_weight, psnr_weight=variant.psnr_weight,
                                precision=precision)
             steps += 1
+        if steps == before:  # the time ran out before this epoch's first step: no epoch to count or score
+            break
         epoch += 1
         if not bool(torch.isfinite(value)):  # once an epoch: reading it waits for the GPU
             raise FloatingPointError(f"{variant.name}: the loss is not finite after {epoch} epochs; try a lower learning rate")

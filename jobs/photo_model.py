@@ -107,8 +107,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if given is not None and given != has:
                 parser.error(f"--init {args.init} fixes the model's architecture; leave out {flag} {given} (it has {has})")
     args.size = args.size or (start.config.image_size if start is not None else 64)
-    if start is not None and args.size % 2**start.config.depth:
-        parser.error(f"--size {args.size} must be divisible by 2**depth = {2**start.config.depth} (--init {args.init})")
+    depth = start.config.depth if start is not None else args.depth or 4
+    if args.size % 2**depth:  # here, not after the data has loaded
+        parser.error(f"--size {args.size} must be divisible by 2**depth = {2**depth}"
+                     + (f" (--init {args.init})" if start is not None else ""))
     if args.score_every < 0:
         parser.error(f"--score-every must be >= 0, got {args.score_every}")
     if not 0 <= args.shift < args.size // 2:

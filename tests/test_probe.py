@@ -202,6 +202,7 @@ def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one
                           "leave out --width 8 (it has 4)"),
                          (["--data", str(labelled / "train"), "--init", str(weights), "--size", "18"],
                           "--size 18 must be divisible by 2**depth = 4"),
+                         (["--data", str(labelled / "train"), "--size", "40"], "--size 40 must be divisible by 2**depth = 16"),
                          (["--data", str(eight)], "8 images leave 0 to train on and 8 to hold out")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main([*argv, "--out", str(tmp_path / "out")])
@@ -448,3 +449,29 @@ def test_the_photo_model_job_trains_with_shifted_images(labelled: Path, tmp_path
     with pytest.raises(SystemExit):
         photo_model.main([*argv, "--shift", "8", "--out", str(tmp_path / "refused")])
     assert "--shift must be from 0 to 7 pixels at --size 16, got 8" in capsys.readouterr().err
+
+
+def test_a_timed_fit_that_runs_out_at_an_epoch_boundary_counts_and_scores_no_empty_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Time up before an epoch's first step: that epoch was scored again on unchanged weights, a
+    curve point under the wrong epoch."""
+    clock = {"now": 0.0, "jump": ""}
+
+    def perf_counter() -> float:
+        if clock["jump"] == "armed":  # the read just after on_epoch: the pause is taken off the clock
+            clock["jump"] = "next"
+        elif clock["jump"] == "next":  # the next epoch's first step finds the time up
+            clock["now"] += 1000.0
+        return clock["now"]
+
+    def on_epoch(epoch: int, model: torch.nn.Module) -> None:
+        scored.append(epoch)
+        clock["jump"] = "armed"
+
+    monkeypatch.setattr(ablation, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    scored: list[int] = []
+    lab = torch.rand(16, 3, 16, 16) * torch.tensor([100.0, 1.0, 1.0]).view(1, 3, 1, 1)
+    variant = ablation.Variant("tiny", ModelConfig(width=4, depth=2, image_size=16))
+    _, _, epochs = ablation.fit(variant, lab, ablation.Budget(seconds=60, batch_size=8, device="cpu"), on_epoch=on_epoch)
+    assert scored == [1] and epochs == 1
