@@ -28,6 +28,9 @@ import torch
 
 PART_BYTES = 15 * 1024 * 1024
 MANIFEST = "manifest.json"
+# What a lease brings back, less room for manifest.json and logs.tar.gz beside the parts.
+MAX_FILES, MAX_BYTES = 8 - 2, (64 - 4) * 1024 * 1024
+REFUSED = ".collect-refused"  # in RUNS: the runs already reported as not fitting, one a line
 
 
 def half_bytes(model: Path) -> bytes:
@@ -42,7 +45,9 @@ def half_bytes(model: Path) -> bytes:
 def collect(runs: Path, out: Path, names: Sequence[str] = ()) -> list[str]:
     """Copy each run's ``model.pt`` newer than its last copy into ``out``; returns the names copied.
 
-    ``names`` limits it to those runs (all when empty)."""
+    ``names`` limits it to those runs (all when empty). A model whose parts would take ``out``
+    past what a lease brings back is not copied (said once a run): the files past the limit
+    would be left behind, and with them maybe a part of every model."""
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -59,6 +64,14 @@ def collect(runs: Path, out: Path, names: Sequence[str] = ()) -> list[str]:
         except (RuntimeError, EOFError, OSError) as error:  # caught mid-write: the next call takes it
             print(f"{name}: not copied yet ({error})", file=sys.stderr)
             continue
+        others = [p for p in out.glob("*-fp16.pt.part*") if not p.name.startswith(f"{name}-fp16.pt.part")]
+        files = len(others) + -(-len(data) // PART_BYTES)
+        size = sum(p.stat().st_size for p in others) + len(data)
+        if files > MAX_FILES or size > MAX_BYTES:
+            _refuse_once(runs, name, f"{name}: not copied: with it the models would take {files} files and "
+                                     f"{size / 2**20:.1f} MiB, past the {MAX_FILES} and {MAX_BYTES / 2**20:.0f} MiB a lease "
+                                     "brings back beside its logs; name fewer runs in FETCH")
+            continue
         for stale in out.glob(f"{name}-fp16.pt.part*"):
             stale.unlink()
         parts = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
@@ -71,6 +84,14 @@ def collect(runs: Path, out: Path, names: Sequence[str] = ()) -> list[str]:
         os.replace(scratch, manifest_path)
         copied.append(name)
     return copied
+
+
+def _refuse_once(runs: Path, name: str, message: str) -> None:
+    said = runs / REFUSED
+    if name not in (said.read_text().split() if said.exists() else []):
+        print(message, file=sys.stderr, flush=True)
+        with said.open("a") as f:
+            f.write(name + "\n")
 
 
 def join(files: Path, dest: Path) -> list[Path]:

@@ -1,11 +1,12 @@
 """Pack the training data of jobs/gpu_models.sh small enough for one GPU lease's carry (64 MiB).
 
     python -m jobs.gpu_data --cifar ../shared/data/cifar10-jpeg.tar.gz \\
-                            --photos ../shared/data/photos-train.tar.gz --out .gpu
+                            --photos ../shared/data/photos-train.tar.gz --out .gpu [--with-test]
 
 Writes ``OUT/cifar10-train.tar.gz``, CIFAR-10's ``cifar10/train/`` members with their bytes
-unchanged (the test split stays behind: training never sees it; ``jobs/gpu_lease.sh`` scores
-on it only where ``cifar10-test.tar.gz`` is packed beside these), and
+unchanged (the test split stays behind, where training never sees it, unless ``--with-test``
+packs it apart as ``OUT/cifar10-test.tar.gz``, 3 MiB, for ``jobs/gpu_lease.sh`` to score
+on), and
 ``OUT/photos64.tar.gz``, every photo under ``photos/`` centre-cropped and resized to ``--size``
 exactly as ``imagesets.load_folder`` does it, re-encoded as JPEG (quality 90, no chroma
 subsampling: 36 dB from the crops) under its own name, so that ``jobs.photo_model`` holds out the
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--photos", required=True, help="photos-train.tar.gz (photos/<class>/*.jpg inside)")
     parser.add_argument("--out", required=True, help="folder for cifar10-train.tar.gz and photos64.tar.gz")
     parser.add_argument("--size", type=int, default=64, help="side of the photo crops (default: 64, the models' working size)")
+    parser.add_argument("--with-test", action="store_true",
+                        help="also pack CIFAR-10's test split as cifar10-test.tar.gz, which jobs/gpu_lease.sh scores on")
     args = parser.parse_args(argv)
     if args.size < 1:
         parser.error(f"--size must be at least 1, got {args.size}")
@@ -93,19 +96,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cifar_path, photos_path = out / "cifar10-train.tar.gz", out / f"photos{args.size}.tar.gz"
-    partial = [path.with_name(path.name + ".partial") for path in (cifar_path, photos_path)]
+    packs = [(out / "cifar10-train.tar.gz", args.cifar, "cifar10/train/", None),
+             (out / f"photos{args.size}.tar.gz", args.photos, "photos/", args.size),
+             *([(out / "cifar10-test.tar.gz", args.cifar, "cifar10/test/", None)] if args.with_test else [])]
+    partial = [path.with_name(path.name + ".partial") for path, *_ in packs]
     try:
-        cifar = repack(args.cifar, partial[0], "cifar10/train/")
-        photos = repack(args.photos, partial[1], "photos/", shrink_to=args.size)
+        counts = [repack(source, scratch, prefix, shrink_to=size) for scratch, (_, source, prefix, size) in zip(partial, packs)]
     except (tarfile.TarError, OSError, ValueError) as error:
         for path in partial:
             path.unlink(missing_ok=True)
         parser.error(str(error))
-    partial[0].replace(cifar_path)  # only whole archives under the final names
-    partial[1].replace(photos_path)
-    print(f"{cifar} CIFAR-10 training images and {photos} photos at {args.size} px in {time.perf_counter() - started:.0f} s: "
-          + ", ".join(f"{path} {path.stat().st_size / 2**20:.1f} MiB" for path in (cifar_path, photos_path)))
+    for scratch, (path, *_) in zip(partial, packs):
+        scratch.replace(path)  # only whole archives under the final names
+    print(f"{counts[0]} CIFAR-10 training images{f', {counts[2]} test images' if args.with_test else ''} and {counts[1]} "
+          f"photos at {args.size} px in {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{path} {path.stat().st_size / 2**20:.1f} MiB" for path, *_ in packs))
 
 
 if __name__ == "__main__":

@@ -11,18 +11,10 @@
 # H200 alone), so the whole script takes MINUTES plus loading and scoring, about a minute
 # more, and the scoring. RUNS="a b" picks some of the runs below. Each scores its holdouts every
 # SCORE_EVERY epochs (default 5; off the training clock), a learning curve in its metrics.json.
+# HALF=0 skips the half-precision copies (jobs/gpu_lease.sh makes its own, in parts).
+# `jobs/gpu_models.sh --names` prints the names of the runs RUNS picks (all by default).
 # No Ray needed. docs/colour.md has what these runs gave on an H200.
 set -euo pipefail
-data=${1:?data folder}
-out=${2:?output folder}
-minutes=${3:?minutes of training}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
-device=${DEVICE:-cuda}
-
-common=(--data "$data/photos" --data "$data/cifar10/train" --size 64 --depth 4 --batch-size 256
-        --minutes "$minutes" --device "$device" --threads "${THREADS:-4}" --score-every "${SCORE_EVERY:-5}")
 declare -A runs=(
   [w32-psnr]="--width 32 --loss psnr"
   [w32-huber]="--width 32 --loss huber"
@@ -42,11 +34,24 @@ declare -A runs=(
   # its --size and --depth come after common's, and the last of a flag wins
   [w32-at32-sem-shift-best]="--size 32 --depth 3 --width 32 --loss psnr --semantic --shift 2 --keep-best"
 )
-pids=()
 names=(${RUNS:-${!runs[@]}})  # RUNS="w32-psnr w16-cf-ft" trains a subset
 for name in "${names[@]}"; do
   [[ -v runs[$name] ]] || { echo "gpu_models.sh: no run named $name; the runs: ${!runs[*]}" >&2; exit 2; }
 done
+if [[ ${1:-} == --names ]]; then
+  echo "${names[*]}"
+  exit 0
+fi
+data=${1:?data folder}
+out=${2:?output folder}
+minutes=${3:?minutes of training}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+common=(--data "$data/photos" --data "$data/cifar10/train" --size 64 --depth 4 --batch-size 256
+        --minutes "$minutes" --device "$device" --threads "${THREADS:-4}" --score-every "${SCORE_EVERY:-5}")
+pids=()
 for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the run's flags are meant to split
   "$python" -m jobs.photo_model "${common[@]}" ${runs[$name]} --out "$out/$name" >"$out/$name.log" 2>&1 &
@@ -56,7 +61,7 @@ status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for name in "${names[@]}"; do
   tail -n 4 "$out/$name.log" | sed "s/^/$name: /"
-  if [[ -f $out/$name/model.pt ]]; then
+  if [[ -f $out/$name/model.pt && ${HALF:-1} != 0 ]]; then
     # One run's copy failing must not cost the others their summaries and copies (set -e).
     "$python" -m jobs.gpu_collect half "$out/$name/model.pt" "$out/$name-fp16.pt" || status=1
   fi
