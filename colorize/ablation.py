@@ -270,7 +270,8 @@ def run_variant(
     model, seconds, _ = fit(variant, lab, budget, labels=labels if variant.model.classes else None)
     weights = weights_dir / f"{variant.name}.pt"
     weights.parent.mkdir(parents=True, exist_ok=True)
-    weights.write_bytes(colorizer.weights_bytes(model))
+    raw = colorizer.weights_bytes(model)
+    weights.write_bytes(raw)
     temperatures = [variant.model.temperature, *variant.temperatures] if variant.model.head == "classification" else [None]
     rows = []
     for temperature in temperatures:
@@ -285,7 +286,7 @@ def run_variant(
             "parameters": count_parameters(model), "train_images": len(lab), "epochs": budget.epochs,
             "batch_size": budget.batch_size, "lr": budget.lr, "seconds": round(seconds, 1),
             "hardware": hardware(budget.device), "precision": resolve_precision(budget.precision, torch.device(budget.device)),
-            "weights": str(weights), **result,
+            "weights": str(weights), "weights_id": colorizer.weights_id(raw), **result,
         })
     colorizer.set_decoding(model, temperature=variant.model.temperature)
     return rows
@@ -332,11 +333,13 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 
 def refresh_strips(results: dict[str, Any], test: np.ndarray, out: Path) -> None:
-    """Redraw every row's grid strip from its weights file, where that is still on disk, so
-    that all rows show the same test images."""
+    """Redraw every row's grid strip from its weights file, where that is still on disk and
+    still the model the row scored (a later study may have written another model under the
+    same name), so that all rows show the same test images."""
     examples = _grid_examples(test)
     for row in results["rows"]:
-        if Path(row["weights"]).exists():
+        path = Path(row["weights"])
+        if path.is_file() and row.get("weights_id") == colorizer.weights_id(path.read_bytes()):
             model, _ = colorizer.load_weights(row["weights"], temperature=row["temperature"])
             strip = np.concatenate(list(evaluate.colorize_rgb(model, examples)), axis=1)
             Image.fromarray(strip).save(out / "ablation" / f"{row['variant'].replace(' ', '_')}.png")
@@ -379,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--width-scale must be a finite number > 0, got {args.width_scale}")
     if args.image_size < metrics.SSIM_WINDOW:
         parser.error(f"--image-size {args.image_size} is below SSIM's {metrics.SSIM_WINDOW} px window: the test split could not be scored")
-    names = args.variants.split(",") if args.variants else [v.name for v in VARIANTS]
+    names = args.variants.split(",") if args.variants is not None else [v.name for v in VARIANTS]
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
     if unknown:
         parser.error(f"--variants: unknown name {unknown[0]!r}; the variants are {', '.join(v.name for v in VARIANTS)}")
@@ -420,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if earlier != test_split:
         parser.error(f"{results_path} holds rows scored on {earlier['images']} test images at {earlier['image_size']} px; "
                      f"this run's --data, --test-limit and --image-size give {len(test)} at {args.image_size} px: use another --out")
-    results["gray"], results["test"] = gray.result(), test_split
+    if not (args.report_only and "gray" in results):  # a redraw leaves the numbers as they are
+        results["gray"], results["test"] = gray.result(), test_split
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
     lab = to_lab(train.rgb, torch.device(budget.device)) if chosen else None
@@ -438,5 +442,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {r['variant']}: psnr {r['psnr']:.2f} ssim {r['ssim']:.4f} cf {r['colourfulness']:.2f} "
                   f"dcf {r['delta_colourfulness']:.2f} ({r['seconds']:.0f} s)", flush=True)
     refresh_strips(results, test, out)
-    results_path.write_text(json.dumps(results, indent=2))
+    if not args.report_only:
+        results_path.write_text(json.dumps(results, indent=2))
     write_report(results, out)

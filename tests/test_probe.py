@@ -131,9 +131,15 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     assert semantic.config.classes == 2  # the training folder's classes, not CIFAR-10's ten
 
     (out / "ablation.md").unlink()
+    before = (out / "ablation.json").read_text()
+    strip = out / "ablation" / "unet-psnr-semantic.png"
+    drawn = strip.read_bytes()
+    # A later study writes another model under the same name: not the model this row scored.
+    (tmp_path / "w" / "unet-psnr-semantic.pt").write_bytes(colorizer.weights_bytes(build_model(semantic.config)))
     ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--variants", "unet-class"])
     assert "unet-class T=0.6" in (out / "ablation.md").read_text()
-    before = (out / "ablation.json").read_text()
+    assert (out / "ablation.json").read_text() == before  # a redraw, not a rescoring
+    assert strip.read_bytes() == drawn  # its strip is not redrawn from that other model
     with pytest.raises(SystemExit):  # another test set would replace the grey row beside rows scored on this one
         ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--test-limit", "3"])
     assert "this run's --data, --test-limit and --image-size give 3 at 16 px" in capsys.readouterr().err
