@@ -244,8 +244,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
     gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
-    p.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
-                   "every CPU task runs the model itself)")
+    gpus.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
+                      "every CPU task runs the model itself)")
     p.add_argument("--limit", type=_positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
     p.add_argument("--max-pixels", type=_positive_int, default=images.MAX_PIXELS,
                    help=f"refuse images with more pixels (decompression bombs; default: {images.MAX_PIXELS:,})")

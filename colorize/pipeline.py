@@ -90,6 +90,8 @@ class BulkConfig:
             raise ValueError(f"--batch-size and --max-pixels must be positive, got {self.batch_size}, {self.max_pixels}")
         if not 0 <= self.png_level <= 9:
             raise ValueError(f"--png-level must be 0-9, got {self.png_level}")
+        if self.num_gpus and self.actors is not None:
+            raise ValueError("--actors sets CPU model actors; with --gpu or --num-gpus N there is one actor a GPU")
 
 
 @dataclass(frozen=True)
@@ -585,7 +587,7 @@ def actor_pool(num_gpus: int, actors: int | None) -> tuple[int, float]:
     idle while Ray Data, counting it as busy, held back the decode and write tasks.
     """
     if num_gpus:
-        return actors or num_gpus, 1.0
+        return num_gpus, 1.0
     return actors or 1, 0.25
 
 

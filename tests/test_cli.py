@@ -132,8 +132,10 @@ def test_train_against_unreachable_s3(tmp_path: Path) -> None:
      (["run", "--input", "a", "--output", "o", "--batch-size", "abc"], "expected a whole number, got 'abc'"),
      (["run", "--input", "a", "--output", "o", "--temperature", "warm"], "expected a number, got 'warm'"),
      (["run", "--input", "a", "--output", "o", "--saturation", "-1"], "must be in [0, 4], got -1"),
-     (["evaluate", "--data", "d", "--saturation", "nan"], "must be in [0, 4], got nan")],
-    ids=["input-twice", "lr-twice", "not-a-number", "temperature-not-a-number", "saturation-negative", "saturation-nan"],
+     (["evaluate", "--data", "d", "--saturation", "nan"], "must be in [0, 4], got nan"),
+     (["run", "--input", "a", "--output", "o", "--gpu", "--actors", "2"], "argument --actors: not allowed with argument --gpu")],
+    ids=["input-twice", "lr-twice", "not-a-number", "temperature-not-a-number", "saturation-negative", "saturation-nan",
+         "cpu-actors-with-gpus"],
 )
 def test_flags_refuse_a_second_value_and_say_what_they_expected(argv: list[str], fragment: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:

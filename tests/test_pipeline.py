@@ -285,7 +285,9 @@ def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> No
     with pytest.raises(ValueError, match="1 GPU actor"):
         pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=1))
     with pytest.raises(ValueError, match="3 GPU actor"):
-        pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=1, actors=3))
+        pipeline._check_resources(BulkConfig(input="i", output="o", num_gpus=3))
+    with pytest.raises(ValueError, match="--actors sets CPU model actors; with --gpu or --num-gpus N there is one actor a GPU"):
+        BulkConfig(input="i", output="o", num_gpus=1, actors=3)  # not 3 GPU actors, nor 1 silently
     too_many = int(have["CPU"] / 0.25) + 1
     with pytest.raises(ValueError, match=f"{too_many} model actor"):
         pipeline._check_resources(BulkConfig(input="i", output="o", actors=too_many))
