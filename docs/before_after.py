@@ -90,6 +90,11 @@ def main() -> None:
         weights = [None if w == "bundled" else w for w in args.weights or ["bundled"]]
         picture = "saturation.png" if args.saturation else "skimage-before-after.png"
         skimage_photos(weights, args.saturation or [None], ROOT / "docs" / picture)
+    elif args.weights or args.saturation:
+        parser.error("--weights and --saturation go with --skimage; the sample photos are read from OUT as coloured")
+    elif not (Path(args.out) / "images" / "photos").is_dir():
+        parser.error(f"{args.out}: no images/photos/ here; run the quick start first "
+                     f"(colorize run --input samples --output {args.out})")
     else:
         samples(Path(args.out))
 

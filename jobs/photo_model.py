@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--shift must be from 0 to {args.size // 2 - 1} pixels at --size {args.size}, got {args.shift}")
     if args.keep_best and not args.score_every:
         parser.error("--keep-best needs --score-every N: the held-out scores it chooses by")
-    for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
+    for flag, value in (("--lr", args.lr), ("--minutes", args.minutes), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads), ("--width", args.width), ("--depth", args.depth), ("--limit", args.limit)):
+        if value is not None and not value > 0:  # NaN too
             parser.error(f"{flag} must be > 0, got {value}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
