@@ -251,7 +251,7 @@ def _grid_examples(test: np.ndarray) -> np.ndarray:
 def score(model: torch.nn.Module, test: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
     """Metrics on the test images (model on CPU, like the bulk job) and the grid examples."""
     model = model.cpu()
-    result, _, _ = evaluate.score(model, evaluate.in_batches(test))
+    result, _, _ = evaluate.score(model, evaluate.in_batches(test), with_gray=False)
     return result, evaluate.colorize_rgb(model, _grid_examples(test))
 
 

@@ -70,11 +70,14 @@ def in_batches(rgb: np.ndarray, size: int = 500) -> Iterator[np.ndarray]:
         yield rgb[start : start + size]
 
 
-def score(model: torch.nn.Module, batches: Iterable[np.ndarray], *, flip: bool = False) -> tuple[dict, dict, list]:
+def score(
+    model: torch.nn.Module, batches: Iterable[np.ndarray], *, flip: bool = False, with_gray: bool = True
+) -> tuple[dict, dict | None, list]:
     """Metrics of ``model`` (with ``flip``: averaged with its mirror images) and of the grey
     baseline over uint8 (N, H, W, 3) batches.
 
-    Returns the model's metrics, the baseline's, and a few examples for a picture grid.
+    Returns the model's metrics, the baseline's (None without ``with_gray``, for a caller that
+    scores the same images again and again), and a few examples for a picture grid.
     """
     device = colorizer.device_of(model)  # SSIM's filtering too: on a GPU it costs little there
     model_acc, gray_acc = metrics.MetricAccumulator(device), metrics.MetricAccumulator(device)
@@ -82,12 +85,14 @@ def score(model: torch.nn.Module, batches: Iterable[np.ndarray], *, flip: bool =
     for truth in batches:
         pred, gray = colorize_rgb(model, truth, flip=flip), gray_baseline(truth)
         model_acc.update(pred, truth)
-        gray_acc.update(gray, truth)
+        if with_gray:
+            gray_acc.update(gray, truth)
         for rows, images in zip(examples.values(), (gray, pred, truth)):
             rows.extend(images[: GRID_EXAMPLES - len(rows)])  # the first few, whatever the batch size
     if not examples["truth"]:
         raise NoImages("no readable images to evaluate")
-    return model_acc.result(), gray_acc.result(), [(name, np.stack(rows)) for name, rows in examples.items()]
+    return (model_acc.result(), gray_acc.result() if with_gray else None,
+            [(name, np.stack(rows)) for name, rows in examples.items()])
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:

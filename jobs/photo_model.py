@@ -198,7 +198,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if epoch % args.score_every:
             return
         snapshot = copy.deepcopy(model).eval()  # the training model stays in train mode
-        point = {"epoch": epoch, **{folder: score(snapshot, holdout)[0] for folder, holdout in holdouts.items()}}
+        # The model's scores only: the grey baseline's are the same at every epoch.
+        point = {"epoch": epoch, **{folder: evaluate.score(snapshot, evaluate.in_batches(holdout), with_gray=False)[0]
+                                    for folder, holdout in holdouts.items()}}
         curve.append(point)
         print(f"  {out.name}: epoch {epoch} held out: " + "; ".join(
             f"{folder} psnr {point[folder]['psnr']:.3f} ssim {point[folder]['ssim']:.4f} cf {point[folder]['colourfulness']:.2f}"

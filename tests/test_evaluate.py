@@ -37,6 +37,9 @@ def test_a_grey_model_scores_exactly_the_grey_baseline() -> None:
     assert [title for title, _ in examples] == ["gray", "prediction", "truth"]
     # The grid's rows are the first images, however they were batched.
     np.testing.assert_array_equal(dict(examples)["truth"], np.concatenate(batches)[:8])
+    # Scored again and again (a learning curve), the grey baseline's part can be left out.
+    alone, no_gray, _ = score(GreyModel(), iter(batches), with_gray=False)
+    assert alone == model_metrics and no_gray is None
 
 
 def test_gray_baseline_is_601_luma_on_every_channel() -> None:
