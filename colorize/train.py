@@ -582,6 +582,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                   "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)
             return _summary(out_fs, out_path, state)
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
+    if train_source.kind == "files" and len(train_source.files) < config.num_workers:
+        raise data.DataError(f"{config.data}: {len(train_source.files)} image(s) for {config.num_workers} workers: each epoch "
+                             f"splits the images equally among the workers; use --num-workers {len(train_source.files)}")
     val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
     classes = _classes(config, train_source, earlier[0] if earlier else None)
     # The model's classes: the data's for --semantic; else an --init model's semantic branch
@@ -662,6 +665,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if last.get("dropped"):
                 why += (f"; the {last['dropped']} readable ones never came in a step where each of the {config.num_workers} "
                         "workers had one: try fewer --num-workers")
+            elif not last["skipped"] and config.num_workers > 1:  # Parquet of fewer rows than workers
+                why += f"; are there fewer than the {config.num_workers} --num-workers, which each take an equal share?"
             raise data.DataError(f"{config.data}: no readable training images in epoch {last['epoch']} ({why})")
         for name in ("model.pt", "curve.png", "grid.png", "state.json"):
             source = Path(directory, name)

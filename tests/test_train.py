@@ -203,6 +203,10 @@ def test_a_semantic_run_needs_classes_in_its_data(ray_cluster: str, tmp_path: Pa
     (tmp_path / "loose" / "class0" / "0000.jpg").rename(tmp_path / "loose" / "top.jpg")
     with pytest.raises(data.DataError, match="1 image\\(s\\), such as .*top.jpg, are not in a class folder"):
         train(TrainConfig(data=str(tmp_path / "loose"), out=str(tmp_path / "run"), semantic=True, **TINY))
+    # Each epoch splits the images equally among the workers: one image for two left both idle.
+    with pytest.raises(data.DataError, match="1 image\\(s\\) for 2 workers: each epoch splits the images equally"):
+        train(TrainConfig(data=str(tmp_path / "loose"), out=str(tmp_path / "run"), limit=1,
+                          **{**TINY, "num_workers": 2, "batch_size": 2}))
     assert not (tmp_path / "run").exists()
 
 
