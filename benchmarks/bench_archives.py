@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 import pyarrow.fs as pafs
 
-from benchmarks.common import jpeg_bytes, print_table, scene, write_results
+from benchmarks.common import add_results_flag, jpeg_bytes, print_table, scene, write_results
 from colorize import sources, storage
 from tests.s3server import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, seaweedfs
 
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=500, help="JPEGs in each archive (default: 500)")
     parser.add_argument("--side", type=int, default=64, help="their width and height in px (default: 64)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds, each arm once a round (default: 3)")
+    add_results_flag(parser)
     args = parser.parse_args()
     if args.members < 1 or args.repeat < 1:
         parser.error("--members and --repeat must be at least 1")
@@ -100,7 +101,8 @@ def main() -> None:
         for name in made for arm in arms
     ]
     print_table(rows, ["archive", "MiB", "reader", "seconds", "x baseline"])
-    write_results("bench_archives", {"members": args.members, "side": args.side, "repeat": args.repeat, "rows": rows})
+    write_results("bench_archives", {"members": args.members, "side": args.side, "repeat": args.repeat, "rows": rows},
+                  folder=args.results)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import print_table, start_ray, warm_ray_data, write_jpegs, write_results
+from benchmarks.common import add_results_flag, print_table, start_ray, warm_ray_data, write_jpegs, write_results
 from colorize import color, colorizer, images
 from colorize.pipeline import for_inference
 
@@ -163,9 +163,13 @@ def main() -> None:
                         help="comma-separated subset to run, of those and bulk-flip")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     parser.add_argument("--name", help="results file name (default: bench_colorize-WxH)")
+    add_results_flag(parser)
     args = parser.parse_args()
     if args.n < 1 or args.naive_n < 1:
         parser.error(f"--n and --naive-n must be at least 1, got {args.n} and {args.naive_n}")
+    unknown = set(args.modes.split(",")) - {"codec", "naive", "tight", "bulk", "bulk-actors", "bulk-flip"}
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))}; the modes are codec, naive, tight, bulk, bulk-actors, bulk-flip")
 
     from colorize.pipeline import BulkConfig
 
@@ -219,7 +223,7 @@ def main() -> None:
     print_table(rows, columns)
     write_results(args.name or f"bench_colorize-{width}x{height}",
                   {"n": args.n, "width": width, "height": height, "batch_size": args.batch_size,
-                   "png_level": png_level, "weights": weights_id, "rows": rows})
+                   "png_level": png_level, "weights": weights_id, "rows": rows}, folder=args.results)
 
 
 if __name__ == "__main__":

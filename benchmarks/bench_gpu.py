@@ -2,7 +2,7 @@
 bulk job keeps the GPU busy.
 
     python -m benchmarks.bench_gpu                      # on a GPU machine
-    .venv/bin/python -m benchmarks.bench_gpu --device cpu --n 200   # smoke check anywhere
+    .venv/bin/python -m benchmarks.bench_gpu --device cpu --n 200 --n-train 1024 --results /tmp/r   # smoke check anywhere
 
 Model-only parts need torch, numpy, Pillow and pyarrow (no Ray), so they run on a bare GPU
 image:
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import print_table, write_jpegs, write_results
+from benchmarks.common import add_results_flag, print_table, write_jpegs, write_results
 from colorize import color
 from colorize.colorizer import BUNDLED_WEIGHTS
 from colorize.models import ModelConfig, build_model
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--png-level", type=int, default=1,
                         help="PNG level of the codec bound and the bulk job alike (default: 1, the job's own)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    add_results_flag(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -178,7 +179,8 @@ def main() -> None:
         rows[-2]["x min(model, codec bound)"] = round(bulk / ceiling, 3)
     print(f"\ndevice: {card}")
     print_table(rows, ["what", "images_per_s", "gflop_per_image", "tflop_per_s", "x min(model, codec bound)", "note"])
-    write_results(f"bench_gpu-{device.type}", {"device": card, "n": args.n, "png_level": args.png_level, "rows": rows})
+    write_results(f"bench_gpu-{device.type}", {"device": card, "n": args.n, "png_level": args.png_level, "rows": rows},
+                  folder=args.results)
 
 
 if __name__ == "__main__":

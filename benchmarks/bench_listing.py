@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import add_results_flag, print_table, write_results
 from colorize import storage
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000, help="files to list (default: 100000)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    add_results_flag(parser)
     args = parser.parse_args()
 
     root = args.workdir / f"listing-{args.n}"
@@ -56,7 +57,7 @@ def main() -> None:
     rows = [{"what": name, "seconds": round(s, 3), "files_per_s": round(args.n / s), "x baseline": round(baseline / s, 2)}
             for name, s in best.items()]
     print_table(rows, ["what", "seconds", "files_per_s", "x baseline"])
-    write_results("bench_listing", {"n": args.n, "repeat": args.repeat, "rows": rows})
+    write_results("bench_listing", {"n": args.n, "repeat": args.repeat, "rows": rows}, folder=args.results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from benchmarks.common import MemorySampler, print_table, start_ray, write_jpegs, write_results
+from benchmarks.common import MemorySampler, add_results_flag, print_table, start_ray, write_jpegs, write_results
 from colorize.pipeline import BulkConfig, run
 
 
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the square JPEGs (default: 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    add_results_flag(parser)
     args = parser.parse_args()
 
     rows = []
@@ -62,7 +63,7 @@ def main() -> None:
     print_table(rows, ["scale", "images", "seconds", "images_per_s", "baseline_pss_mb", "peak_pss_mb",
                        "peak_rss_sum_mb", "peak_pss_vs_1x", "peak_rss_vs_1x"])
     write_results(f"bench_memory-{args.size}", {"n": args.n, "size": args.size, "batch_size": args.batch_size,
-                                                 "rows": rows})
+                                                 "rows": rows}, folder=args.results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from benchmarks.common import print_table, start_ray, write_parquet_shards, write_results
+from benchmarks.common import add_results_flag, print_table, start_ray, write_parquet_shards, write_results
 from colorize import data
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import train_step
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    add_results_flag(parser)
     args = parser.parse_args()
     if not 1 <= args.batch_size <= args.n:
         parser.error(f"--batch-size must be between 1 and --n {args.n}, got {args.batch_size}: batches drop a partial last batch")
@@ -160,7 +161,7 @@ def main() -> None:
           f"{args.threads} torch thread(s) per process, epoch {args.epochs} of {args.epochs}")
     print_table(rows, ["trainer", "workers", "data", "images", "seconds", "images_per_s", "x plain, memory", "x same, memory"])
     write_results("bench_train", {"n": args.n, "epochs": args.epochs, "batch_size": args.batch_size,
-                                  "threads": args.threads, "model": ModelConfig().to_dict(), "rows": rows})
+                                  "threads": args.threads, "model": ModelConfig().to_dict(), "rows": rows}, folder=args.results)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ machine without Ray (that benchmark itself also needs torch and pyarrow, through
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -178,6 +179,13 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def add_results_flag(parser: argparse.ArgumentParser) -> None:
+    """``--results DIR``: where the results JSON goes; the committed ones the docs quote are the
+    default's, so a smoke run points elsewhere."""
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the results JSON (default: benchmarks/results, which the docs quote)")
+
+
 def write_results(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
     """``payload`` with the command line, time and machine, as ``folder/name.json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,10 +203,15 @@ def write_parquet_shards(folder: Path, n: int, size: int, *, rows_per_shard: int
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    marker = folder.with_name(f"{folder.name}.complete-{n}-{size}-{seed}")
+    # The shard size is part of what is made: benchmarks share the folder with other sizes.
+    marker = folder.with_name(f"{folder.name}.complete-{n}-{size}-{seed}-{rows_per_shard}")
     if marker.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("shard-*.parquet"):  # another size's shards would add to these rows
+        stale.unlink()
+    for other in folder.parent.glob(f"{folder.name}.complete-*"):
+        other.unlink()
     rng = np.random.default_rng(seed)
     for shard, start in enumerate(range(0, n, rows_per_shard)):
         blobs = [jpeg_bytes(scene(rng, size, size)) for _ in range(min(rows_per_shard, n - start))]

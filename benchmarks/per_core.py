@@ -6,9 +6,10 @@ inputs to the cluster arithmetic in docs/scaling.md.
 One process, one torch thread, so each figure is the cost on one core:
 
 - ``train decode``: what ``colorize train`` does per image (:func:`colorize.data.prepare_batch`:
-  JPEG decode, random crop, resize to the working size, Lab), and, apart, a decode and resize
-  with Pillow's JPEG draft mode (DCT-domain downscaling during decode): without the crop and
-  the Lab conversion, so not like for like (docs/performance.md gives the like-for-like gain);
+  JPEG decode, random crop, resize to the working size, Lab), and the same with Pillow's JPEG
+  draft mode first (``train_224_draft_ms``), which decodes at 1/2, 1/4 or 1/8 scale only where
+  both sides stay at least the size asked (``draft_224_scale``: 1 for 500x375 and 256x256, whose
+  halves are below 224; there it saves only libjpeg's colour conversion);
 - ``bulk``: what ``colorize run`` does per image outside the model (:func:`colorize.images.decode`
   with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1);
 - ``model``: the bundled U-Net's batched forward pass per image on CPU, as trained and as the
@@ -26,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import jpeg_bytes, print_table, scene, write_results
-from colorize import colorizer, data, images
+from benchmarks.common import add_results_flag, jpeg_bytes, print_table, scene, write_results
+from colorize import color, colorizer, data, images
 from colorize.pipeline import for_inference
 
 SIZES = ((500, 375), (256, 256), (1024, 768))  # (width, height); 500x375 is ImageNet's typical photo
@@ -41,18 +42,30 @@ def _ms(work, repeat: int) -> float:  # noqa: ANN001
     return (time.perf_counter() - started) / repeat * 1000
 
 
-def _draft_decode(blob: bytes, size: int) -> np.ndarray:
+def _draft_prepare(blobs: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """:func:`colorize.data.prepare_batch`'s work (augmented), each JPEG decoded in draft mode."""
+    rgb = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        img = Image.open(io.BytesIO(blob))
+        img.draft("RGB", (size, size))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than asked
+        rgb[i] = data._crop_resize(images.to_rgb(img), size, rng)
+    return color.rgb_to_lab_np(rgb)
+
+
+def _draft_scale(blob: bytes, size: int) -> float:
     img = Image.open(io.BytesIO(blob))
-    img.draft("RGB", (size, size))  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, no smaller than asked
-    return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    width = img.width
+    img.draft("RGB", (size, size))
+    return img.width / width
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
+    add_results_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, _ = colorizer.load_weights(None)
+    model, weights_id = colorizer.load_weights(None)
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
     for width, height in SIZES:
@@ -66,7 +79,8 @@ def main() -> None:
         for side in (32, 128, 224):
             row[f"train_{side}_ms"] = _ms(lambda: data.prepare_batch({"bytes": blobs}, image_size=side, augment=True),
                                           max(1, args.repeat // 8)) / len(blobs)
-        row["train_224_draft_ms"] = _ms(lambda: _draft_decode(blob, 224), args.repeat)
+        row["train_224_draft_ms"] = _ms(lambda: _draft_prepare(blobs, 224, rng), max(1, args.repeat // 8)) / len(blobs)
+        row["draft_224_scale"] = _draft_scale(blob, 224)
         row["decode_L_ms"] = _ms(lambda: images.decode(blob, max_pixels=10**9), args.repeat)
         row["compose_ms"] = _ms(lambda: images.compose(decoded.L, ab), args.repeat)
         for level in (6, 1):
@@ -84,7 +98,7 @@ def main() -> None:
           f"as the bulk job runs it, BatchNorm folded and channels-last: {inference_ms:.2f})")
     print_table(rows, list(rows[0]))
     write_results("per_core", {"model_ms_per_image": round(model_ms, 3), "inference_model_ms_per_image": round(inference_ms, 3),
-                                "model_image_size": side, "rows": rows})
+                                "model_image_size": side, "weights_id": weights_id, "rows": rows}, folder=args.results)
 
 
 if __name__ == "__main__":

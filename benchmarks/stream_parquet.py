@@ -22,7 +22,7 @@ import ray
 import torch
 from PIL import Image
 
-from benchmarks.common import RESULTS, MemorySampler, print_table, start_ray, write_parquet_shards, write_results
+from benchmarks.common import MemorySampler, add_results_flag, print_table, start_ray, write_parquet_shards, write_results
 from colorize import data, plots
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import train_step
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4, help="the tiny U-Net's width (default: 4)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default: 5)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
+    add_results_flag(parser)
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -78,11 +79,11 @@ def main() -> None:
     }
     print_table([summary], list(summary))
     chart = _chart(series, f"{done} images of 32x32 from Parquet through Ray Data, one epoch")
-    chart_path = RESULTS / "stream_parquet.png"
+    chart_path = args.results / "stream_parquet.png"
     chart.save(chart_path)
     print(f"wrote {chart_path}")
     write_results("stream_parquet", {"n": args.n, "batch_size": args.batch_size, "model": config.to_dict(),
-                                     "interval_s": args.interval, "summary": summary, "series": series})
+                                     "interval_s": args.interval, "summary": summary, "series": series}, folder=args.results)
 
 
 def _chart(series: list[dict], title: str) -> Image.Image:
