@@ -19,6 +19,7 @@ CIFAR-10 labels, a Parquet ``label`` column of integers, or the top-level folder
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import posixpath
@@ -43,6 +44,7 @@ from colorize.sources import IMAGE_SUFFIXES
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+MIN_CROP = 0.6  # the smallest random crop, as a share of the image's short side
 _CIFAR_ROWS_PER_BLOCK = 1000  # a CIFAR batch file (10,000 images) is yielded in slices so blocks stay small
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -254,7 +256,7 @@ def prepare_batch(
     rng = np.random.default_rng()
     for i, item in enumerate(rows):
         try:
-            img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "rgb" in batch else _decode(item)
+            img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if "rgb" in batch else _decode(item, image_size)
             rgb[i] = _crop_resize(img, image_size, rng if augment else None)
             ok[i] = True
         except Exception:  # noqa: BLE001 - Pillow on corrupt bytes also raises struct.error, TypeError, SyntaxError
@@ -270,17 +272,23 @@ def prepare_batch(
     return out
 
 
-def _decode(data: bytes) -> Image.Image:
+def _decode(data: bytes, size: int) -> Image.Image:
+    """The image, upright and in RGB; a JPEG decoded at 1/2, 1/4 or 1/8 scale (in libjpeg's DCT)
+    where it stays large enough that the smallest crop of :func:`_crop_resize` still has ``size``
+    pixels a side: a fifth to a half of the input work of a 224 px crop of ImageNet's photos
+    (``benchmarks.per_core``), and more at smaller working sizes."""
     img = Image.open(io.BytesIO(data))
+    side = math.ceil(size / MIN_CROP)
+    img.draft(None, (side, side))  # a no-op for formats other than JPEG, and where no scale keeps both sides >= side
     return images.to_rgb(ImageOps.exif_transpose(img))
 
 
 def _crop_resize(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """A square crop (random scale 0.6-1 and position, and a flip, when ``rng`` is given)."""
+    """A square crop (random scale MIN_CROP-1 and position, and a flip, when ``rng`` is given)."""
     w, h = img.size
     side = min(w, h)
     if rng is not None:
-        side = max(1, int(side * rng.uniform(0.6, 1.0)))
+        side = max(1, int(side * rng.uniform(MIN_CROP, 1.0)))
         left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
     else:
         left, top = (w - side) // 2, (h - side) // 2

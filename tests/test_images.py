@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import zlib
@@ -13,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from colorize import color, colorizer, data, images, imagesets
+from colorize import color, colorizer, data, images, imagesets, metrics
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import for_inference
+from tests.helpers import encode, scene
 
 
 def test_lightness_equals_the_lab_conversion() -> None:
@@ -157,3 +159,19 @@ def test_max_pixels_decides_alone_even_above_pillow_s_own_limit(make) -> None:  
         images.decode(bomb, max_pixels=300_000_000)
     assert "exceeds limit" not in str(raised.value)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own, restored for everyone else
+
+
+def test_training_decodes_a_large_jpeg_at_a_reduced_scale_with_the_same_picture() -> None:
+    """libjpeg's 1/2-1/8 scale decoding (JPEG draft mode) is most of a large photo's input work saved."""
+    photo = Image.fromarray(scene(np.random.default_rng(5), 600)).resize((800, 600))
+    payload = encode(photo, "JPEG")
+    batch = {"bytes": np.array([payload], dtype=object)}
+
+    drafted = data.prepare_batch(batch, image_size=64, augment=False, with_rgb=True)["rgb"][0]
+    opened = Image.open(io.BytesIO(payload))
+    opened.draft(None, (math.ceil(64 / data.MIN_CROP),) * 2)
+    assert opened.size == (200, 150)  # decoded at 1/4 scale, still more than a 64 px crop needs at 0.6 of 150
+    whole = data._crop_resize(Image.open(io.BytesIO(payload)).convert("RGB"), 64, None)  # decoded at full size
+
+    assert not np.array_equal(drafted, whole)
+    assert metrics.per_image_psnr(drafted[None], whole[None])[0] > 30  # the same picture
