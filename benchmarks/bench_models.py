@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     add_results_flag(parser)
     args = parser.parse_args()
+    if args.bulk_rounds < 1:
+        parser.error(f"--bulk-rounds must be at least 1, got {args.bulk_rounds}")
     torch.set_num_threads(args.threads)
     rows, models = [], []
     for uri in args.weights or ["bundled"]:

@@ -80,6 +80,7 @@ def main() -> None:
     print_table([summary], list(summary))
     chart = _chart(series, f"{done} images of 32x32 from Parquet through Ray Data, one epoch")
     chart_path = args.results / "stream_parquet.png"
+    args.results.mkdir(parents=True, exist_ok=True)
     chart.save(chart_path)
     print(f"wrote {chart_path}")
     write_results("stream_parquet", {"n": args.n, "batch_size": args.batch_size, "model": config.to_dict(),

@@ -337,12 +337,21 @@ def refresh_strips(results: dict[str, Any], test: np.ndarray, out: Path) -> None
     still the model the row scored (a later study may have written another model under the
     same name), so that all rows show the same test images."""
     examples = _grid_examples(test)
+    kept = [row["variant"] for row in results["rows"] if not _scored(row)]
+    if kept:
+        print(f"{len(kept)} row(s) keep their drawn strips, such as {kept[0]}: their weights files are gone or are not "
+              "the models they scored (rows from before session 35 record no weights_id)", flush=True)
     for row in results["rows"]:
-        path = Path(row["weights"])
-        if path.is_file() and row.get("weights_id") == colorizer.weights_id(path.read_bytes()):
+        if _scored(row):
             model, _ = colorizer.load_weights(row["weights"], temperature=row["temperature"])
             strip = np.concatenate(list(evaluate.colorize_rgb(model, examples)), axis=1)
             Image.fromarray(strip).save(out / "ablation" / f"{row['variant'].replace(' ', '_')}.png")
+
+
+def _scored(row: dict[str, Any]) -> bool:
+    """Whether ``row``'s weights file is still the model it scored."""
+    path = Path(row["weights"])
+    return path.is_file() and row.get("weights_id") == colorizer.weights_id(path.read_bytes())
 
 
 def _split(strip: np.ndarray) -> np.ndarray:

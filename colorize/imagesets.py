@@ -48,7 +48,11 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
         raise ValueError(f"{root}: not a folder of class folders")
     # storage's walk, as training's: class folders that are symbolic links are followed (rglob skips them).
     found = storage.list_files(pafs.LocalFileSystem(), str(root))
-    files = sorted(Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES))
+    images_found = [Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
+    # Dangling links, pipes, devices: unreadable, but neither loose images nor in the listing
+    # (whose order holds photo_model's holdout). A pipe would block its read for ever.
+    not_files = tuple(str(p) for p in images_found if not os.path.isfile(p))
+    files = sorted(p for p in images_found if os.path.isfile(p))
     if not files:
         raise ValueError(f"{root}: no images found")
     loose = [p for p in files if len(p.relative_to(root).parts) < 2]
@@ -66,13 +70,13 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[p.relative_to(root).parts[0]] for p, _ in readable], dtype=np.int64)
     index = np.array([listed[p] for p, _ in readable], dtype=np.int64)
-    unreadable = tuple(str(p) for p, a in zip(files, decoded) if a is None)
+    unreadable = tuple(sorted([*not_files, *(str(p) for p, a in zip(files, decoded) if a is None)]))
     return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable, index=index, listed=len(listed))
 
 
 def _square(path: Path, size: int) -> np.ndarray | None:
     """The image at ``path`` as :func:`square` makes it, or None if it cannot be decoded."""
-    if not os.path.isfile(path):  # a dangling link; a pipe would block its read for ever
+    if not os.path.isfile(path):  # gone since the listing, or replaced by a pipe, which would block for ever
         return None
     try:
         with Image.open(path) as img:

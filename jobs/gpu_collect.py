@@ -28,8 +28,9 @@ import torch
 
 PART_BYTES = 15 * 1024 * 1024
 MANIFEST = "manifest.json"
-# What a lease brings back, less room for manifest.json and logs.tar.gz beside the parts.
-MAX_FILES, MAX_BYTES = 8 - 2, (64 - 4) * 1024 * 1024
+# What a lease brings back, less room beside the parts for manifest.json, logs.tar.gz and the
+# scratch copy of one of them that a collect has in OUT while it writes (a kill then leaves it).
+MAX_FILES, MAX_BYTES = 8 - 3, (64 - 4) * 1024 * 1024
 REFUSED = ".collect-refused"  # in RUNS: the runs already reported as not fitting, one a line
 
 

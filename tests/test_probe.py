@@ -103,10 +103,11 @@ def test_the_probe_skips_and_counts_unreadable_images(weights: Path, tmp_path: P
     (tmp_path / "train" / "day" / "truncated.png").write_bytes((tmp_path / "train" / "day" / "001.png").read_bytes()[:40])
     (tmp_path / "test" / "dusk" / "garbage.jpg").write_bytes(b"not a picture")
     (tmp_path / "test" / "dusk" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "test" / "stale.jpg").symlink_to(tmp_path / "nowhere.jpg")  # not a loose image: no image at all
     report = probe(ProbeConfig(data=str(tmp_path), weights=str(weights), epochs=1))
-    assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 3)
+    assert (report["train_images"], report["test_images"], report["unreadable"]) == (8, 8, 4)
     assert report["unreadable_files"] == [str(tmp_path / path) for path in
-                                          ("train/day/truncated.png", "test/dusk/garbage.jpg", "test/dusk/gone.jpg")]
+                                          ("train/day/truncated.png", "test/dusk/garbage.jpg", "test/dusk/gone.jpg", "test/stale.jpg")]
 
 
 def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
@@ -140,6 +141,7 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     assert "unet-class T=0.6" in (out / "ablation.md").read_text()
     assert (out / "ablation.json").read_text() == before  # a redraw, not a rescoring
     assert strip.read_bytes() == drawn  # its strip is not redrawn from that other model
+    assert "1 row(s) keep their drawn strips, such as unet-psnr-semantic" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # another test set would replace the grey row beside rows scored on this one
         ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--test-limit", "3"])
     assert "this run's --data, --test-limit and --image-size give 3 at 16 px" in capsys.readouterr().err
