@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import time
 from typing import Any
 
@@ -56,9 +55,7 @@ def _draft_scale(blob: bytes, size: int) -> float:
     """The scale :func:`colorize.data.prepare_batch` decodes ``blob`` at for ``size`` px."""
     img = Image.open(io.BytesIO(blob))
     width = img.width
-    side = math.ceil(size / data.MIN_CROP)
-    img.draft(None, (side, side))
-    return img.width / width
+    return data.draft(img, size).width / width
 
 
 def main() -> None:

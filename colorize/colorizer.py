@@ -266,8 +266,7 @@ def _why_not_loaded(error: Exception) -> str:
     _, marker, cause = text.partition("WeightsUnpickler error:")
     if marker:
         text = re.split(r"(?<=\.)\s", cause.strip(), maxsplit=1)[0]
-    line = f"{type(error).__name__}: {errors.first_line(text)}"
-    return line if len(line) <= 160 else line[:159] + "…"
+    return errors.clipped(f"{type(error).__name__}: {errors.first_line(text)}", 160)
 
 
 def load_weights(

@@ -88,26 +88,27 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
               shards[0])
-    found_files = files
-    files = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8", "; rename them (convmv does) to use them")
+    files, left_out = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8",
+                                "; rename them (convmv does) to use them")
     if fs.type_name == "local":  # a named pipe would block its read task forever
-        files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
+        files, not_files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
+        left_out += not_files
     if not files:
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_SUFFIXES)})")
-    kept = set(files)
-    left_out = tuple(p for p in found_files if p not in kept)
     # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)
-    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files), left_out=left_out)
+    return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files),
+                  left_out=tuple(left_out))
 
 
-def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> list[str]:  # noqa: ANN001
-    """``files`` for which ``keep`` holds, with one warning line naming how many were left out, and why."""
-    kept = [p for p in files if keep(p)]
-    if len(kept) < len(files):
-        _warn(uri, f"skipping {len(files) - len(kept)} image(s) {why}", next(p for p in files if not keep(p)), hint)
-    return kept
+def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> tuple[list[str], list[str]]:  # noqa: ANN001
+    """``files`` for which ``keep`` holds and those it left out, with one warning line naming how
+    many were left out, and why."""
+    kept, dropped = [p for p in files if keep(p)], [p for p in files if not keep(p)]
+    if dropped:
+        _warn(uri, f"skipping {len(dropped)} image(s) {why}", dropped[0], hint)
+    return kept, dropped
 
 
 def _warn(uri: str, what: str, example: str, hint: str = "") -> None:
@@ -273,14 +274,19 @@ def prepare_batch(
 
 
 def _decode(data: bytes, size: int) -> Image.Image:
-    """The image, upright and in RGB; a JPEG decoded at 1/2, 1/4 or 1/8 scale (in libjpeg's DCT)
-    where it stays large enough that the smallest crop of :func:`_crop_resize` still has ``size``
-    pixels a side: a fifth to a half of the input work of a 224 px crop of ImageNet's photos
-    (``benchmarks.per_core``), and more at smaller working sizes."""
-    img = Image.open(io.BytesIO(data))
+    """The image, upright and in RGB, decoded as :func:`draft` says for a ``size`` px crop."""
+    return images.to_rgb(ImageOps.exif_transpose(draft(Image.open(io.BytesIO(data)), size)))
+
+
+def draft(img: Image.Image, size: int) -> Image.Image:
+    """``img`` (just opened), set to decode a JPEG at 1/2, 1/4 or 1/8 scale (in libjpeg's DCT)
+    where it stays large enough that the smallest crop of :func:`_crop_resize` still has
+    ``size`` pixels a side: half the input work of a 32 px crop of a 500x375 photo, 28% of a
+    224 px crop of a 1024x768 one (``benchmarks.per_core``). A no-op for other formats, and
+    where no scale keeps both sides large enough."""
     side = math.ceil(size / MIN_CROP)
-    img.draft(None, (side, side))  # a no-op for formats other than JPEG, and where no scale keeps both sides >= side
-    return images.to_rgb(ImageOps.exif_transpose(img))
+    img.draft(None, (side, side))
+    return img
 
 
 def _crop_resize(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:

@@ -18,4 +18,9 @@ def one_line(error: BaseException, *, with_type: bool = True, max_chars: int | N
     """
     text = first_line(str(error))
     line = f"{type(error).__name__}: {text}" if text and with_type else text or type(error).__name__
+    return clipped(line, max_chars)
+
+
+def clipped(line: str, max_chars: int | None) -> str:
+    """``line``, cut to ``max_chars`` with an ellipsis where it is longer."""
     return line if max_chars is None or len(line) <= max_chars else line[: max_chars - 1] + "…"

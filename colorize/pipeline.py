@@ -195,8 +195,8 @@ def _read_item(
         fs, path = storage.resolve(uri, settings)
         limit = images.max_encoded_bytes(max_pixels)
         if kind == "file":
-            read = lambda: storage.read_bytes(fs, path, limit=limit)  # noqa: E731
-            yield _decode_row(uri, relpath, read, size, max_pixels, in_parquet=relpath in in_parquet)
+            yield _decode_row(uri, relpath, lambda: storage.read_bytes(fs, path, limit=limit), size, max_pixels,
+                              in_parquet=relpath in in_parquet)
             return
         # Outputs are written under safe relpaths only, so an unsafe one is never ``written``.
         for member in sources.archive_members(fs, path, relpath, limit=limit, skip=written.__contains__):

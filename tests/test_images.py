@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import struct
 import zlib
@@ -168,8 +167,7 @@ def test_training_decodes_a_large_jpeg_at_a_reduced_scale_with_the_same_picture(
     batch = {"bytes": np.array([payload], dtype=object)}
 
     drafted = data.prepare_batch(batch, image_size=64, augment=False, with_rgb=True)["rgb"][0]
-    opened = Image.open(io.BytesIO(payload))
-    opened.draft(None, (math.ceil(64 / data.MIN_CROP),) * 2)
+    opened = data.draft(Image.open(io.BytesIO(payload)), 64)
     assert opened.size == (200, 150)  # decoded at 1/4 scale, still more than a 64 px crop needs at 0.6 of 150
     whole = data._crop_resize(Image.open(io.BytesIO(payload)).convert("RGB"), 64, None)  # decoded at full size
 
