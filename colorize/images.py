@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from colorize import color, errors
 
@@ -146,6 +146,7 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
     if img.mode in ("RGBA", "LA"):
         alpha = np.asarray(img.getchannel("A"), dtype=np.uint8)
         img = img.convert("RGB" if img.mode == "RGBA" else "L")
+    img = to_srgb(img)
     if img.mode.startswith("I"):
         # 16-bit PNG grey (and PIL's 32-bit "I", which 16-bit PNGs used to open as); values
         # past 16 bits are clipped to white.
@@ -160,7 +161,7 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` in 8-bit RGB, for training and evaluation.
+    """``img`` in 8-bit sRGB, for training and evaluation, its colour profile applied.
 
     PIL's ``convert("RGB")`` clips 16-bit grey ("I;16", and "I" as such PNGs used to open) at
     255, which turns nearly every pixel white; those are scaled to 8 bits first.
@@ -170,7 +171,57 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
     elif img.mode in ("La", "RGBa"):
         img = img.convert(img.mode.upper())  # premultiplied alpha; Pillow converts La to LA only
-    return img.convert("RGB")
+    if img.mode in ("1", "LA"):
+        img = img.convert("L")  # grey, so that a grey profile still applies
+    elif img.mode not in _PROFILE_SPACES.values():
+        img = img.convert("RGB")
+    return to_srgb(img).convert("RGB")
+
+
+# The ICC colour spaces whose profiles are applied, and the Pillow mode each profile serves.
+_PROFILE_SPACES = {"RGB": "RGB", "GRAY": "L", "CMYK": "CMYK"}
+_SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """``img`` with its embedded ICC colour profile applied: its pixels in sRGB, mode RGB.
+
+    Camera and phone photos often embed Adobe RGB or Display P3, CMYK prints a press profile,
+    grey scans a grey gamma; read as sRGB, their lightness is off (a linear-gamma grey of 128 is
+    L 76, not 54). An image without a profile, or whose profile is sRGB, unreadable, or of
+    another colour space than its pixels (an RGB profile left on a grey image), comes back
+    unchanged: its pixels are taken as sRGB, as browsers take them.
+    """
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in _PROFILE_SPACES.values():
+        return img
+    transform = _profile_transform(bytes(icc), img.mode)
+    return img if transform is None else transform.apply(img)
+
+
+@functools.lru_cache(maxsize=32)
+def _profile_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from profile ``icc`` (for pixels of ``mode``) to sRGB, or None where
+    there is nothing to apply. One per distinct profile, as a photo collection holds few.
+
+    A profile is taken as sRGB, and skipped, when it maps a lattice of 32,768 colours within
+    one level of themselves: the many profiles named sRGB differ by less than that, and
+    applying one costs as much as decoding the JPEG (266 vs 166 ms for 12 M pixels).
+    """
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _PROFILE_SPACES.get(profile.profile.xcolor_space.strip()) != mode:
+            return None
+        transform = ImageCms.buildTransform(profile, _SRGB_PROFILE, mode, "RGB")
+        if mode == "RGB":
+            lattice = np.stack(np.meshgrid(*[np.linspace(0, 255, 32).round()] * 3, indexing="ij"), axis=-1)
+            lattice = lattice.astype(np.uint8).reshape(1, -1, 3)
+            mapped = np.asarray(transform.apply(Image.fromarray(lattice, mode="RGB")), dtype=np.int16)
+            if np.abs(mapped - lattice).max() <= 1:
+                return None
+        return transform
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None  # an unreadable profile: the pixels are taken as sRGB
 
 
 @functools.cache

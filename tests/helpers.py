@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,44 @@ def encode(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format=fmt, **params)
     return buffer.getvalue()
+
+
+D50 = (0.9642, 1.0, 0.8249)  # the white of ICC's profile connection space, XYZ
+# The sRGB primaries, adapted to the D50 white of ICC's connection space, as sRGB profiles hold them.
+SRGB_PRIMARIES = {"r": (0.4361, 0.2225, 0.0139), "g": (0.3851, 0.7169, 0.0971), "b": (0.1431, 0.0606, 0.7141)}
+
+
+def icc_profile(space: str, *, gamma: float, primaries: dict[str, tuple[float, float, float]] | None = None) -> bytes:
+    """A minimal ICC v2 display profile: ``space`` "RGB " (matrix and curves: ``primaries``
+    as {"r": XYZ, "g": XYZ, "b": XYZ}) or "GRAY", each channel a pure gamma curve.
+
+    Built byte by byte (header, tag table, tags, each 4-byte aligned) because no profile of
+    a colour space other than sRGB ships with the packages the tests install.
+    """
+
+    def s15_16(values) -> bytes:  # noqa: ANN001
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    def xyz(values) -> bytes:  # noqa: ANN001
+        return b"XYZ \0\0\0\0" + s15_16(values)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))  # one entry: a gamma, u8.8
+    name = f"test {space.strip()} gamma {gamma}".encode() + b"\0"
+    tags = {"desc": b"desc\0\0\0\0" + struct.pack(">I", len(name)) + name + b"\0" * 79, "wtpt": xyz(D50)}
+    if space == "GRAY":
+        tags["kTRC"] = curve
+    else:
+        for channel, primary in primaries.items():
+            tags[f"{channel}XYZ"], tags[f"{channel}TRC"] = xyz(primary), curve
+    table, body = b"", b""
+    start = 128 + 4 + 12 * len(tags)
+    for signature, tag in tags.items():
+        tag += b"\0" * (-len(tag) % 4)
+        table += struct.pack(">4sII", signature.encode(), start + len(body), len(tag))
+        body += tag
+    header = struct.pack(">I4sI4s4s4s", start + len(body), b"none", 0x02100000, b"mntr", space.encode(), b"XYZ ")
+    header += b"\0" * 12 + b"acsp" + b"\0" * 28 + s15_16(D50)
+    return header.ljust(128, b"\0") + struct.pack(">I", len(tags)) + table + body
 
 
 def free_ports(n: int) -> list[int]:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageCms
 
 from colorize import color, colorizer, data, images, imagesets, metrics
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import for_inference
-from tests.helpers import encode, scene
+from tests.helpers import SRGB_PRIMARIES, encode, icc_profile, scene
 
 
 def test_lightness_equals_the_lab_conversion() -> None:
@@ -173,3 +173,41 @@ def test_training_decodes_a_large_jpeg_at_a_reduced_scale_with_the_same_picture(
 
     assert not np.array_equal(drafted, whole)
     assert metrics.per_image_psnr(drafted[None], whole[None])[0] > 30  # the same picture
+
+
+def _read_everywhere(payload: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's bulk-job lightness, training RGB and evaluation (image set) RGB."""
+    bulk_L = images.decode(payload, max_pixels=10**6).L
+    train = data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=4, augment=False, with_rgb=True)
+    assert train["ok"].all()
+    return bulk_L, train["rgb"][0], np.asarray(imagesets.square(Image.open(io.BytesIO(payload)), 4))
+
+
+def test_an_embedded_colour_profile_is_applied_for_the_bulk_job_training_and_evaluation() -> None:
+    """Read as sRGB, a linear-gamma grey of 128 was L 54 instead of 76, and red in a space whose
+    red is sRGB's green kept red's lightness (53) instead of green's (88)."""
+    grey = Image.new("L", (4, 4), 128)
+    bulk_L, train, probe = _read_everywhere(encode(grey, "PNG", icc_profile=icc_profile("GRAY", gamma=1.0)))
+    assert np.allclose(bulk_L, 116 * (128 / 255) ** (1 / 3) - 16, atol=0.3)  # 76.2
+    assert np.array_equal(train, probe) and np.abs(train.astype(int) - 188).max() <= 1  # linear 0.502 in sRGB
+    assert np.allclose(images.decode(encode(grey, "PNG"), max_pixels=10**6).L, 53.6, atol=0.1)  # no profile: sRGB
+
+    swapped = dict(SRGB_PRIMARIES, r=SRGB_PRIMARIES["g"], g=SRGB_PRIMARIES["r"])
+    for fmt in ("PNG", "JPEG"):  # a rotated JPEG too: the profile survives EXIF orientation
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        red = Image.new("RGB", (4, 4), (255, 0, 0))
+        profile = icc_profile("RGB ", gamma=1.0, primaries=swapped)
+        bulk_L, train, probe = _read_everywhere(encode(red, fmt, icc_profile=profile, exif=exif, quality=100))
+        assert np.allclose(bulk_L, 87.7, atol=1.0)  # sRGB green's lightness
+        assert np.abs(train.astype(int) - (0, 255, 0)).max() <= 3 and np.array_equal(train, probe)
+
+
+def test_an_srgb_a_mismatched_or_an_unreadable_profile_leaves_the_pixels_as_they_are() -> None:
+    pixels = scene(np.random.default_rng(2), 8)
+    as_srgb = _read_everywhere(encode(Image.fromarray(pixels), "PNG"))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for profile in (srgb, b"not an ICC profile", icc_profile("GRAY", gamma=1.0)):  # a grey profile on RGB pixels
+        read = _read_everywhere(encode(Image.fromarray(pixels), "PNG", icc_profile=profile))
+        assert all(np.array_equal(a, b) for a, b in zip(read, as_srgb, strict=True))
+    assert images._profile_transform(srgb, "RGB") is None  # found to be sRGB, so never applied
