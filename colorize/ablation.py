@@ -307,7 +307,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"{r['hardware']}, {r.get('precision', 'float32')} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['colourfulness']:.2f} | {r['delta_colourfulness']:.2f} |"
         )
     notes = [f"- **{r['variant']}**: {r['note']}" for r in rows if r["note"] and " T=" not in r["variant"]]
-    header = f"Test images: {gray['images']} (CIFAR-10 test split). Truth colourfulness: {gray['colourfulness_truth']:.2f}."
+    # Tables from before the test folder was recorded were all scored on CIFAR-10's test split.
+    test = results.get("test", {})
+    source = f"{test['image_size']} px, from {test['source']}" if "source" in test else "CIFAR-10 test split"
+    header = f"Test images: {gray['images']} ({source}). Truth colourfulness: {gray['colourfulness_truth']:.2f}."
     if gray.get("grey_truth_images"):
         header += (f" {gray['grey_truth_images']} of them are grey in truth: the baseline copies those exactly, at the"
                    f" {metrics.PSNR_CAP_DB:.0f} dB cap, and over the other images its PSNR is {gray['psnr_colour_images']:.2f} dB.")
@@ -429,11 +432,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Rows scored on another test set would sit beside a grey row that is not theirs. (Tables
     # from before this record was kept were scored on 10,000 images at 32 px.)
     earlier = results.get("test", {"images": results["gray"]["images"], "image_size": 32} if results["rows"] else test_split)
-    if earlier != test_split:
+    if (earlier["images"], earlier["image_size"]) != (len(test), args.image_size):
         parser.error(f"{results_path} holds rows scored on {earlier['images']} test images at {earlier['image_size']} px; "
                      f"this run's --data, --test-limit and --image-size give {len(test)} at {args.image_size} px: use another --out")
     if not (args.report_only and "gray" in results):  # a redraw leaves the numbers as they are
-        results["gray"], results["test"] = gray.result(), test_split
+        results["gray"], results["test"] = gray.result(), {**test_split, "source": f"{Path(args.data).resolve().name}/test"}
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
     lab = to_lab(train.rgb, torch.device(budget.device)) if chosen else None

@@ -124,6 +124,7 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     assert all(np.isfinite(r["psnr"]) and r["parameters"] > 0 for r in results["rows"])
     table = (out / "ablation.md").read_text()
     assert "gray baseline" in table and "unet-class T=0.6" in table
+    assert table.splitlines()[1].startswith("Test images: 80 (16 px, from data/test).")  # not CIFAR-10's
     grid = Image.open(out / "ablation-grid.png")
     assert grid.height >= 6 * 64  # gray, four rows, truth
     model, _ = colorizer.load_weights(str(tmp_path / "w" / "unet-class.pt"))
