@@ -29,6 +29,8 @@ from colorize import storage
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
+# What a run writes under its output folder (and, locally, its temporary files' prefix).
+OUTPUT_FOLDERS, OUTPUT_FILES = ("images", "parquet", "failed"), ("_CONFIG.json", "_SUMMARY.json", ".tmp-")
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest entry with a scheme is not a path
 # What training reads from folders and the bulk job from archives (where .json/.cls sit beside
 # the images); every format here is one the pinned Pillow decodes.
@@ -73,8 +75,10 @@ class Member:
 def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | None = None) -> list[Item]:
     """Every input under ``input_uri``, in a stable order, with collision-free output names.
 
-    Files under the URI ``exclude`` (the run's own output, when it lies inside the input
-    folder) are left out.
+    ``exclude`` is the run's output folder. Where it lies inside the input folder, every file
+    under it is left out; where it is the input folder or holds it (``--input data/grey
+    --output data``), the run's own outputs (``images/``, ``parquet/``, ``failed/`` and its
+    ``_*.json``) are.
     """
     if not storage.is_utf8(input_uri):
         raise storage.StorageError(f"{storage.utf8_name(input_uri)}: {NOT_UTF8}")
@@ -90,8 +94,10 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
         if not files:
             raise storage.StorageError(f"{input_uri}: no files found")
         if exclude is not None:
-            prefix = _output_prefix(fs, path, exclude) + "/"
-            files = [f for f in files if not storage.to_uri(fs, f).startswith(prefix)]
+            output = _output_prefix(fs, path, exclude)
+            inside = output.startswith(storage.to_uri(fs, path).rstrip("/") + "/")
+            owned = (f"{output}/",) if inside else (*(f"{output}/{d}/" for d in OUTPUT_FOLDERS), *(f"{output}/{f}" for f in OUTPUT_FILES))
+            files = [f for f in files if not storage.to_uri(fs, f).startswith(owned)]
             if not files:
                 raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
@@ -133,7 +139,7 @@ def _output_prefix(fs: pafs.FileSystem, path: str, output: str) -> str:
     output = output.rstrip("/")
     if isinstance(fs, pafs.LocalFileSystem):
         real_in, real_out = os.path.realpath(path), os.path.realpath(output)
-        if real_out.startswith(real_in.rstrip("/") + "/"):
+        if real_out == real_in or real_out.startswith(real_in.rstrip("/") + "/"):
             return path.rstrip("/") + real_out[len(real_in.rstrip("/")):]
     return output
 

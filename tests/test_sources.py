@@ -227,6 +227,21 @@ def test_an_output_inside_the_input_is_not_read_when_either_is_reached_through_a
         assert [i.relpath for i in items] == ["a.png"], (given_input, given_output)
 
 
+def test_an_output_that_holds_the_input_leaves_out_only_the_runs_own_outputs(tmp_path: Path) -> None:
+    """--input data/grey --output data was refused: every input lay under the output folder."""
+    (tmp_path / "grey").mkdir()
+    (tmp_path / "grey" / "a.png").write_bytes(_good_png(0))
+    for written in ("images/grey/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", ".tmp-0a1b"):
+        (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / written).write_bytes(b"an earlier run's")
+    (tmp_path / "images.png").write_bytes(_good_png(1))  # beside the outputs, not in them
+
+    into_parent = sources.discover(str(tmp_path / "grey"), storage.S3Settings(), exclude=str(tmp_path))
+    assert [i.relpath for i in into_parent] == ["a.png"]
+    into_itself = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path) + "/")
+    assert [i.relpath for i in into_itself] == ["grey/a.png", "images.png"]
+
+
 def _good_png(seed: int) -> bytes:
     return encode(Image.fromarray(scene(np.random.default_rng(seed), 8)))
 
