@@ -43,6 +43,8 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     Files that cannot be decoded, and dangling links, pipes and devices, are skipped and named
     in ``unreadable``.
     """
+    if str(root).lower().startswith("s3:/"):  # as given, or after Path() made s3://b into s3:/b
+        raise ValueError(f"{root}: an S3 URI, but this command reads a local folder into memory; copy it down first (aws s3 sync)")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder of class folders")

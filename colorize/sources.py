@@ -21,10 +21,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from colorize import storage
+from colorize import errors, storage
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
@@ -102,7 +103,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
                 raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
         relpaths = [posixpath.relpath(f, path) for f in files]
-    errors = [_why_not_read(u) for u in uris]
+    reasons = [_why_not_read(u) for u in uris]
     uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
@@ -110,7 +111,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
     shadowed = _shadowed(zip(uris, outputs))
     items = []
-    for uri, output, archive, error in zip(uris, outputs, archives, errors):
+    for uri, output, archive, error in zip(uris, outputs, archives, reasons):
         if uri in shadowed and not error:
             error = (f"its output name {output!r} is that of {shadowed[uri]}, listed before it, "
                      "whose output it would overwrite")
@@ -183,8 +184,10 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
 def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     """Paths or URIs listed in a manifest; relative local paths are taken from its folder."""
     if path.lower().endswith(".parquet"):
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f)
+        try:
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(fs, path)))
+        except pa.ArrowException as error:  # not Parquet, or cut short
+            raise storage.StorageError(f"{uri}: not a readable Parquet manifest ({errors.one_line(error, with_type=False)})") from None
         column = next((c for c in MANIFEST_COLUMNS if c in table.column_names), None)
         if column is None:
             raise storage.StorageError(
@@ -193,7 +196,7 @@ def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
         entries = [str(v) for v in table.column(column).to_pylist() if v]
     else:
         try:
-            text = storage.read_bytes(fs, path).decode("utf-8")
+            text = storage.read_bytes(fs, path).decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM
         except UnicodeDecodeError as error:
             raise storage.StorageError(f"{uri}: a text manifest must be UTF-8 ({error})") from None
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]

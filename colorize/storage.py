@@ -47,7 +47,7 @@ _DENIED_CODES = {
 }
 _NOT_FOUND_CODES = {"RESOURCE_NOT_FOUND", "NO_SUCH_KEY"}
 # pyarrow formats S3 failures as "... AWS Error <CODE> during <Op> operation: <message>".
-_AWS_ERROR = re.compile(r"AWS Error (\w+) during")
+_AWS_ERROR = re.compile(r"AWS Error (\w+)(?: \(HTTP status (\d+)\))? during")
 _CURL_ERROR = re.compile(r"curlCode: \d+, ([^;]+)")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -388,7 +388,9 @@ def _reason(fs: pafs.FileSystem, error: OSError) -> str:
         return "no such bucket"
     if code in _NOT_FOUND_CODES:
         return "no such file or directory"
-    return f"S3 error {code}: {text.split('operation: ', 1)[-1].splitlines()[0]}"
+    status = f" (HTTP {match.group(2)})" if match.group(2) else ""
+    detail = errors.first_line(text.split("operation: ", 1)[-1]) or "no message"  # some give none
+    return f"S3 error {code}{status}: {detail}"
 
 
 def _endpoint(fs: pafs.FileSystem) -> str:

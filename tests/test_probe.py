@@ -155,6 +155,9 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
+    with pytest.raises(SystemExit):
+        ablation.main(["--data", "s3://bucket/cifar10", "--out", str(tmp_path / "docs")])
+    assert "an S3 URI, but this command reads a local folder" in capsys.readouterr().err
 
 
 def test_the_ablation_refuses_a_semantic_variant_on_one_class_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
@@ -202,6 +205,7 @@ def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one
     write_classes(eight, 8, seed=2)
 
     for argv, reason in ((["--data", str(tmp_path / "none")], "not a folder of class folders"),
+                         (["--data", "s3://bucket/photos"], "an S3 URI, but this command reads a local folder"),
                          (["--data", str(labelled / "train"), "--compare", str(tmp_path / "no.pt")], "no such weights file"),
                          (["--data", str(labelled / "train"), "--cf-weight", "-0.1"], "--cf-weight must be >= 0"),
                          (["--data", str(labelled / "train"), "--gan-weight", "-1"], "--gan-weight must be >= 0"),

@@ -187,6 +187,21 @@ def test_a_manifest_resolves_parent_folders_and_lists_a_path_once(tmp_path: Path
     assert sources.read_manifest(LOCAL, manifest, manifest) == [str(tmp_path / "img.png")]
 
 
+def test_a_manifest_saved_with_a_byte_order_mark_reads_its_first_line(tmp_path: Path) -> None:
+    """Windows Notepad starts UTF-8 with U+FEFF, which made the first line a path that never exists."""
+    (tmp_path / "img.png").touch()
+    (tmp_path / "list.txt").write_bytes("# my images\r\nimg.png\r\n".encode("utf-8-sig"))
+    (tmp_path / "first.txt").write_bytes("img.png\n".encode("utf-8-sig"))
+    for name in ("list.txt", "first.txt"):
+        assert sources.read_manifest(LOCAL, str(tmp_path / name), name) == [str(tmp_path / "img.png")]
+
+
+def test_a_parquet_manifest_that_is_not_parquet_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "list.parquet").write_bytes(b"PAR1 cut")
+    with pytest.raises(storage.StorageError, match=r"^list.parquet: not a readable Parquet manifest \(.*Parquet"):
+        sources.read_manifest(LOCAL, str(tmp_path / "list.parquet"), "list.parquet")
+
+
 def test_a_manifest_lists_an_absolute_path_once_however_many_slashes_lead_it(tmp_path: Path) -> None:
     (tmp_path / "img.png").touch()
     (tmp_path / "list.txt").write_text(f"{tmp_path}/img.png\n/{tmp_path}/img.png\n")
