@@ -105,7 +105,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "from the last checkpoint.",
     )
     p.add_argument("--data", required=True, help="training images: a folder (any nesting), Parquet shards with an "
-                   "'image' bytes column, or the CIFAR-10 python release (.tar.gz or extracted); local or s3://")
+                   "'image' bytes column (a folder of them, or a pattern such as 'DIR/train-*.parquet'), or the "
+                   "CIFAR-10 python release (.tar.gz or extracted); local or s3://")
     p.add_argument("--out", required=True, help="folder or s3:// prefix for checkpoints, model.pt, curve.png, grid.png")
     p.add_argument("--val", help="validation images, same forms as --data (CIFAR-10 python: its test batch)")
     p.add_argument("--init", metavar="WEIGHTS",

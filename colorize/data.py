@@ -18,6 +18,7 @@ CIFAR-10 labels, a Parquet ``label`` column of integers, or the top-level folder
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 import os
@@ -61,7 +62,7 @@ class Source:
     kind: str  # "cifar", "parquet" or "files"
     fs: pafs.FileSystem
     path: str
-    files: tuple[str, ...] = ()  # the images to read: the first --limit of those listed
+    files: tuple[str, ...] = ()  # the images to read (the first --limit of those listed), or the Parquet shards
     listed: tuple[str, ...] = ()  # every image found, whatever the limit: where a folder's classes come from
     left_out: tuple[str, ...] = ()  # image files found but not listed: names not UTF-8, not regular files
 
@@ -72,19 +73,28 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     Runs on the driver before Ray starts, so bad input fails fast.
     """
     fs, path = storage.resolve(uri, settings)
-    info = storage.stat(fs, path, uri)
     name = posixpath.basename(path.rstrip("/"))
+    if "*" in name:
+        return _parquet_source(uri, fs, posixpath.dirname(path), _matching(uri, fs, path))
+    info = storage.stat(fs, path, uri)
     if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
         return Source(uri, "cifar", fs, path)
     if path.endswith(".parquet"):
-        return Source(uri, "parquet", fs, path)
+        return _parquet_source(uri, fs, path, [path])
     found = storage.list_files(fs, path)
     files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     shards = [p for p in found if p.endswith(".parquet")]
     if shards and (not files or _holds_images(fs, shards[0])):
         if files:  # such as a README's banner.png beside the data/ shards
             _warn(uri, f"reading its Parquet shards, not the {len(files)} image file(s) beside them", files[0])
-        return Source(uri, "parquet", fs, path)
+        named = {s: _split_named(posixpath.relpath(s, path)) for s in shards}
+        held_out = [s for s, split in named.items() if split in ("val", "test")]
+        train = next((s for s, split in named.items() if split == "train"), None)
+        if held_out and train:  # Hugging Face's data/{train,validation,test}-*.parquet in one folder
+            _warn(uri, f"reading all its shards, {len(held_out)} of them named for a validation or test split",
+                  held_out[0], f"; pass --data '{storage.to_uri(fs, posixpath.dirname(train))}/train*.parquet' "
+                  "for the training shards alone")
+        return _parquet_source(uri, fs, path, shards)
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
               shards[0])
@@ -100,6 +110,37 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     random.Random(0).shuffle(files)
     return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files),
                   left_out=tuple(left_out))
+
+
+def _matching(uri: str, fs: pafs.FileSystem, pattern: str) -> list[str]:
+    """The Parquet shards that ``pattern``'s last component (a glob: ``train-*.parquet``)
+    matches in its folder (and below: ``*`` matches ``/`` too)."""
+    folder, glob = posixpath.split(pattern)
+    found = storage.list_files(fs, folder)
+    matches = [p for p in found if fnmatch.fnmatchcase(posixpath.relpath(p, folder), glob)]
+    if not matches:
+        raise DataError(f"{uri}: no file matches {glob!r} in {storage.to_uri(fs, folder)}")
+    if not all(p.endswith(".parquet") for p in matches):
+        odd = next(p for p in matches if not p.endswith(".parquet"))
+        raise DataError(f"{uri}: a pattern selects Parquet shards, and it matches {storage.to_uri(fs, odd)}")
+    return matches
+
+
+def _parquet_source(uri: str, fs: pafs.FileSystem, path: str, shards: list[str]) -> Source:
+    """Parquet ``shards`` under ``path``, refusing names that Ray Data's reader would drop."""
+    queried = next((s for s in shards if "?" in s), None)
+    if queried is not None:  # Ray parses the rest of a path after "?" as a URL's query
+        raise DataError(f"{storage.to_uri(fs, queried)}: a '?' in a shard's name makes Ray Data skip it; rename it")
+    return Source(uri, "parquet", fs, path, tuple(shards))
+
+
+def _split_named(relpath: str) -> str | None:
+    """"train", "val" or "test" where a shard's path names that split (``validation-00000-of-00001.parquet``)."""
+    for part in relpath.lower().split("/"):
+        for split in ("train", "val", "test"):
+            if part.startswith(split):
+                return split
+    return None
 
 
 def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> tuple[list[str], list[str]]:  # noqa: ANN001
@@ -152,7 +193,7 @@ def _class_folder(path: str, root: str) -> str | None:
 def _parquet_classes(source: Source) -> tuple[str, ...]:
     import pyarrow.dataset as pads
 
-    dataset = pads.dataset(source.path, filesystem=source.fs, format="parquet")
+    dataset = pads.dataset(list(source.files), filesystem=source.fs, format="parquet")
     if "label" not in dataset.schema.names or not pa.types.is_integer(dataset.schema.field("label").type):
         raise DataError(f"{source.uri}: image classes need an integer 'label' column, found {dataset.schema.names}")
     column = dataset.to_table(columns=["label"]).column("label")
@@ -183,7 +224,7 @@ def load_dataset(
     if source.kind == "cifar":
         ds = _cifar_python(source.fs, source.path, split)
     elif source.kind == "parquet":
-        ds = _parquet_images(source.fs, source.path, labels=class_index is not None)
+        ds = _parquet_images(source.fs, list(source.files), labels=class_index is not None)
     else:
         ds = _files(source, with_paths=with_paths or class_index is not None)
     if class_index is not None:
@@ -391,11 +432,11 @@ def _read_cifar_batch(items: dict[str, np.ndarray], *, fs: pafs.FileSystem) -> I
 # --- Parquet shards ------------------------------------------------------------------------
 
 
-def _parquet_images(fs: pafs.FileSystem, path: str, *, labels: bool = False) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(path, filesystem=fs)
+def _parquet_images(fs: pafs.FileSystem, shards: list[str], *, labels: bool = False) -> ray.data.Dataset:
+    ds = ray.data.read_parquet(shards, filesystem=fs)
     columns = ds.schema().names
     if "image" not in columns:
-        raise DataError(f"{path}: Parquet shards need an 'image' column of bytes, found {columns}")
+        raise DataError(f"{storage.to_uri(fs, shards[0])}: Parquet shards need an 'image' column of bytes, found {columns}")
     wanted = ["image", "label"] if labels and "label" in columns else ["image"]
     return ds.select_columns(wanted).map_batches(_image_column_to_bytes, batch_format="pyarrow")
 

@@ -468,6 +468,39 @@ def test_parquet_files_beside_images_are_left_out_with_a_warning(tmp_path: Path,
     assert "reading its Parquet shards, not the 1 image file(s) beside them" in capsys.readouterr().err
 
 
+def test_a_hugging_face_parquet_folder_trains_on_the_shards_a_pattern_selects(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hugging Face keeps README.md beside data/{train,validation,test}-*.parquet: the class
+    listing read README.md as Parquet, and training read the test shards, labels -1 and all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    payloads = [p.read_bytes() for p in write_images(tmp_path / "scenes", 8)]
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    (tmp_path / "hf" / "README.md").write_text("---\nlicense: other\n---\n")
+    for split, labels in (("train", [0, 1, 2, 0]), ("validation", [1, 2]), ("test", [-1, -1])):
+        pq.write_table(pa.table({"image": payloads[: len(labels)], "label": labels}), tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet")
+
+    whole = data.locate(str(tmp_path / "hf"))
+    assert len(whole.files) == 3
+    warning = capsys.readouterr().err
+    assert "reading all its shards, 2 of them named for a validation or test split" in warning
+    assert f"pass --data '{tmp_path}/hf/data/train*.parquet' for the training shards alone" in warning
+    train_only = data.locate(f"{tmp_path}/hf/data/train*.parquet")
+    assert data.class_names(train_only) == ("0", "1", "2")  # README.md is not read as Parquet
+    assert len(data.load_dataset(train_only).take_all()) == 4
+    assert len(data.load_dataset(f"{tmp_path}/hf/*validation-*.parquet").take_all()) == 2  # "*" spans folders
+    with pytest.raises(data.DataError, match="no file matches 'val-\\*.parquet'"):
+        data.locate(f"{tmp_path}/hf/data/val-*.parquet")
+    with pytest.raises(data.DataError, match="a pattern selects Parquet shards, and it matches .*README.md"):
+        data.locate(f"{tmp_path}/hf/*")
+
+    (tmp_path / "hf" / "data" / "test-00000-of-00001.parquet").rename(tmp_path / "hf" / "data" / "test?.parquet")
+    with pytest.raises(data.DataError, match="a '\\?' in a shard's name makes Ray Data skip it"):
+        data.locate(str(tmp_path / "hf" / "data"))
+
+
 def test_training_skips_pipes_and_dangling_links_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A read task opening a named pipe would wait for a writer forever."""
     paths = write_images(tmp_path / "scenes", 2)
