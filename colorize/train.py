@@ -481,6 +481,9 @@ def _write_checkpoint(
         plots.image_grid(examples).save(directory / "grid.png")
 
 
+READ_TASK_CPUS = 1.0  # what one of Ray Data's read and decode tasks takes, its default
+
+
 def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
     """A CPU share per worker that always leaves one CPU for Ray Data's read and decode tasks.
 
@@ -557,10 +560,13 @@ def _check_resources(config: TrainConfig, cpus: float) -> None:
     have = ray.cluster_resources()
     if config.gpu and have.get("GPU", 0) < config.num_workers:
         raise ValueError(f"--gpu with {config.num_workers} worker(s) needs as many GPUs; this machine has {int(have.get('GPU', 0))}")
-    if config.num_workers * cpus > have.get("CPU", 0):
+    # Ray Data's read and decode tasks take a whole CPU each: with none left they never start,
+    # and the workers wait for data for ever.
+    need = config.num_workers * cpus + READ_TASK_CPUS
+    if need > have.get("CPU", 0):
         raise ValueError(
-            f"{config.num_workers} worker(s) x {cpus} CPUs need {config.num_workers * cpus:g} CPUs; this machine's "
-            f"Ray has {have.get('CPU', 0):g} (lower --cpus-per-worker or --num-workers)"
+            f"{config.num_workers} worker(s) x {cpus:g} CPUs and {READ_TASK_CPUS:g} for Ray Data's read tasks need {need:g} "
+            f"CPUs; this machine's Ray has {have.get('CPU', 0):g} (lower --cpus-per-worker or --num-workers)"
         )
 
 

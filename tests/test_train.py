@@ -337,8 +337,12 @@ def test_workers_step_together_when_one_has_nothing_readable(ray_cluster: str, t
 
 
 def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> None:
-    with pytest.raises(ValueError, match="need 12 CPUs; this machine's Ray has 4"):
+    with pytest.raises(ValueError, match="need 13 CPUs; this machine's Ray has 4"):
         train_module._check_resources(TrainConfig(data="d", out="o", num_workers=3), cpus=4.0)
+    # Every CPU to the workers left none for the read tasks: the run waited for data for ever.
+    with pytest.raises(ValueError, match="2 worker\\(s\\) x 2 CPUs and 1 for Ray Data's read tasks need 5 CPUs"):
+        train_module._check_resources(TrainConfig(data="d", out="o", num_workers=2), cpus=2.0)
+    train_module._check_resources(TrainConfig(data="d", out="o", num_workers=2), cpus=1.5)
     with pytest.raises(ValueError, match="--gpu with 1 worker"):
         train_module._check_resources(TrainConfig(data="d", out="o", gpu=True), cpus=1.0)
 
@@ -346,7 +350,7 @@ def test_a_request_the_local_ray_can_never_meet_is_refused(ray_cluster: str) -> 
 def test_the_default_worker_share_leaves_a_cpu_for_reading(ray_cluster: str) -> None:
     assert ray.cluster_resources()["CPU"] == 4  # 3 left for the workers: whole CPUs up to 3, then quarters
     shares = [train_module.default_cpus_per_worker(workers, gpu=False) for workers in (1, 2, 3, 4, 5, 6, 12, 13)]
-    assert shares == [1.0, 1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.25]  # 0.25: the floor, past what fits
+    assert shares == [1.0, 1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.25]  # 0.25: the floor, past what fits (refused)
     assert train_module.default_cpus_per_worker(2, gpu=True) == 1.0
 
 
