@@ -484,13 +484,16 @@ def _write_checkpoint(
 READ_TASK_CPUS = 1.0  # what one of Ray Data's read and decode tasks takes, its default
 
 
-def default_cpus_per_worker(num_workers: int, gpu: bool) -> float:
+def default_cpus_per_worker(num_workers: int, gpu: bool, cluster_cpus: float | None = None) -> float:
     """A CPU share per worker that always leaves one CPU for Ray Data's read and decode tasks.
 
     On a small machine whole-CPU workers starve those tasks and the run stalls silently.
+    ``cluster_cpus`` (default: the connected Ray's) of 0 is a cluster that starts its CPU
+    nodes on demand (the head of cluster/'s manifests has none): one CPU each, not a share of
+    nothing, which gave every worker a quarter CPU and one thread.
     """
-    total = float(ray.cluster_resources().get("CPU", 1))
-    if gpu:
+    total = float(ray.cluster_resources().get("CPU", 0) if cluster_cpus is None else cluster_cpus)
+    if gpu or total == 0:
         return 1.0
     share = (total - 1.0) / num_workers
     return max(0.25, min(1.0, math.floor(share * 4) / 4))

@@ -352,6 +352,9 @@ def test_the_default_worker_share_leaves_a_cpu_for_reading(ray_cluster: str) -> 
     shares = [train_module.default_cpus_per_worker(workers, gpu=False) for workers in (1, 2, 3, 4, 5, 6, 12, 13)]
     assert shares == [1.0, 1.0, 1.0, 0.75, 0.5, 0.5, 0.25, 0.25]  # 0.25: the floor, past what fits (refused)
     assert train_module.default_cpus_per_worker(2, gpu=True) == 1.0
+    # A cluster scaled to zero CPU nodes (its head takes no work) grows them on demand.
+    assert train_module.default_cpus_per_worker(4, gpu=False, cluster_cpus=0) == 1.0
+    assert train_module.default_cpus_per_worker(4, gpu=False, cluster_cpus=64) == 1.0
 
 
 def _cifar_batch(n: int, seed: int) -> bytes:
