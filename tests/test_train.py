@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import tarfile
 import threading
@@ -506,6 +507,18 @@ def test_a_hugging_face_parquet_folder_trains_on_the_shards_a_pattern_selects(
     (tmp_path / "hf" / "data" / "test-00000-of-00001.parquet").rename(tmp_path / "hf" / "data" / "test?.parquet")
     with pytest.raises(data.DataError, match="a '\\?' in a shard's name makes Ray Data skip it"):
         data.locate(str(tmp_path / "hf" / "data"))
+
+
+def test_an_archive_as_training_data_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "scenes", 2)
+    with tarfile.open(tmp_path / "scenes.tar.gz", "w:gz") as tar:
+        for path in paths:
+            tar.add(path, arcname=path.name)
+    for given in (tmp_path / "scenes.tar.gz", tmp_path):
+        if given == tmp_path:
+            shutil.rmtree(tmp_path / "scenes")
+        with pytest.raises(data.DataError, match="training does not read archives: extract it, or pack it as Parquet"):
+            data.locate(str(given))
 
 
 def test_training_skips_pipes_and_dangling_links_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
