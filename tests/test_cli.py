@@ -116,7 +116,7 @@ def test_train_refuses_workers_the_ray_it_starts_can_never_place(tmp_path: Path)
          "--cpus-per-worker", "64"],
         capture_output=True, text=True, timeout=240, env=env, cwd=REPO,
     )
-    assert_one_error_line(result, "need 128 CPUs")
+    assert_one_error_line(result, "need 129 CPUs")
     assert not (tmp_path / "o").exists()
 
 
