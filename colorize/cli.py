@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -17,6 +18,7 @@ from colorize.objectives import PRECISIONS
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader left (| head), as a shell reports it
 S3_ENDPOINT_HELP = "S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)"
 SATURATION_HELP = ("multiply the predicted chroma by X, in [0, 4]: above 1 more vivid and less faithful (1.6 matches "
                    "CIFAR-10's colourfulness for 1.4 dB of PSNR), 0 grey (default: the model's own, 1 for the bundled model)")
@@ -303,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         print(f"colorize {args.command}: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader has what it wanted. Point stdout at /dev/null, or flushing it at exit
+        # fails again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

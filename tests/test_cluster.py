@@ -336,6 +336,28 @@ def test_a_server_that_is_not_an_open_ray_job_server_is_one_error_line(status: i
     assert line.startswith(f"colorize jobs: error: {url}") and fragment in line, line
 
 
+@pytest.mark.timeout(120)
+def test_a_job_list_cut_short_by_its_reader_ends_quietly() -> None:
+    """`colorize jobs list | head -2` ended in a BrokenPipeError traceback."""
+    jobs = [{"type": "SUBMISSION", "submission_id": f"colorize-run-{i:05d}", "status": "SUCCEEDED",
+             "entrypoint": "python -m jobs.colorize --input s3://bucket/in --output s3://bucket/out"} for i in range(5000)]
+    listing = json.dumps(jobs).encode()  # about 600 kB of table: past any pipe's buffer
+
+    def answer(path: str, authorization: str | None) -> tuple[int, bytes]:
+        if path == "/api/version":
+            return 200, json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}).encode()
+        return 200, listing
+
+    with _serving(answer) as url:
+        reader = subprocess.Popen([str(_BIN / "colorize"), "jobs", "list", "--address", url], cwd=ROOT, env=_client_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert reader.stdout.readline().startswith(b"ID ")
+        reader.stdout.close()  # as head does after its lines
+        stderr = reader.stderr.read().decode()
+        assert reader.wait(timeout=90) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 @contextlib.contextmanager
 def _wanting_token(token: str) -> Iterator[tuple[str, list[str | None]]]:
     """A job server with token auth and no jobs, as Ray 2.60 answers; yields its URL and the
