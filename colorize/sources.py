@@ -77,9 +77,10 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     """Every input under ``input_uri``, in a stable order, with collision-free output names.
 
     ``exclude`` is the run's output folder. Where it lies inside the input folder, every file
-    under it is left out; where it is the input folder or holds it (``--input data/grey
-    --output data``), the run's own outputs (``images/``, ``parquet/``, ``failed/`` and its
-    ``_*.json``) are.
+    under it is left out. Where it is the input folder or holds it (``--input data/grey
+    --output data``), an earlier run's outputs there (``images/``, ``parquet/``, ``failed/``
+    and its ``_*.json``) are; without an earlier run (no ``_CONFIG.json``), an input in one of
+    those folders is refused, since the run would write over it.
     """
     if not storage.is_utf8(input_uri):
         raise storage.StorageError(f"{storage.utf8_name(input_uri)}: {NOT_UTF8}")
@@ -95,10 +96,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
         if not files:
             raise storage.StorageError(f"{input_uri}: no files found")
         if exclude is not None:
-            output = _output_prefix(fs, path, exclude)
-            inside = output.startswith(storage.to_uri(fs, path).rstrip("/") + "/")
-            owned = (f"{output}/",) if inside else (*(f"{output}/{d}/" for d in OUTPUT_FOLDERS), *(f"{output}/{f}" for f in OUTPUT_FILES))
-            files = [f for f in files if not storage.to_uri(fs, f).startswith(owned)]
+            files = _outside_output(fs, path, files, _output_prefix(fs, path, exclude), settings)
             if not files:
                 raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
         uris = [storage.to_uri(fs, f) for f in files]
@@ -132,6 +130,22 @@ def _shadowed(outputs: Iterable[tuple[str, str]]) -> dict[str, str]:
         if first != key:
             shadowed[key] = first
     return shadowed
+
+
+def _outside_output(fs: pafs.FileSystem, path: str, files: list[str], output: str, settings: storage.S3Settings) -> list[str]:
+    """``files`` (under input folder ``path``) less those that are the run's output: see :func:`discover`."""
+    if output.startswith(storage.to_uri(fs, path).rstrip("/") + "/"):  # the output inside the input
+        return [f for f in files if not storage.to_uri(fs, f).startswith(output + "/")]
+    owned = tuple(f"{output}/{folder}/" for folder in OUTPUT_FOLDERS)
+    if not any(storage.to_uri(fs, f).startswith(owned) for f in files):
+        return files
+    out_fs, out_path = storage.resolve(output, settings)
+    if not storage.exists(out_fs, storage.join(out_path, "_CONFIG.json")):
+        mine = next(f for f in files if storage.to_uri(fs, f).startswith(owned))
+        raise storage.StorageError(f"{storage.to_uri(fs, mine)}: an input in a folder that this run writes into its "
+                                   f"--output {output}; choose another --output")
+    owned += tuple(f"{output}/{name}" for name in OUTPUT_FILES)
+    return [f for f in files if not storage.to_uri(fs, f).startswith(owned)]
 
 
 def _output_prefix(fs: pafs.FileSystem, path: str, output: str) -> str:

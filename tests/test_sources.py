@@ -246,13 +246,19 @@ def test_an_output_that_holds_the_input_leaves_out_only_the_runs_own_outputs(tmp
     """--input data/grey --output data was refused: every input lay under the output folder."""
     (tmp_path / "grey").mkdir()
     (tmp_path / "grey" / "a.png").write_bytes(_good_png(0))
-    for written in ("images/grey/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", ".tmp-0a1b"):
+    into_parent = sources.discover(str(tmp_path / "grey"), storage.S3Settings(), exclude=str(tmp_path))
+    assert [i.relpath for i in into_parent] == ["a.png"]
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.png").write_bytes(_good_png(1))  # the user's own, where the run would write
+    with pytest.raises(storage.StorageError, match="images/mine.png: an input in a folder that this run writes into"):
+        sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path))
+    (tmp_path / "images" / "mine.png").unlink()
+
+    for written in ("_CONFIG.json", "images/grey/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", ".tmp-0a1b"):
         (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / written).write_bytes(b"an earlier run's")
     (tmp_path / "images.png").write_bytes(_good_png(1))  # beside the outputs, not in them
-
-    into_parent = sources.discover(str(tmp_path / "grey"), storage.S3Settings(), exclude=str(tmp_path))
-    assert [i.relpath for i in into_parent] == ["a.png"]
     into_itself = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path) + "/")
     assert [i.relpath for i in into_itself] == ["grey/a.png", "images.png"]
 
