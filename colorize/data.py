@@ -79,21 +79,24 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     info = storage.stat(fs, path, uri)
     if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
         return Source(uri, "cifar", fs, path)
-    if path.endswith(".parquet"):
+    if path.endswith(".parquet") and info.type == pafs.FileType.File:  # Spark writes x.parquet/ as a folder
         return _parquet_source(uri, fs, path, [path])
     found = storage.list_files(fs, path)
     files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
-    shards = [p for p in found if p.endswith(".parquet")]
+    shards = _shards(found, path)
     if shards and (not files or _holds_images(fs, shards[0])):
         if files:  # such as a README's banner.png beside the data/ shards
             _warn(uri, f"reading its Parquet shards, not the {len(files)} image file(s) beside them", files[0])
         named = {s: _split_named(posixpath.relpath(s, path)) for s in shards}
-        held_out = [s for s, split in named.items() if split in ("val", "test")]
-        train = next((s for s, split in named.items() if split == "train"), None)
-        if held_out and train:  # Hugging Face's data/{train,validation,test}-*.parquet in one folder
+        held_out = [s for s, (split, _) in named.items() if split in ("val", "test")]
+        train = next((s for s, (split, _) in named.items() if split == "train"), None)
+        if held_out and train:  # Hugging Face's data/{train,validation,test}-*.parquet, or default/{train,...}/
+            parts = posixpath.relpath(train, path).split("/")
+            where = named[train][1]
+            only = (f"{storage.to_uri(fs, posixpath.dirname(train))}/train*.parquet" if where == len(parts) - 1
+                    else storage.to_uri(fs, storage.join(path, *parts[: where + 1])))
             _warn(uri, f"reading all its shards, {len(held_out)} of them named for a validation or test split",
-                  held_out[0], f"; pass --data '{storage.to_uri(fs, posixpath.dirname(train))}/train*.parquet' "
-                  "for the training shards alone")
+                  held_out[0], f"; pass --data '{only}' for the training shards alone")
         return _parquet_source(uri, fs, path, shards)
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
@@ -118,7 +121,7 @@ def _matching(uri: str, fs: pafs.FileSystem, pattern: str) -> list[str]:
     """The Parquet shards that ``pattern``'s last component (a glob: ``train-*.parquet``)
     matches in its folder (and below: ``*`` matches ``/`` too)."""
     folder, glob = posixpath.split(pattern)
-    found = storage.list_files(fs, folder)
+    found = [p for p in storage.list_files(fs, folder) if not _hidden(posixpath.relpath(p, folder))]
     matches = [p for p in found if fnmatch.fnmatchcase(posixpath.relpath(p, folder), glob)]
     if not matches:
         raise DataError(f"{uri}: no file matches {glob!r} in {storage.to_uri(fs, folder)}")
@@ -136,13 +139,24 @@ def _parquet_source(uri: str, fs: pafs.FileSystem, path: str, shards: list[str])
     return Source(uri, "parquet", fs, path, tuple(shards))
 
 
-def _split_named(relpath: str) -> str | None:
-    """"train", "val" or "test" where a shard's path names that split (``validation-00000-of-00001.parquet``)."""
-    for part in relpath.lower().split("/"):
+def _shards(found: list[str], folder: str) -> list[str]:
+    """The Parquet files among ``found`` (listed under ``folder``), less hidden ones, as Ray's
+    reader of a folder leaves them out: ``.part-0.parquet``, Spark's ``_temporary/``."""
+    return [p for p in found if p.endswith(".parquet") and not _hidden(posixpath.relpath(p, folder))]
+
+
+def _hidden(relpath: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relpath.split("/"))
+
+
+def _split_named(relpath: str) -> tuple[str | None, int]:
+    """("train", "val" or "test", the index of the path component naming it) where a shard's
+    path names a split (``validation-00000-of-00001.parquet``, ``default/train/0000.parquet``)."""
+    for index, part in enumerate(relpath.lower().split("/")):
         for split in ("train", "val", "test"):
             if part.startswith(split):
-                return split
-    return None
+                return split, index
+    return None, -1
 
 
 def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> tuple[list[str], list[str]]:  # noqa: ANN001

@@ -504,9 +504,27 @@ def test_a_hugging_face_parquet_folder_trains_on_the_shards_a_pattern_selects(
     with pytest.raises(data.DataError, match="a pattern selects Parquet shards, and it matches .*README.md"):
         data.locate(f"{tmp_path}/hf/*")
 
-    (tmp_path / "hf" / "data" / "test-00000-of-00001.parquet").rename(tmp_path / "hf" / "data" / "test?.parquet")
+    # Hidden and underscored files are no shards, as Ray's reader of a folder has it (Spark's leftovers).
+    for hidden in ("_temporary/0/part-0.parquet", ".train-1.parquet"):
+        (tmp_path / "hf" / "data" / hidden).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "hf" / "data" / "train-00000-of-00001.parquet", tmp_path / "hf" / "data" / hidden)
+    assert len(data.locate(str(tmp_path / "hf" / "data")).files) == 3
+    assert len(data.locate(f"{tmp_path}/hf/data/*train*.parquet").files) == 1
+    # The converted layout keeps a folder a split; Spark writes x.parquet as a folder.
+    (tmp_path / "hf" / "data").rename(tmp_path / "hf" / "x.parquet")
+    for split in ("train", "test"):
+        (tmp_path / "hf" / "default" / split).mkdir(parents=True)
+        shutil.copy(tmp_path / "hf" / "x.parquet" / f"{split}-00000-of-00001.parquet", tmp_path / "hf" / "default" / split / "0000.parquet")
+    capsys.readouterr()
+    data.locate(str(tmp_path / "hf" / "default"))
+    assert f"pass --data '{tmp_path}/hf/default/train' for the training shards alone" in capsys.readouterr().err
+    spark = data.locate(str(tmp_path / "hf" / "x.parquet"))
+    assert spark.kind == "parquet" and [Path(f).name for f in spark.files] == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet", "validation-00000-of-00001.parquet"]
+
+    (tmp_path / "hf" / "x.parquet" / "test-00000-of-00001.parquet").rename(tmp_path / "hf" / "x.parquet" / "test?.parquet")
     with pytest.raises(data.DataError, match="a '\\?' in a shard's name makes Ray Data skip it"):
-        data.locate(str(tmp_path / "hf" / "data"))
+        data.locate(str(tmp_path / "hf" / "x.parquet"))
 
 
 def test_an_archive_as_training_data_is_refused_saying_what_to_do(tmp_path: Path) -> None:
