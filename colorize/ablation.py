@@ -432,15 +432,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     gray = metrics.MetricAccumulator()
     for batch in evaluate.in_batches(test):
         gray.update(evaluate.gray_baseline(batch), batch)
-    test_split = {"images": len(test), "image_size": args.image_size}
+    test_split = {"images": len(test), "image_size": args.image_size, "source": f"{Path(args.data).resolve().name}/test"}
     # Rows scored on another test set would sit beside a grey row that is not theirs. (Tables
-    # from before this record was kept were scored on 10,000 images at 32 px.)
+    # from before this record was kept were scored on 10,000 images at 32 px; the folder was
+    # recorded later still.)
     earlier = results.get("test", {"images": results["gray"]["images"], "image_size": 32} if results["rows"] else test_split)
-    if (earlier["images"], earlier["image_size"]) != (len(test), args.image_size):
-        parser.error(f"{results_path} holds rows scored on {earlier['images']} test images at {earlier['image_size']} px; "
-                     f"this run's --data, --test-limit and --image-size give {len(test)} at {args.image_size} px: use another --out")
+    if any(earlier[key] != test_split[key] for key in earlier):
+        parser.error(f"{results_path} holds rows scored on {earlier['images']} test images at {earlier['image_size']} px"
+                     + (f" of {earlier['source']}" if "source" in earlier else "") + f"; this run's --data, --test-limit "
+                     f"and --image-size give {len(test)} at {args.image_size} px of {test_split['source']}: use another --out")
     if not (args.report_only and "gray" in results):  # a redraw leaves the numbers as they are
-        results["gray"], results["test"] = gray.result(), {**test_split, "source": f"{Path(args.data).resolve().name}/test"}
+        results["gray"], results["test"] = gray.result(), test_split
     Image.fromarray(np.concatenate(list(evaluate.gray_baseline(_grid_examples(test))), axis=1)).save(out / "ablation" / "_gray.png")
     Image.fromarray(np.concatenate(list(_grid_examples(test)), axis=1)).save(out / "ablation" / "_truth.png")
     lab = to_lab(train.rgb, torch.device(budget.device)) if chosen else None

@@ -146,6 +146,8 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
     if img.mode in ("RGBA", "LA"):
         alpha = np.asarray(img.getchannel("A"), dtype=np.uint8)
         img = img.convert("RGB" if img.mode == "RGBA" else "L")
+    if img.mode == "YCbCr":  # uncompressed YCbCr TIFFs: to RGB first, so that an RGB profile applies
+        img = img.convert("RGB")
     img = to_srgb(img)
     if img.mode.startswith("I"):
         # 16-bit PNG grey (and PIL's 32-bit "I", which 16-bit PNGs used to open as); values

@@ -569,7 +569,8 @@ def _check_resources(config: TrainConfig, cpus: float) -> None:
     if need > have.get("CPU", 0):
         raise ValueError(
             f"{config.num_workers} worker(s) x {cpus:g} CPUs and {READ_TASK_CPUS:g} for Ray Data's read tasks need {need:g} "
-            f"CPUs; this machine's Ray has {have.get('CPU', 0):g} (lower --cpus-per-worker or --num-workers)"
+            f"CPUs; this machine's Ray has {have.get('CPU', 0):g} (lower --cpus-per-worker or --num-workers"
+            + ("; with no more than 1 CPU, none is left for the workers)" if have.get("CPU", 0) <= 1 else ")")
         )
 
 

@@ -201,6 +201,9 @@ def test_an_embedded_colour_profile_is_applied_for_the_bulk_job_training_and_eva
         bulk_L, train, probe = _read_everywhere(encode(red, fmt, icc_profile=profile, exif=exif, quality=100))
         assert np.allclose(bulk_L, 87.7, atol=1.0)  # sRGB green's lightness
         assert np.abs(train.astype(int) - (0, 255, 0)).max() <= 3 and np.array_equal(train, probe)
+    ycbcr = encode(Image.new("RGB", (4, 4), (255, 0, 0)).convert("YCbCr"), "TIFF", icc_profile=profile)  # opens as YCbCr
+    bulk_L, train, _ = _read_everywhere(ycbcr)
+    assert np.allclose(bulk_L, images.lightness(train), atol=0.5) and bulk_L.mean() > 80
 
 
 def test_an_srgb_a_mismatched_or_an_unreadable_profile_leaves_the_pixels_as_they_are() -> None:

@@ -145,8 +145,12 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     assert "1 row(s) keep their drawn strips, such as unet-psnr-semantic" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # another test set would replace the grey row beside rows scored on this one
         ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16", "--test-limit", "3"])
-    assert "this run's --data, --test-limit and --image-size give 3 at 16 px" in capsys.readouterr().err
+    assert "this run's --data, --test-limit and --image-size give 3 at 16 px of data/test" in capsys.readouterr().err
     assert (out / "ablation.json").read_text() == before
+    shutil.copytree(data, tmp_path / "other")  # as many test images, at the same size: another folder all the same
+    with pytest.raises(SystemExit):
+        ablation.main(["--data", str(tmp_path / "other"), "--out", str(out), "--report-only", "--image-size", "16"])
+    assert "80 test images at 16 px of data/test; this run's" in capsys.readouterr().err
 
 
 def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_path: Path, capsys) -> None:
