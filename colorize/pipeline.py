@@ -161,11 +161,14 @@ def read_and_decode(
     size: int,
     max_pixels: int,
     chunk: int,
+    packed: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """:func:`task_rows` -> decoded rows, ``chunk`` at a time, or fewer where they reach
     ``CHUNK_PIXELS`` (a chunk of large photos is as much memory as one of thumbnails).
 
     Archive members already ``written`` come out as ``skipped`` rows, their bytes unread.
+    ``packed``: full-resolution L as :func:`images.pack_lightness` uint16, for rows that go
+    through the object store to model actors, which hold whole batches of them.
     """
     rows: list[dict[str, Any]] = []
     pixels = 0
@@ -173,6 +176,8 @@ def read_and_decode(
     for kind, uri, relpath, error, written, in_parquet in zip(*columns):
         item = sources.Item(str(kind), str(uri), str(relpath), str(error))
         for row in _read_item(item, settings, size, max_pixels, frozenset(written), frozenset(in_parquet)):
+            if packed:
+                row["L"] = images.pack_lightness(row["L"])
             rows.append(row)
             pixels += row["L"].size
             if len(rows) == chunk or pixels >= CHUNK_PIXELS:
@@ -381,7 +386,7 @@ def compose_and_write(
         if status[i] != "ok":
             continue
         try:
-            L = batch["L"][i]
+            L = images.unpack_lightness(batch["L"][i])
             rgb = images.compose(L, batch["ab"][i])
             png = images.encode_png(rgb, batch["alpha"][i] if batch["has_alpha"][i] else None, level=png_level)
             if "png" in formats:
@@ -623,7 +628,7 @@ def _plan(
         # cores idle for much of a run (2,000 images: 24-27 s with it, 19-20 s without).
         ds.context.op_resource_reservation_enabled = False
         return ds
-    ds = _per_call(tasks, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs=read)
+    ds = _per_call(tasks, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs={**read, "packed": True})
     use_gpu = config.num_gpus > 0
     actors, actor_cpus = actor_pool(config.num_gpus, config.actors)
     ds = ds.map_batches(
