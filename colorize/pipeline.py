@@ -533,7 +533,7 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     parquet = storage.join(root, "parquet")
     if storage.exists(fs, parquet):
         for path in storage.list_files(fs, parquet):
-            if posixpath.dirname(path) == parquet and posixpath.basename(path).startswith(("part-", ".tmp-")):
+            if posixpath.dirname(path) == parquet and posixpath.basename(path).startswith(("part-", storage.TEMP_PREFIX)):
                 storage.delete(fs, path)
     storage.delete(fs, storage.join(root, "failed", "failed.parquet"))
 

@@ -30,8 +30,8 @@ from colorize import errors, storage
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
-# What a run writes under its output folder (and, locally, its temporary files' prefix).
-OUTPUT_FOLDERS, OUTPUT_FILES = ("images", "parquet", "failed"), ("_CONFIG.json", "_SUMMARY.json", ".tmp-")
+# What a run (colorize.pipeline) writes under its output folder, and, locally, its files being written.
+OUTPUT_FOLDERS, OUTPUT_FILES = ("images", "parquet", "failed"), ("_CONFIG.json", "_SUMMARY.json", storage.TEMP_PREFIX)
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest entry with a scheme is not a path
 # What training reads from folders and the bulk job from archives (where .json/.cls sit beside
 # the images); every format here is one the pinned Pillow decodes.
@@ -137,13 +137,13 @@ def _outside_output(fs: pafs.FileSystem, path: str, files: list[str], output: st
     if output.startswith(storage.to_uri(fs, path).rstrip("/") + "/"):  # the output inside the input
         return [f for f in files if not storage.to_uri(fs, f).startswith(output + "/")]
     owned = tuple(f"{output}/{folder}/" for folder in OUTPUT_FOLDERS)
-    if not any(storage.to_uri(fs, f).startswith(owned) for f in files):
+    inside_owned = [f for f in files if storage.to_uri(fs, f).startswith(owned)]
+    if not inside_owned:
         return files
     out_fs, out_path = storage.resolve(output, settings)
     if not storage.exists(out_fs, storage.join(out_path, "_CONFIG.json")):
-        mine = next(f for f in files if storage.to_uri(fs, f).startswith(owned))
-        raise storage.StorageError(f"{storage.to_uri(fs, mine)}: an input in a folder that this run writes into its "
-                                   f"--output {output}; choose another --output")
+        raise storage.StorageError(f"{storage.to_uri(fs, inside_owned[0])}: an input in a folder that this run writes "
+                                   f"into its --output {output}; choose another --output")
     owned += tuple(f"{output}/{name}" for name in OUTPUT_FILES)
     return [f for f in files if not storage.to_uri(fs, f).startswith(owned)]
 

@@ -31,6 +31,7 @@ from colorize import errors
 
 # A refused port must fail in seconds, not after the AWS SDK's default ten attempts with
 # exponential backoff; a slow but live endpoint still gets a few tries.
+TEMP_PREFIX = ".tmp-"  # a local file being written, renamed into place when whole
 _CONNECT_TIMEOUT_S = 5.0
 # The AWS SDK applies this to a stalled transfer, not to the whole request, so large objects
 # are unaffected.
@@ -273,7 +274,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         # Same directory, so the rename cannot cross filesystems; a fixed short name, so a
         # long file name cannot overflow NAME_MAX. No fsync: this guards against readers and
         # retried tasks seeing partial files, not against power loss.
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+        tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
