@@ -390,7 +390,7 @@ def compose_and_write(
             rgb = images.compose(L, batch["ab"][i])
             png = images.encode_png(rgb, batch["alpha"][i] if batch["has_alpha"][i] else None, level=png_level)
             if "png" in formats:
-                storage.write_bytes_atomic(fs, storage.join(root, "images", batch["relpath"][i]), png)
+                storage.write_bytes_atomic(fs, storage.join(root, sources.IMAGES_FOLDER, batch["relpath"][i]), png)
         except (OSError, ValueError, RuntimeError, storage.StorageError) as error:
             status[i], reasons[i] = "failed", f"cannot write output: {errors.one_line(error, with_type=False)}"
             continue
@@ -407,7 +407,7 @@ def compose_and_write(
         # run redoes (they are not in Parquet yet), never Parquet rows without their PNG.
         name = hashlib.sha256("\n".join(sorted(r["source"] for r in records)).encode()).hexdigest()[:20]
         try:
-            storage.write_bytes_atomic(fs, storage.join(root, "parquet", f"part-{name}.parquet"), _parquet_bytes(records))
+            storage.write_bytes_atomic(fs, storage.join(root, sources.PARQUET_FOLDER, f"part-{name}.parquet"), _parquet_bytes(records))
         except storage.StorageError as error:  # the batch's inputs fail, with the reason; the run goes on
             for record in records:
                 status[record["row"]] = "failed"
@@ -517,7 +517,7 @@ def _would_mix(fs: pafs.FileSystem, root: str, config_path: str, run_id: dict[st
     """Whether an ``--overwrite`` into ``root`` cut off part-way would leave the colours of two
     runs: earlier outputs are there, and were made from another input or model, or by an
     ``--overwrite`` that itself did not finish, or by a run whose configuration cannot be read."""
-    if not storage.exists(fs, storage.join(root, "images")) and not storage.exists(fs, config_path):
+    if not storage.exists(fs, storage.join(root, sources.IMAGES_FOLDER)) and not storage.exists(fs, config_path):
         return False
     try:
         earlier = _earlier_config(fs, config_path)
@@ -530,12 +530,12 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     """For ``--overwrite``: remove the Parquet parts and the failure list of earlier runs. Parts
     are named by the inputs they hold, so rows grouped otherwise this time would sit beside the
     old ones; PNGs are replaced in place, name by name."""
-    parquet = storage.join(root, "parquet")
+    parquet = storage.join(root, sources.PARQUET_FOLDER)
     if storage.exists(fs, parquet):
         for path in storage.list_files(fs, parquet):
             if posixpath.dirname(path) == parquet and posixpath.basename(path).startswith(("part-", storage.TEMP_PREFIX)):
                 storage.delete(fs, path)
-    storage.delete(fs, storage.join(root, "failed", "failed.parquet"))
+    storage.delete(fs, storage.join(root, sources.FAILED_FOLDER, "failed.parquet"))
 
 
 def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]) -> list[dict[str, str]]:
@@ -559,10 +559,10 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
     """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``relpath`` column."""
     pngs: set[str] = set()
     rows: set[str] = set()
-    images_dir = storage.join(root, "images")
+    images_dir = storage.join(root, sources.IMAGES_FOLDER)
     if "png" in formats and storage.exists(fs, images_dir):
         pngs = {posixpath.relpath(p, images_dir) for p in storage.list_files(fs, images_dir) if p.endswith(".png")}
-    parquet_dir = storage.join(root, "parquet")
+    parquet_dir = storage.join(root, sources.PARQUET_FOLDER)
     if "parquet" in formats and storage.exists(fs, parquet_dir):
         parts = [p for p in storage.list_files(fs, parquet_dir) if p.endswith(".parquet")]
         # Many at once: one after another, a million images' 31,000 parts are 94,000 S3 requests in a row.
@@ -674,7 +674,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     )
     weights_raw = colorizer.weights_bytes(model)
     run_id = _run_id(config, settings, model, weights_id)
-    config_path = storage.join(out_root, "_CONFIG.json")
+    config_path = storage.join(out_root, sources.CONFIG_FILE)
     if config.overwrite:
         unfinished = _would_mix(out_fs, out_root, config_path, run_id)
     else:
@@ -695,7 +695,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:
         _start_over(out_fs, out_root)
-    storage.delete(out_fs, storage.join(out_root, "_SUMMARY.json"))  # a summary says a run finished
+    storage.delete(out_fs, storage.join(out_root, sources.SUMMARY_FILE))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
     archives = sum(i.kind == "archive" for i in todo)
@@ -715,7 +715,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
                 if status == "failed":
                     failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
 
-    failed_path = storage.join(out_root, "failed", "failed.parquet")
+    failed_path = storage.join(out_root, sources.FAILED_FOLDER, "failed.parquet")
     listed = failures + _earlier_failures(out_fs, failed_path, found[len(items):])
     if listed or storage.exists(out_fs, failed_path):
         storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
@@ -731,7 +731,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
         "input": config.input,
         "output": config.output,
     }
-    storage.write_json(out_fs, storage.join(out_root, "_SUMMARY.json"), summary)
+    storage.write_json(out_fs, storage.join(out_root, sources.SUMMARY_FILE), summary)
     print(
         f"{summary['inputs']} inputs: {summary['written']} written, {summary['failed']} failed, "
         f"{summary['skipped']} skipped in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s)"

@@ -31,7 +31,9 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
 # What a run (colorize.pipeline) writes under its output folder, and, locally, its files being written.
-OUTPUT_FOLDERS, OUTPUT_FILES = ("images", "parquet", "failed"), ("_CONFIG.json", "_SUMMARY.json", storage.TEMP_PREFIX)
+IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER = "images", "parquet", "failed"
+CONFIG_FILE, SUMMARY_FILE = "_CONFIG.json", "_SUMMARY.json"
+OUTPUT_FOLDERS, OUTPUT_FILES = (IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER), (CONFIG_FILE, SUMMARY_FILE, storage.TEMP_PREFIX)
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest entry with a scheme is not a path
 # What training reads from folders and the bulk job from archives (where .json/.cls sit beside
 # the images); every format here is one the pinned Pillow decodes.
@@ -141,7 +143,7 @@ def _outside_output(fs: pafs.FileSystem, path: str, files: list[str], output: st
     if not inside_owned:
         return files
     out_fs, out_path = storage.resolve(output, settings)
-    if not storage.exists(out_fs, storage.join(out_path, "_CONFIG.json")):
+    if not storage.exists(out_fs, storage.join(out_path, CONFIG_FILE)):
         raise storage.StorageError(f"{storage.to_uri(fs, inside_owned[0])}: an input in a folder that this run writes "
                                    f"into its --output {output}; choose another --output")
     owned += tuple(f"{output}/{name}" for name in OUTPUT_FILES)
