@@ -216,6 +216,46 @@ def test_an_srgb_a_mismatched_or_an_unreadable_profile_leaves_the_pixels_as_they
     assert images._profile_transform(srgb, "RGB") is None  # found to be sRGB, so never applied
 
 
+def test_a_grey_profile_is_a_table_of_256_with_the_full_transforms_result() -> None:
+    """A grey scan's profile went through LittleCMS pixel by pixel to RGB (1.8-2.6 times the
+    decode); a grey's colour depends on its value alone, so a table gives the same pixels."""
+    grey = Image.fromarray(np.random.default_rng(6).integers(0, 256, (32, 48), dtype=np.uint8), mode="L")
+    for gamma in (1.0, 1.8, 2.4):
+        profile = icc_profile("GRAY", gamma=gamma)
+        full = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(profile)), images._SRGB_PROFILE, "L", "RGB")
+        expected = np.asarray(full.apply(grey))
+        bulk_L, *_ = _read_everywhere(encode(grey, "PNG", icc_profile=profile))
+        assert np.array_equal(bulk_L, images.lightness(expected))
+        assert np.array_equal(np.asarray(images.to_rgb(Image.open(io.BytesIO(encode(grey, "PNG", icc_profile=profile))))),
+                              expected)
+
+
+def test_profiles_that_differ_only_in_their_date_share_one_transform() -> None:
+    """Tools that write a fresh profile into each file differ in its header's date and ID; each
+    file missed the cache and paid for a transform and its sRGB check (4.5-9.5 ms)."""
+    images._profile_transform.cache_clear()
+    profile = bytearray(icc_profile("RGB ", gamma=1.0, primaries=SRGB_PRIMARIES))
+    pixels = Image.fromarray(scene(np.random.default_rng(7), 8))
+    results = []
+    for day in range(40):  # more than the cache holds
+        profile[24:36], profile[84:100] = day.to_bytes(12, "big"), day.to_bytes(16, "big")
+        pixels.info["icc_profile"] = bytes(profile)
+        results.append(np.asarray(images.to_srgb(pixels)))
+    assert images._profile_transform.cache_info().misses == 1
+    assert all(np.array_equal(r, results[0]) for r in results) and not np.array_equal(results[0], np.asarray(pixels))
+
+
+def test_float_images_are_unreadable_for_training_as_for_the_bulk_job() -> None:
+    """A 32-bit float TIFF (mode F, values 0..1) came out of convert("RGB") black, and was
+    trained on and scored as a black image while the bulk job refused it."""
+    payload = encode(Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F"), "TIFF")
+    with pytest.raises(images.ImageError, match="unsupported image mode 'F'"):
+        images.decode(payload, max_pixels=10**6)
+    assert not data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=4, augment=False)["ok"].any()
+    with pytest.raises(images.ImageError):  # evaluation's image sets count it as unreadable
+        imagesets.square(Image.open(io.BytesIO(payload)), 4)
+
+
 def test_packed_lightness_composes_within_one_level_of_the_float_one() -> None:
     """Model actors get L as uint16, half float32's bytes: rows of 6 M-pixel images grew an
     actor by 38 MB each as float32, 13 MB packed."""
