@@ -175,7 +175,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         description="Colour the lightness of each image with a model and compare with the original, next to "
         "the grey baseline (601 luma copied to R, G, B). Prints JSON.",
     )
-    p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: test batch)")
+    p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: its test batch; a folder or "
+                   "Parquet folder is read whole, with a warning naming the test split where it holds a training one)")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only N files, unreadable ones included (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")

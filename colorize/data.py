@@ -67,10 +67,13 @@ class Source:
     left_out: tuple[str, ...] = ()  # image files found but not listed: names not UTF-8, not regular files
 
 
-def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None) -> Source:
+def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None, split: str = "train") -> Source:
     """Find out what ``uri`` holds, raising a one-line error for anything unusable.
 
-    Runs on the driver before Ray starts, so bad input fails fast.
+    Runs on the driver before Ray starts, so bad input fails fast. ``split`` is what the
+    caller reads the source for ("train"; "test" to score or validate on): a folder that holds
+    the training split beside a held-out one is read whole, with a warning that says how to
+    pass that split alone.
     """
     fs, path = storage.resolve(uri, settings)
     name = posixpath.basename(path.rstrip("/"))
@@ -86,26 +89,24 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     shards = _shards(found, path)
     if shards and (not files or _holds_images(fs, shards[0])):
         if files:  # such as a README's banner.png beside the data/ shards
-            _warn(uri, f"reading its Parquet shards, not the {len(files)} image file(s) beside them", files[0])
-        named = {s: _split_named(posixpath.relpath(s, path)) for s in shards}
-        held_out = [s for s, (split, _) in named.items() if split in ("val", "test")]
-        train = next((s for s, (split, _) in named.items() if split == "train"), None)
-        if held_out and train:  # Hugging Face's data/{train,validation,test}-*.parquet, or default/{train,...}/
-            parts = posixpath.relpath(train, path).split("/")
-            where = named[train][1]
-            only = (f"{storage.to_uri(fs, posixpath.dirname(train))}/train*.parquet" if where == len(parts) - 1
-                    else storage.to_uri(fs, storage.join(path, *parts[: where + 1])))
-            _warn(uri, f"reading all its shards, {len(held_out)} of them named for a validation or test split",
-                  held_out[0], f"; pass --data '{only}' for the training shards alone")
+            _warn(uri, f"reading its Parquet shards, not the {len(files)} image file(s) beside them", storage.to_uri(fs, files[0]))
+        # Hugging Face's data/{train,validation,test}-*.parquet, or default/{train,...}/
+        _warn_mixed_splits(uri, fs, path, {s: _split_named(posixpath.relpath(s, path)) for s in shards}, split, "shards")
         return _parquet_source(uri, fs, path, shards)
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
-              shards[0])
-    files, left_out = _skipping(files, storage.is_utf8, uri, "whose file names are not valid UTF-8",
+              storage.to_uri(fs, shards[0]))
+    files, left_out = _skipping(files, storage.is_utf8, uri, fs, "whose file names are not valid UTF-8",
                                 "; rename them (convmv does) to use them")
     if fs.type_name == "local":  # a named pipe would block its read task forever
-        files, not_files = _skipping(files, os.path.isfile, uri, "that are not regular files (dangling links, pipes, devices)")
+        files, not_files = _skipping(files, os.path.isfile, uri, fs, "that are not regular files (dangling links, pipes, devices)")
         left_out += not_files
+    # CIFAR-10 as JPEG folders, ImageNet's train/ and val/: the split is the first folder level.
+    root = len(path.rstrip("/")) + 1
+    top_splits = {top: _split_named(top) for top in {p[root:].partition("/")[0] for p in files if "/" in p[root:]}}
+    if len({name for name, _ in top_splits.values()} - {None}) > 1:
+        named = {p: top_splits.get(p[root:].partition("/")[0], (None, -1)) for p in files}
+        _warn_mixed_splits(uri, fs, path, named, split, "images")
     if not files:
         archive = " (training does not read archives: extract it, or pack it as Parquet shards)" if any(
             p.lower().endswith(ARCHIVE_SUFFIXES) for p in found) else ""
@@ -159,15 +160,38 @@ def _split_named(relpath: str) -> tuple[str | None, int]:
     return None, -1
 
 
-def _skipping(files: list[str], keep, uri: str, why: str, hint: str = "") -> tuple[list[str], list[str]]:  # noqa: ANN001
+def _skipping(
+    files: list[str], keep, uri: str, fs: pafs.FileSystem, why: str, hint: str = ""  # noqa: ANN001
+) -> tuple[list[str], list[str]]:
     """``files`` for which ``keep`` holds and those it left out, with one warning line naming how
     many were left out, and why."""
     kept, dropped = [], []
     for p in files:  # one call a file: a stat each, 1.28 M of them for ImageNet
         (kept if keep(p) else dropped).append(p)
     if dropped:
-        _warn(uri, f"skipping {len(dropped)} image(s) {why}", dropped[0], hint)
+        _warn(uri, f"skipping {len(dropped)} image(s) {why}", storage.to_uri(fs, dropped[0]), hint)
     return kept, dropped
+
+
+_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+def _warn_mixed_splits(uri: str, fs: pafs.FileSystem, path: str, named: dict[str, tuple[str | None, int]], split: str,
+                       what: str) -> None:
+    """Warn where ``named`` (each file under ``path`` -> :func:`_split_named` of it) holds the
+    training split beside a held-out one, naming how to pass ``split``'s ``what`` alone."""
+    found = {name for name, _ in named.values()} - {None}
+    if "train" not in found or not found & {"val", "test"}:
+        return
+    wanted = "train" if split == "train" else "test" if "test" in found else "val"
+    others = [f for f, (name, _) in named.items() if name not in (None, wanted)]
+    keep = next(f for f, (name, _) in named.items() if name == wanted)
+    parts, where = posixpath.relpath(keep, path).split("/"), named[keep][1]
+    only = (f"{storage.to_uri(fs, posixpath.dirname(keep))}/{wanted}*.parquet" if where == len(parts) - 1
+            else storage.to_uri(fs, storage.join(path, *parts[: where + 1])))
+    other_names = " or ".join(name for key, name in _SPLIT_NAMES.items() if key in found and key != wanted)
+    _warn(uri, f"reading all its {what}, {len(others)} of them named for a {other_names} split", storage.to_uri(fs, others[0]),
+          f"; pass --data '{only}' for the {_SPLIT_NAMES[wanted]} {what} alone")
 
 
 def _warn(uri: str, what: str, example: str, hint: str = "") -> None:

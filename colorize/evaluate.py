@@ -112,7 +112,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if model.config.image_size < metrics.SSIM_WINDOW:
         raise ValueError(f"{config.weights or 'the bundled model'}: it works at {model.config.image_size} px, below SSIM's "
                          f"{metrics.SSIM_WINDOW} px window, so its colour cannot be scored")
-    source = data.locate(config.data, settings=settings, limit=config.limit)
+    source = data.locate(config.data, settings=settings, limit=config.limit, split="test")
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     prepared = data.lab_dataset(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     in ``unreadable``.
     """
     if str(root).lower().startswith("s3:/"):  # as given, or after Path() made s3://b into s3:/b
+        root = re.sub("^s3:/+", "s3://", str(root), flags=re.IGNORECASE)
         raise ValueError(f"{root}: an S3 URI, but this command reads a local folder into memory; copy it down first (aws s3 sync)")
     root = Path(root)
     if not root.is_dir():

@@ -595,7 +595,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if train_source.kind == "files" and len(train_source.files) < config.num_workers:
         raise data.DataError(f"{config.data}: {len(train_source.files)} image(s) for {config.num_workers} workers: each epoch "
                              f"splits the images equally among the workers; use --num-workers {len(train_source.files)}")
-    val_source = data.locate(config.val, settings=settings, limit=config.val_limit) if config.val else None
+    val_source = data.locate(config.val, settings=settings, limit=config.val_limit, split="test") if config.val else None
     classes = _classes(config, train_source, earlier[0] if earlier else None)
     # The model's classes: the data's for --semantic; else an --init model's semantic branch
     # stays, trained by the colour loss alone.

@@ -70,7 +70,7 @@ def test_flip_averaging_colours_mirrored_images_as_the_mirror_images() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
+def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_images(tmp_path / "data", 12)
     (tmp_path / "data" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
     (tmp_path / "data" / "empty.png").write_bytes(b"")
@@ -92,6 +92,10 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path) -> None:
     assert report["model"]["colourfulness_truth"] > 10
     assert json.loads((tmp_path / "out/metrics.json").read_text()) == report
     assert (tmp_path / "out/grid.png").stat().st_size > 0
+    for split in ("train", "test"):  # beside the training images, the test split is named
+        write_images(tmp_path / "splits" / split, 2)
+    assert evaluate(EvaluateConfig(data=str(tmp_path / "splits"), weights=str(weights)))["images"] == 4
+    assert f"pass --data '{tmp_path}/splits/test' for the test images alone" in capsys.readouterr().err
 
     small = tmp_path / "small.pt"  # a model too small to score: refused before Ray reads anything
     small.write_bytes(colorizer.weights_bytes(build_model(ModelConfig(width=4, depth=2, image_size=8))))

@@ -161,7 +161,7 @@ def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_p
     assert len(errors) == 1 and "not a folder of class folders" in errors[0]
     with pytest.raises(SystemExit):
         ablation.main(["--data", "s3://bucket/cifar10", "--out", str(tmp_path / "docs")])
-    assert "an S3 URI, but this command reads a local folder" in capsys.readouterr().err
+    assert "s3://bucket/cifar10/test: an S3 URI, but this command reads a local folder" in capsys.readouterr().err
 
 
 def test_the_ablation_refuses_a_semantic_variant_on_one_class_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:

@@ -476,6 +476,31 @@ def test_parquet_files_beside_images_are_left_out_with_a_warning(tmp_path: Path,
     assert "reading its Parquet shards, not the 1 image file(s) beside them" in capsys.readouterr().err
 
 
+def test_a_folder_of_split_folders_is_read_whole_with_the_split_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CIFAR-10 as JPEG folders (train/, test/) was read whole without a word: evaluate scored
+    50,000 training images with the 10,000 test ones, and training learnt from the test split."""
+    for split, n in (("train", 6), ("test", 4), ("validation", 2)):
+        write_images(tmp_path / "cifar" / split, n)
+    (tmp_path / "cifar" / "training-notes.jpg").write_bytes(b"")  # a file at the top names no split
+
+    assert len(data.locate(str(tmp_path / "cifar")).files) == 13
+    warning = capsys.readouterr().err
+    assert "reading all its images, 6 of them named for a validation or test split" in warning
+    assert f"pass --data '{tmp_path}/cifar/train' for the training images alone" in warning
+    data.locate(str(tmp_path / "cifar"), split="test")  # as evaluate and --val read it
+    warning = capsys.readouterr().err
+    assert "8 of them named for a training or validation split, such as " in warning
+    assert f"pass --data '{tmp_path}/cifar/test' for the test images alone" in warning
+
+    shutil.rmtree(tmp_path / "cifar" / "test")
+    data.locate(str(tmp_path / "cifar"), split="test")
+    assert f"pass --data '{tmp_path}/cifar/validation' for the validation images alone" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "cifar" / "validation")
+    for quiet in (tmp_path / "cifar", tmp_path / "cifar" / "train"):  # one split, or class folders alone
+        data.locate(str(quiet), split="test")
+        assert capsys.readouterr().err == ""
+
+
 def test_a_hugging_face_parquet_folder_trains_on_the_shards_a_pattern_selects(
     ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -495,6 +520,8 @@ def test_a_hugging_face_parquet_folder_trains_on_the_shards_a_pattern_selects(
     warning = capsys.readouterr().err
     assert "reading all its shards, 2 of them named for a validation or test split" in warning
     assert f"pass --data '{tmp_path}/hf/data/train*.parquet' for the training shards alone" in warning
+    data.locate(str(tmp_path / "hf"), split="test")  # evaluate's advice is the test shards'
+    assert f"pass --data '{tmp_path}/hf/data/test*.parquet' for the test shards alone" in capsys.readouterr().err
     train_only = data.locate(f"{tmp_path}/hf/data/train*.parquet")
     assert data.class_names(train_only) == ("0", "1", "2")  # README.md is not read as Parquet
     assert len(data.load_dataset(train_only).take_all()) == 4
