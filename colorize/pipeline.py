@@ -538,6 +538,21 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     storage.delete(fs, storage.join(root, sources.FAILED_FOLDER, "failed.parquet"))
 
 
+def _remove_other_pngs(fs: pafs.FileSystem, root: str, named: set[str]) -> None:
+    """For a whole ``--overwrite``: delete the PNGs of earlier runs that this run did not name,
+    those of another input or of inputs since gone, as :func:`_start_over` deleted their rows.
+    Without this, the folder held two runs' colours with nothing to say so."""
+    images_dir = storage.join(root, sources.IMAGES_FOLDER)
+    if not storage.exists(fs, images_dir):
+        return
+    others = [p for p in storage.list_files(fs, images_dir) if p.endswith(".png") and posixpath.relpath(p, images_dir) not in named]
+    for path in others:
+        storage.delete(fs, path)
+    if others:
+        print(f"removed {len(others)} PNG(s) of earlier runs whose inputs this run does not have, such as "
+              f"{storage.to_uri(fs, others[0])}", file=sys.stderr, flush=True)
+
+
 def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]) -> list[dict[str, str]]:
     """Rows of an earlier failure list for the inputs ``beyond`` this run's --limit: they failed
     and were never written, and stay listed."""
@@ -698,6 +713,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     storage.delete(out_fs, storage.join(out_root, sources.SUMMARY_FILE))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
+    named: set[str] = set()  # every output name this run gave, archive members' included
     archives = sum(i.kind == "archive" for i in todo)
     what = f"{len(todo) - archives} file(s)" + (f" and {archives} archive(s), whose members are counted as they are read"
                                                if archives else "")
@@ -712,6 +728,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
                 counts[str(status)] += 1
+                named.add(str(relpath))
                 if status == "failed":
                     failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
 
@@ -719,8 +736,10 @@ def run(config: BulkConfig) -> dict[str, Any]:
     listed = failures + _earlier_failures(out_fs, failed_path, found[len(items):])
     if listed or storage.exists(out_fs, failed_path):
         storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
-    if unfinished and len(items) == len(found):  # past a --limit, earlier outputs are still there
-        storage.write_json(out_fs, config_path, record)
+    if config.overwrite and len(items) == len(found):  # past a --limit, earlier outputs are still there
+        _remove_other_pngs(out_fs, out_root, named)
+        if unfinished:
+            storage.write_json(out_fs, config_path, record)
     seconds = time.perf_counter() - started
     summary = {
         "inputs": counts["written"] + counts["failed"] + counts["skipped"],

@@ -214,6 +214,12 @@ def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
         run(BulkConfig(input=str(first), output=str(out), weights=weights, temperature=0.5))  # it would change nothing
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 2
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
+    # Over another input's outputs, a whole --overwrite leaves its colours only: the others' PNGs
+    # went on beside them, unmarked, though their Parquet rows were gone.
+    third = scene_pngs(tmp_path / "c", 3, 16, name="c{}.png")
+    assert run(BulkConfig(input=str(third), output=str(out), weights=weights, overwrite=True))["written"] == 3
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["c0.png", "c1.png", "c2.png"]
+    assert sorted(Path(r["relpath"]).name for r in parquet_rows(out)) == ["c0.png", "c1.png", "c2.png"]
 
 
 def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
