@@ -36,11 +36,12 @@ def scene(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90, icc_profile: bytes | None = None) -> bytes:
+    """``rgb`` (or grey, (H, W)) as a JPEG, with ``icc_profile`` embedded if given."""
     from io import BytesIO
 
     buffer = BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, **({"icc_profile": icc_profile} if icc_profile else {}))
     return buffer.getvalue()
 
 

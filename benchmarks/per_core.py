@@ -11,7 +11,10 @@ One process, one torch thread, so each figure is the cost on one core:
   Lab), against the same work with every JPEG decoded whole (``train_SIDE_whole_ms``, the
   baseline: how training read its input before session 35);
 - ``bulk``: what ``colorize run`` does per image outside the model (:func:`colorize.images.decode`
-  with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1);
+  with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1); and the
+  decode of the same picture with an embedded colour profile, as a ratio to it without one:
+  Adobe RGB (``decode_adobe_x``), and a grey JPEG with a gamma-2.2 grey profile against the
+  same grey JPEG without (``decode_grey_icc_x``);
 - ``model``: the bundled U-Net's batched forward pass per image on CPU, as trained and as the
   bulk job runs it.
 """
@@ -30,6 +33,11 @@ from PIL import Image, ImageOps
 from benchmarks.common import add_results_flag, jpeg_bytes, print_table, scene, write_results
 from colorize import color, colorizer, data, images
 from colorize.pipeline import for_inference
+from tests.helpers import icc_profile
+
+ADOBE_RGB = icc_profile("RGB ", gamma=2.2, primaries={"r": (0.6097, 0.3111, 0.0195), "g": (0.2053, 0.6257, 0.0609),
+                                                      "b": (0.1492, 0.0632, 0.7446)})  # D50-adapted, as ICC has it
+GREY_GAMMA_22 = icc_profile("GRAY", gamma=2.2)
 
 SIZES = ((500, 375), (256, 256), (1024, 768))  # (width, height); 500x375 is ImageNet's typical photo
 
@@ -66,9 +74,11 @@ def main() -> None:
     torch.set_num_threads(1)
     model, weights_id = colorizer.load_weights(None)
     rng = np.random.default_rng(0)
+    crops = np.random.default_rng(1)  # its own, so that the pictures are the same whatever --repeat
     rows: list[dict[str, Any]] = []
     for width, height in SIZES:
-        blobs = np.array([jpeg_bytes(scene(rng, height, width)) for _ in range(8)], dtype=object)
+        pictures = [scene(rng, height, width) for _ in range(8)]
+        blobs = np.array([jpeg_bytes(picture) for picture in pictures], dtype=object)
         blob = blobs[0]
         decoded = images.decode(blob, max_pixels=10**9)
         with torch.inference_mode():
@@ -80,10 +90,16 @@ def main() -> None:
             drafted, whole = float("inf"), float("inf")
             for _ in range(max(1, args.repeat // 8)):
                 drafted = min(drafted, _ms(lambda: data.prepare_batch({"bytes": blobs}, image_size=side, augment=True), 1))
-                whole = min(whole, _ms(lambda: _whole_prepare(blobs, side, rng), 1))
+                whole = min(whole, _ms(lambda: _whole_prepare(blobs, side, crops), 1))
             row[f"train_{side}_ms"], row[f"train_{side}_whole_ms"] = drafted / len(blobs), whole / len(blobs)
             row[f"draft_{side}_scale"] = _draft_scale(blob, side)
         row["decode_L_ms"] = _ms(lambda: images.decode(blob, max_pixels=10**9), args.repeat)
+        adobe = jpeg_bytes(pictures[0], icc_profile=ADOBE_RGB)
+        row["decode_adobe_x"] = _ms(lambda: images.decode(adobe, max_pixels=10**9), args.repeat) / row["decode_L_ms"]
+        grey = np.asarray(Image.fromarray(pictures[0]).convert("L"))
+        grey_plain, grey_icc = jpeg_bytes(grey), jpeg_bytes(grey, icc_profile=GREY_GAMMA_22)
+        row["decode_grey_icc_x"] = (_ms(lambda: images.decode(grey_icc, max_pixels=10**9), args.repeat)
+                                    / _ms(lambda: images.decode(grey_plain, max_pixels=10**9), args.repeat))
         row["compose_ms"] = _ms(lambda: images.compose(decoded.L, ab), args.repeat)
         for level in (6, 1):
             row[f"png{level}_ms"] = _ms(lambda: images.encode_png(rgb, None, level=level), args.repeat)
