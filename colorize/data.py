@@ -25,6 +25,7 @@ import os
 import pickle
 import posixpath
 import random
+import re
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -103,7 +104,7 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
         left_out += not_files
     # CIFAR-10 as JPEG folders, ImageNet's train/ and val/: the split is the first folder level.
     root = len(path.rstrip("/")) + 1
-    top_splits = {top: _split_named(top) for top in {p[root:].partition("/")[0] for p in files if "/" in p[root:]}}
+    top_splits = {top: _split_folder(top) for top in {p[root:].partition("/")[0] for p in files if "/" in p[root:]}}
     if len({name for name, _ in top_splits.values()} - {None}) > 1:
         named = {p: top_splits.get(p[root:].partition("/")[0], (None, -1)) for p in files}
         _warn_mixed_splits(uri, fs, path, named, split, "images")
@@ -158,6 +159,15 @@ def _split_named(relpath: str) -> tuple[str | None, int]:
             if part.startswith(split):
                 return split, index
     return None, -1
+
+
+_SPLIT_FOLDER = re.compile(r"(train|training|val|valid|validation|test|testing)([-_]?\d+)?", re.IGNORECASE)
+
+
+def _split_folder(name: str) -> tuple[str | None, int]:
+    """:func:`_split_named` for a folder of images: whole names only (``train``, ``val``,
+    ``validation``, ``test2017``), as class folders such as ``valley/`` or ``train_station/`` are no split."""
+    return _split_named(name) if _SPLIT_FOLDER.fullmatch(name) else (None, -1)
 
 
 def _skipping(

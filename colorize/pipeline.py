@@ -538,16 +538,19 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     storage.delete(fs, storage.join(root, sources.FAILED_FOLDER, "failed.parquet"))
 
 
-def _remove_other_pngs(fs: pafs.FileSystem, root: str, named: set[str]) -> None:
-    """For a whole ``--overwrite``: delete the PNGs of earlier runs that this run did not name,
-    those of another input or of inputs since gone, as :func:`_start_over` deleted their rows.
-    Without this, the folder held two runs' colours with nothing to say so."""
+def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> None:
+    """For a whole ``--overwrite`` that writes PNGs: delete those of earlier runs that it did not
+    write over, of another input, of inputs since gone, of inputs that failed this time, as
+    :func:`_start_over` deleted their rows. Without this, the folder held two runs' colours
+    with nothing to say so, and a resumed run took an input whose PNG was another's as done.
+    Names that are not UTF-8 are no run's (outputs are named in UTF-8) and are left alone."""
     images_dir = storage.join(root, sources.IMAGES_FOLDER)
     if not storage.exists(fs, images_dir):
         return
-    others = [p for p in storage.list_files(fs, images_dir) if p.endswith(".png") and posixpath.relpath(p, images_dir) not in named]
-    for path in others:
-        storage.delete(fs, path)
+    others = [p for p in storage.list_files(fs, images_dir)
+              if p.endswith(".png") and storage.is_utf8(p) and posixpath.relpath(p, images_dir) not in written]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
+        list(pool.map(lambda path: storage.delete(fs, path), others))
     if others:
         print(f"removed {len(others)} PNG(s) of earlier runs whose inputs this run does not have, such as "
               f"{storage.to_uri(fs, others[0])}", file=sys.stderr, flush=True)
@@ -713,7 +716,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     storage.delete(out_fs, storage.join(out_root, sources.SUMMARY_FILE))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []
-    named: set[str] = set()  # every output name this run gave, archive members' included
+    written: set[str] = set()  # the PNGs this run wrote, archive members' included
     archives = sum(i.kind == "archive" for i in todo)
     what = f"{len(todo) - archives} file(s)" + (f" and {archives} archive(s), whose members are counted as they are read"
                                                if archives else "")
@@ -728,7 +731,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
                 counts[str(status)] += 1
-                named.add(str(relpath))
+                if status == "written":
+                    written.add(str(relpath))
                 if status == "failed":
                     failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
 
@@ -737,7 +741,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
     if listed or storage.exists(out_fs, failed_path):
         storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
     if config.overwrite and len(items) == len(found):  # past a --limit, earlier outputs are still there
-        _remove_other_pngs(out_fs, out_root, named)
+        if "png" in config.formats:
+            _remove_other_pngs(out_fs, out_root, written)
         if unfinished:
             storage.write_json(out_fs, config_path, record)
     seconds = time.perf_counter() - started

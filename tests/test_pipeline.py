@@ -215,11 +215,17 @@ def test_a_run_refuses_to_resume_an_output_filled_from_other_input_or_weights(
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",), overwrite=True))["written"] == 2
     assert run(BulkConfig(input=str(second), output=str(out), weights=weights, formats=("png",)))["skipped"] == 2
     # Over another input's outputs, a whole --overwrite leaves its colours only: the others' PNGs
-    # went on beside them, unmarked, though their Parquet rows were gone.
+    # went on beside them, unmarked, though their Parquet rows were gone; one whose input now
+    # fails too, or a resumed run took that input as done.
     third = scene_pngs(tmp_path / "c", 3, 16, name="c{}.png")
-    assert run(BulkConfig(input=str(third), output=str(out), weights=weights, overwrite=True))["written"] == 3
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["c0.png", "c1.png", "c2.png"]
+    (third / "0.png").write_bytes(b"not a png")
+    stray = os.path.join(os.fsencode(out / "images"), b"stray\xe9.png")  # not UTF-8, so no run's: left alone
+    Path(os.fsdecode(stray)).write_bytes(b"")
+    summary = run(BulkConfig(input=str(third), output=str(out), weights=weights, overwrite=True))
+    assert (summary["written"], summary["failed"]) == (3, 1)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["c0.png", "c1.png", "c2.png", os.fsdecode(b"stray\xe9.png")]
     assert sorted(Path(r["relpath"]).name for r in parquet_rows(out)) == ["c0.png", "c1.png", "c2.png"]
+    assert run(BulkConfig(input=str(third), output=str(out), weights=weights))["failed"] == 1
 
 
 def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(

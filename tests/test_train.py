@@ -496,7 +496,9 @@ def test_a_folder_of_split_folders_is_read_whole_with_the_split_to_pass(tmp_path
     data.locate(str(tmp_path / "cifar"), split="test")
     assert f"pass --data '{tmp_path}/cifar/validation' for the validation images alone" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "cifar" / "validation")
-    for quiet in (tmp_path / "cifar", tmp_path / "cifar" / "train"):  # one split, or class folders alone
+    for name in ("valley", "train_station", "testudo"):  # classes, not splits
+        write_images(tmp_path / "classes" / name, 2)
+    for quiet in (tmp_path / "cifar", tmp_path / "cifar" / "train", tmp_path / "classes"):  # one split, or class folders alone
         data.locate(str(quiet), split="test")
         assert capsys.readouterr().err == ""
 
