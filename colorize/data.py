@@ -188,8 +188,9 @@ _SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 def _warn_mixed_splits(uri: str, fs: pafs.FileSystem, path: str, named: dict[str, tuple[str | None, int]], split: str,
                        what: str) -> None:
-    """Warn where ``named`` (each file under ``path`` -> :func:`_split_named` of it) holds the
-    training split beside a held-out one, naming how to pass ``split``'s ``what`` alone."""
+    """Warn where ``named`` (each file under ``path`` -> its split, as :func:`_split_named` or,
+    for a folder of images, :func:`_split_folder` gives it) holds the training split beside a
+    held-out one, naming how to pass ``split``'s ``what`` alone."""
     found = {name for name, _ in named.values()} - {None}
     if "train" not in found or not found & {"val", "test"}:
         return

@@ -552,7 +552,7 @@ def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> Non
     with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
         list(pool.map(lambda path: storage.delete(fs, path), others))
     if others:
-        print(f"removed {len(others)} PNG(s) of earlier runs whose inputs this run does not have, such as "
+        print(f"removed {len(others)} PNG(s) of earlier runs that this run did not write (other or failed inputs), such as "
               f"{storage.to_uri(fs, others[0])}", file=sys.stderr, flush=True)
 
 
