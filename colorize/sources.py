@@ -10,10 +10,12 @@ WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
 import stat
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -99,8 +101,10 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
             raise storage.StorageError(f"{input_uri}: no files found")
         if exclude is not None:
             files = _outside_output(fs, path, files, _output_prefix(fs, path, exclude), settings)
-            if not files:
-                raise storage.StorageError(f"{input_uri}: no files found outside the output folder {exclude}")
+        files = _outside_earlier_outputs(fs, path, files)
+        if not files:
+            raise storage.StorageError(f"{input_uri}: no files found outside "
+                                       + (f"the output folder {exclude}" if exclude is not None else "earlier outputs"))
         uris = [storage.to_uri(fs, f) for f in files]
         relpaths = [posixpath.relpath(f, path) for f in files]
     reasons = [_why_not_read(u) for u in uris]
@@ -148,6 +152,37 @@ def _outside_output(fs: pafs.FileSystem, path: str, files: list[str], output: st
                                    f"into its --output {output}; choose another --output")
     owned += tuple(f"{output}/{name}" for name in OUTPUT_FILES)
     return [f for f in files if not storage.to_uri(fs, f).startswith(owned)]
+
+
+def _outside_earlier_outputs(fs: pafs.FileSystem, path: str, files: list[str]) -> list[str]:
+    """``files`` (under input folder ``path``) less the outputs of earlier runs into folders inside it.
+
+    ``--input data --output data/run2`` after ``--output data/run1`` would otherwise colourise
+    run1's PNGs again and copy its Parquet rows as inputs that fail. An earlier output is known
+    by its ``_CONFIG.json``: the folders and files the run wrote beside it are left out, and
+    the run says so.
+    """
+    marked = [f for f in files if posixpath.basename(f) == CONFIG_FILE and f != storage.join(path, CONFIG_FILE)]
+    roots = [posixpath.dirname(f) for f in marked if _written_by_a_run(fs, f)]
+    if not roots:
+        return files
+    owned = tuple(f"{root}/{folder}/" for root in roots for folder in OUTPUT_FOLDERS)
+    owned += tuple(f"{root}/{name}" for root in roots for name in OUTPUT_FILES)
+    kept = [f for f in files if not f.startswith(owned)]
+    shown = ", ".join(storage.utf8_name(storage.to_uri(fs, root)) for root in roots[:3])
+    print(f"{storage.to_uri(fs, path)}: left out {len(files) - len(kept)} file(s) in {len(roots)} earlier "
+          f"colorize output(s) inside it: {shown}{', ...' if len(roots) > 3 else ''}; pass one as --input to read it",
+          file=sys.stderr, flush=True)
+    return kept
+
+
+def _written_by_a_run(fs: pafs.FileSystem, config_path: str) -> bool:
+    """Whether ``config_path`` is a bulk run's ``_CONFIG.json``, not another tool's file of that name."""
+    try:
+        config = json.loads(storage.read_bytes(fs, config_path))
+    except (storage.StorageError, ValueError):
+        return False
+    return isinstance(config, dict) and {"input_uri", "weights_id", "formats"} <= config.keys()
 
 
 def _output_prefix(fs: pafs.FileSystem, path: str, output: str) -> str:

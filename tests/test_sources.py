@@ -6,6 +6,7 @@ Each case is an input that once aborted a run or vanished from its accounting.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import tarfile
@@ -261,6 +262,25 @@ def test_an_output_that_holds_the_input_leaves_out_only_the_runs_own_outputs(tmp
     (tmp_path / "images.png").write_bytes(_good_png(1))  # beside the outputs, not in them
     into_itself = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path) + "/")
     assert [i.relpath for i in into_itself] == ["grey/a.png", "images.png"]
+
+
+def test_an_earlier_output_inside_the_input_is_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--input data --output data/run2 after --output data/run1 read run1's PNGs as inputs."""
+    (tmp_path / "a.png").write_bytes(_good_png(0))
+    run1 = tmp_path / "run1"
+    for written in ("images/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json"):
+        (run1 / written).parent.mkdir(parents=True, exist_ok=True)
+        (run1 / written).write_bytes(b"an earlier run's")
+    (run1 / "notes.png").write_bytes(_good_png(1))  # the user's own, beside the outputs
+    (run1 / "_CONFIG.json").write_text(json.dumps({"input_uri": str(tmp_path), "weights_id": "w", "formats": ["png"]}))
+    (tmp_path / "other" / "images").mkdir(parents=True)  # another tool's _CONFIG.json: not an output
+    (tmp_path / "other" / "_CONFIG.json").write_text("{}")
+    (tmp_path / "other" / "images" / "b.png").write_bytes(_good_png(2))
+
+    items = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path / "run2"))
+    assert [i.relpath for i in items] == ["a.png", "other/_CONFIG.png", "other/images/b.png", "run1/notes.png"]
+    assert f"left out 5 file(s) in 1 earlier colorize output(s) inside it: {run1}" in capsys.readouterr().err
+    assert [i.relpath for i in sources.discover(str(run1 / "images"), storage.S3Settings())] == ["a.png"]
 
 
 def _good_png(seed: int) -> bytes:
