@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--naive-n", type=int, default=500,
                         help="images for the naive loop and the codec floor, at most --n (default: 500)")
     parser.add_argument("--modes", default="codec,naive,tight,bulk,bulk-actors",
-                        help="comma-separated subset to run, of those and bulk-flip")
+                        help="comma-separated subset to run, of those and bulk-flip (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     parser.add_argument("--name", help="results file name (default: bench_colorize-WxH)")
     add_results_flag(parser)

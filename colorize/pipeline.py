@@ -649,6 +649,8 @@ def _plan(
     ds = _per_call(tasks, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs={**read, "packed": True})
     use_gpu = config.num_gpus > 0
     actors, actor_cpus = actor_pool(config.num_gpus, config.actors)
+    if not any(t["kind"] == "archive" for t in tasks):  # an archive's members come in blocks unknown here
+        actors = min(actors, _blocks(len(tasks), FILES_PER_READ))  # an actor per block at most: more would idle
     ds = ds.map_batches(
         Colorizer,
         fn_constructor_kwargs={"weights": weights, "device": "cuda" if use_gpu else "cpu",
@@ -673,10 +675,14 @@ def _per_call(tasks: list[dict[str, Any]], fn, **options: Any) -> ray.data.Datas
     for group, per_call in (([t for t in tasks if t["kind"] != "archive"], FILES_PER_READ),
                             ([t for t in tasks if t["kind"] == "archive"], 1)):
         if group:
-            blocks = min(MAX_INPUT_BLOCKS, -(-len(group) // per_call))
-            ds = ray.data.from_items(group, override_num_blocks=blocks)
+            ds = ray.data.from_items(group, override_num_blocks=_blocks(len(group), per_call))
             parts.append(ds.map_batches(fn, batch_size=per_call, batch_format="numpy", **options))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _blocks(tasks: int, per_call: int) -> int:
+    """How many blocks :func:`_per_call` spreads ``tasks`` inputs over."""
+    return min(MAX_INPUT_BLOCKS, -(-tasks // per_call))
 
 
 def run(config: BulkConfig) -> dict[str, Any]:

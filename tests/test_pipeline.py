@@ -474,9 +474,9 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
     assert len(list((out / "images").glob("*.png"))) == 240
 
 
-@pytest.mark.parametrize("actors", [None, 1], ids=["fused-tasks", "actor"])
+@pytest.mark.parametrize("actors", [None, 2], ids=["fused-tasks", "actors"])
 def test_flip_averaging_colours_a_mirrored_image_as_the_mirror_image(
-    ray_cluster: str, tmp_path: Path, actors: int | None
+    ray_cluster: str, tmp_path: Path, actors: int | None, recwarn: pytest.WarningsRecorder
 ) -> None:
     import torch
 
@@ -504,6 +504,8 @@ def test_flip_averaging_colours_a_mirrored_image_as_the_mirror_image(
     assert json.loads((averaged / "_CONFIG.json").read_text())["flip_average"] is True
     assert mirror_gap(plain) > 3  # the random model alone colours the two differently
     assert mirror_gap(averaged) <= 1  # averaged, the same up to rounding to 8 bits
+    # Two inputs are one block: a second actor would idle, and Ray Data warned of it.
+    assert not [w for w in recwarn if "minimum number of concurrent actors" in str(w.message)]
 
     # The colours depend on it, so an output made one way is not resumed the other.
     with pytest.raises(storage.StorageError, match=r"another flip averaging \(on, now off\)"):
