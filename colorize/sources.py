@@ -10,6 +10,7 @@ WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -32,6 +33,7 @@ from colorize import errors, storage
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
+MAX_NAME_BYTES = 255  # the longest file name ext4, APFS, NTFS and others take
 # What a run (colorize.pipeline) writes under its output folder, and, locally, its files being written.
 IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER = "images", "parquet", "failed"
 CONFIG_FILE, SUMMARY_FILE = "_CONFIG.json", "_SUMMARY.json"
@@ -218,18 +220,54 @@ def _why_not_read(uri: str) -> str:
 
 
 def output_names(relpaths: list[str]) -> Iterator[str]:
-    """Output names for distinct input relpaths: the extension replaced by ``.png``; where two
-    inputs would share a name (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``), each
-    keeps its whole name plus ``.png``, and whole names are distinct."""
-    whole = [False] * len(relpaths)
+    """Output names for distinct input relpaths: the extension replaced by ``.png``.
+
+    Names must stay apart on every filesystem an output may land on, so where two would be
+    the same up to case (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``; ``C.jpg`` and
+    ``c.gif``), or one would be a folder another needs (``p.jpg`` beside ``p.png/q.jpg``), the
+    inputs concerned keep their whole names plus ``.png``; where even those clash (``C.jpg``
+    and ``c.jpg``), they gain a hash of the relpath. A last name of over 255 bytes, which no
+    local filesystem takes, is cut short and gains the hash too. The same relpaths always get
+    the same names, so a resumed run finds its outputs.
+    """
+    level = [0] * len(relpaths)  # 0: stem; 1: whole name; 2: whole name and hash
     while True:
-        names = [r if w or not posixpath.splitext(r)[1] else posixpath.splitext(r)[0] for r, w in zip(relpaths, whole)]
-        counts = Counter(names)
-        clashing = [i for i, name in enumerate(names) if counts[name] > 1 and not whole[i]]
+        names = [_output_name(r, lv) for r, lv in zip(relpaths, level)]
+        counts = Counter(name.casefold() for name in names)
+        whole = Counter(name.casefold() for name, lv in zip(names, level) if lv)  # whole names clash only among themselves
+        folders = {folder.casefold() for name in names for folder in _folders(name)}
+        clashing = [i for i, name in enumerate(names) if level[i] < 2 and (
+            (whole if level[i] else counts)[name.casefold()] > 1 or name.casefold() in folders)]
         if not clashing:
-            return (name + ".png" for name in names)
+            return (_fit_name(name, relpath) for name, relpath in zip(names, relpaths))
         for i in clashing:
-            whole[i] = True
+            level[i] += 1
+
+
+def _output_name(relpath: str, level: int) -> str:
+    stem, extension = posixpath.splitext(relpath)
+    if level == 0:
+        return (stem if extension else relpath) + ".png"
+    return relpath + (f"-{_hash(relpath)}.png" if level == 2 else ".png")
+
+
+def _folders(name: str) -> Iterator[str]:
+    """The folders that output ``name`` lies in: ``a/b/c.png`` -> ``a``, ``a/b``."""
+    parts = name.split("/")
+    return ("/".join(parts[:i]) for i in range(1, len(parts)))
+
+
+def _fit_name(name: str, relpath: str) -> str:
+    folder, last = posixpath.split(name)
+    if len(last.encode()) <= MAX_NAME_BYTES:
+        return name
+    suffix = f"-{_hash(relpath)}.png"
+    cut = last.encode()[: MAX_NAME_BYTES - len(suffix)].decode(errors="ignore")  # whole characters
+    return posixpath.join(folder, cut + suffix)
+
+
+def _hash(relpath: str) -> str:
+    return hashlib.blake2s(relpath.encode(), digest_size=4).hexdigest()
 
 
 def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:

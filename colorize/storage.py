@@ -197,13 +197,22 @@ def _walk_local(root: str) -> list[str]:
         folder, above = folders.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_dir():  # follows links
+                if _is_folder(entry):
                     real = os.path.realpath(entry.path)
                     if real not in above:  # a link back up the tree would never end
                         folders.append((entry.path, above | {real}))
                 else:  # files, dangling links, and pipes and devices (which the bulk job lists as failed)
                     found.append(entry.path)
     return sorted(found)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one; a loop of links (``a -> b -> a``) is
+    not, so that it is listed and fails as an input rather than ending the listing."""
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:  # ELOOP
+        return False
 
 
 def is_utf8(name: str) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
+import re
 import struct
 import tarfile
 import zipfile
@@ -46,6 +48,31 @@ def test_output_names_are_distinct_even_where_a_stem_is_another_input_s_name() -
     assert len(set(names)) == len(names)
 
 
+def test_output_names_stay_apart_on_case_blind_filesystems_and_never_need_a_file_as_a_folder() -> None:
+    """C.jpg and c.gif both wrote C.png/c.png, one over the other on macOS, Windows or SMB; p.jpg
+    beside p.png/q.jpg wrote images/p.png and needed images/p.png/ as a folder: one failed."""
+    relpaths = ["C.jpg", "c.gif", "Same.jpg", "same.jpg", "D/x.jpg", "d/x.jpg", "p.jpg", "p.png/q.jpg"]
+    names = list(sources.output_names(relpaths))
+    assert names[:2] == ["C.jpg.png", "c.gif.png"]
+    for name, relpath in zip(names[2:6], relpaths[2:6]):  # whole names the same up to case: hashed
+        assert re.fullmatch(re.escape(relpath) + r"-[0-9a-f]{8}\.png", name), name
+    assert names[6:] == ["p.jpg.png", "p.png/q.png"]
+    assert len({n.casefold() for n in names}) == len(names)
+    assert not {n.casefold() for n in names} & {f.casefold() for n in names for f in sources._folders(n)}
+    assert list(sources.output_names(relpaths)) == names  # a resumed run finds them again
+
+
+def test_an_output_name_over_255_bytes_is_cut_short_and_kept_distinct() -> None:
+    """Two 253-byte names sharing a stem each took their whole name plus .png, 257 bytes:
+    'File name too long' for both."""
+    long = "M" * 249
+    relpaths = [f"{long}.jpg", f"{long}.gif", "sub/" + "日" * 90 + ".jpg", "short.jpg"]
+    names = list(sources.output_names(relpaths))
+    assert all(len(posixpath.basename(n).encode()) <= 255 for n in names), [len(n.encode()) for n in names]
+    assert len(set(names)) == 4 and names[0].startswith(long[:200]) and names[2].startswith("sub/日")
+    assert names[3] == "short.png"
+
+
 def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp_path: Path) -> None:
     root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
     (root / "a" / "b").mkdir(parents=True)
@@ -59,10 +86,16 @@ def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp
     os.symlink("../c", root / "a" / "to-c")
     os.symlink(elsewhere, root / "linked")
     os.symlink(tmp_path / "missing.jpg", root / "dangling.jpg")
+    os.symlink("loop.jpg", root / "loop.jpg")  # a loop of links ended the whole listing (ELOOP)
+    os.symlink("ping.jpg", root / "pong.jpg")
+    os.symlink("pong.jpg", root / "ping.jpg")
 
     found = [os.path.relpath(p, root) for p in storage.list_files(LOCAL, str(root))]
 
-    assert found == sorted(["a/b/x.jpg", "a/to-c/y.jpg", "c/to-a/b/x.jpg", "c/y.jpg", "dangling.jpg", "linked/z.jpg"])
+    assert found == sorted(["a/b/x.jpg", "a/to-c/y.jpg", "c/to-a/b/x.jpg", "c/y.jpg", "dangling.jpg", "linked/z.jpg",
+                            "loop.jpg", "ping.jpg", "pong.jpg"])
+    with pytest.raises(storage.StorageError, match="loop.jpg: .*Too many levels of symbolic links"):
+        storage.read_bytes(LOCAL, str(root / "loop.jpg"))  # so the input fails alone, saying why
 
 
 def test_a_file_name_that_is_not_utf8_fails_alone_under_a_printable_name(tmp_path: Path) -> None:
