@@ -220,7 +220,7 @@ def _why_not_read(uri: str) -> str:
 
 
 def output_names(relpaths: list[str]) -> Iterator[str]:
-    """Output names for distinct input relpaths: the extension replaced by ``.png``.
+    """Output names for input relpaths: the extension replaced by ``.png``.
 
     Names must stay apart on every filesystem an output may land on, so where two would be
     the same up to case (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``; ``C.jpg`` and
@@ -230,16 +230,18 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
     local filesystem takes, is cut short and gains the hash too. The same relpaths always get
     the same names, so a resumed run finds its outputs.
     """
-    level = [0] * len(relpaths)  # 0: stem; 1: whole name; 2: whole name and hash
+    distinct = list(dict.fromkeys(relpaths))  # a relpath listed twice (manifests) has one name
+    level = [0] * len(distinct)  # 0: stem; 1: whole name; 2: whole name and hash
     while True:
-        names = [_output_name(r, lv) for r, lv in zip(relpaths, level)]
+        names = [_output_name(r, lv) for r, lv in zip(distinct, level)]
         counts = Counter(name.casefold() for name in names)
         whole = Counter(name.casefold() for name, lv in zip(names, level) if lv)  # whole names clash only among themselves
         folders = {folder.casefold() for name in names for folder in _folders(name)}
         clashing = [i for i, name in enumerate(names) if level[i] < 2 and (
             (whole if level[i] else counts)[name.casefold()] > 1 or name.casefold() in folders)]
         if not clashing:
-            return (_fit_name(name, relpath) for name, relpath in zip(names, relpaths))
+            fitted = {relpath: _fit_name(name, relpath) for name, relpath in zip(names, distinct)}
+            return (fitted[relpath] for relpath in relpaths)
         for i in clashing:
             level[i] += 1
 
