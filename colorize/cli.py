@@ -10,11 +10,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from colorize import images, storage, submit
+from colorize import errors, images, storage, submit
 from colorize.colorizer import LOSSES
 from colorize.models import ARCHITECTURES, HEADS, MAX_SATURATION
 from colorize.objectives import PRECISIONS
 
+EXIT_FAILED = 1  # a run that started failed (training lost its workers more often than --max-failures)
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
 EXIT_SOME_FAILED = 3  # `run` finished but some inputs are listed in failed/
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -303,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (storage.StorageError, ValueError) as error:  # data.DataError is a ValueError
         print(f"colorize {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except errors.Failed as failure:
+        print(f"colorize {args.command}: error: {failure}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt as stop:
         print(f"colorize {args.command}: interrupted" + (f"; {stop}" if str(stop) else ""), file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -5,6 +5,10 @@ from __future__ import annotations
 NAMED_UNREADABLE = 100  # unreadable files a report names (evaluate, probe); its count is of all of them
 
 
+class Failed(Exception):
+    """A command that started and then failed, with one line of why: exit status 1, no traceback."""
+
+
 def first_line(text: str) -> str:
     """The first non-blank line of ``text``, stripped; "" if there is none."""
     return next((line.strip() for line in text.splitlines() if line.strip()), "")

@@ -10,6 +10,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, evaluate, metrics, plots, quantize, storage
+from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, storage
 from colorize.models import (
     SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
     without_class_head,
@@ -44,6 +47,8 @@ from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_ba
 __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
 RUN_NAME = "train"  # fixed, so that a second `train` with the same --out resumes
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it kept, in OUT/train
+EXPORTED = ("model.pt", "curve.png", "grid.png", "state.json")  # what OUT/ gets of the last checkpoint
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "semantic")
 # What a config's None means without --init (with it: the --init weights' own).
@@ -508,22 +513,61 @@ def estimate_class_weights(dataset: ray.data.Dataset, images: int = quantize.PRI
     return quantize.rebalance_weights(quantize.class_prior(batches, ab_bins()))
 
 
-def _earlier_run(fs: pafs.FileSystem, out: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
-    """The config of the run whose checkpoints are in ``out``, and its final state if it
-    finished; None where there is no checkpoint to resume."""
-    run_dir = storage.join(out, RUN_NAME)
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
-        return None
-    entries = fs.get_file_info(pafs.FileSelector(run_dir))
-    if not any(e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_") for e in entries):
+def _earlier_run(fs: pafs.FileSystem, out: str) -> tuple[dict[str, Any], dict[str, Any] | None, str | None] | None:
+    """The config of the run whose checkpoints are in ``out``, the state of its last
+    registered checkpoint and that checkpoint's folder (else ``OUT/state.json``'s, with no
+    folder; else None, None); None where there is no checkpoint to resume."""
+    if not _checkpoint_folders(fs, out):
         return None
     try:
         earlier = json.loads(storage.read_bytes(fs, storage.join(out, "config.json")))
     except (storage.StorageError, ValueError):
         return None
-    state_path = storage.join(out, "state.json")
-    state = json.loads(storage.read_bytes(fs, state_path)) if storage.exists(fs, state_path) else None
-    return earlier, state
+    latest = _registered_checkpoints(fs, out)[-1:]
+    for folder, state_path in [(c, storage.join(c, "state.json")) for c in latest] + [(None, storage.join(out, "state.json"))]:
+        if storage.exists(fs, state_path):
+            return earlier, json.loads(storage.read_bytes(fs, state_path)), folder
+    return earlier, None, None
+
+
+def _checkpoint_folders(fs: pafs.FileSystem, out: str) -> list[str]:
+    """Every ``checkpoint_*`` folder in ``OUT/train``, registered with Ray Train or not."""
+    run_dir = storage.join(out, RUN_NAME)
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return []
+    return [e.path for e in fs.get_file_info(pafs.FileSelector(run_dir))
+            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+
+
+def _registered_checkpoints(fs: pafs.FileSystem, out: str) -> list[str]:
+    """The checkpoint folders Ray Train kept, oldest first, from its snapshot; [] without one."""
+    run_dir = storage.join(out, RUN_NAME)
+    try:
+        snapshot = json.loads(storage.read_bytes(fs, storage.join(run_dir, CHECKPOINT_SNAPSHOT)))
+        return [storage.join(run_dir, c["checkpoint_dir_name"]) for c in snapshot["checkpoint_results"]]
+    except (storage.StorageError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _remove_unregistered_checkpoints(fs: pafs.FileSystem, out: str) -> None:
+    """Delete the checkpoint folders Ray Train never registered: a run stopped or a worker
+    lost within seconds of writing one leaves it (23 MB for the default model), and Ray's
+    retention (``num_to_keep``) deletes only the checkpoints it knows."""
+    kept = set(_registered_checkpoints(fs, out))
+    if not kept:  # no snapshot: nothing says which are stray
+        return
+    for folder in _checkpoint_folders(fs, out):
+        if folder not in kept:
+            with contextlib.suppress(OSError):
+                fs.delete_dir(folder)
+
+
+def _export(fs: pafs.FileSystem, out: str, read: Callable[[str], bytes | None]) -> None:
+    """Copy a checkpoint's model, plots and state to ``OUT/``; ``read(name)`` gives a file's bytes, or None."""
+    for name in EXPORTED:
+        content = read(name)
+        if content is not None:
+            storage.write_bytes_atomic(fs, storage.join(out, name), content)
 
 
 def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:
@@ -586,10 +630,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     earlier = _earlier_run(out_fs, out_path)
     if earlier is not None:
         _check_resume(config, earlier[0])
-        state = earlier[1]
+        _, state, checkpoint = earlier
         if state is not None and state["epoch"] + 1 >= config.epochs:
             print(f"{config.out} has already trained {state['epoch'] + 1} epoch(s), --epochs {config.epochs}: "
                   "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)
+            if checkpoint is not None:  # OUT/ may hold an earlier epoch's model, where a run stopped after this checkpoint
+                _export(out_fs, out_path, lambda name: storage.read_bytes(out_fs, storage.join(checkpoint, name))
+                        if storage.exists(out_fs, storage.join(checkpoint, name)) else None)
             return _summary(out_fs, out_path, state)
     train_source = data.locate(config.data, settings=settings, limit=config.limit)
     if train_source.kind == "files" and len(train_source.files) < config.num_workers:
@@ -665,6 +712,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     except SystemExit:
         # Ray Train's own Ctrl-C handler aborts the run, and fit() then ends in SystemExit(1).
         raise KeyboardInterrupt(f"the same command resumes from the last checkpoint in {config.out}") from None
+    except TrainingFailedError as failure:
+        raise errors.Failed(f"{_why(failure, config.max_failures)}; the same command resumes from the last checkpoint "
+                            f"in {config.out}, if one was written") from None
+    _remove_unregistered_checkpoints(out_fs, out_path)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {config.out}")
     with result.checkpoint.as_directory() as directory:
@@ -678,11 +729,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
             elif not last["skipped"] and config.num_workers > 1:  # Parquet of fewer rows than workers
                 why += f"; are there fewer than the {config.num_workers} --num-workers, which each take an equal share?"
             raise data.DataError(f"{config.data}: no readable training images in epoch {last['epoch']} ({why})")
-        for name in ("model.pt", "curve.png", "grid.png", "state.json"):
-            source = Path(directory, name)
-            if source.exists():
-                storage.write_bytes_atomic(out_fs, storage.join(out_path, name), source.read_bytes())
+        _export(out_fs, out_path, lambda name: Path(directory, name).read_bytes() if Path(directory, name).exists() else None)
     return _summary(out_fs, out_path, state)
+
+
+def _why(failure: TrainingFailedError, max_failures: int) -> str:
+    """A failed run in one line: what the first failing worker (or Ray Train itself) raised."""
+    restarts = f" after {max_failures} restart(s) (--max-failures)" if max_failures > 0 else ""
+    if isinstance(failure, WorkerGroupError) and failure.worker_failures:
+        rank, error = min(failure.worker_failures.items(), key=lambda item: item[0])
+        return f"training failed{restarts}: worker {rank}: {errors.one_line(error)}"
+    cause = getattr(failure, "controller_failure", failure)
+    return f"training failed{restarts}: {errors.one_line(cause)}"
 
 
 def _summary(fs: pafs.FileSystem, out: str, state: dict[str, Any]) -> dict[str, Any]:

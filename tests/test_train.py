@@ -19,7 +19,7 @@ import ray
 import torch
 from PIL import Image
 
-from colorize import colorizer, data, storage
+from colorize import colorizer, data, errors, storage
 from colorize import train as train_module
 from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
@@ -71,6 +71,30 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
     capsys.readouterr()
     assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
     assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
+
+    # A run stopped after Ray registered a checkpoint, before OUT/ had its model: "nothing to
+    # do" went by OUT/state.json (or, with none, retrained to "epoch 3/2"), and OUT/ kept the older model.
+    model = (Path(out) / "model.pt").read_bytes()
+    for name in ("model.pt", "state.json"):
+        (Path(out) / name).unlink()
+    assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
+    assert "already trained 3 epoch(s)" in capsys.readouterr().out
+    assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 3
+
+
+def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
+    retention deletes only the checkpoints it registered."""
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(images), out=str(out), epochs=1, **TINY))
+    stray = out / "train" / "checkpoint_2026-01-01_00-00-00.000000"
+    stray.mkdir()
+    (stray / "model.pt").write_bytes(b"never registered")
+    train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
+
+    snapshot = json.loads((out / "train" / "checkpoint_manager_snapshot.json").read_text())
+    kept = sorted(c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"])
+    assert sorted(p.name for p in (out / "train").glob("checkpoint_*") if p.is_dir()) == kept and len(kept) == 2
 
 
 def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster: str, images: Path, tmp_path: Path) -> None:
@@ -238,11 +262,21 @@ def test_image_classes_come_from_folders_cifar_and_a_parquet_label_column(ray_cl
     assert data.class_names(cifar)[:3] == ("airplane", "automobile", "bird") and len(data.class_names(cifar)) == 10
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_failures", [2, 0])
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
+    ray_cluster: str, images: Path, tmp_path: Path, max_failures: int
+) -> None:
     out = tmp_path / "run"
-    config = TrainConfig(data=str(images), out=str(out), epochs=6, num_workers=2, max_failures=2, **TINY)
+    config = TrainConfig(data=str(images), out=str(out), epochs=6, num_workers=2, max_failures=max_failures, **TINY)
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(train(config)), daemon=True)
+
+    def run() -> None:
+        try:
+            result.update(train(config))
+        except errors.Failed as failure:
+            result["failed"] = failure
+
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
 
     # Ray Train writes its manager snapshot once a reported checkpoint is registered; a
@@ -257,6 +291,11 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster: str,
     runner.join(timeout=300)
 
     assert result, "training did not finish after the worker was killed"
+    if max_failures == 0:  # one line saying why and how to go on, not Ray's 150-line traceback
+        message = str(result.pop("failed"))
+        assert message.startswith("training failed: ") and "\n" not in message, message
+        assert message.endswith(f"the same command resumes from the last checkpoint in {out}, if one was written")
+        result.update(train(config))
     assert result["epoch"] == 6
     assert result["resumed_at"], "the run never restarted from a checkpoint"
     assert [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5, 6]
