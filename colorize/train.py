@@ -51,6 +51,9 @@ CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of 
 EXPORTED = ("model.pt", "curve.png", "grid.png", "state.json")  # what OUT/ gets of the last checkpoint
 # What a checkpoint's model is: a run resumed with other values would keep training the old model.
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "semantic")
+# What else shapes the training, which a resume may change, saying so.
+LEARNING = ("data", "val", "limit", "batch_size", "lr", "loss", "rebalance", "gan_weight", "cf_weight", "psnr_weight",
+            "num_workers", "precision")
 # What a config's None means without --init (with it: the --init weights' own).
 DEFAULT_ARCHITECTURE = {"model": "unet", "width": 32, "depth": 3, "image_size": 32, "head": "regression",
                         "attention": False, "temperature": ModelConfig.temperature}
@@ -572,17 +575,19 @@ def _export(fs: pafs.FileSystem, out: str, read: Callable[[str], bytes | None]) 
 
 def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint into a model of another shape."""
-    changed = [
-        f"--{name.replace('_', '-')} {earlier.get(name)} -> {getattr(config, name)}"
-        for name in ARCHITECTURE
-        if name in earlier and earlier[name] != getattr(config, name)
-    ]
+    changed = _changed(config, earlier, ARCHITECTURE)
     if changed:
         hint = f" (--init {earlier['init']})" if earlier.get("init") and not config.init else ""
         raise ValueError(
-            f"{config.out} holds checkpoints of another model ({'; '.join(changed)}): resume with the same "
+            f"{config.out} holds checkpoints of another model ({changed}): resume with the same "
             f"settings{hint}, or train into a new --out"
         )
+
+
+def _changed(config: TrainConfig, earlier: dict[str, Any], names: Iterable[str]) -> str:
+    """The settings of ``names`` that differ from the earlier run's config, as ``--lr 0.002 -> 0.001; ...``."""
+    return "; ".join(f"--{name.replace('_', '-')} {earlier.get(name)} -> {getattr(config, name)}"
+                     for name in names if name in earlier and earlier[name] != getattr(config, name))
 
 
 def _classes(config: TrainConfig, source: data.Source, earlier: dict[str, Any] | None) -> list[str]:
@@ -631,6 +636,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if earlier is not None:
         _check_resume(config, earlier[0])
         _, state, checkpoint = earlier
+        changed = _changed(config, earlier[0], LEARNING)
+        if changed and not (state is not None and state["epoch"] + 1 >= config.epochs):
+            print(f"resuming with settings other than the last run's ({changed}); the history so far "
+                  "was trained with the earlier ones", flush=True)
         if state is not None and state["epoch"] + 1 >= config.epochs:
             print(f"{config.out} has already trained {state['epoch'] + 1} epoch(s), --epochs {config.epochs}: "
                   "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)

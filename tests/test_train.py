@@ -64,11 +64,11 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
     train(TrainConfig(data=str(images), out=out, epochs=1, **TINY))
     with pytest.raises(ValueError, match=r"another model \(--model unet -> autoencoder; --width 8 -> 16\)"):
         train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "width": 16}, model="autoencoder"))
-    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **TINY))
+    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "lr": 5e-3}))
 
     assert summary["resumed_at"] == [1]
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
-    capsys.readouterr()
+    assert "resuming with settings other than the last run's (--lr 0.01 -> 0.005)" in capsys.readouterr().out
     assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
     assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
 
