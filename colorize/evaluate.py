@@ -98,9 +98,7 @@ def score(
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Metrics of the model and the grey baseline on the same images, as a JSON-able dict."""
     # Imported here so that scoring (above) also runs where Ray is not installed (a bare GPU box).
-    import ray
-
-    from colorize import data
+    from colorize import data, raycluster
 
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     if config.out:  # checked before the work, not after it
@@ -113,8 +111,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"{config.weights or 'the bundled model'}: it works at {model.config.image_size} px, below SSIM's "
                          f"{metrics.SSIM_WINDOW} px window, so its colour cannot be scored")
     source = data.locate(config.data, settings=settings, limit=config.limit, split="test")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    raycluster.connect(log_to_driver=False)
     prepared = data.lab_dataset(
         source, image_size=model.config.image_size, augment=False, split="test", limit=config.limit, with_rgb=True,
         with_paths=True,

@@ -41,7 +41,7 @@ import ray.data
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from colorize import colorizer, errors, images, sources, storage
+from colorize import colorizer, errors, images, raycluster, sources, storage
 
 FORMATS = ("png", "parquet")
 PARQUET_ROW_GROUP_BYTES = 64 * 2**20  # keeps binary columns far below Arrow's 2 GiB limits
@@ -711,10 +711,8 @@ def run(config: BulkConfig) -> dict[str, Any]:
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
     skipped = len(items) - len(todo)
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-        if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, which will never grow
-            _check_resources(config)
+    if raycluster.connect(log_to_driver=False):  # a Ray of our own, which will never grow
+        _check_resources(config)
     record = {**asdict(config), **run_id}
     storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, storage
+from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, raycluster, storage
 from colorize.models import (
     SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
     without_class_head,
@@ -657,9 +656,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # stays, trained by the colour loss alone.
     model_classes = len(classes) or (init.config.classes if init is not None else 0)
     class_index = {name: label for label, name in enumerate(classes)} if classes else None
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    started_here = raycluster.connect(log_to_driver=True)
     # Ray Data's bars, drawn by the workers' data streams, are hundreds of lines in a log file.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
