@@ -12,6 +12,7 @@ Failures that a user can fix (missing path, unreachable endpoint, wrong keys) su
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -318,7 +319,7 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
     """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
     forbidden, is a file, lies in a bucket that does not exist, or (locally) in a folder that
     cannot be written to (the first write would fail, after the work had started); ``path``
-    itself need not exist yet."""
+    itself need not exist yet. On S3 it writes and deletes an empty object there."""
     with _errors(fs, uri):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
@@ -335,6 +336,11 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
                 tempfile.TemporaryFile(dir=above).close()
             except OSError as error:
                 raise StorageError(f"{uri}: cannot write in {above}: {error.strerror or error}") from None
+        else:  # keys that may read but not write: evaluate's report was lost after all its work
+            probe = join(path, f"{TEMP_PREFIX}write-check-{uuid.uuid4().hex}")
+            fs.open_output_stream(probe).close()
+            with contextlib.suppress(OSError):  # a store may let one write but not delete
+                fs.delete_file(probe)
 
 
 def safe_relpath(relpath: str) -> str:

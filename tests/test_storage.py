@@ -20,6 +20,7 @@ import ray
 from colorize import storage
 from colorize.storage import S3Settings, StorageError
 from tests.conftest import S3Server, free_ports
+from tests.s3server import S3_READ_ONLY_KEY, S3_SECRET_KEY
 
 NESTED = {
     "top.txt": b"top",
@@ -144,6 +145,19 @@ def test_missing_path_names_uri(root: tuple[pafs.FileSystem, str]) -> None:
         storage.list_files(fs, storage.join(base, "missing"))
     with pytest.raises(StorageError, match=f"^{expected}: no such file or directory$"):
         storage.read_bytes(fs, storage.join(base, "missing"))
+
+
+def test_an_s3_output_that_may_be_read_but_not_written_is_refused_before_the_work(s3: S3Server) -> None:
+    """evaluate --out s3://... with read-only keys scored every image, then lost the report."""
+    bucket = s3.bucket("read-only")
+    read_only = pafs.S3FileSystem(access_key=S3_READ_ONLY_KEY, secret_key=S3_SECRET_KEY, region=s3.settings.region,
+                                  endpoint_override=s3.endpoint, scheme="http")
+    fs, path = storage.resolve(f"{bucket}/out", s3.settings)
+    storage.check_output(fs, path, f"{bucket}/out", "--out")  # full access: fine, and leaves nothing behind
+    assert [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+            if i.type == pafs.FileType.File] == []
+    with pytest.raises(StorageError, match=f"^{bucket}/out: access denied"):
+        storage.check_output(read_only, path, f"{bucket}/out", "--out")
 
 
 def test_write_to_missing_bucket(s3: S3Server) -> None:
