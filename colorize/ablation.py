@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from colorize import color, colorizer, errors, evaluate, imagesets, metrics, plots, quantize
+from colorize import color, colorizer, errors, evaluate, imagesets, metrics, plots, quantize, storage
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone, load_pretrained
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
@@ -414,12 +415,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))  # before any data is read
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
-    (out / "ablation").mkdir(parents=True, exist_ok=True)
+    # Both made here, not after a variant has trained for minutes and its weights cannot be saved.
+    for flag, folder in (("--out", out / "ablation"), ("--weights-dir", Path(args.weights_dir))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            parser.error(f"{flag}: cannot write in {folder}: {error.strerror or error}")
 
     try:
         test = imagesets.load_folder(Path(args.data) / "test", size=args.image_size, limit=args.test_limit).rgb
         train = imagesets.load_folder(Path(args.data) / "train", size=args.image_size, limit=args.limit) if chosen else None
-    except ValueError as error:
+    except (ValueError, storage.StorageError) as error:
         parser.error(f"--data: {error}")  # one line and exit status 2, like the colorize command
     if train is not None:  # a semantic branch learns as many classes as the training folder has
         for v in chosen:

@@ -119,7 +119,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_positive_int, help="channels of the first stage (default: 32)")
     p.add_argument("--depth", type=_positive_int, help="downsampling stages (default: 3)")
     p.add_argument("--image-size", type=_positive_int,
-                   help="square training resolution in px (default: 32, or --init's)")
+                   help="square training resolution in px, at most 1024 (default: 32, or --init's)")
     p.add_argument("--head", choices=HEADS,
                    help="predict ab directly, or a distribution over ab cells (default: regression)")
     p.add_argument("--attention", action="store_true", default=None, help="self-attention at the U-Net's bottleneck")

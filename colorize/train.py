@@ -38,7 +38,7 @@ from torch import nn
 
 from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, raycluster, storage
 from colorize.models import (
-    SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
+    MAX_IMAGE_SIZE, SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
     without_class_head,
 )
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, train_step
@@ -148,6 +148,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} needs --model unet, got --model {self.model}")
         if self.semantic and self.model != "unet":
             raise ValueError(f"--semantic needs --model unet, got --model {self.model}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"--image-size {self.image_size} is above {MAX_IMAGE_SIZE}, the largest working resolution")
         if self.image_size % 2**self.depth:
             raise ValueError(f"--image-size {self.image_size} must be divisible by 2**depth = {2**self.depth} (--depth {self.depth})")
         if self.image_size < 2 ** (self.depth + 1):

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from colorize import ablation, backbones, color, colorizer, evaluate, imagesets, storage
-from colorize.models import ModelConfig, count_parameters, without_class_head, without_colour_head
+from colorize.models import MAX_IMAGE_SIZE, ModelConfig, count_parameters, without_class_head, without_colour_head
 from colorize.objectives import PRECISIONS, resolve_precision
 
 HOLDOUT = 0.05
@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag, given, has in (("--width", args.width, start.config.width), ("--depth", args.depth, start.config.depth)):
             if given is not None and given != has:
                 parser.error(f"--init {args.init} fixes the model's architecture; leave out {flag} {given} (it has {has})")
+    if args.size is not None and not 0 < args.size <= MAX_IMAGE_SIZE:
+        parser.error(f"--size must be from 1 to {MAX_IMAGE_SIZE}, got {args.size}")
     args.size = args.size or (start.config.image_size if start is not None else 64)
     depth = start.config.depth if start is not None else args.depth or 4
     if args.size % 2**depth:  # here, not after the data has loaded
@@ -123,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"{flag} must be > 0, got {value}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: {error.strerror or error}")
 
     started = time.perf_counter()
     try:
