@@ -16,6 +16,7 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -243,7 +244,10 @@ def read_weights(uri: str | None, settings: storage.S3Settings | None = None) ->
             raise storage.StorageError(f"{path}: the bundled weights are missing; reinstall colorize or pass --weights")
         return path.read_bytes()
     fs, path = storage.resolve(uri, settings)
-    storage.stat(fs, path, uri, missing="no such weights file")
+    if storage.stat(fs, path, uri, missing="no such weights file").type == pafs.FileType.Directory:
+        inside = storage.join(path, "model.pt")
+        hint = f"pass {storage.to_uri(fs, inside)}" if storage.exists(fs, inside) else "pass a .pt file (train writes OUT/model.pt)"
+        raise storage.StorageError(f"{uri}: a folder, not a weights file; {hint}")
     return storage.read_bytes(fs, path)
 
 
@@ -255,6 +259,15 @@ def set_decoding(model: nn.Module, *, temperature: float | None = None, saturati
     if given:
         model.config = dataclasses.replace(model.config, **given)
     return model
+
+
+def _damaged_part(raw: bytes) -> str | None:
+    """The first part of torch zip ``raw`` whose checksum fails, or None: torch never checks
+    them, so a file with flipped bits loaded, and coloured with wrong weights."""
+    try:
+        return zipfile.ZipFile(io.BytesIO(raw)).testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        return f"the zip directory ({error})"
 
 
 def _why_not_loaded(error: Exception) -> str:
@@ -283,6 +296,10 @@ def load_weights(
     if not zipfile.is_zipfile(io.BytesIO(raw)):  # what torch.save writes; torch's own error says less
         raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file: not a torch zip file "
                          f"({len(raw):,} bytes; truncated, corrupt or another format?)")
+    damaged = _damaged_part(raw)
+    if damaged is not None:
+        raise ValueError(f"{uri or bundled_weights_path()}: a damaged weights file: the checksum of its part {damaged!r} "
+                         "does not match (copy it again)")
     try:
         model = model_from_bytes(raw)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from colorize import color, colorizer, models, quantize
+from colorize import color, colorizer, models, quantize, storage
 from colorize.models import ModelConfig, PatchDiscriminator, build_model, load_backbone, without_colour_head
 from colorize.objectives import Adversary, recalibrate_batchnorm, resolve_precision
 from colorize.train import train_step
@@ -351,6 +351,24 @@ def test_a_pickled_object_in_a_weights_file_is_refused(tmp_path) -> None:
     assert re.search(r"\(UnpicklingError: Unsupported global: GLOBAL [\w.]*print was not an allowed global by default\.\)$",
                      str(refused.value))
     assert "\x1b" not in str(refused.value) and "weights_only" not in str(refused.value)
+
+
+def test_a_weights_file_with_flipped_bits_is_refused_and_a_folder_is_pointed_at_its_model(tmp_path) -> None:
+    """torch never checks a zip's checksums: a damaged copy loaded, and coloured with wrong weights."""
+    raw = bytearray(colorizer.read_weights(None))
+    middle = len(raw) // 2
+    raw[middle : middle + 4000] = bytes(b ^ 0xFF for b in raw[middle : middle + 4000])
+    (tmp_path / "damaged.pt").write_bytes(raw)
+    with pytest.raises(ValueError, match=r"damaged.pt: a damaged weights file: the checksum of its part '[^']+' does not match"):
+        colorizer.load_weights(str(tmp_path / "damaged.pt"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(storage.StorageError, match=r"run: a folder, not a weights file; pass a .pt file"):
+        colorizer.load_weights(str(run))
+    (run / "model.pt").write_bytes(colorizer.read_weights(None))
+    with pytest.raises(storage.StorageError, match=f"run: a folder, not a weights file; pass {run}/model.pt$"):
+        colorizer.load_weights(str(run))
 
 
 def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_building(tmp_path) -> None:
