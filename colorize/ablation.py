@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from colorize import color, colorizer, errors, evaluate, imagesets, metrics, plots, quantize, storage
-from colorize.models import ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone, load_pretrained
+from colorize.models import MAX_IMAGE_SIZE, ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone, load_pretrained
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
@@ -397,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"{flag} must be at least 1, got {value}")
     if not (math.isfinite(args.width_scale) and args.width_scale > 0):
         parser.error(f"--width-scale must be a finite number > 0, got {args.width_scale}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size} is above {MAX_IMAGE_SIZE}, the largest working resolution")
     if args.image_size < metrics.SSIM_WINDOW:
         parser.error(f"--image-size {args.image_size} is below SSIM's {metrics.SSIM_WINDOW} px window: the test split could not be scored")
     names = args.variants.split(",") if args.variants is not None else [v.name for v in VARIANTS]
@@ -416,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
     # Both made here, not after a variant has trained for minutes and its weights cannot be saved.
-    for flag, folder in (("--out", out / "ablation"), ("--weights-dir", Path(args.weights_dir))):
+    for flag, folder in (("--out", out / "ablation"), *([("--weights-dir", Path(args.weights_dir))] if chosen else [])):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()

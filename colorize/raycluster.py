@@ -14,7 +14,12 @@ import ray
 
 from colorize import errors
 
-ANSWER_SECONDS = 5.0  # for a TCP connection to the address's head node
+ANSWER_SECONDS = 5.0  # for a TCP connection to the address's head node, and its first reply
+# Ray's GCS and client server speak gRPC, over HTTP/2: given the client's preface and an empty
+# SETTINGS frame, a gRPC server's first frame is its SETTINGS. ray.init against any other
+# server that takes connections (an HTTP port) retried for ever, like one where none does.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4  # the frame type, in the 4th byte of a frame header
 
 
 class NoCluster(ValueError):
@@ -35,7 +40,7 @@ def connect(*, log_to_driver: bool) -> bool:
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
         raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
-    return not address
+    return address in ("", "local")
 
 
 _HINT = "unset RAY_ADDRESS to start a Ray in this process, or set it to a running head node's HOST:6379"
@@ -48,7 +53,13 @@ def _check_answers(address: str) -> None:
     if not host or not port.isdigit():
         raise NoCluster(f"RAY_ADDRESS={address}: not HOST:PORT, ray://HOST:PORT or auto; {_HINT}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=ANSWER_SECONDS).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=ANSWER_SECONDS) as connection:
+            if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):  # under TLS, gRPC's first bytes are a TLS handshake
+                connection.sendall(HTTP2_PREFACE)
+                reply = connection.recv(9)
+                if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
+                    raise NoCluster(f"RAY_ADDRESS={address}: something answers there, but not Ray: it does not speak gRPC "
+                                    f"(the dashboard's port, 8265, is for `colorize submit`); {_HINT}")
     except OSError as error:
         why = f"no answer in {ANSWER_SECONDS:g} s" if isinstance(error, TimeoutError) else error.strerror or str(error)
         raise NoCluster(f"RAY_ADDRESS={address}: no Ray cluster answers there ({why}); {_HINT}") from None

@@ -10,6 +10,7 @@ WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -165,17 +166,30 @@ def _outside_earlier_outputs(fs: pafs.FileSystem, path: str, files: list[str]) -
     the run says so.
     """
     marked = [f for f in files if posixpath.basename(f) == CONFIG_FILE and f != storage.join(path, CONFIG_FILE)]
-    roots = [posixpath.dirname(f) for f in marked if _written_by_a_run(fs, f)]
+    roots = {posixpath.dirname(f) for f in marked if _written_by_a_run(fs, f)}
     if not roots:
         return files
-    owned = tuple(f"{root}/{folder}/" for root in roots for folder in OUTPUT_FOLDERS)
-    owned += tuple(f"{root}/{name}" for root in roots for name in OUTPUT_FILES)
-    kept = [f for f in files if not f.startswith(owned)]
-    shown = ", ".join(storage.utf8_name(storage.to_uri(fs, root)) for root in roots[:3])
+    written = [*(f"{folder}/" for folder in OUTPUT_FOLDERS), *OUTPUT_FILES]
+    kept = _without_prefixes(files, [f"{root}/{name}" for root in roots for name in written])
+    shown = ", ".join(storage.utf8_name(storage.to_uri(fs, root)) for root in sorted(roots)[:3])
     print(f"{storage.to_uri(fs, path)}: left out {len(files) - len(kept)} file(s) in {len(roots)} earlier "
-          f"colorize output(s) inside it: {shown}{', ...' if len(roots) > 3 else ''}; pass one as --input to read it",
-          file=sys.stderr, flush=True)
+          f"colorize output(s) inside it: {shown}{', ...' if len(roots) > 3 else ''}; to colourise one's images "
+          "again, pass its images/ folder as --input", file=sys.stderr, flush=True)
     return kept
+
+
+def _without_prefixes(files: list[str], prefixes: list[str]) -> list[str]:
+    """Sorted ``files`` less those that start with one of ``prefixes``: a binary search per
+    prefix, not a comparison per file and prefix (1,000 earlier outputs in 1 M files)."""
+    dropped: list[tuple[int, int]] = []
+    for prefix in prefixes:
+        start = bisect.bisect_left(files, prefix)
+        dropped.append((start, bisect.bisect_left(files, prefix + "\U0010ffff", lo=start)))
+    kept, at = [], 0
+    for start, end in sorted(dropped):
+        kept.extend(files[at:max(at, start)])
+        at = max(at, end)
+    return kept + files[at:]
 
 
 def _written_by_a_run(fs: pafs.FileSystem, config_path: str) -> bool:
@@ -234,11 +248,12 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
     level = [0] * len(distinct)  # 0: stem; 1: whole name; 2: whole name and hash
     while True:
         names = [_output_name(r, lv) for r, lv in zip(distinct, level)]
-        counts = Counter(name.casefold() for name in names)
-        whole = Counter(name.casefold() for name, lv in zip(names, level) if lv)  # whole names clash only among themselves
-        folders = {folder.casefold() for name in names for folder in _folders(name)}
-        clashing = [i for i, name in enumerate(names) if level[i] < 2 and (
-            (whole if level[i] else counts)[name.casefold()] > 1 or name.casefold() in folders)]
+        keys = [name.lower() for name in names]  # as case-blind filesystems compare names
+        counts = Counter(keys)
+        whole = Counter(key for key, lv in zip(keys, level) if lv)  # whole names clash only among themselves
+        folders = _folders(keys)
+        clashing = [i for i, key in enumerate(keys) if level[i] < 2 and (
+            (whole if level[i] else counts)[key] > 1 or key in folders)]
         if not clashing:
             fitted = {relpath: _fit_name(name, relpath) for name, relpath in zip(names, distinct)}
             return (fitted[relpath] for relpath in relpaths)
@@ -253,10 +268,14 @@ def _output_name(relpath: str, level: int) -> str:
     return relpath + (f"-{_hash(relpath)}.png" if level == 2 else ".png")
 
 
-def _folders(name: str) -> Iterator[str]:
-    """The folders that output ``name`` lies in: ``a/b/c.png`` -> ``a``, ``a/b``."""
-    parts = name.split("/")
-    return ("/".join(parts[:i]) for i in range(1, len(parts)))
+def _folders(names: Iterable[str]) -> set[str]:
+    """The folders that outputs ``names`` lie in: ``a/b/c.png`` -> ``a``, ``a/b``."""
+    folders: set[str] = set()
+    for parent in {name.rpartition("/")[0] for name in names}:  # few, however many the names
+        while parent and parent not in folders:
+            folders.add(parent)
+            parent = parent.rpartition("/")[0]
+    return folders
 
 
 def _fit_name(name: str, relpath: str) -> str:

@@ -319,7 +319,8 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
     """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
     forbidden, is a file, lies in a bucket that does not exist, or (locally) in a folder that
     cannot be written to (the first write would fail, after the work had started); ``path``
-    itself need not exist yet. On S3 it writes and deletes an empty object there."""
+    itself need not exist yet. On S3 it writes and deletes an empty object there (after which
+    Arrow keeps a new prefix as an empty folder marker, ``out/``, which listings pass over)."""
     with _errors(fs, uri):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:

@@ -534,6 +534,14 @@ def _earlier_run(fs: pafs.FileSystem, out: str) -> tuple[dict[str, Any], dict[st
     return earlier, None, None
 
 
+def _epochs_done(state: dict[str, Any] | None) -> int:
+    """The epochs a checkpoint's state holds; its last does not count where it read no image
+    (the run failed on it, and a resume does it again)."""
+    if state is None:
+        return 0
+    return state["epoch"] + (0 if state["history"][-1]["images"] == 0 else 1)
+
+
 def _checkpoint_folders(fs: pafs.FileSystem, out: str) -> list[str]:
     """Every ``checkpoint_*`` folder in ``OUT/train``, registered with Ray Train or not."""
     run_dir = storage.join(out, RUN_NAME)
@@ -637,12 +645,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if earlier is not None:
         _check_resume(config, earlier[0])
         _, state, checkpoint = earlier
+        done = _epochs_done(state)
         changed = _changed(config, earlier[0], LEARNING)
-        if changed and not (state is not None and state["epoch"] + 1 >= config.epochs):
+        if changed and done < config.epochs:
             print(f"resuming with settings other than the last run's ({changed}); the history so far "
                   "was trained with the earlier ones", flush=True)
-        if state is not None and state["epoch"] + 1 >= config.epochs:
-            print(f"{config.out} has already trained {state['epoch'] + 1} epoch(s), --epochs {config.epochs}: "
+        if done >= config.epochs:
+            print(f"{config.out} has already trained {done} epoch(s), --epochs {config.epochs}: "
                   "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)
             if checkpoint is not None:  # OUT/ may hold an earlier epoch's model, where a run stopped after this checkpoint
                 _export(out_fs, out_path, lambda name: storage.read_bytes(out_fs, storage.join(checkpoint, name))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +183,19 @@ def test_a_ray_address_where_no_cluster_answers_is_one_error_line(tmp_path: Path
                             env={**os.environ, "RAY_ADDRESS": address})
     assert_one_error_line(result, f"RAY_ADDRESS={address}: ", "unset RAY_ADDRESS to start a Ray in this process")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_where_another_server_answers_is_one_error_line(tmp_path: Path) -> None:
+    """RAY_ADDRESS=HOST:8265 (the dashboard, for `submit`) took connections, and ray.init retried for ever."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        result = subprocess.run([*COLORIZE, "run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "out")],
+                                capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "RAY_ADDRESS": address})
+    finally:
+        server.shutdown()
+    assert_one_error_line(result, f"RAY_ADDRESS={address}: something answers there, but not Ray")
 
 
 def test_run_on_a_missing_input(tmp_path: Path) -> None:

@@ -361,6 +361,16 @@ def test_a_weights_file_with_flipped_bits_is_refused_and_a_folder_is_pointed_at_
     (tmp_path / "damaged.pt").write_bytes(raw)
     with pytest.raises(ValueError, match=r"damaged.pt: a damaged weights file: the checksum of its part '[^']+' does not match"):
         colorizer.load_weights(str(tmp_path / "damaged.pt"))
+    model, _ = colorizer.load_weights(None)
+    torch.serialization.set_crc32_options(False)  # a documented torch option: no checksums to check
+    try:
+        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, tmp_path / "unchecked.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    colorizer.load_weights(str(tmp_path / "unchecked.pt"))
+    # Trained larger than training now allows (1024 px), it still loads.
+    torch.save({"config": {**model.config.to_dict(), "image_size": 2048}, "state_dict": model.state_dict()}, tmp_path / "big.pt")
+    assert colorizer.load_weights(str(tmp_path / "big.pt"))[0].config.image_size == 2048
 
     run = tmp_path / "run"
     run.mkdir()

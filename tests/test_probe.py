@@ -171,13 +171,17 @@ def test_the_ablation_refuses_folders_it_cannot_write_and_sizes_too_large_before
     (tmp_path / "a-file").write_bytes(b"")
     for flags, reason in ((["--weights-dir", str(tmp_path / "a-file")], "--weights-dir: cannot write in"),
                           (["--out", str(tmp_path / "a-file")], "--out: cannot write in"),
-                          (["--image-size", "100000"], "--image-size: image_size 100000 is above 1024")):
+                          (["--image-size", "100000"], "--image-size 100000 is above 1024")):
         with pytest.raises(SystemExit) as exit_info:
             ablation.main(["--data", str(labelled), "--out", str(tmp_path / "docs"), "--weights-dir", str(tmp_path / "w"),
                            "--variants", "unet-mse", *flags])
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert exit_info.value.code == 2 and len(errors) == 1 and reason in errors[0], errors
     assert not list(tmp_path.glob("**/*.pt"))
+    # A redraw trains nothing, so it needs no --weights-dir.
+    ablation.main(["--data", str(labelled), "--out", str(tmp_path / "docs"), "--weights-dir", str(tmp_path / "a-file"),
+                   "--report-only", "--image-size", "16"])
+    assert "--weights-dir" not in capsys.readouterr().err
 
 
 def test_the_ablation_refuses_a_semantic_variant_on_one_class_in_one_line(labelled: Path, tmp_path: Path, capsys) -> None:
