@@ -11,6 +11,8 @@ WebDataset shards carry ``.json``/``.cls`` metadata beside each image.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -117,11 +119,16 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     outputs = [relpath if archive else next(names) for relpath, archive in zip(relpaths, archives)]
     # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
     shadowed = _shadowed(zip(uris, outputs))
+    # Only S3 can hold an archive x.tar and a key x.tar/a.jpg, whose output a member may have.
+    archive_at = {output.lower(): uri for uri, output, archive in zip(uris, outputs, archives) if archive}
     items = []
     for uri, output, archive, error in zip(uris, outputs, archives, reasons):
         if uri in shadowed and not error:
             error = (f"its output name {output!r} is that of {shadowed[uri]}, listed before it, "
                      "whose output it would overwrite")
+        inside = next((archive_at[f] for f in _folders([output.lower()]) if f in archive_at), None) if archive_at else None
+        if inside is not None and not archive and not error:
+            error = f"its output {output!r} lies in that of archive {inside}, whose members are written there"
         items.append(Item("archive" if archive else "file", uri, output, error))
     return items
 
@@ -351,7 +358,7 @@ def archive_members(
             members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
             names, shadowed = _member_outputs(members)
             for member in members:
-                member_relpath = posixpath.join(relpath, names[member])
+                member_relpath = f"{relpath}/{names[member]}"
                 if member in shadowed:
                     yield Member(member, member_relpath, None, _same_output(shadowed[member]))
                     continue
@@ -367,25 +374,23 @@ def archive_members(
                     data, error = None, f"cannot read from the zip: {e}"
                 yield Member(member, member_relpath, data, error)
         return
-    mode = "r|gz" if path.lower().endswith((".gz", ".tgz")) else "r|"
-    members: list[str] = []
+    last: dict[str, int] = {}  # each image member's last entry: a name appended again (tar -r) is its newer copy
     listing_broke: Exception | None = None
     try:
-        with storage.open_stream(fs, path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
-            for m in archive:
+        with _tar_stream(fs, path) as archive:
+            for index, m in enumerate(archive):
                 if (m.isfile() or m.issym() or m.islnk()) and _is_image_member(m.name):
-                    members.append(m.name)
+                    last[m.name] = index
     except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
         listing_broke = error  # the second pass streams the members listed so far, then this is raised
-    members = list(dict.fromkeys(members))
-    names, shadowed = _member_outputs(members)
-    with storage.open_stream(fs, path) as raw, tarfile.open(fileobj=raw, mode=mode) as archive:
-        for m in archive:
-            if m.name not in names:
+    names, shadowed = _member_outputs(list(last))
+    with _tar_stream(fs, path) as archive:
+        for index, m in enumerate(archive):
+            if last.get(m.name) != index:
                 continue
             name = storage.utf8_name(m.name)
-            output = names.pop(m.name)  # pop: a name repeated in a tar counts once
-            member_relpath = posixpath.join(relpath, output)
+            output = names[m.name]
+            member_relpath = f"{relpath}/{output}"
             if m.name in shadowed:
                 yield Member(name, member_relpath, None, _same_output(shadowed[m.name]))
             elif skip(member_relpath):
@@ -401,6 +406,21 @@ def archive_members(
         # A break that was passing (an S3 connection reset) would otherwise end the archive
         # early without a word: the members after it were never listed.
         raise listing_broke
+
+
+@contextlib.contextmanager
+def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
+    """Tar archive ``path`` as a stream of members, gunzipped where it ends in .gz or .tgz.
+
+    Through GzipFile, not tarfile's ``r|gz``: that reads only a file's first gzip member (bgzip
+    and appended gzips lost the rest) and takes a gzip cut off inside a tar header for the
+    archive's end (6 of 10 members written, exit 0); GzipFile raises EOFError there.
+    """
+    with storage.open_stream(fs, path) as raw:
+        gzipped = path.lower().endswith((".gz", ".tgz"))
+        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as stream:
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                yield archive
 
 
 def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:

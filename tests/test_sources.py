@@ -5,6 +5,7 @@ Each case is an input that once aborted a run or vanished from its accounting.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -195,6 +196,63 @@ def test_a_tar_whose_listing_broke_off_once_is_listed_as_failed_after_its_member
         for member in sources.archive_members(FlakyStore(), "shard.tar", "shard.tar"):
             names.append(member.name)
     assert names == ["m0.png", "m1.png", "m2.png"] and len(reads) == 2  # m3 was never listed
+
+
+def _tar_of(entries: list[tuple[str, bytes]]) -> bytes:
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for name, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return whole.getvalue()
+
+
+def test_a_gzipped_tar_of_several_gzip_members_is_read_whole_and_one_cut_off_never_ends_quietly(tmp_path: Path) -> None:
+    """tarfile's r|gz read only the first gzip member of a bgzip or appended .tar.gz (5 of 10
+    members, then 'unexpected end of data'), and took a gzip cut inside a tar header for the
+    archive's end: 6 of 10 members written, exit 0."""
+    blob = _tar_of([(f"m{i}.png", _good_png(i)) for i in range(10)])
+    half = len(blob) // 2
+    (tmp_path / "multi.tar.gz").write_bytes(gzip.compress(blob[:half]) + gzip.compress(blob[half:]))
+    members = list(sources.archive_members(LOCAL, str(tmp_path / "multi.tar.gz"), "multi.tar.gz"))
+    assert [m.name for m in members] == [f"m{i}.png" for i in range(10)] and all(m.data for m in members)
+
+    packed = gzip.compress(blob)
+    for cut in range(len(packed) // 8, len(packed) - 8, max(1, len(packed) // 60)):
+        (tmp_path / "cut.tar.gz").write_bytes(packed[:cut])
+        with pytest.raises((EOFError, OSError, tarfile.TarError, zlib.error)):
+            list(sources.archive_members(LOCAL, str(tmp_path / "cut.tar.gz"), "cut.tar.gz"))
+
+
+def test_a_name_appended_to_a_tar_again_is_read_from_its_last_copy_as_tar_extracts_it(tmp_path: Path) -> None:
+    """`tar -rf` appends a newer copy under the same name: the first, stale one was read, and a
+    link replaced by a file failed as a link."""
+    link = tarfile.TarInfo("q.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "gone.png"
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for name, payload in (("p.png", _good_png(0)), ("p.png", _good_png(1))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        tar.addfile(link)
+        info = tarfile.TarInfo("q.png")
+        info.size = len(_good_png(2))
+        tar.addfile(info, io.BytesIO(_good_png(2)))
+    (tmp_path / "updated.tar").write_bytes(whole.getvalue())
+    members = {m.name: m for m in sources.archive_members(LOCAL, str(tmp_path / "updated.tar"), "updated.tar")}
+    assert members["p.png"].data == _good_png(1) and members["q.png"].data == _good_png(2) and len(members) == 2
+
+
+def test_an_input_whose_output_lies_in_an_archives_fails_naming_the_archive(tmp_path: Path) -> None:
+    """S3 can hold an archive x.tar and a key x.tar/a.jpg: both wrote x.tar/a.png, one over the other."""
+    (tmp_path / "x.tar").write_bytes(_tar_of([("a.png", _good_png(0))]))
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/x.tar\ns3:/{tmp_path}/x.tar/a.jpg\n")
+    items = sources.discover(str(tmp_path / "list.txt"), storage.S3Settings(endpoint="http://127.0.0.1:9"))
+    assert items[0].kind == "archive" and not items[0].error
+    assert items[1].relpath == f"{items[0].relpath}/a.png"
+    assert items[1].error == f"its output {items[1].relpath!r} lies in that of archive {tmp_path}/x.tar, whose members are written there"
 
 
 def test_a_manifest_names_each_output_once_and_says_why_an_entry_is_not_read(tmp_path: Path) -> None:
