@@ -26,13 +26,22 @@ class NoCluster(ValueError):
     """``RAY_ADDRESS`` names a cluster that cannot be joined."""
 
 
-def connect(*, log_to_driver: bool) -> bool:
+def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     """Join the cluster at ``RAY_ADDRESS``, or start a Ray in this process where it is unset;
     True where this call started a Ray of its own, which will never grow. Nothing to do where
-    Ray is already running here."""
+    Ray is already running here.
+
+    A ``ray://`` address (Ray Client) is refused unless ``through_client``: Ray Data's
+    streaming executor needs a driver on the cluster, and ``run`` and ``evaluate`` failed
+    there in a traceback ("'Worker' object has no attribute 'core_worker'").
+    """
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address.startswith("ray://") and not through_client:
+        raise NoCluster(f"RAY_ADDRESS={address}: a Ray Client address, through which this command's Ray Data "
+                        "pipeline cannot run; on a cluster node set RAY_ADDRESS to the head's HOST:6379 (or auto), "
+                        "or send the command with `colorize submit`")
     if address and address not in ("auto", "local"):
         _check_answers(address)
     try:

@@ -653,6 +653,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if done >= config.epochs:
             print(f"{config.out} has already trained {done} epoch(s), --epochs {config.epochs}: "
                   "nothing to do (a larger --epochs trains on, along the cosine schedule of the new total)", flush=True)
+            _remove_unregistered_checkpoints(out_fs, out_path)
             if checkpoint is not None:  # OUT/ may hold an earlier epoch's model, where a run stopped after this checkpoint
                 _export(out_fs, out_path, lambda name: storage.read_bytes(out_fs, storage.join(checkpoint, name))
                         if storage.exists(out_fs, storage.join(checkpoint, name)) else None)
@@ -667,7 +668,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # stays, trained by the colour loss alone.
     model_classes = len(classes) or (init.config.classes if init is not None else 0)
     class_index = {name: label for label, name in enumerate(classes)} if classes else None
-    started_here = raycluster.connect(log_to_driver=True)
+    started_here = raycluster.connect(log_to_driver=True, through_client=True)
     # Ray Data's bars, drawn by the workers' data streams, are hundreds of lines in a log file.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)

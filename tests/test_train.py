@@ -95,6 +95,9 @@ def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: 
     snapshot = json.loads((out / "train" / "checkpoint_manager_snapshot.json").read_text())
     kept = sorted(c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"])
     assert sorted(p.name for p in (out / "train").glob("checkpoint_*") if p.is_dir()) == kept and len(kept) == 2
+    stray.mkdir()  # left by a stopped run, then a re-run with nothing to do
+    train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
+    assert not stray.exists()
 
 
 def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster: str, images: Path, tmp_path: Path) -> None:
