@@ -280,10 +280,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model, states, state = _restore(checkpoint)
         # The temperature is how the head decodes, not what it is: this run's may differ.
         colorizer.set_decoding(model, temperature=config.temperature)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        redo = history[-1]["images"] == 0  # it took no step, and failed the run: once the data is mended, do it again
-        if redo:
-            start_epoch, history = start_epoch - 1, history[:-1]
+        start_epoch = _epochs_done(state)
+        redo = start_epoch == state["epoch"]  # its last epoch took no step, and failed the run: do it again
+        history = state["history"][:-1] if redo else state["history"]
         resumed_at = [*state.get("resumed_at", []), start_epoch]
         if rank == 0:
             _say(f"redoing epoch {start_epoch + 1}/{config.epochs}, which had no readable images" if redo
