@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (storage.StorageError, ValueError) as error:  # data.DataError is a ValueError
-        print(f"colorize {args.command}: error: {error}", file=sys.stderr)
+        print(f"colorize {args.command}: error: {errors.unwrapped(error)}", file=sys.stderr)
         return EXIT_USAGE
     except errors.Failed as failure:
         print(f"colorize {args.command}: error: {failure}", file=sys.stderr)

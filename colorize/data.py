@@ -68,25 +68,33 @@ class Source:
     left_out: tuple[str, ...] = ()  # image files found but not listed: names not UTF-8, not regular files
 
 
-def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None, split: str = "train") -> Source:
+def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None, split: str = "train",
+           output: str | None = None) -> Source:
     """Find out what ``uri`` holds, raising a one-line error for anything unusable.
 
     Runs on the driver before Ray starts, so bad input fails fast. ``split`` is what the
     caller reads the source for ("train"; "test" to score or validate on): a folder that holds
     the training split beside a held-out one is read whole, with a warning that says how to
-    pass that split alone.
+    pass that split alone. The images in ``output``, the caller's own output folder, are left
+    out where it lies inside ``uri``: a rerun would read its ``grid.png`` back as data.
     """
     fs, path = storage.resolve(uri, settings)
     name = posixpath.basename(path.rstrip("/"))
     if "*" in name:
         return _parquet_source(uri, fs, posixpath.dirname(path), _matching(uri, fs, path))
     info = storage.stat(fs, path, uri)
-    if name == CIFAR_ARCHIVE or _is_cifar_dir(fs, path, info):
+    if name == CIFAR_ARCHIVE:
+        return Source(uri, "cifar", fs, path)
+    if _is_cifar_dir(fs, path, info):  # checked here: a task that finds a batch missing fails in a traceback
+        missing = [b for b in _CIFAR_BATCHES.get(split, []) if not storage.exists(fs, storage.join(path, b))]
+        if missing:
+            raise DataError(f"{uri}: no {', '.join(missing)} in this CIFAR-10 folder, which the {split} split reads; "
+                            "is the python release extracted whole?")
         return Source(uri, "cifar", fs, path)
     if path.endswith(".parquet") and info.type == pafs.FileType.File:  # Spark writes x.parquet/ as a folder
         return _parquet_source(uri, fs, path, [path])
     found = storage.list_files(fs, path)
-    files = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
+    files = _outside_output(uri, fs, path, [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)], output, settings)
     shards = _shards(found, path)
     if shards and (not files or _holds_images(fs, shards[0])):
         if files:  # such as a README's banner.png beside the data/ shards
@@ -117,6 +125,30 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     random.Random(0).shuffle(files)
     return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files),
                   left_out=tuple(left_out))
+
+
+def _outside_output(uri: str, fs: pafs.FileSystem, path: str, files: list[str], output: str | None,
+                    settings: storage.S3Settings | None) -> list[str]:
+    """``files`` (under folder ``path``) less those under ``output``: see :func:`locate`."""
+    if not output:
+        return files
+    out_fs, out_path = storage.resolve(output, settings)
+    if out_fs.type_name != fs.type_name:
+        return files
+    if fs.type_name == "local":  # the same folder reached through a link: compare where they lead
+        inside = os.path.relpath(os.path.realpath(out_path), os.path.realpath(path))
+        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+            return files
+        out_path = os.path.normpath(os.path.join(path, inside))
+    if out_path.rstrip("/") == path.rstrip("/"):
+        raise DataError(f"{uri}: --out is the data folder itself, so a rerun would read its pictures as data; "
+                        "choose a folder inside it or beside it")
+    prefix = out_path.rstrip("/") + "/"
+    kept = [p for p in files if not p.startswith(prefix)]
+    if len(kept) < len(files):
+        _warn(uri, f"left out {len(files) - len(kept)} image(s) in the --out folder inside it",
+              storage.to_uri(fs, next(p for p in files if p.startswith(prefix))))
+    return kept
 
 
 def _matching(uri: str, fs: pafs.FileSystem, pattern: str) -> list[str]:

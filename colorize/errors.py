@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+
 NAMED_UNREADABLE = 100  # unreadable files a report names (evaluate, probe); its count is of all of them
 
 
 class Failed(Exception):
     """A command that started and then failed, with one line of why: exit status 1, no traceback."""
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """What a Ray task raised, where ``error`` is Ray's wrapping of it.
+
+    Ray re-raises a task's error as a ``RayTaskError`` subclass of its type, whose message is
+    the whole remote traceback (in ANSI colour): the one-line error inside is its ``cause``.
+    """
+    ray_exceptions = sys.modules.get("ray.exceptions")  # not imported here: Ray is slow to import
+    if ray_exceptions is not None and isinstance(error, ray_exceptions.RayTaskError):
+        cause = error.cause
+        return cause if isinstance(cause, BaseException) else error
+    return error
 
 
 def first_line(text: str) -> str:

@@ -110,7 +110,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if model.config.image_size < metrics.SSIM_WINDOW:
         raise ValueError(f"{config.weights or 'the bundled model'}: it works at {model.config.image_size} px, below SSIM's "
                          f"{metrics.SSIM_WINDOW} px window, so its colour cannot be scored")
-    source = data.locate(config.data, settings=settings, limit=config.limit, split="test")
+    source = data.locate(config.data, settings=settings, limit=config.limit, split="test", output=config.out)
     raycluster.connect(log_to_driver=False)
     prepared = data.lab_dataset(
         source, image_size=model.config.image_size, augment=False, split="test", limit=config.limit, with_rgb=True,

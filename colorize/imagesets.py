@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,11 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     readable = [(p, a) for p, a in zip(files, decoded) if a is not None]
     if not readable:
         raise ValueError(f"{root}: none of its {len(files)} images could be read")
-    classes = tuple(sorted({p.relative_to(root).parts[0] for p, _ in readable}))
+    # NFC: a class folder copied from macOS (NFD) is the same class as its NFC twin elsewhere.
+    named = [unicodedata.normalize("NFC", p.relative_to(root).parts[0]) for p, _ in readable]
+    classes = tuple(sorted(set(named)))
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[p.relative_to(root).parts[0]] for p, _ in readable], dtype=np.int64)
+    labels = np.array([index[name] for name in named], dtype=np.int64)
     index = np.array([listed[p] for p, _ in readable], dtype=np.int64)
     unreadable = tuple(sorted([*not_files, *(str(p) for p, a in zip(files, decoded) if a is None)]))
     return ImageSet(np.stack([a for _, a in readable]), labels, classes, unreadable, index=index, listed=len(listed))

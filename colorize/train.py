@@ -657,11 +657,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 _export(out_fs, out_path, lambda name: storage.read_bytes(out_fs, storage.join(checkpoint, name))
                         if storage.exists(out_fs, storage.join(checkpoint, name)) else None)
             return _summary(out_fs, out_path, state)
-    train_source = data.locate(config.data, settings=settings, limit=config.limit)
+    train_source = data.locate(config.data, settings=settings, limit=config.limit, output=config.out)
     if train_source.kind == "files" and len(train_source.files) < config.num_workers:
         raise data.DataError(f"{config.data}: {len(train_source.files)} image(s) for {config.num_workers} workers: each epoch "
                              f"splits the images equally among the workers; use --num-workers {len(train_source.files)}")
-    val_source = data.locate(config.val, settings=settings, limit=config.val_limit, split="test") if config.val else None
+    val_source = data.locate(config.val, settings=settings, limit=config.val_limit, split="test", output=config.out) if config.val else None
     classes = _classes(config, train_source, earlier[0] if earlier else None)
     # The model's classes: the data's for --semantic; else an --init model's semantic branch
     # stays, trained by the colour loss alone.

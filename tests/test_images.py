@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import unicodedata
 import struct
 import zlib
 
@@ -92,6 +93,17 @@ def test_an_image_set_follows_class_folders_that_are_symbolic_links(tmp_path) ->
     found = imagesets.load_folder(tmp_path / "train", size=8)
 
     assert found.classes == ("cat", "dog") and len(found.rgb) == 2
+
+
+def test_class_folders_named_alike_up_to_unicode_normalisation_are_one_class(tmp_path: Path) -> None:
+    """macOS tools leave names decomposed (NFD): test/ copied from there must match train/."""
+    for split, form in (("train", "NFC"), ("test", "NFD")):
+        for name in ("chien ü", "chat"):
+            folder = tmp_path / split / unicodedata.normalize(form, name)
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (200, 40, 40)).save(folder / "0.png")
+    train, test = (imagesets.load_folder(tmp_path / split, size=8) for split in ("train", "test"))
+    assert train.classes == test.classes == ("chat", "chien ü")
 
 
 def test_compose_works_in_blocks_of_pixels_with_the_same_result_whatever_the_shape(monkeypatch: pytest.MonkeyPatch) -> None:

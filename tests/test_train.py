@@ -442,7 +442,9 @@ def test_a_limited_cifar_or_parquet_set_is_the_same_rows_every_time(ray_cluster:
         assert all(np.array_equal(r["rgb"], e) for r, e in zip(rows, expected))
 
 
-def test_a_cifar_archive_without_a_batch_says_which(ray_cluster: str, tmp_path: Path) -> None:
+def test_a_cifar_archive_without_a_batch_says_which(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     archive = tmp_path / data.CIFAR_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         for k in range(1, 6):
@@ -452,6 +454,23 @@ def test_a_cifar_archive_without_a_batch_says_which(ray_cluster: str, tmp_path: 
             tar.addfile(info, io.BytesIO(payload))
     with pytest.raises(Exception, match="no test_batch in this archive"):
         data.load_dataset(str(archive), split="test").take_all()
+    # The command says it in one line, not in Ray's wrapping of the task's error (its traceback).
+    from colorize import cli
+
+    assert cli.main(["evaluate", "--data", str(archive)]) == cli.EXIT_USAGE
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colorize evaluate: error:")]
+    assert said == [f"colorize evaluate: error: {archive}: no test_batch in this archive; is it the CIFAR-10 python release?"]
+
+
+def test_a_cifar_folder_without_a_splits_batch_says_which_before_ray_starts(tmp_path: Path) -> None:
+    folder = tmp_path / data.CIFAR_DIR
+    folder.mkdir()
+    for k in (1, 2, 4, 5):
+        (folder / f"data_batch_{k}").write_bytes(_cifar_batch(2, k))
+    with pytest.raises(data.DataError, match="no test_batch in this CIFAR-10 folder, which the test split reads"):
+        data.locate(str(folder), split="test")
+    with pytest.raises(data.DataError, match="no data_batch_3 in this CIFAR-10 folder, which the train split reads"):
+        data.locate(str(folder))
 
 
 def test_a_row_that_pillow_fails_on_in_any_way_is_skipped() -> None:
@@ -471,6 +490,8 @@ def test_a_cifar_batch_that_smuggles_an_object_is_refused(ray_cluster: str, tmp_
     folder = tmp_path / data.CIFAR_DIR
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload()}))
+    for k in range(2, 6):
+        (folder / f"data_batch_{k}").write_bytes(_cifar_batch(2, k))
     source = data.locate(str(folder))
     with pytest.raises(Exception, match="refusing to load"):
         data.load_dataset(source, split="train").take_all()
@@ -486,6 +507,23 @@ def test_training_images_whose_names_are_not_utf8_are_skipped_with_a_warning(
 
     assert sorted(source.files) == sorted(str(p) for p in paths[1:])
     assert "skipping 1 image(s) whose file names are not valid UTF-8, such as " in capsys.readouterr().err
+
+
+def test_images_in_the_callers_output_inside_the_data_are_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``evaluate --data imgs --out imgs/eval`` run twice must not score its own grid.png."""
+    paths = write_images(tmp_path / "imgs", 3)
+    write_images(tmp_path / "imgs" / "eval", 2)  # grid.png and the like, from an earlier run
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")
+
+    for data_uri, out in [(tmp_path / "imgs", tmp_path / "imgs" / "eval"), (tmp_path / "link", tmp_path / "imgs" / "eval"),
+                          (tmp_path / "imgs", tmp_path / "link" / "eval/")]:
+        source = data.locate(str(data_uri), output=str(out))
+        assert sorted(source.files) == sorted(str(data_uri / p.relative_to(tmp_path / "imgs")) for p in paths)
+        assert "left out 2 image(s) in the --out folder inside it" in capsys.readouterr().err
+    assert len(data.locate(str(tmp_path / "imgs"), output=str(tmp_path / "elsewhere")).files) == 5
+    assert len(data.locate(str(tmp_path / "imgs"), output=str(tmp_path)).files) == 5  # writes beside the data
+    with pytest.raises(data.DataError, match="--out is the data folder itself"):
+        data.locate(str(tmp_path / "imgs"), output=str(tmp_path / "link"))
 
 
 def test_a_folders_classes_are_those_of_every_image_whatever_the_limit(tmp_path: Path) -> None:
