@@ -35,9 +35,10 @@ from ray._raylet import Config
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
-from colorize import errors
+from colorize import errors, storage
 
 # colorize command -> the module a cluster runs for it (see jobs/).
+_RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
 JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
 
 # What stays behind when the project folder is uploaded (gitignore syntax, relative to it):
@@ -50,6 +51,7 @@ WORKING_DIR_EXCLUDES = (
 # The job server refuses a request body over this (Ray's DASHBOARD_CLIENT_MAX_SIZE), and the
 # working dir goes up zipped in one request.
 UPLOAD_LIMIT_BYTES = 100 * 1024**2
+_ZIP_ENTRY_BYTES = 128  # a file's zip headers (and data descriptor, zip64 extras) beside its name; Ray stores files uncompressed
 
 # Where S3 lives, passed to every job when set here. Keys are not: clusters should use IAM
 # roles, and --aws-credentials is the explicit opt-in.
@@ -141,6 +143,11 @@ def check_job(job: Sequence[str]) -> None:
         args.build_config(args)
     except ValueError as error:
         raise ValueError(f"{command}: {error} (see colorize {command} --help)") from None
+    for flag in ("--out", "--output"):
+        where = getattr(args, flag[2:], None)
+        if where and not storage.is_s3(where) and not where.startswith(("/", "~")):
+            raise ValueError(f"{command} {flag} {where}: a relative path, which the cluster takes inside the job's unpacked "
+                             "copy of the working dir, where Ray deletes it; use s3:// or an absolute path")
 
 
 def entrypoint(job: Sequence[str]) -> str:
@@ -193,9 +200,10 @@ def check_upload_size(
     total = 0
     per_entry: dict[str, int] = {}  # bytes counted under each top-level file or folder
     for path, size in _upload_files(folder, environ):
+        relative = path.relative_to(folder)
+        size += _ZIP_ENTRY_BYTES + 2 * len(os.fsencode(relative))  # the name twice: local header, central directory
         total += size
-        entry = path.relative_to(folder).parts[0]
-        per_entry[entry] = per_entry.get(entry, 0) + size
+        per_entry[relative.parts[0]] = per_entry.get(relative.parts[0], 0) + size
         if total > limit:
             biggest = max(per_entry, key=per_entry.__getitem__)
             shown = f"{biggest}/" if (folder / biggest).is_dir() else biggest
@@ -371,7 +379,12 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
         ) from error
     except RuntimeError as error:  # what the SDK raises for an HTTP error answer
         match = _HTTP_ERROR.match(str(error))
-        message = errors.first_line(match.group(1) if match else str(error)).rstrip(".") or type(error).__name__
+        body = match.group(1) if match else str(error)
+        if body.lstrip().startswith("Traceback"):  # the server's own exception, formatted: its last line says what
+            body = next((line for line in reversed(body.splitlines()) if line.strip()), body)
+        message = errors.first_line(body).rstrip(".") or type(error).__name__
+        if message.startswith("Maximum request body size"):  # the packed working dir, over the limit all the same
+            message += "; leave big files out of --working-dir (.rayignore, or data/)"
         raise ClusterError(redact(f"{url}: {message}")) from error
 
 
@@ -478,20 +491,31 @@ def _outcome(info: JobDetails) -> str:
 
 
 def _message(info: JobDetails) -> str:
-    """The job server's message about a job in one line, without the log tail Ray appends."""
+    """The job server's message about a job in one line, without the log tail Ray appends.
+
+    A runtime env that failed to set up (a --pip that would not install) says why only deep in
+    its message, after a traceback: that line is added.
+    """
     if not info.message:
         return "-"
-    return errors.first_line(info.message).split(", last available logs")[0] or "-"
+    line = errors.first_line(info.message).split(", last available logs")[0]
+    if line.startswith("runtime_env setup failed"):
+        lines = [text.strip() for text in info.message.splitlines()[1:] if text.strip()]
+        why = [text for text in lines if text.startswith("ERROR:")] or [text for text in lines if _RAISED.match(text)]
+        if why:
+            line = f"{line.rstrip('.')}: {why[-1]}"
+    return line or "-"
 
 
 def _status(message: str) -> None:
     print(f"colorize submit: {message}", file=sys.stderr, flush=True)
 
 
-def _utc(ms: int | None) -> str:
+def _utc(ms: int | None, suffix: str = "") -> str:
+    """A job server time (ms since the epoch) in UTC, or "-" for none yet."""
     if not ms:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + suffix
 
 
 def _session(address: str) -> tuple[JobSubmissionClient, str, Redactor]:
@@ -505,7 +529,9 @@ def jobs_list(address: str) -> int:
     with _errors(url, redact):
         jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     rows = [("ID", "STATUS", "START (UTC)", "ENTRYPOINT")]
-    rows += [(j.submission_id or j.job_id or "-", str(j.status), _utc(j.start_time), j.entrypoint) for j in jobs]
+    # A driver that connected by itself lists its command line as given, newlines too: one row each all the same.
+    rows += [(j.submission_id or j.job_id or "-", str(j.status), _utc(j.start_time), " ".join(j.entrypoint.split()))
+             for j in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(redact("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]])))
@@ -520,8 +546,8 @@ def jobs_status(address: str, job_id: str) -> int:
     lines = [
         f"{job_id}: {info.status}",
         f"  message:    {_message(info)}",
-        f"  started:    {_utc(info.start_time)} UTC",
-        f"  ended:      {_utc(info.end_time)} UTC",
+        f"  started:    {_utc(info.start_time, ' UTC')}",
+        f"  ended:      {_utc(info.end_time, ' UTC')}",
         f"  exit code:  {'-' if info.driver_exit_code is None else info.driver_exit_code}",
         f"  entrypoint: {info.entrypoint}",
     ]

@@ -437,6 +437,9 @@ def test_entrypoints_run_the_job_modules_with_shell_quoted_arguments() -> None:
     (("train", "--data", "d", "--out", "o", "--epohcs", "3"), "train: unrecognized arguments: --epohcs 3"),
     (("train", "--data", "d"), "train: the following arguments are required: --out"),
     (("run", "--input", "i", "--output", "o", "--num-gpus", "0"), "run: argument --num-gpus: must be at least 1, got 0 (see colorize run --help)"),
+    (("run", "--input", "samples/photos", "--output", "out"), "run --output out: a relative path, which the cluster takes inside"),
+    (("train", "--data", "d", "--out", "./runs/x"), "train --out ./runs/x: a relative path"),
+    (("evaluate", "--data", "d", "--out", "eval"), "evaluate --out eval: a relative path"),
 ])
 def test_job_command_lines_are_checked_before_anything_is_sent(job: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -512,6 +515,18 @@ def test_the_upload_size_counts_only_what_ray_uploads(tmp_path: Path, layout: di
         submit.runtime_env(config, environ)
 
 
+def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
+    """Bytes 2,000 under the limit in 30 files pack to more than it: the job server would refuse them."""
+    folder = _project(tmp_path, {f"notes/{i:02d}.txt": 0 for i in range(29)} | {"blob.bin": 0})
+    os.truncate(folder / "blob.bin", submit.UPLOAD_LIMIT_BYTES - 2000)
+    config = submit.SubmitConfig(address="h:1", job=("train", "--data", "s3://b/d", "--out", "s3://b/o"),
+                                 working_dir=str(folder))
+    with pytest.raises(ValueError, match=r"over the job server's 100 MiB limit, 100.0 MiB of it in blob\.bin;"):
+        submit.runtime_env(config, {})
+    (folder / "blob.bin").unlink()
+    submit.runtime_env(config, {})
+
+
 def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
@@ -543,6 +558,30 @@ def test_submission_ids_are_readable_and_unique() -> None:
     ids = {submit.new_submission_id("train", now) for _ in range(20)}
     assert all(re.fullmatch(r"colorize-train-20261126-063512-[0-9a-f]{4}", i) for i in ids)
     assert len(ids) > 1
+
+
+def test_a_runtime_env_that_failed_to_set_up_says_why() -> None:
+    """Ray's message puts pip's reason after a traceback: the one line shown must carry it."""
+    message = ("runtime_env setup failed: Failed to set up runtime environment.\nTraceback (most recent call last):\n"
+               '  File "ray/_private/runtime_env/pip.py", line 1, in _install_pip_packages\n'
+               "RuntimeError: Failed to execute command: pip install ...\n"
+               "ERROR: Could not install packages due to an OSError: [Errno 2] No such file or directory: '/x.whl'\n")
+    failed = JobDetails(type="SUBMISSION", entrypoint="e", status=JobStatus.FAILED, message=message, submission_id="j")
+    assert submit._outcome(failed) == ("j FAILED: runtime_env setup failed: Failed to set up runtime environment: ERROR: "
+                                       "Could not install packages due to an OSError: [Errno 2] No such file or directory: '/x.whl'")
+    without_pip = message.rsplit("ERROR:", 1)[0]
+    assert submit._message(JobDetails(type="SUBMISSION", entrypoint="e", status=JobStatus.FAILED, message=without_pip)).endswith(
+        "environment: RuntimeError: Failed to execute command: pip install ...")
+
+
+def test_a_job_server_error_sent_as_a_traceback_is_told_by_its_last_line() -> None:
+    answer = ("Request failed with status code 400: Traceback (most recent call last):\n"
+              '  File "ray/dashboard/modules/job/job_head.py", line 1, in submit_job\n'
+              "ValueError: Job with submission_id j already exists. Please use a different submission_id.\n")
+    with pytest.raises(submit.ClusterError) as raised, submit._errors("http://h:8265", submit.Redactor(())):
+        raise RuntimeError(answer)
+    assert str(raised.value) == ("http://h:8265: ValueError: Job with submission_id j already exists. "
+                                 "Please use a different submission_id")
 
 
 def test_the_exit_status_is_the_jobs_own() -> None:
