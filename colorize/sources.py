@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from colorize import errors, storage
 
@@ -301,16 +300,16 @@ def _hash(relpath: str) -> str:
 def read_manifest(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     """Paths or URIs listed in a manifest; relative local paths are taken from its folder."""
     if path.lower().endswith(".parquet"):
-        try:
-            table = pq.read_table(pa.BufferReader(storage.read_bytes(fs, path)))
+        try:  # the one column read: a table of paths may hold the images' bytes beside them
+            manifest = storage.parquet_file(fs, path)
+            names = manifest.schema_arrow.names
+            column = next((c for c in MANIFEST_COLUMNS if c in names), None)
+            if column is None:
+                raise storage.StorageError(f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_COLUMNS}, found {names}")
+            values = manifest.read(columns=[column]).column(0).to_pylist()
         except pa.ArrowException as error:  # not Parquet, or cut short
             raise storage.StorageError(f"{uri}: not a readable Parquet manifest ({errors.one_line(error, with_type=False)})") from None
-        column = next((c for c in MANIFEST_COLUMNS if c in table.column_names), None)
-        if column is None:
-            raise storage.StorageError(
-                f"{uri}: a Parquet manifest needs one of the columns {MANIFEST_COLUMNS}, found {table.column_names}"
-            )
-        entries = [str(v) for v in table.column(column).to_pylist() if v]
+        entries = [str(v) for v in values if v]
     else:
         try:
             text = storage.read_bytes(fs, path).decode("utf-8-sig")  # Notepad starts UTF-8 with a BOM

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from colorize import errors
 
@@ -257,6 +258,13 @@ def read_bytes(fs: pafs.FileSystem, path: str, *, limit: int | None = None) -> b
     if limit is not None and len(data) > limit:
         raise StorageError(f"{to_uri(fs, path)}: {too_large(limit)}")
     return data
+
+
+def parquet_file(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    """``path`` as a Parquet file whose columns can be read one by one (its footer read now):
+    a StorageError if it cannot be opened, pyarrow's ArrowInvalid if it is not Parquet."""
+    with _errors(fs, to_uri(fs, path)):
+        return pq.ParquetFile(path, filesystem=fs)
 
 
 def of_one_file(error: StorageError) -> bool:

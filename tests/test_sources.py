@@ -295,6 +295,20 @@ def test_a_parquet_manifest_that_is_not_parquet_is_one_error_naming_it(tmp_path:
         sources.read_manifest(LOCAL, str(tmp_path / "list.parquet"), "list.parquet")
 
 
+def test_a_parquet_manifest_is_read_for_its_paths_alone(tmp_path: Path) -> None:
+    """A table of paths may hold the images' bytes too (gigabytes): only the path column is read.
+    Here the image column's pages are garbage, which reading the whole table fails on."""
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "image": [os.urandom(4096), os.urandom(4096)]}), manifest)
+    chunk = pq.ParquetFile(manifest).metadata.row_group(0).column(1)
+    with open(manifest, "r+b") as f:
+        f.seek(chunk.data_page_offset)
+        f.write(b"\xff" * 64)
+    with pytest.raises(OSError):
+        pq.read_table(manifest)
+    assert sources.read_manifest(LOCAL, str(manifest), "list.parquet") == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+
+
 def test_a_manifest_lists_an_absolute_path_once_however_many_slashes_lead_it(tmp_path: Path) -> None:
     (tmp_path / "img.png").touch()
     (tmp_path / "list.txt").write_text(f"{tmp_path}/img.png\n/{tmp_path}/img.png\n")
@@ -562,6 +576,11 @@ def test_a_batch_written_twice_leaves_one_parquet_part_with_one_row_per_source(t
     (part,) = (tmp_path / "out" / "parquet").iterdir()
     assert sorted(pq.read_table(part).column("relpath").to_pylist()) == ["0.png", "1.png", "2.png"]
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+    # The PNGs are stored as they are (no dictionary, statistics or snappy: 10x a part's bytes to write).
+    png = pq.ParquetFile(part).metadata.row_group(0).column(pipeline.OUTPUT_SCHEMA.names.index("png"))
+    assert png.compression == "UNCOMPRESSED" and png.statistics is None and not png.has_dictionary_page
+    assert all(p.read_bytes() == stored for p, stored in zip(sorted((tmp_path / "out" / "images").iterdir()),
+                                                             pq.read_table(part).sort_by("relpath").column("png").to_pylist()))
 
 
 def test_an_output_that_cannot_be_written_fails_alone_with_the_reason(tmp_path: Path) -> None:
@@ -650,6 +669,13 @@ def test_a_chunk_of_large_images_stops_at_its_pixel_budget(tmp_path: Path, monke
     chunks = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=10**6, chunk=8)
 
     assert [len(c["relpath"]) for c in chunks] == [3, 7]
+    # A photo that would take a chunk past its budget starts the next one: no chunk holds more.
+    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 5 * 64 * 64 // 2)
+    chunks = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=10**6, chunk=8)
+    assert [len(c["relpath"]) for c in chunks] == [2, 2, 6]
+    monkeypatch.setattr(pipeline, "CHUNK_PIXELS", 64 * 64 - 1)  # every large photo is over it alone
+    chunks = pipeline.read_and_decode(batch, settings=storage.S3Settings(), size=8, max_pixels=10**6, chunk=8)
+    assert [len(c["relpath"]) for c in chunks] == [1, 1, 1, 1, 1, 5]
 
 
 def test_each_task_gets_only_its_own_inputs_part_of_what_is_done() -> None:
