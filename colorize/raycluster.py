@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 
 import ray
 
@@ -49,7 +51,18 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
         raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     return address in ("", "local")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a Ray job stopped, a pod evicted) stops a command as Ctrl-C does.
+
+    ``ray.init`` leaves a handler that dumped a stack and, in training, ended in an abort
+    (exit status 134); Ctrl-C's path stops the run cleanly, saying how to resume it.
+    """
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 _HINT = "unset RAY_ADDRESS to start a Ray in this process, or set it to a running head node's HOST:6379"

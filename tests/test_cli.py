@@ -307,7 +307,9 @@ def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -
 
 
 @pytest.mark.timeout(600)
-def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path, stop: int) -> None:
+    """SIGTERM (kill, a Ray job stopped) as Ctrl-C: Ray's own handler ended training in an abort, exit 134."""
     write_images(tmp_path / "d", 32)
     out = tmp_path / "out"
     with open(tmp_path / "stderr.txt", "w+") as log:  # a file, not a pipe: a pipe nobody reads fills and stalls
@@ -319,7 +321,7 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: st
         while not list((out / "train").glob("checkpoint_*")):  # Ray Train's Ctrl-C handler is in place by then
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         proc.wait(timeout=120)
         log.seek(0)
         stderr = log.read()
