@@ -19,6 +19,7 @@ CIFAR-10 labels, a Parquet ``label`` column of integers, or the top-level folder
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import math
 import os
@@ -28,6 +29,7 @@ import random
 import re
 import sys
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -135,19 +137,26 @@ def _outside_output(uri: str, fs: pafs.FileSystem, path: str, files: list[str], 
     out_fs, out_path = storage.resolve(output, settings)
     if out_fs.type_name != fs.type_name:
         return files
-    if fs.type_name == "local":  # the same folder reached through a link: compare where they lead
-        inside = os.path.relpath(os.path.realpath(out_path), os.path.realpath(path))
-        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
-            return files
-        out_path = os.path.normpath(os.path.join(path, inside))
-    if out_path.rstrip("/") == path.rstrip("/"):
+    if fs.type_name == "local":  # where folders lead: the data, the output or a folder in the data may be a link
+        path, out_path = os.path.realpath(path), os.path.realpath(out_path)
+        leads_to = functools.lru_cache(maxsize=None)(os.path.realpath)  # once a folder, not once a file
+
+        def is_output(file: str) -> bool:
+            return (leads_to(os.path.dirname(file)) + "/").startswith(out_path + "/")
+    else:
+        path, out_path = path.rstrip("/"), out_path.rstrip("/")
+
+        def is_output(file: str) -> bool:
+            return file.startswith(out_path + "/")
+    if out_path == path:
         raise DataError(f"{uri}: --out is the data folder itself, so a rerun would read its pictures as data; "
                         "choose a folder inside it or beside it")
-    prefix = out_path.rstrip("/") + "/"
-    kept = [p for p in files if not p.startswith(prefix)]
+    if path.startswith(out_path + "/"):  # the data inside the output: what it writes lies beside the data
+        return files
+    kept = [p for p in files if not is_output(p)]
     if len(kept) < len(files):
         _warn(uri, f"left out {len(files) - len(kept)} image(s) in the --out folder inside it",
-              storage.to_uri(fs, next(p for p in files if p.startswith(prefix))))
+              storage.to_uri(fs, next(p for p in files if is_output(p))))
     return kept
 
 
@@ -270,9 +279,10 @@ def class_names(source: Source) -> tuple[str, ...]:
 
 
 def _class_folder(path: str, root: str) -> str | None:
-    """The top-level folder under ``root`` that holds ``path`` (local or bucket/key), None for a loose file."""
+    """The top-level folder under ``root`` that holds ``path`` (local or bucket/key), None for a
+    loose file. In NFC: a val/ copied from macOS (NFD) has the classes of its NFC train/."""
     top, _, rest = posixpath.relpath(path, root).partition("/")
-    return top if rest else None
+    return unicodedata.normalize("NFC", top) if rest else None
 
 
 def _parquet_classes(source: Source) -> tuple[str, ...]:
@@ -305,7 +315,7 @@ def load_dataset(
     ``with_paths``: a folder's rows also have the ``path`` of their file.
     """
     if isinstance(source, str):
-        source = locate(source, settings=settings, limit=limit)
+        source = locate(source, settings=settings, limit=limit, split=split)
     if source.kind == "cifar":
         ds = _cifar_python(source.fs, source.path, split)
     elif source.kind == "parquet":

@@ -12,15 +12,17 @@ class Failed(Exception):
 
 
 def unwrapped(error: BaseException) -> BaseException:
-    """What a Ray task raised, where ``error`` is Ray's wrapping of it.
+    """One of colorize's own errors that a Ray task raised, where ``error`` is Ray's wrapping of it.
 
     Ray re-raises a task's error as a ``RayTaskError`` subclass of its type, whose message is
     the whole remote traceback (in ANSI colour): the one-line error inside is its ``cause``.
+    Any other error (a bug, say) keeps the traceback that tells where it came from.
     """
     ray_exceptions = sys.modules.get("ray.exceptions")  # not imported here: Ray is slow to import
     if ray_exceptions is not None and isinstance(error, ray_exceptions.RayTaskError):
         cause = error.cause
-        return cause if isinstance(cause, BaseException) else error
+        if isinstance(cause, BaseException) and type(cause).__module__.startswith("colorize."):
+            return cause
     return error
 
 

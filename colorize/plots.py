@@ -55,20 +55,23 @@ def line_chart(
 ) -> Image.Image:
     """A simple line chart of one or more series over x = 1, 2, ..."""
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 45
+    right, top, bottom = 20, 30, 45
     chart = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(chart)
     font = ImageFont.load_default(size=_CHART_FONT_SIZE)
     values = [v for ys in series.values() for v in ys if math.isfinite(v)]
     n = max((len(ys) for ys in series.values()), default=0)
-    draw.text((left, 8), title, fill=_INK, font=font)
     if not values or n == 0:
+        draw.text((70, 8), title, fill=_INK, font=font)
         return chart
     lo, hi = min(values), max(values)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     pad = (hi - lo) * 0.05
     lo, hi = lo - pad, hi + pad
+    ticks = [(lo + (hi - lo) * k / 4, f"{lo + (hi - lo) * k / 4:.4g}") for k in range(5)]
+    left = max(70, 12 + max(math.ceil(draw.textlength(label, font=font)) for _, label in ticks))  # -2.675e-05 is wide
+    draw.text((left, 8), title, fill=_INK, font=font)
 
     def xy(i: int, v: float) -> tuple[float, float]:
         x = left + (width - left - right) * (i / max(1, n - 1))
@@ -76,17 +79,17 @@ def line_chart(
         return x, y
 
     draw.rectangle((left, top, width - right, height - bottom), outline=_INK)
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
+    for v, label in ticks:
         _, y = xy(0, v)
         draw.line((left - 4, y, left, y), fill=_INK)
-        draw.text((4, y - 6), f"{v:.4g}", fill=_INK, font=font)
+        draw.text((left - 8 - draw.textlength(label, font=font), y - 7), label, fill=_INK, font=font)
     for i in range(n):
         x, _ = xy(i, lo)
         if n <= 20 or i % math.ceil(n / 20) == 0:
             draw.line((x, height - bottom, x, height - bottom + 4), fill=_INK)
             draw.text((x - 3, height - bottom + 6), str(i + 1), fill=_INK, font=font)
     draw.text(((width - draw.textlength(xlabel, font=font)) // 2, height - 18), xlabel, fill=_INK, font=font)
+    legend = width - right - 8 - max(draw.textlength(f"- {name}", font=font) for name in series)
     for s, (name, ys) in enumerate(series.items()):
         rgb = _SERIES[s % len(_SERIES)]
         points = [xy(i, v) for i, v in enumerate(ys) if math.isfinite(v)]
@@ -94,5 +97,5 @@ def line_chart(
             draw.line(points, fill=rgb, width=2)
         for x, y in points:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=rgb)
-        draw.text((width - right - 150, top + 6 + 16 * s), f"- {name}", fill=rgb, font=font)
+        draw.text((legend, top + 6 + 16 * s), f"- {name}", fill=rgb, font=font)
     return chart

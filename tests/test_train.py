@@ -11,6 +11,7 @@ import signal
 import tarfile
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -522,8 +523,27 @@ def test_images_in_the_callers_output_inside_the_data_are_left_out(tmp_path: Pat
         assert "left out 2 image(s) in the --out folder inside it" in capsys.readouterr().err
     assert len(data.locate(str(tmp_path / "imgs"), output=str(tmp_path / "elsewhere")).files) == 5
     assert len(data.locate(str(tmp_path / "imgs"), output=str(tmp_path)).files) == 5  # writes beside the data
+    # An --out reached through a folder link inside the data, which the listing follows.
+    write_images(tmp_path / "results" / "eval", 2, seed=1)
+    (tmp_path / "imgs" / "results").symlink_to(tmp_path / "results")
+    for out in (tmp_path / "imgs" / "results" / "eval", tmp_path / "results" / "eval"):
+        assert len(data.locate(str(tmp_path / "imgs"), output=str(out)).files) == 5
+    assert len(data.locate(str(tmp_path / "imgs"), output=str(tmp_path / "results" / "other")).files) == 7
     with pytest.raises(data.DataError, match="--out is the data folder itself"):
         data.locate(str(tmp_path / "imgs"), output=str(tmp_path / "link"))
+
+
+def test_class_folders_named_alike_up_to_unicode_normalisation_are_one_class(tmp_path: Path) -> None:
+    """A val/ copied from macOS (NFD) must label its images with train/'s (NFC) classes, not -1."""
+    for split, form in (("train", "NFC"), ("val", "NFD")):
+        for name in ("chien ü", "chat"):
+            write_images(tmp_path / split / unicodedata.normalize(form, name), 1)
+    train_source, val_source = data.locate(str(tmp_path / "train")), data.locate(str(tmp_path / "val"))
+    classes = data.class_names(train_source)
+    assert classes == data.class_names(val_source) == ("chat", "chien ü")
+    batch = {"path": np.array(val_source.files, dtype=object)}
+    labels = data._label_rows(batch, kind="files", root=val_source.path, class_index={c: i for i, c in enumerate(classes)})
+    assert sorted(labels["label"].tolist()) == [0, 1]
 
 
 def test_a_folders_classes_are_those_of_every_image_whatever_the_limit(tmp_path: Path) -> None:
