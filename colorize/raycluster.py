@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+from types import FrameType
 
 import ray
 
@@ -56,13 +57,19 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     return address in ("", "local")
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGTERM (``kill``, a Ray job stopped, a pod evicted) stops a command as Ctrl-C does.
 
     ``ray.init`` leaves a handler that dumped a stack and, in training, ended in an abort
-    (exit status 134); Ctrl-C's path stops the run cleanly, saying how to resume it.
+    (exit status 134); Ctrl-C's path stops the run cleanly, saying how to resume it. That
+    path is called here, not sent a SIGINT: Ray blocks SIGINT in a job's driver, and a shell
+    ignores it in a background one.
     """
-    os.kill(os.getpid(), signal.SIGINT)
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
+    if callable(on_ctrl_c):  # Python's raises KeyboardInterrupt; Ray Train's, while it trains, stops the workers
+        on_ctrl_c(signal.SIGINT, frame)
+    else:  # ignored (a background job) or never set
+        raise KeyboardInterrupt
 
 
 _HINT = "unset RAY_ADDRESS to start a Ray in this process, or set it to a running head node's HOST:6379"

@@ -368,6 +368,8 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
     """Re-raise the SDK's and the network's failures as one-line ClusterErrors about ``url``."""
     try:
         yield
+    except BrokenPipeError:  # stdout's reader left (| head): not the server, and the caller says so quietly
+        raise
     except (requests.RequestException, ConnectionError, aiohttp.ClientError) as error:
         raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
     except AuthenticationError as error:  # HTTP 401 or 403 from a cluster with token auth, or a bad token file

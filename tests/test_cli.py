@@ -306,17 +306,39 @@ def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -
     assert "1 failed" in result.stderr
 
 
+def test_sigterm_takes_ctrl_cs_path_even_where_sigint_is_ignored() -> None:
+    """A shell starts a background job with SIGINT ignored: SIGTERM must stop it all the same."""
+    from colorize import raycluster
+
+    called = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: called.append(signum))
+    try:
+        raycluster._interrupt(signal.SIGTERM, None)  # Ray Train's handler, say: it is called, and it decides
+        assert called == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with pytest.raises(KeyboardInterrupt):
+            raycluster._interrupt(signal.SIGTERM, None)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt):
+            raycluster._interrupt(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path, stop: int) -> None:
-    """SIGTERM (kill, a Ray job stopped) as Ctrl-C: Ray's own handler ended training in an abort, exit 134."""
+    """SIGTERM (kill, a Ray job stopped) as Ctrl-C: Ray's own handler ended training in an abort, exit 134.
+    It is sent with SIGINT blocked, as Ray's job supervisor starts a job's driver."""
     write_images(tmp_path / "d", 32)
     out = tmp_path / "out"
     with open(tmp_path / "stderr.txt", "w+") as log:  # a file, not a pipe: a pipe nobody reads fills and stalls
         proc = subprocess.Popen([*COLORIZE, "train", "--data", str(tmp_path / "d"), "--out", str(out), "--epochs", "500",
                                  "--width", "8", "--depth", "2", "--image-size", "16", "--batch-size", "16",
                                  "--cpus-per-worker", "0.5"],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log,
+                                preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+                                if stop == signal.SIGTERM else None)
         deadline = time.monotonic() + 300
         while not list((out / "train").glob("checkpoint_*")):  # Ray Train's Ctrl-C handler is in place by then
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"

@@ -584,6 +584,15 @@ def test_a_job_server_error_sent_as_a_traceback_is_told_by_its_last_line() -> No
                                  "Please use a different submission_id")
 
 
+def test_a_reader_that_leaves_is_not_a_lost_server() -> None:
+    """`colorize jobs logs ID | head` printed "lost the Ray job server (broken pipe)", exit 2, not a quiet 141."""
+    with pytest.raises(BrokenPipeError), submit._errors("http://h:8265", submit.Redactor(())):
+        raise BrokenPipeError(32, "Broken pipe")
+    with pytest.raises(submit.ClusterError, match="lost the Ray job server at http://h:8265"), \
+            submit._errors("http://h:8265", submit.Redactor(())):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
 def test_the_exit_status_is_the_jobs_own() -> None:
     def details(status: JobStatus, code: int | None = None) -> JobDetails:
         return JobDetails(type="SUBMISSION", entrypoint="python -m jobs.train", status=status, driver_exit_code=code)
