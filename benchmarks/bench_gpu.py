@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,8 @@ def with_ray(folder: Path, workdir: Path, gpu: bool, n_train: int, png_level: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda where there is one, else a smoke check of the same rows on cpu")
     parser.add_argument("--n", type=int, default=2000, help="256x256 JPEGs for the codec bound and the bulk job")
     parser.add_argument("--n-train", type=int, default=20_000, help="32x32 images for Ray Train (default: 20000)")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per model measurement")
@@ -163,6 +165,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     add_results_flag(parser)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if args.device == "cpu":
+        print("bench_gpu on cpu: a smoke check of the GPU rows, at 64 px only (--n and --n-train still apply)",
+              file=sys.stderr, flush=True)
 
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from benchmarks.common import add_results_flag, print_table, write_results
+from benchmarks.common import add_results_flag, count, print_table, write_results
 from colorize import storage
 
 
@@ -34,8 +34,8 @@ def pyarrow_listing(fs: pafs.FileSystem, root: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=100_000, help="files to list (default: 100000)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--n", type=count, default=100_000, help="files to list (default: 100000)")
+    parser.add_argument("--repeat", type=count, default=3, help="timed listings of each kind, taking turns (default: 3)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     add_results_flag(parser)
     args = parser.parse_args()
@@ -44,6 +44,7 @@ def main() -> None:
     marker = root.with_name(f"{root.name}.complete")  # a tree cut off while being made is made again
     if not marker.exists():
         make_tree(root, args.n)
+        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     fs, path = pafs.LocalFileSystem(), str(root)
     best = {"pyarrow FileSelector (baseline)": float("inf"), "storage.list_files": float("inf")}

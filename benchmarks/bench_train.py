@@ -28,7 +28,7 @@ import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from benchmarks.common import add_results_flag, print_table, start_ray, write_parquet_shards, write_results
+from benchmarks.common import add_results_flag, count, print_table, start_ray, write_parquet_shards, write_results
 from colorize import data
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import train_step
@@ -125,15 +125,16 @@ def ray_train(arrays: dict[str, np.ndarray] | None, folder: Path, workers: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=2048, help="training images (default: 2048)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per row; the last is reported (default: 2)")
+    parser.add_argument("--n", type=count, default=2048, help="training images (default: 2048)")
+    parser.add_argument("--epochs", type=count, default=2, help="epochs per row; the last is reported (default: 2)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     add_results_flag(parser)
     args = parser.parse_args()
-    if not 1 <= args.batch_size <= args.n:
-        parser.error(f"--batch-size must be between 1 and --n {args.n}, got {args.batch_size}: batches drop a partial last batch")
+    if not 2 <= args.batch_size <= args.n or args.batch_size % 2:
+        parser.error(f"--batch-size must be even, between 2 and --n {args.n}, got {args.batch_size}: the 2-worker rows "
+                     "split it in halves, and batches drop a partial last batch")
 
     folder = write_parquet_shards(args.workdir / f"parquet-32-{args.n}", args.n, 32, rows_per_shard=512)
     arrays = in_memory(folder)
