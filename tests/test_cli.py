@@ -264,7 +264,7 @@ def test_submit_checks_the_job_s_settings_too() -> None:
         submit.check_job(["train", "--data", "d", "--out", "o", "--lr", "-1"])
     with pytest.raises(ValueError, match="train: --loss ce does not fit --head regression"):
         submit.check_job(["train", "--data", "d", "--out", "o", "--loss", "ce"])
-    submit.check_job(["run", "--input", "i", "--output", "o", "--format", "png"])
+    submit.check_job(["run", "--input", "i", "--output", "/o", "--format", "png"])
 
 
 def test_run_with_an_unknown_format(tmp_path: Path) -> None:
