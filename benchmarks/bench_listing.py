@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from benchmarks.common import add_results_flag, count, print_table, write_results
+from benchmarks.common import add_results_flag, print_table, write_results
 from colorize import storage
+from colorize.cli import positive_int
 
 
 def make_tree(root: Path, n: int) -> None:
@@ -34,8 +35,8 @@ def pyarrow_listing(fs: pafs.FileSystem, root: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=count, default=100_000, help="files to list (default: 100000)")
-    parser.add_argument("--repeat", type=count, default=3, help="timed listings of each kind, taking turns (default: 3)")
+    parser.add_argument("--n", type=positive_int, default=100_000, help="files to list (default: 100000)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed listings of each kind, taking turns (default: 3)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))
     add_results_flag(parser)
     args = parser.parse_args()

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_results_flag, count, print_table, start_ray, warm_ray_data, write_jpegs, write_results
+from benchmarks.common import add_results_flag, print_table, start_ray, warm_ray_data, write_jpegs, write_results
 from colorize import colorizer, storage
+from colorize.cli import positive_int
 from colorize.models import count_parameters
 from colorize.pipeline import for_inference
 
@@ -52,9 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", action="append", help="a weights file, or 'bundled' (repeatable; the first is the baseline)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as each bulk-job task)")
-    parser.add_argument("--batch", type=count, default=64, help="images per model call (default: 64)")
-    parser.add_argument("--rounds", type=count, default=5, help="timed rounds, the files taking turns (default: 5)")
-    parser.add_argument("--calls", type=count, default=5, help="model calls in a round (default: 5)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per model call (default: 64)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds, the files taking turns (default: 5)")
+    parser.add_argument("--calls", type=positive_int, default=5, help="model calls in a round (default: 5)")
     parser.add_argument("--bulk", type=int, metavar="N", help="also time the bulk job on N images with each weights file")
     parser.add_argument("--bulk-size", type=int, default=256, help="side of the --bulk images in px (default: 256)")
     parser.add_argument("--bulk-rounds", type=int, default=3, help="timed --bulk runs of each file, taking turns (default: 3)")

@@ -28,8 +28,9 @@ import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from benchmarks.common import add_results_flag, count, print_table, start_ray, write_parquet_shards, write_results
+from benchmarks.common import add_results_flag, print_table, start_ray, write_parquet_shards, write_results
 from colorize import data
+from colorize.cli import positive_int
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import train_step
 from colorize.train import default_cpus_per_worker
@@ -125,8 +126,8 @@ def ray_train(arrays: dict[str, np.ndarray] | None, folder: Path, workers: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=count, default=2048, help="training images (default: 2048)")
-    parser.add_argument("--epochs", type=count, default=2, help="epochs per row; the last is reported (default: 2)")
+    parser.add_argument("--n", type=positive_int, default=2048, help="training images (default: 2048)")
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per row; the last is reported (default: 2)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/colorize-bench"))

@@ -184,18 +184,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (images, epochs, repeats). Zero ran
-    into an empty list or a division by zero after Ray had started."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_results_flag(parser: argparse.ArgumentParser) -> None:
     """``--results DIR``: where the results JSON goes; the committed ones the docs quote are the
     default's, so a smoke run points elsewhere."""

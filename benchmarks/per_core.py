@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from benchmarks.common import add_results_flag, count, jpeg_bytes, print_table, scene, write_results
+from benchmarks.common import add_results_flag, jpeg_bytes, print_table, scene, write_results
 from colorize import color, colorizer, data, images
+from colorize.cli import positive_int
 from colorize.pipeline import for_inference
 from tests.helpers import icc_profile
 
@@ -68,7 +69,7 @@ def _draft_scale(blob: bytes, size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=count, default=20, help="timed repeats of each step (default: 20)")
+    parser.add_argument("--repeat", type=positive_int, default=20, help="timed repeats of each step (default: 20)")
     add_results_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)

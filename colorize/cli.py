@@ -70,7 +70,8 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (the benchmarks' counts use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -116,9 +117,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="fine-tune this model: a model.pt (local or s3://) or 'bundled'; its architecture is kept, so "
                    "--model, --width, --depth, --head and --attention are left out (default: a new model)")
     p.add_argument("--model", choices=ARCHITECTURES, help="architecture (default: unet)")
-    p.add_argument("--width", type=_positive_int, help="channels of the first stage (default: 32)")
-    p.add_argument("--depth", type=_positive_int, help="downsampling stages (default: 3)")
-    p.add_argument("--image-size", type=_positive_int,
+    p.add_argument("--width", type=positive_int, help="channels of the first stage (default: 32)")
+    p.add_argument("--depth", type=positive_int, help="downsampling stages (default: 3)")
+    p.add_argument("--image-size", type=positive_int,
                    help="square training resolution in px, at most 1024 (default: 32, or --init's)")
     p.add_argument("--head", choices=HEADS,
                    help="predict ab directly, or a distribution over ab cells (default: regression)")
@@ -128,8 +129,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "CIFAR-10's classes, a Parquet 'label' column, or top-level class folders (ImageNet's layout)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature the classification head decodes with (default: 0.38, or --init's)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train in total (default: 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs to train in total (default: 10)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate, cosine-decayed (default: 2e-3)")
     p.add_argument("--loss", choices=LOSSES,
                    help="mse, l1, huber or psnr (per-image log error) for the regression head; ce for classification (default: mse or ce)")
@@ -142,15 +143,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--psnr-weight", type=float, default=0.0,
                    help="weight of minus the mean PSNR (dB) of the decoded ab beside the loss: with the classification "
                    "head, asks its annealed mean to be faithful too (default: 0, off)")
-    p.add_argument("--num-workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)")
+    p.add_argument("--num-workers", type=positive_int, default=1, help="Ray Train workers (default: 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="bf16 autocast or float32; auto: bf16 on GPUs with bf16 units (Ampere on) and on CPUs with "
                    "bf16 instructions (AVX-512 BF16, AMX), where a step is 1.9x faster than float32 for the default "
                    "model (2.7x at the bundled model's shape), else float32 (default: auto)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for data)")
-    p.add_argument("--limit", type=_positive_int, help="use only N training images (smoke tests; a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
-    p.add_argument("--val-limit", type=_positive_int, default=1000, help="validation images per epoch (default: 1000)")
+    p.add_argument("--limit", type=positive_int, help="use only N training images (smoke tests; a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
+    p.add_argument("--val-limit", type=positive_int, default=1000, help="validation images per epoch (default: 1000)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from; -1 retries forever (default: 2)")
     p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_train, build_config=_train_config)
@@ -179,9 +180,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: its test batch; a folder or "
                    "Parquet folder is read whole, with a warning naming the test split where it holds a training one)")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
-    p.add_argument("--limit", type=_positive_int, help="evaluate only N files, unreadable ones included (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only N files, unreadable ones included (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per model call (default: 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default: 256)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
     p.add_argument("--saturation", type=_saturation, metavar="X", help=SATURATION_HELP)
@@ -213,9 +214,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="a local folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
-    p.add_argument("--limit", type=_positive_int, help="a seeded subset of N training images")
-    p.add_argument("--test-limit", type=_positive_int, help="a seeded subset of N test images")
-    p.add_argument("--epochs", type=_positive_int, default=30, help="probe training epochs (default: 30)")
+    p.add_argument("--limit", type=positive_int, help="a seeded subset of N training images")
+    p.add_argument("--test-limit", type=positive_int, help="a seeded subset of N test images")
+    p.add_argument("--epochs", type=positive_int, default=30, help="probe training epochs (default: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, the random encoder and the probe")
     p.add_argument("--out", help="folder for probe.json")
     p.set_defaults(handler=_probe)
@@ -241,18 +242,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for images/, parquet/, failed/, _SUMMARY.json")
     p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
     p.add_argument("--format", default="png,parquet", help="comma-separated outputs: png, parquet (default: both)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call and per Parquet file (default: 64; CPU tasks read plain files in groups of 32, so at most 32 there)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call and per Parquet file (default: 64; CPU tasks read plain files in groups of 32, so at most 32 there)")
     p.add_argument("--temperature", type=_temperature,
                    help="annealed-mean temperature for a classification head (default: the model's own)")
     p.add_argument("--saturation", type=_saturation, metavar="X", help=SATURATION_HELP)
     p.add_argument("--flip-average", action="store_true", help=FLIP_AVERAGE_HELP)
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpu", action="store_const", const=1, dest="num_gpus", help="one GPU actor")
-    gpus.add_argument("--num-gpus", type=_positive_int, help="N GPU actors, one GPU each")
-    gpus.add_argument("--actors", type=_positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
+    gpus.add_argument("--num-gpus", type=positive_int, help="N GPU actors, one GPU each")
+    gpus.add_argument("--actors", type=positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
                       "every CPU task runs the model itself)")
-    p.add_argument("--limit", type=_positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
-    p.add_argument("--max-pixels", type=_positive_int, default=images.MAX_PIXELS,
+    p.add_argument("--limit", type=positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
+    p.add_argument("--max-pixels", type=positive_int, default=images.MAX_PIXELS,
                    help=f"refuse images with more pixels (decompression bombs; default: {images.MAX_PIXELS:,})")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG zlib compression level: 1 encodes 4.3-4.9x faster than 6 for files about 17%% larger (default: 1)")
