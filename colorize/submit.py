@@ -38,7 +38,6 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 from colorize import errors, storage
 
 # colorize command -> the module a cluster runs for it (see jobs/).
-_RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
 JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
 
 # What stays behind when the project folder is uploaded (gitignore syntax, relative to it):
@@ -77,6 +76,7 @@ _POLL_S = 2.0
 _SETTLE_TIMEOUT_S = 30.0  # a job whose log stream ended reaches its final status within this
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _HTTP_ERROR = re.compile(r"Request failed with status code \d+: (.*)", re.DOTALL)
+_RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
 
 
 class ClusterError(ValueError):
