@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import http.server
+import importlib.metadata
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,6 +36,7 @@ import pytest
 import ray.autoscaler
 import requests
 import yaml
+from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -668,7 +671,7 @@ def test_a_log_stream_that_ends_before_the_job_is_followed_by_polling(monkeypatc
 
 
 def _pyproject(pattern: str) -> str:
-    """The first group of ``pattern`` in pyproject.toml (tomllib is Python 3.11+, the project 3.10+)."""
+    """The first group of ``pattern`` in pyproject.toml."""
     return re.search(pattern, (ROOT / "pyproject.toml").read_text()).group(1)
 
 
@@ -746,6 +749,19 @@ def test_every_ray_and_python_version_under_cluster_matches_the_project() -> Non
             if doc["kind"] in ("RayCluster", "RayJob"):
                 spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
                 assert spec["rayVersion"] == ray_version, path.name
+
+
+def test_the_oldest_python_the_project_allows_can_install_every_pinned_dependency() -> None:
+    """numpy, pyarrow and pillow at their pins need Python 3.11: a 3.10 floor let pip fail to resolve."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    oldest = min(SpecifierSet(project["requires-python"]).filter(f"3.{minor}" for minor in range(8, 20)))
+    too_new = {}
+    for line in project["dependencies"]:
+        name = Requirement(line).name
+        needs = importlib.metadata.metadata(name).get("Requires-Python")
+        if needs and oldest not in SpecifierSet(needs):
+            too_new[name] = needs
+    assert not too_new, f"requires-python allows {oldest}, which these pins do not: {too_new}"
 
 
 def _ray_specs(path: Path) -> list[tuple[str, dict]]:
