@@ -14,6 +14,7 @@ import threading
 from types import FrameType
 
 import ray
+from ray._private import services
 
 from colorize import errors
 
@@ -30,9 +31,9 @@ class NoCluster(ValueError):
 
 
 def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
-    """Join the cluster at ``RAY_ADDRESS``, or start a Ray in this process where it is unset;
-    True where this call started a Ray of its own, which will never grow. Nothing to do where
-    Ray is already running here.
+    """Join the cluster at ``RAY_ADDRESS``, or where it is unset the one a ``ray start`` on this
+    machine left, or else start a Ray in this process; True where this call started a Ray of
+    its own, which will never grow. Nothing to do where Ray is already running here.
 
     A ``ray://`` address (Ray Client) is refused unless ``through_client``: Ray Data's
     streaming executor needs a driver on the cluster, and ``run`` and ``evaluate`` failed
@@ -47,6 +48,9 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
                         "or send the command with `colorize submit`")
     if address and address not in ("auto", "local"):
         _check_answers(address)
+    # Where RAY_ADDRESS is unset, ray.init joins the cluster that a `ray start` on this machine
+    # recorded (a shell on a head node): only where there is none does it start a Ray here.
+    starts_here = address == "local" or (not address and services.canonicalize_bootstrap_address(None) is None)
     try:
         ray.init(log_to_driver=log_to_driver)
     except ConnectionError as error:
@@ -54,7 +58,7 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
         raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
-    return address in ("", "local")
+    return starts_here
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

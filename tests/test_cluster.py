@@ -271,6 +271,24 @@ def test_a_failing_job_reports_failed_and_its_log_says_why(cluster: Cluster, tmp
     assert row.split()[1] == "FAILED" and row.endswith(f"--data /nonexistent/photos --out {tmp_path / 'run'} {' '.join(TINY_TRAIN)}")
 
 
+@pytest.mark.timeout(300)
+def test_a_command_on_a_node_joins_the_cluster_that_ray_start_left_there(cluster: Cluster, tmp_path: Path) -> None:
+    """As in a shell on a head node (`ray attach`), where RAY_ADDRESS is unset.
+
+    Told it had started a Ray of its own, `train` and `run` measured the head alone and refused
+    workers or GPU actors that the autoscaler would have added nodes for.
+    """
+    # A `ray start` without --temp-dir records its address in $RAY_TMPDIR/ray/ray_current_cluster.
+    (tmp_path / "ray").mkdir()
+    shutil.copy(cluster.temp_dir / "ray_current_cluster", tmp_path / "ray")
+    env = _client_env(RAY_TMPDIR=str(tmp_path))
+    script = "from colorize import raycluster; import ray; print(raycluster.connect(log_to_driver=False), len(ray.nodes()))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "2"]  # joined both nodes; not "a Ray of its own"
+
+
 @pytest.mark.timeout(600)
 def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: Path, capsys) -> None:
     config = submit.SubmitConfig(
