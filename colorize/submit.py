@@ -39,6 +39,8 @@ from colorize import errors, storage
 
 # colorize command -> the module a cluster runs for it (see jobs/).
 JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
+# The job flags that name something to read (a relative one is read from the uploaded working dir).
+INPUT_FLAGS = ("--data", "--val", "--init", "--input", "--weights")
 
 # What stays behind when the project folder is uploaded (gitignore syntax, relative to it):
 # environments, VCS, caches and data or outputs that belong in S3. Ray's own defaults (.git,
@@ -176,6 +178,10 @@ def runtime_env(config: SubmitConfig, environ: Mapping[str, str] = os.environ) -
     env_vars["PYTHONUNBUFFERED"] = "1"
     env_vars.update(config.env)
     result: dict = {"env_vars": env_vars}
+    if config.working_dir is None and (relative := _relative_inputs(config.job)):
+        flag, where = relative[0]
+        raise ValueError(f"{config.job[0]} {flag} {where}: a relative path, but --no-working-dir uploads nothing for it "
+                         "to name; use s3:// or an absolute path that the cluster's nodes can read")
     if config.working_dir is not None:
         folder = Path(config.working_dir).expanduser().resolve()
         if not (folder / "colorize").is_dir() or not (folder / "jobs").is_dir():
@@ -184,10 +190,41 @@ def runtime_env(config: SubmitConfig, environ: Mapping[str, str] = os.environ) -
                 "or --no-working-dir to run the colorize installed on the cluster"
             )
         check_upload_size(folder, environ)
+        _check_inputs_uploaded(config.job, folder, environ)
         result.update(working_dir=str(folder), excludes=list(WORKING_DIR_EXCLUDES))
     if config.pip:
         result["pip"] = list(config.pip)
     return result
+
+
+def _relative_inputs(job: Sequence[str]) -> list[tuple[str, str]]:
+    """(flag, path) for each input of ``job`` given as a relative local path (``--init bundled`` is none)."""
+    from colorize import cli  # see check_job
+
+    args = vars(cli.build_parser().parse_args(list(job)))  # check_job has parsed it once already
+    return [(flag, where) for flag in INPUT_FLAGS if (where := args.get(flag[2:].replace("-", "_")))
+            and not storage.is_s3(where) and not where.startswith(("/", "~")) and (flag, where) != ("--init", "bundled")]
+
+
+def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[str, str]) -> None:
+    """Refuse a relative input path that names nothing uploaded from ``folder``: the job, run
+    in its unpacked copy of ``folder``, would fail there after its upload and start-up."""
+    relative = _relative_inputs(job)
+    if not relative:
+        return
+    uploaded = [path for path, _ in _upload_files(folder, environ)]
+    for flag, where in relative:
+        target = Path(os.path.normpath(folder / where))
+        if any(path == target or target in path.parents for path in uploaded):
+            continue
+        if not target.is_relative_to(folder):
+            why = f"outside --working-dir {folder}, which is all the job gets"
+        elif not target.exists():
+            why = f"no such file or folder in --working-dir {folder}, where the job runs"
+        else:
+            why = ("not uploaded with the job (data/, runs/, out/ and what .gitignore or .rayignore lists stay "
+                   "behind, as does an empty folder)")
+        raise ValueError(f"{job[0]} {flag} {where}: {why}; use s3:// or an absolute path that the cluster's nodes can read")
 
 
 def check_upload_size(

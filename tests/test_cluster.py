@@ -548,6 +548,30 @@ def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
     submit.runtime_env(config, {})
 
 
+@pytest.mark.parametrize(("job", "working_dir", "message"), [
+    (("run", "--input", "samples", "--output", "/o"), True, None),
+    (("train", "--data", "samples/a.png", "--out", "/o", "--init", "bundled"), True, None),
+    (("run", "--input", "data/photos", "--output", "/o"), True, "run --input data/photos: not uploaded with the job"),
+    (("train", "--data", "samples", "--val", "scans", "--out", "/o"), True, "train --val scans: not uploaded with the job"),
+    (("train", "--data", "photos", "--out", "/o"), True, "train --data photos: no such file or folder in --working-dir"),
+    (("evaluate", "--data", "samples", "--weights", "../m.pt"), True, "evaluate --weights ../m.pt: outside --working-dir"),
+    (("run", "--input", "samples", "--output", "/o"), False, "run --input samples: a relative path, but --no-working-dir"),
+], ids=["uploaded", "uploaded-file", "data-excluded", "rayignored", "missing", "outside", "no-working-dir"])
+def test_a_relative_input_must_name_something_uploaded(tmp_path: Path, job: tuple, working_dir: bool,
+                                                        message: str | None) -> None:
+    """Such a job was accepted, then failed on the cluster after its upload and start-up."""
+    folder = _project(tmp_path / "project", {"samples/a.png": 0, "data/photos/b.png": 0, "scans/c.tif": 0, ".rayignore": 0})
+    (folder / ".rayignore").write_text("scans/\n")
+    (tmp_path / "m.pt").touch()
+    config = submit.SubmitConfig(address="h:1", job=job, working_dir=str(folder) if working_dir else None)
+
+    if message is None:
+        submit.runtime_env(config, {})
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            submit.runtime_env(config, {})
+
+
 def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
