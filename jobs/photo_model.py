@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from colorize import ablation, backbones, color, colorizer, evaluate, imagesets, storage
+from colorize.metrics import SSIM_WINDOW
 from colorize.models import MAX_IMAGE_SIZE, ModelConfig, count_parameters, without_class_head, without_colour_head
 from colorize.objectives import PRECISIONS, resolve_precision
 
@@ -54,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, help="U-Net depth (default: 4; with --init, its own)")
     parser.add_argument("--head", choices=("regression", "classification"),
                         help="regression, or classification over ab cells (default: --init's head, else regression)")
-    parser.add_argument("--loss", choices=colorizer.LOSSES, default="huber")
+    parser.add_argument("--loss", choices=colorizer.LOSSES,
+                        help="training loss (default: ce for a classification head, else huber)")
     parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
     parser.add_argument("--semantic", action="store_true",
                         help="add a semantic branch that learns each image's class from its class folder and feeds the "
@@ -106,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag, given, has in (("--width", args.width, start.config.width), ("--depth", args.depth, start.config.depth)):
             if given is not None and given != has:
                 parser.error(f"--init {args.init} fixes the model's architecture; leave out {flag} {given} (it has {has})")
-    if args.size is not None and not 0 < args.size <= MAX_IMAGE_SIZE:
-        parser.error(f"--size must be from 1 to {MAX_IMAGE_SIZE}, got {args.size}")
+    if args.size is not None and not SSIM_WINDOW <= args.size <= MAX_IMAGE_SIZE:  # SSIM scores the holdout
+        parser.error(f"--size must be from {SSIM_WINDOW} to {MAX_IMAGE_SIZE}, got {args.size}")
     args.size = args.size or (start.config.image_size if start is not None else 64)
     depth = start.config.depth if start is not None else args.depth or 4
     if args.size % 2**depth:  # here, not after the data has loaded
@@ -123,8 +125,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                         ("--threads", args.threads), ("--width", args.width), ("--depth", args.depth), ("--limit", args.limit)):
         if value is not None and not value > 0:  # NaN too
             parser.error(f"{flag} must be > 0, got {value}")
+    head = args.head or (start.config.head if start is not None else "regression")
+    args.loss = args.loss or ("ce" if head == "classification" else "huber")
+    if (args.loss == "ce") != (head == "classification"):
+        parser.error(f"--loss {args.loss} does not fit the {head} head (ce is for classification)"
+                     + (f" of --init {args.init}" if args.head is None and start is not None else ""))
+    try:  # its checks (a device this machine has) here, not after the photos have loaded
+        budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                                 seconds=args.minutes * 60 if args.minutes else None, precision=args.precision,
+                                 shift=args.shift)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    inside = next((d for d in args.data if out.is_relative_to(Path(d).resolve())), None)
+    if inside is not None:  # a rerun would read OUT/holdout.png, held-out photos, as a training photo
+        parser.error(f"--out {args.out} lies inside --data {inside}; put it elsewhere")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -136,9 +152,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             if uri != "bundled":
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
         pretrained = read_pretrained(args.pretrained) if args.pretrained else None
-        holdouts, holdout_labels, parts, label_parts, classes = {}, {}, [], [], 0
+        holdouts, holdout_labels, parts, label_parts, classes, unreadable = {}, {}, [], [], 0, {}
         for folder in args.data:
             images = imagesets.load_folder(folder, size=args.size, limit=args.limit)
+            if images.unreadable:
+                unreadable[folder] = list(images.unreadable)
+                print(f"{folder}: skipped {len(images.unreadable)} file(s) that could not be read, such as "
+                      f"{images.unreadable[0]}", flush=True)
             held, rest = holdout_split(images)
             if not len(held) or not len(rest):
                 raise ValueError(f"{folder}: {len(images.rgb)} images leave {len(rest)} to train on and {len(held)} to hold "
@@ -193,9 +213,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None
     variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
                              colourfulness_weight=args.cf_weight, psnr_weight=args.psnr_weight)
-    budget = ablation.Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                             seconds=args.minutes * 60 if args.minutes else None, precision=args.precision,
-                             shift=args.shift)
     curve: list[dict] = []
     best: dict = {"psnr": -np.inf}  # with --keep-best: the epoch, mean held-out PSNR and weights of the best so far
 
@@ -215,9 +232,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             best.update(epoch=epoch, psnr=psnr, weights=colorizer.weights_bytes(snapshot))
             write_atomically(out / "model.pt", best["weights"])  # a lease cut short still has it
 
+    for stale in ("metrics.json", "holdout.png"):  # an earlier run's: beside this run's model.pt, they would lie
+        (out / stale).unlink(missing_ok=True)
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
                                           on_epoch=score_holdouts if args.score_every else None, labels=labels,
                                           pretrained=pretrained)
+    if not args.keep_best:  # saved before scoring, which takes minutes (with --keep-best, model.pt holds the best so far)
+        write_atomically(out / "model.pt", colorizer.weights_bytes(model))
     scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
     kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})
     if args.keep_best and best["psnr"] > last_psnr:
@@ -239,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": kept_epoch, "holdout": scores,
-        "curve": curve,
+        "curve": curve, "unreadable": unreadable,
     }
     if labels is not None:
         metrics["holdout_class_accuracy"] = {folder: class_accuracy(model, holdouts[folder], holdout_labels[folder])
                                              for folder in holdouts}
         print("held-out class accuracy: " + "; ".join(f"{f} {a:.3f}" for f, a in metrics["holdout_class_accuracy"].items()))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomically(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     for folder, (result, gray) in scores.items():
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
               f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)

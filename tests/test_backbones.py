@@ -226,8 +226,8 @@ def test_the_photo_model_job_trains_with_the_pretrained_encoder(tmp_path: Path, 
                               "--out", str(tmp_path / "refused")])
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert exit_info.value.code == 2 and len(errors) == 1 and reason in errors[0], errors
-    for flags, reason in ((["--size", "0"], "--size must be from 1 to 1024, got 0"),  # trained at 64 px, silently
-                          (["--size", "-16"], "--size must be from 1 to 1024"),
+    for flags, reason in ((["--size", "0"], "--size must be from 11 to 1024, got 0"),  # trained at 64 px, silently
+                          (["--size", "-16"], "--size must be from 11 to 1024"),
                           (["--out", str(tmp_path / "junk.pt")], "--out")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main(["--data", str(labelled / "train"), "--out", str(tmp_path / "refused"), *flags])

@@ -153,6 +153,23 @@ def test_the_ablation_writes_its_table_and_grid(tmp_path: Path, capsys) -> None:
     assert "80 test images at 16 px of data/test; this run's" in capsys.readouterr().err
 
 
+def test_the_ablation_reports_a_test_split_all_grey_in_truth_and_names_unreadable_files(tmp_path: Path, capsys) -> None:
+    """With no colour image to score the baseline over, its report failed (None:.2f) on every later run."""
+    data = tmp_path / "data"
+    for i in range(4):
+        path = data / "test" / "grey" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(path)
+    (data / "test" / "grey" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "docs"
+
+    ablation.main(["--data", str(data), "--out", str(out), "--report-only", "--image-size", "16"])
+
+    header = (out / "ablation.md").read_text().splitlines()[1]
+    assert header.endswith("4 of them are grey in truth: the baseline copies those exactly, at the 100 dB cap.")
+    assert f"skipped 1 file(s) that could not be read, such as {data / 'test' / 'grey' / 'broken.jpg'}" in capsys.readouterr().out
+
+
 def test_the_ablation_on_a_folder_without_splits_exits_with_one_error_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         ablation.main(["--data", str(tmp_path), "--out", str(tmp_path / "docs")])
@@ -209,6 +226,9 @@ def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_pa
                          (["--image-size", "20"], "--image-size: image_size 20 must be a positive multiple of 2**depth = 8"),
                          (["--variants", "unet-mse,unet-msee"], "--variants: unknown name 'unet-msee'"),
                          (["--device", "gpu"], "device 'gpu' is not a torch device"),
+                         # A rerun would train on the strips it wrote there, the test split's truth among them.
+                         (["--out", str(tmp_path / "none" / "train" / "docs")],
+                          f"--out {tmp_path / 'none' / 'train' / 'docs'} lies inside {tmp_path / 'none' / 'train'}, which"),
                          *([(["--device", "cuda"], "this machine has no CUDA GPU")] if not torch.cuda.is_available() else [])):
         with pytest.raises(SystemExit) as exit_info:  # --data does not exist: the numbers are checked first
             ablation.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "docs"), *argv])
@@ -243,13 +263,57 @@ def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one
                          (["--data", str(labelled / "train"), "--init", str(weights), "--size", "18"],
                           "--size 18 must be divisible by 2**depth = 4"),
                          (["--data", str(labelled / "train"), "--size", "40"], "--size 40 must be divisible by 2**depth = 16"),
-                         (["--data", str(eight)], "8 images leave 0 to train on and 8 to hold out")):
+                         (["--data", str(eight)], "8 images leave 0 to train on and 8 to hold out"),
+                         # Checked before the photos load (--data names no folder): they failed after, in a traceback.
+                         (["--data", str(tmp_path / "none"), "--head", "classification", "--loss", "huber"],
+                          "--loss huber does not fit the classification head"),
+                         (["--data", str(tmp_path / "none"), "--init", str(weights), "--loss", "ce"],
+                          f"--loss ce does not fit the regression head (ce is for classification) of --init {weights}"),
+                         (["--data", str(tmp_path / "none"), "--device", "gpu"], "device 'gpu' is not a torch device"),
+                         (["--data", str(tmp_path / "none"), "--size", "8", "--depth", "2"], "--size must be from 11 to"),
+                         (["--data", str(tmp_path)], f"--out {tmp_path / 'out'} lies inside --data {tmp_path}")):
         with pytest.raises(SystemExit) as exit_info:
             photo_model.main([*argv, "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and reason in errors[0], errors
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_a_photo_model_rerun_names_unreadable_photos_and_never_leaves_an_earlier_runs_files_beside_its_model(
+    labelled: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from jobs import photo_model
+
+    photos = tmp_path / "photos"
+    shutil.copytree(labelled / "train", photos)
+    (photos / "day" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    argv = ["--data", str(photos), "--size", "16", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "16",
+            "--threads", "1", "--out", str(out)]
+    photo_model.main([*argv, "--head", "classification"])  # --loss: ce, which fits that head (huber failed after loading)
+
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["loss"] == "ce" and first["unreadable"] == {str(photos): [str(photos / "day" / "broken.jpg")]}
+    assert f"{photos}: skipped 1 file(s) that could not be read, such as {photos / 'day' / 'broken.jpg'}" in capsys.readouterr().out
+
+    seen: dict[str, object] = {}
+    fit, score = ablation.fit, photo_model.score
+
+    def fit_watched(*args, **kwargs):  # the real training, noting what OUT holds as it starts
+        seen["at_training"] = sorted(p.name for p in out.iterdir())
+        return fit(*args, **kwargs)
+
+    def score_watched(model, images):  # the real scoring, noting which weights model.pt holds by then
+        seen.setdefault("at_scoring", colorizer.weights_id((out / "model.pt").read_bytes()))
+        return score(model, images)
+
+    monkeypatch.setattr(ablation, "fit", fit_watched)
+    monkeypatch.setattr(photo_model, "score", score_watched)
+    photo_model.main([*argv, "--loss", "psnr"])
+
+    assert seen["at_training"] == ["model.pt"]  # not the first run's metrics.json and holdout.png
+    assert seen["at_scoring"] == json.loads((out / "metrics.json").read_text())["weights_id"] != first["weights_id"]
 
 
 def test_a_limited_photo_model_run_holds_out_only_what_a_whole_run_holds_out(labelled: Path) -> None:
