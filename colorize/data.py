@@ -32,6 +32,7 @@ import tarfile
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -179,7 +180,16 @@ def _parquet_source(uri: str, fs: pafs.FileSystem, path: str, shards: list[str])
     queried = next((s for s in shards if "?" in s), None)
     if queried is not None:  # Ray parses the rest of a path after "?" as a URL's query
         raise DataError(f"{storage.to_uri(fs, queried)}: a '?' in a shard's name makes Ray Data skip it; rename it")
+    columns = _columns(fs, shards[0])  # here, not once Ray has started
+    if columns is not None and "image" not in columns:
+        _no_image_column(fs, shards[0], columns)
     return Source(uri, "parquet", fs, path, tuple(shards))
+
+
+def _no_image_column(fs: pafs.FileSystem, shard: str, columns: list[str]) -> NoReturn:
+    hint = ("; these are `colorize run`'s output, colourised PNGs in 'png', not training data"
+            if {"png", "source"} <= set(columns) else "")
+    raise DataError(f"{storage.to_uri(fs, shard)}: Parquet shards need an 'image' column of bytes, found {columns}{hint}")
 
 
 def _shards(found: list[str], folder: str) -> list[str]:
@@ -252,11 +262,17 @@ def _warn(uri: str, what: str, example: str, hint: str = "") -> None:
 
 def _holds_images(fs: pafs.FileSystem, shard: str) -> bool:
     """Whether a Parquet file has the ``image`` column of a training shard (its footer alone is read)."""
+    return "image" in (_columns(fs, shard) or [])
+
+
+def _columns(fs: pafs.FileSystem, shard: str) -> list[str] | None:
+    """A Parquet file's column names, from its footer; None where it cannot be read as Parquet
+    (reading it as a shard then fails with the reason)."""
     try:
         with fs.open_input_file(shard) as f:
-            return "image" in pq.read_schema(f).names
-    except (OSError, ValueError):  # not Parquet after all: reading it as a shard would fail too
-        return False
+            return pq.read_schema(f).names
+    except (OSError, ValueError):
+        return None
 
 
 def class_names(source: Source) -> tuple[str, ...]:
@@ -531,7 +547,7 @@ def _parquet_images(fs: pafs.FileSystem, shards: list[str], *, labels: bool = Fa
     ds = ray.data.read_parquet(shards, filesystem=fs)
     columns = ds.schema().names
     if "image" not in columns:
-        raise DataError(f"{storage.to_uri(fs, shards[0])}: Parquet shards need an 'image' column of bytes, found {columns}")
+        _no_image_column(fs, shards[0], columns)
     wanted = ["image", "label"] if labels and "label" in columns else ["image"]
     return ds.select_columns(wanted).map_batches(_image_column_to_bytes, batch_format="pyarrow")
 

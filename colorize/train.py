@@ -574,11 +574,17 @@ def _remove_unregistered_checkpoints(fs: pafs.FileSystem, out: str) -> None:
 
 
 def _export(fs: pafs.FileSystem, out: str, read: Callable[[str], bytes | None]) -> None:
-    """Copy a checkpoint's model, plots and state to ``OUT/``; ``read(name)`` gives a file's bytes, or None."""
+    """Copy a checkpoint's model, plots and state to ``OUT/``; ``read(name)`` gives a file's bytes, or None.
+
+    A file the checkpoint lacks is deleted from ``OUT/``: a run resumed without ``--val`` has no
+    ``grid.png``, and the earlier run's would show an older model's colours.
+    """
     for name in EXPORTED:
         content = read(name)
         if content is not None:
             storage.write_bytes_atomic(fs, storage.join(out, name), content)
+        else:
+            storage.delete(fs, storage.join(out, name))
 
 
 def _check_resume(config: TrainConfig, earlier: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import tarfile
@@ -62,14 +63,16 @@ def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, t
 
 def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path, tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "run")
-    train(TrainConfig(data=str(images), out=out, epochs=1, **TINY))
+    train(TrainConfig(data=str(images), out=out, epochs=1, val=str(images), **TINY))
+    assert (Path(out) / "grid.png").exists()
     with pytest.raises(ValueError, match=r"another model \(--model unet -> autoencoder; --width 8 -> 16\)"):
         train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "width": 16}, model="autoencoder"))
     summary = train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "lr": 5e-3}))
 
     assert summary["resumed_at"] == [1]
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
-    assert "resuming with settings other than the last run's (--lr 0.01 -> 0.005)" in capsys.readouterr().out
+    assert f"resuming with settings other than the last run's (--val {images} -> None; --lr 0.01 -> 0.005)" in capsys.readouterr().out
+    assert not (Path(out) / "grid.png").exists()  # epoch 1's, beside epoch 3's model: no grid without --val
     assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
     assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
 
@@ -574,6 +577,24 @@ def test_parquet_files_beside_images_are_left_out_with_a_warning(tmp_path: Path,
     paths[0].rename(tmp_path / "shards" / "assets" / "banner.jpg")  # a README's picture beside real shards
     assert data.locate(str(tmp_path / "shards")).kind == "parquet"
     assert "reading its Parquet shards, not the 1 image file(s) beside them" in capsys.readouterr().err
+
+
+def test_parquet_without_an_image_column_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """The bulk job's Parquet output, given as training data, was refused only once Ray had started."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bulk").mkdir()
+    bulk = pa.table({"source": ["a.jpg"], "relpath": ["a.jpg"], "width": [4], "height": [4], "png": [b"png"], "weights": ["w"]})
+    pq.write_table(bulk, tmp_path / "bulk" / "part-00000.parquet")
+    pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "other.parquet")
+
+    with pytest.raises(data.DataError, match=re.escape("part-00000.parquet: Parquet shards need an 'image' column of bytes, "
+                                                       "found ['source', 'relpath', 'width', 'height', 'png', 'weights']; "
+                                                       "these are `colorize run`'s output")):
+        data.locate(str(tmp_path / "bulk"))
+    with pytest.raises(data.DataError, match=re.escape("other.parquet: Parquet shards need an 'image' column of bytes, found ['pixels']")):
+        data.locate(str(tmp_path / "other.parquet"))
 
 
 def test_a_folder_of_split_folders_is_read_whole_with_the_split_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
