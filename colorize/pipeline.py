@@ -217,6 +217,9 @@ def _read_item(
             else:
                 yield _decode_row(source, member.relpath, lambda data=member.data: data, size, max_pixels,
                                   in_parquet=member.relpath in in_parquet)
+        if not members:  # an input that came to nothing is listed, as every input is
+            yield _status_row(uri, relpath, "failed", "no image members in this archive (members are read by their "
+                              "extension, as files are)")
     except Exception as error:  # noqa: BLE001 - untrusted bytes: whatever breaks, the input is listed, the run goes on
         # Members streamed before the archive broke off were already yielded and are kept.
         where = f" after {members} member(s)" if members else ""

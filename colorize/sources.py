@@ -62,6 +62,10 @@ class Item:
     error: str = ""
 
 
+# ImageNet's training tarball holds a tar per class: streamed, an archive's members are read
+# once, with no going back for a member's own members.
+NESTED_ARCHIVE = ("an archive inside an archive, which is not read: extract the outer one and pass its folder as "
+                  "--input, whose archives are read")
 NOT_UTF8 = "the file name is not valid UTF-8, so it cannot be read through Arrow; rename it (convmv does)"
 
 
@@ -115,7 +119,11 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     uris, relpaths = [storage.utf8_name(u) for u in uris], [storage.utf8_name(r) for r in relpaths]
     archives = [is_archive(r) for r in relpaths]
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
-    outputs = [relpath if archive else next(names) for relpath, archive in zip(relpaths, archives)]
+    # An archive's members go in a folder of its name; two names the same up to case would be
+    # one folder on a case-blind filesystem (macOS, Windows), so each gains a hash of its path.
+    folders = Counter(r.lower() for r, a in zip(relpaths, archives) if a)
+    outputs = [(relpath if folders[relpath.lower()] == 1 else f"{relpath}-{_hash(relpath)}") if archive else next(names)
+               for relpath, archive in zip(relpaths, archives)]
     # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
     shadowed = _shadowed(zip(uris, outputs))
     # Only S3 can hold an archive x.tar and a key x.tar/a.jpg, whose output a member may have.
@@ -339,7 +347,8 @@ def archive_members(
     fs: pafs.FileSystem, path: str, relpath: str, *, limit: int | None = None,
     skip: Callable[[str], bool] = lambda relpath: False,
 ) -> Iterator[Member]:
-    """Stream every image member of an archive, with a reason for each that cannot be read.
+    """Stream every image member of an archive, with a reason for each that cannot be read,
+    and each member that is itself an archive, which fails (:data:`NESTED_ARCHIVE`).
 
     A member whose output relpath ``skip`` accepts (one a resumed run has written) comes out
     ``skipped``, its bytes unread: a zip never reads them, a tar stream passes over them.
@@ -354,7 +363,10 @@ def archive_members(
     """
     if path.lower().endswith(".zip"):
         with storage.open_seekable(fs, path) as raw, _open_zip(raw, path) as archive:
-            members = list(dict.fromkeys(m for m in archive.namelist() if _is_image_member(m)))
+            listed = list(dict.fromkeys(archive.namelist()))
+            for member in filter(_is_nested_archive, listed):
+                yield Member(member, f"{relpath}/{member}", None, NESTED_ARCHIVE)
+            members = [m for m in listed if _is_image_member(m)]
             names, shadowed = _member_outputs(members)
             for member in members:
                 member_relpath = f"{relpath}/{names[member]}"
@@ -374,20 +386,25 @@ def archive_members(
                 yield Member(member, member_relpath, data, error)
         return
     last: dict[str, int] = {}  # each image member's last entry: a name appended again (tar -r) is its newer copy
+    nested: dict[str, int] = {}  # the same for archives inside this one
     listing_broke: Exception | None = None
     try:
         with _tar_stream(fs, path) as archive:
             for index, m in enumerate(archive):
                 if (m.isfile() or m.issym() or m.islnk()) and _is_image_member(m.name):
                     last[m.name] = index
+                elif m.isfile() and _is_nested_archive(m.name):
+                    nested[m.name] = index
     except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
         listing_broke = error  # the second pass streams the members listed so far, then this is raised
     names, shadowed = _member_outputs(list(last))
     with _tar_stream(fs, path) as archive:
         for index, m in enumerate(archive):
+            name = storage.utf8_name(m.name)
+            if nested.get(m.name) == index:
+                yield Member(name, f"{relpath}/{name}", None, NESTED_ARCHIVE)
             if last.get(m.name) != index:
                 continue
-            name = storage.utf8_name(m.name)
             output = names[m.name]
             member_relpath = f"{relpath}/{output}"
             if m.name in shadowed:
@@ -416,10 +433,42 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
     archive's end (6 of 10 members written, exit 0); GzipFile raises EOFError there.
     """
     with storage.open_stream(fs, path) as raw:
-        gzipped = path.lower().endswith((".gz", ".tgz"))
-        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
+        if not path.lower().endswith((".gz", ".tgz")):
+            with tarfile.open(fileobj=raw, mode="r|") as archive:
                 yield archive
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as gunzipped:
+            stream = _UntilBroken(gunzipped)
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as archive:
+                    yield archive
+            except tarfile.ReadError:  # "unexpected end of data", where the cut is the reason
+                if stream.error is None:
+                    raise
+            if stream.error is not None:  # also where the cut fell between members, which tarfile takes for the end
+                raise stream.error
+
+
+class _UntilBroken:
+    """A gzip stream that ends where it breaks off, keeping the error for later.
+
+    tarfile reads 10 KiB at a time, and GzipFile raised EOFError for the whole read at a cut,
+    dropping the members decompressed before it in that read (52 of 54 whole members kept).
+    Read a piece at a time (``read1``), the stream gives every byte before the cut.
+    """
+
+    def __init__(self, stream: gzip.GzipFile) -> None:
+        self.stream = stream
+        self.error: Exception | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self.error is not None:
+            return b""
+        try:
+            return self.stream.read1(size)
+        except (EOFError, OSError, zlib.error) as error:  # cut off, corrupt, or a connection lost
+            self.error = error
+            return b""
 
 
 def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -447,3 +496,7 @@ def _open_zip(raw: object, path: str) -> zipfile.ZipFile:
 
 def _is_image_member(name: str) -> bool:
     return not name.endswith("/") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_nested_archive(name: str) -> bool:
+    return not name.endswith("/") and is_archive(name)

@@ -359,31 +359,41 @@ def test_archives_are_streamed_and_unsafe_members_refused(ray_cluster: str, weig
             tar.addfile(info, io.BytesIO(payloads[f"shard/{i:03d}.jpg"]))
     last = tarfile.open(fileobj=io.BytesIO(whole.getvalue())).getmembers()[-1]
     (folder / "cut.tar").write_bytes(whole.getvalue()[: last.offset_data + 100])  # breaks off inside m2.jpg
+    # ImageNet's training tarball is a tar of tars, and some archives hold no image: both
+    # ended in "0 inputs", exit 0, nothing written or listed.
+    with tarfile.open(folder / "classes.tar", "w") as tar:
+        info = tarfile.TarInfo("n01440764.tar")
+        info.size = len(whole.getvalue())
+        tar.addfile(info, io.BytesIO(whole.getvalue()))
+    with zipfile.ZipFile(folder / "meta.zip", "w") as archive:
+        archive.writestr("labels.json", b"{}")
     scene_pngs(folder / "loose", 10, 16)
 
     out = tmp_path / "out"
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
 
-    assert (summary["inputs"], summary["written"], summary["failed"]) == (22, 20, 2), summary
+    assert (summary["inputs"], summary["written"], summary["failed"]) == (24, 20, 4), summary
     written = sorted(str(p.relative_to(out / "images")) for p in (out / "images").rglob("*.png"))
     assert written == sorted(["cut.tar/m0.png", "cut.tar/m1.png", *(f"loose/{i}.png" for i in range(10)),
                               *(f"{a}/shard/{i:03d}.png" for a in ("more.zip", "part.tar.gz") for i in range(4))])
     # A Parquet part an archive, and one for the loose files together (not one each, as when archives were among them).
     assert len(list((out / "parquet").glob("part-*.parquet"))) == 4
     failures = {Path(r["source"]).name: r for r in pq.read_table(out / "failed/failed.parquet").to_pylist()}
-    assert sorted(failures) == ["cut.tar", "escape.jpg"]
+    assert sorted(failures) == ["cut.tar", "escape.jpg", "meta.zip", "n01440764.tar"]
+    assert failures["n01440764.tar"]["error"].startswith("an archive inside an archive, which is not read: extract the outer")
+    assert failures["meta.zip"]["error"].startswith("no image members in this archive")
     assert failures["escape.jpg"]["source"].endswith("part.tar.gz/../escape.jpg") and ".." in failures["escape.jpg"]["error"]
     assert "after 2 member(s)" in failures["cut.tar"]["error"]
     assert not (tmp_path / "escape.png").exists() and not (out / "escape.png").exists()
 
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
-    assert (again["skipped"], again["written"], again["failed"]) == (20, 0, 2)
+    assert (again["skipped"], again["written"], again["failed"]) == (20, 0, 4)
 
     # A member or file whose PNG is gone is redone; its Parquet row is kept, not written twice.
     (out / "images/more.zip/shard/001.png").unlink()
     (out / "images/loose/3.png").unlink()
     again = run(BulkConfig(input=str(folder), output=str(out), weights=weights))
-    assert (again["skipped"], again["written"], again["failed"]) == (18, 2, 2)
+    assert (again["skipped"], again["written"], again["failed"]) == (18, 2, 4)
     assert (out / "images/more.zip/shard/001.png").is_file() and (out / "images/loose/3.png").is_file()
     relpaths = pq.read_table(out / "parquet", columns=["relpath"]).column("relpath").to_pylist()
     assert len(relpaths) == len(set(relpaths)) == 20
