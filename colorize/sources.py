@@ -430,45 +430,51 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
 
     Through GzipFile, not tarfile's ``r|gz``: that reads only a file's first gzip member (bgzip
     and appended gzips lost the rest) and takes a gzip cut off inside a tar header for the
-    archive's end (6 of 10 members written, exit 0); GzipFile raises EOFError there.
+    archive's end (6 of 10 members written, exit 0); GzipFile raises EOFError there, after the
+    members before the cut. A tar that ends without its end-of-archive blocks, cut off between
+    members or inside a header, raises too: tarfile takes that for the end as well.
     """
     with storage.open_stream(fs, path) as raw:
-        if not path.lower().endswith((".gz", ".tgz")):
-            with tarfile.open(fileobj=raw, mode="r|") as archive:
-                yield archive
-            return
-        with gzip.GzipFile(fileobj=raw, mode="rb") as gunzipped:
-            stream = _UntilBroken(gunzipped)
+        gzipped = path.lower().endswith((".gz", ".tgz"))
+        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as unpacked:
+            stream = _UntilBroken(unpacked)
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as archive:
                     yield archive
+                    last_header = archive.offset  # where the end-of-archive block was read, or found missing
             except tarfile.ReadError:  # "unexpected end of data", where the cut is the reason
                 if stream.error is None:
                     raise
-            if stream.error is not None:  # also where the cut fell between members, which tarfile takes for the end
+            if stream.error is not None:
                 raise stream.error
+            if stream.count < last_header + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("the archive ends without its end-of-archive blocks: cut off?")
 
 
 class _UntilBroken:
-    """A gzip stream that ends where it breaks off, keeping the error for later.
+    """A stream that ends where it breaks off, keeping the error for later, and counts its bytes.
 
     tarfile reads 10 KiB at a time, and GzipFile raised EOFError for the whole read at a cut,
     dropping the members decompressed before it in that read (52 of 54 whole members kept).
     Read a piece at a time (``read1``), the stream gives every byte before the cut.
     """
 
-    def __init__(self, stream: gzip.GzipFile) -> None:
-        self.stream = stream
+    def __init__(self, stream: gzip.GzipFile | pafs.NativeFile) -> None:
+        # A piece at a time from GzipFile; a plain stream gives what it has before a cut anyway.
+        self._read = stream.read1 if isinstance(stream, gzip.GzipFile) else stream.read
         self.error: Exception | None = None
+        self.count = 0
 
     def read(self, size: int = -1) -> bytes:
         if self.error is not None:
             return b""
         try:
-            return self.stream.read1(size)
+            piece = self._read(size)
         except (EOFError, OSError, zlib.error) as error:  # cut off, corrupt, or a connection lost
             self.error = error
             return b""
+        self.count += len(piece)
+        return piece
 
 
 def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fnmatch
 import io
 import logging
 import os
@@ -215,16 +216,27 @@ def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[st
     uploaded = [path for path, _ in _upload_files(folder, environ)]
     for flag, where in relative:
         target = Path(os.path.normpath(folder / where))
-        if any(path == target or target in path.parents for path in uploaded):
-            continue
-        if not target.is_relative_to(folder):
+        # On the cluster the copy's folder has another name: ../project/x from inside project/ finds nothing.
+        if Path(where).parts[0] == ".." or not target.is_relative_to(folder):
             why = f"outside --working-dir {folder}, which is all the job gets"
-        elif not target.exists():
-            why = f"no such file or folder in --working-dir {folder}, where the job runs"
+        elif _names_any(target, uploaded):
+            continue
+        elif not (_names_any(target, (p for p in target.parent.rglob("*") if p.is_file())) if "*" in target.name
+                  else target.exists()):
+            why = f"no {'file that matches it' if '*' in target.name else 'such file or folder'} in --working-dir {folder}, where the job runs"
         else:
             why = ("not uploaded with the job (data/, runs/, out/ and what .gitignore or .rayignore lists stay "
                    "behind, as does an empty folder)")
         raise ValueError(f"{job[0]} {flag} {where}: {why}; use s3:// or an absolute path that the cluster's nodes can read")
+
+
+def _names_any(target: Path, files: Iterable[Path]) -> bool:
+    """Whether input path ``target`` names any of ``files``: it is one, or a folder above one, or
+    a Parquet pattern (``DIR/train-*.parquet``, as ``data.locate`` takes it) that matches one."""
+    if "*" in target.name:
+        return any(target.parent in f.parents and fnmatch.fnmatchcase(f.relative_to(target.parent).as_posix(), target.name)
+                   for f in files)
+    return any(f == target or target in f.parents for f in files)
 
 
 def check_upload_size(

@@ -179,10 +179,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.semantic and classes < 2:
         parser.error(f"--semantic needs at least two class folders in --data, found {classes}")
     temperature = args.temperature or ModelConfig.temperature
-    config = ModelConfig(arch="unet", width=args.width or 16, depth=args.depth or 4, image_size=args.size,
-                         head=args.head or "regression", temperature=temperature, classes=classes if args.semantic else 0)
     init = None
-    if start is not None:
+    if start is None:
+        config = ModelConfig(arch="unet", width=args.width or 16, depth=args.depth or 4, image_size=args.size,
+                             head=args.head or "regression", temperature=temperature, classes=classes if args.semantic else 0)
+    else:  # not a fresh model first: a shallower --init at a --size its depth allows failed that one's checks
         if args.semantic and start.config.arch != "unet":
             parser.error(f"--semantic needs a U-Net, but --init {args.init} is the {start.config.arch}")
         init = start.state_dict()
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
                                           on_epoch=score_holdouts if args.score_every else None, labels=labels,
                                           pretrained=pretrained)
-    if not args.keep_best:  # saved before scoring, which takes minutes (with --keep-best, model.pt holds the best so far)
+    if "weights" not in best:  # saved before scoring, which takes minutes (with --keep-best, model.pt holds the best so far)
         write_atomically(out / "model.pt", colorizer.weights_bytes(model))
     scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
     kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})

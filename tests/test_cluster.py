@@ -556,11 +556,17 @@ def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
     (("train", "--data", "photos", "--out", "/o"), True, "train --data photos: no such file or folder in --working-dir"),
     (("evaluate", "--data", "samples", "--weights", "../m.pt"), True, "evaluate --weights ../m.pt: outside --working-dir"),
     (("run", "--input", "samples", "--output", "/o"), False, "run --input samples: a relative path, but --no-working-dir"),
-], ids=["uploaded", "uploaded-file", "data-excluded", "rayignored", "missing", "outside", "no-working-dir"])
+    (("train", "--data", "shards/train-*.parquet", "--out", "/o"), True, None),
+    (("train", "--data", "data/train-*.parquet", "--out", "/o"), True, "train --data data/train-*.parquet: not uploaded"),
+    (("train", "--data", "shards/val-*.parquet", "--out", "/o"), True, "shards/val-*.parquet: no file that matches it in"),
+    (("run", "--input", "../project/samples", "--output", "/o"), True, "run --input ../project/samples: outside --working-dir"),
+], ids=["uploaded", "uploaded-file", "data-excluded", "rayignored", "missing", "outside", "no-working-dir", "pattern",
+        "pattern-excluded", "pattern-unmatched", "back-in-by-name"])
 def test_a_relative_input_must_name_something_uploaded(tmp_path: Path, job: tuple, working_dir: bool,
                                                         message: str | None) -> None:
     """Such a job was accepted, then failed on the cluster after its upload and start-up."""
-    folder = _project(tmp_path / "project", {"samples/a.png": 0, "data/photos/b.png": 0, "scans/c.tif": 0, ".rayignore": 0})
+    folder = _project(tmp_path / "project", {"samples/a.png": 0, "data/photos/b.png": 0, "scans/c.tif": 0, ".rayignore": 0,
+                                             "shards/train-0.parquet": 0, "data/train-0.parquet": 0})
     (folder / ".rayignore").write_text("scans/\n")
     (tmp_path / "m.pt").touch()
     config = submit.SubmitConfig(address="h:1", job=job, working_dir=str(folder) if working_dir else None)

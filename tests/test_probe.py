@@ -310,10 +310,23 @@ def test_a_photo_model_rerun_names_unreadable_photos_and_never_leaves_an_earlier
 
     monkeypatch.setattr(ablation, "fit", fit_watched)
     monkeypatch.setattr(photo_model, "score", score_watched)
-    photo_model.main([*argv, "--loss", "psnr"])
+    # --keep-best with no scoring epoch reached (5 > --epochs 1): no best to have written either.
+    photo_model.main([*argv, "--loss", "psnr", "--score-every", "5", "--keep-best"])
 
     assert seen["at_training"] == ["model.pt"]  # not the first run's metrics.json and holdout.png
     assert seen["at_scoring"] == json.loads((out / "metrics.json").read_text())["weights_id"] != first["weights_id"]
+
+
+def test_a_photo_model_fine_tune_of_a_shallower_model_takes_a_size_its_depth_allows(
+    labelled: Path, weights: Path, tmp_path: Path
+) -> None:
+    """12 px suits the depth-2 --init; a fresh depth-4 model built first refused it after the photos had loaded."""
+    from jobs import photo_model
+
+    photo_model.main(["--data", str(labelled / "train"), "--init", str(weights), "--size", "12", "--epochs", "1",
+                      "--batch-size", "16", "--threads", "1", "--out", str(tmp_path / "o")])
+    tuned, _ = colorizer.load_weights(str(tmp_path / "o" / "model.pt"))
+    assert (tuned.config.depth, tuned.config.image_size) == (2, 12)
 
 
 def test_a_limited_photo_model_run_holds_out_only_what_a_whole_run_holds_out(labelled: Path) -> None:
