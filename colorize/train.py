@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import sys
@@ -560,6 +561,72 @@ def _registered_checkpoints(fs: pafs.FileSystem, out: str) -> list[str]:
         return []
 
 
+def _drop_unusable_checkpoints(fs: pafs.FileSystem, out: str) -> None:
+    """Take the newest registered checkpoints that cannot be resumed from out of Ray Train's
+    snapshot, saying so, so that a resume starts from the last good one.
+
+    A registered folder that is gone (deleted, half copied) failed every later run in a
+    traceback from Ray's controller; a model.pt cut short failed each worker restart alike
+    and then the run, whose rerun did the same. A ``OUT/train`` holding checkpoints but no
+    snapshot is refused: Ray would train from epoch 1 and then delete them.
+    """
+    folders = _checkpoint_folders(fs, out)
+    if not folders:
+        return
+    run_dir = storage.join(out, RUN_NAME)
+    where = storage.to_uri(fs, run_dir)
+    path = storage.join(run_dir, CHECKPOINT_SNAPSHOT)
+    try:
+        snapshot = json.loads(storage.read_bytes(fs, path))
+        results = snapshot["checkpoint_results"]
+    except (storage.StorageError, ValueError, KeyError, TypeError):
+        if storage.exists(fs, path):
+            why = f"its {CHECKPOINT_SNAPSHOT}, Ray Train's list of them, cannot be read"
+        else:
+            why = f"no {CHECKPOINT_SNAPSHOT}, Ray Train's list of them"
+        raise data.DataError(f"{where} holds {len(folders)} checkpoint folder(s) but {why}, so none can be resumed "
+                             "from and a run would delete them; move that folder aside, or delete it, to train from the start") from None
+    dropped = []
+    while results:
+        name = results[-1]["checkpoint_dir_name"]
+        why = _unusable(fs, storage.join(run_dir, name))
+        if why is None:
+            break
+        dropped.append((results.pop()["checkpoint_dir_name"], why))
+    if not dropped:
+        return
+    if not results:
+        raise data.DataError(f"{where}: no checkpoint there can be resumed from ({dropped[0][0]}: {dropped[0][1]}); "
+                             "move that folder aside, or delete it, to train from the start")
+    indices = snapshot.get("checkpoint_report_indices")
+    if isinstance(indices, list) and len(indices) == len(results) + len(dropped):
+        snapshot["checkpoint_report_indices"] = indices[: len(results)]
+    snapshot["latest_checkpoint_result"] = results[-1]
+    storage.write_json(fs, path, snapshot)
+    for name, why in dropped:
+        print(f"leaving out checkpoint {name} ({why}): resuming from {results[-1]['checkpoint_dir_name']}", flush=True)
+
+
+def _unusable(fs: pafs.FileSystem, folder: str) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (gone, a file missing or unreadable); None if it can."""
+    if not storage.exists(fs, folder):
+        return "its folder is gone"
+    for name in ("model.pt", "state.json"):
+        if not storage.exists(fs, storage.join(folder, name)):
+            return f"no {name}"
+    states = [storage.join(folder, f"{name}.pt") for name in ("optimizer", "discriminator", "discriminator_optimizer")]
+    try:  # S3 that cannot be reached raises a StorageError here, as it should: the checkpoint may be fine
+        colorizer.model_from_bytes(storage.read_bytes(fs, storage.join(folder, "model.pt")))
+        json.loads(storage.read_bytes(fs, storage.join(folder, "state.json")))["history"][-1]
+        for state in (s for s in states if storage.exists(fs, s)):  # as _restore reads them
+            torch.load(io.BytesIO(storage.read_bytes(fs, state)), map_location="cpu", weights_only=True)
+    except storage.StorageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a file cut short fails in torch, pickle or json, in many ways
+        return f"unreadable: {errors.one_line(error)}"
+    return None
+
+
 def _remove_unregistered_checkpoints(fs: pafs.FileSystem, out: str) -> None:
     """Delete the checkpoint folders Ray Train never registered: a run stopped or a worker
     lost within seconds of writing one leaves it (23 MB for the default model), and Ray's
@@ -646,6 +713,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.init:
         init, init_id = colorizer.load_weights(None if config.init == "bundled" else config.init, settings)
         config = resolve_init(config, init.config)
+    _drop_unusable_checkpoints(out_fs, out_path)  # before anything reads the last one
     earlier = _earlier_run(out_fs, out_path)
     if earlier is not None:
         _check_resume(config, earlier[0])
@@ -742,7 +810,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {config.out}")
     with result.checkpoint.as_directory() as directory:
-        state = json.loads(Path(directory, "state.json").read_text())
+        try:
+            state = json.loads(Path(directory, "state.json").read_text())
+        except FileNotFoundError:  # another run's cleanup deleted it
+            raise errors.Failed(f"{config.out}: the last checkpoint's state.json is gone; is another `train` writing "
+                                "to the same --out? One run per --out at a time") from None
         last = state["history"][-1]
         if last["images"] == 0:
             why = f"{last['skipped']} unreadable"

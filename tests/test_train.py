@@ -86,6 +86,41 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
     assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 3
 
 
+def _registered(out: Path) -> list[str]:
+    snapshot = json.loads((out / "train" / train_module.CHECKPOINT_SNAPSHOT).read_text())
+    return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
+
+
+def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(ray_cluster: str, images: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    """A deleted last checkpoint failed every rerun in a traceback from Ray's controller; a
+    model.pt cut short failed each worker restart, then the run, then every rerun alike."""
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(images), out=str(out), epochs=2, **TINY))
+    first, last = _registered(out)
+    model = out / "train" / last / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+
+    summary = train(TrainConfig(data=str(images), out=str(out), epochs=3, **TINY))
+
+    assert f"leaving out checkpoint {last} (unreadable: " in capsys.readouterr().out
+    assert summary["resumed_at"] == [1] and [r["epoch"] for r in history(out)] == [1, 2, 3]
+    assert not (out / "train" / last).exists()  # unregistered now, and deleted once the run ended
+    newest = _registered(out)[-1]
+    shutil.rmtree(out / "train" / newest)
+
+    summary = train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
+
+    assert f"leaving out checkpoint {newest} (its folder is gone)" in capsys.readouterr().out
+    assert summary["resumed_at"] == [1, 2] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4]
+
+    # Without Ray's list, a run would train from epoch 1 and then delete every checkpoint.
+    (out / "train" / train_module.CHECKPOINT_SNAPSHOT).unlink()
+    with pytest.raises(data.DataError, match="holds 2 checkpoint folder\\(s\\) but no checkpoint_manager_snapshot.json"):
+        train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
+    assert len(list((out / "train").glob("checkpoint_*"))) == 2
+
+
 def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
     retention deletes only the checkpoints it registered."""
