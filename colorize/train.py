@@ -562,49 +562,57 @@ def _registered_checkpoints(fs: pafs.FileSystem, out: str) -> list[str]:
 
 
 def _drop_unusable_checkpoints(fs: pafs.FileSystem, out: str) -> None:
-    """Take the newest registered checkpoints that cannot be resumed from out of Ray Train's
-    snapshot, saying so, so that a resume starts from the last good one.
+    """Take the checkpoints that cannot be resumed from out of Ray Train's snapshot, saying so:
+    any whose folder is gone, and the newest while unreadable. A resume then starts from the
+    last good one.
 
-    A registered folder that is gone (deleted, half copied) failed every later run in a
-    traceback from Ray's controller; a model.pt cut short failed each worker restart alike
-    and then the run, whose rerun did the same. A ``OUT/train`` holding checkpoints but no
-    snapshot is refused: Ray would train from epoch 1 and then delete them.
+    Ray refuses a snapshot that names a missing folder, in a traceback from its controller, on
+    every later run; a model.pt cut short failed each worker restart alike, then the run, and
+    its rerun. Checkpoint folders without a snapshot are a run's stopped before Ray registered
+    its first (deleted by the next run that ends); with an epoch exported to ``OUT/``, the
+    snapshot was lost, and they are refused: Ray would train from epoch 1, then delete them.
     """
-    folders = _checkpoint_folders(fs, out)
-    if not folders:
-        return
+    folders = set(_checkpoint_folders(fs, out))
     run_dir = storage.join(out, RUN_NAME)
     where = storage.to_uri(fs, run_dir)
     path = storage.join(run_dir, CHECKPOINT_SNAPSHOT)
     try:
         snapshot = json.loads(storage.read_bytes(fs, path))
-        results = snapshot["checkpoint_results"]
+        results = list(snapshot["checkpoint_results"])
     except (storage.StorageError, ValueError, KeyError, TypeError):
+        if not folders:
+            return
         if storage.exists(fs, path):
             why = f"its {CHECKPOINT_SNAPSHOT}, Ray Train's list of them, cannot be read"
-        else:
+        elif storage.exists(fs, storage.join(out, "state.json")):
             why = f"no {CHECKPOINT_SNAPSHOT}, Ray Train's list of them"
+        else:
+            return
         raise data.DataError(f"{where} holds {len(folders)} checkpoint folder(s) but {why}, so none can be resumed "
                              "from and a run would delete them; move that folder aside, or delete it, to train from the start") from None
-    dropped = []
-    while results:
-        name = results[-1]["checkpoint_dir_name"]
+    dropped = [(r["checkpoint_dir_name"], "its folder is gone") for r in results
+               if storage.join(run_dir, r["checkpoint_dir_name"]) not in folders]
+    kept = [i for i, r in enumerate(results) if storage.join(run_dir, r["checkpoint_dir_name"]) in folders]
+    while kept:
+        name = results[kept[-1]]["checkpoint_dir_name"]
         why = _unusable(fs, storage.join(run_dir, name))
         if why is None:
             break
-        dropped.append((results.pop()["checkpoint_dir_name"], why))
+        dropped.append((name, why))
+        kept.pop()
     if not dropped:
         return
-    if not results:
-        raise data.DataError(f"{where}: no checkpoint there can be resumed from ({dropped[0][0]}: {dropped[0][1]}); "
+    if not kept:
+        raise data.DataError(f"{where}: no checkpoint there can be resumed from ({dropped[-1][0]}: {dropped[-1][1]}); "
                              "move that folder aside, or delete it, to train from the start")
     indices = snapshot.get("checkpoint_report_indices")
-    if isinstance(indices, list) and len(indices) == len(results) + len(dropped):
-        snapshot["checkpoint_report_indices"] = indices[: len(results)]
-    snapshot["latest_checkpoint_result"] = results[-1]
+    if isinstance(indices, list) and len(indices) == len(results):
+        snapshot["checkpoint_report_indices"] = [indices[i] for i in kept]
+    snapshot["checkpoint_results"] = [results[i] for i in kept]
+    snapshot["latest_checkpoint_result"] = results[kept[-1]]
     storage.write_json(fs, path, snapshot)
     for name, why in dropped:
-        print(f"leaving out checkpoint {name} ({why}): resuming from {results[-1]['checkpoint_dir_name']}", flush=True)
+        print(f"leaving out checkpoint {name} ({why}): resuming from {results[kept[-1]]['checkpoint_dir_name']}", flush=True)
 
 
 def _unusable(fs: pafs.FileSystem, folder: str) -> str | None:

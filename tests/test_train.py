@@ -113,12 +113,23 @@ def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(ray_clu
 
     assert f"leaving out checkpoint {newest} (its folder is gone)" in capsys.readouterr().out
     assert summary["resumed_at"] == [1, 2] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4]
+    older = _registered(out)[0]  # Ray checks every folder its list names, not only the last
+    shutil.rmtree(out / "train" / older)
+
+    summary = train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
+
+    assert f"leaving out checkpoint {older} (its folder is gone)" in capsys.readouterr().out
+    assert summary["resumed_at"] == [1, 2, 4] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5]
 
     # Without Ray's list, a run would train from epoch 1 and then delete every checkpoint.
     (out / "train" / train_module.CHECKPOINT_SNAPSHOT).unlink()
     with pytest.raises(data.DataError, match="holds 2 checkpoint folder\\(s\\) but no checkpoint_manager_snapshot.json"):
-        train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
+        train(TrainConfig(data=str(images), out=str(out), epochs=6, **TINY))
     assert len(list((out / "train").glob("checkpoint_*"))) == 2
+    # Unless no epoch reached OUT/: a run stopped before Ray registered its first checkpoint,
+    # whose folder the next run deletes.
+    (out / "state.json").unlink()
+    train_module._drop_unusable_checkpoints(storage.resolve(str(out))[0], str(out))
 
 
 def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
