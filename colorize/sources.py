@@ -431,8 +431,9 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
     Through GzipFile, not tarfile's ``r|gz``: that reads only a file's first gzip member (bgzip
     and appended gzips lost the rest) and takes a gzip cut off inside a tar header for the
     archive's end (6 of 10 members written, exit 0); GzipFile raises EOFError there, after the
-    members before the cut. A tar that ends without its end-of-archive blocks, cut off between
-    members or inside a header, raises too: tarfile takes that for the end as well.
+    members before the cut. A tar whose members end anywhere but at its end-of-archive blocks
+    (cut off between members or inside a header; a header corrupt) raises too: tarfile takes
+    that for the end as well.
     """
     with storage.open_stream(fs, path) as raw:
         gzipped = path.lower().endswith((".gz", ".tgz"))
@@ -447,8 +448,8 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
                     raise
             if stream.error is not None:
                 raise stream.error
-            if stream.count < last_header + tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("the archive ends without its end-of-archive blocks: cut off?")
+            if stream.block_at(last_header) != bytes(tarfile.BLOCKSIZE):  # cut there, or a header tarfile could not read
+                raise tarfile.ReadError("the archive ends without its end-of-archive blocks: cut off, or a header is corrupt")
 
 
 class _UntilBroken:
@@ -464,6 +465,7 @@ class _UntilBroken:
         self._read = stream.read1 if isinstance(stream, gzip.GzipFile) else stream.read
         self.error: Exception | None = None
         self.count = 0
+        self._tail = bytearray()  # the last bytes read: tarfile reads ahead of its offset by 10 KiB at most
 
     def read(self, size: int = -1) -> bytes:
         if self.error is not None:
@@ -474,7 +476,17 @@ class _UntilBroken:
             self.error = error
             return b""
         self.count += len(piece)
+        self._tail += piece
+        del self._tail[: -_TAIL_BYTES]
         return piece
+
+    def block_at(self, offset: int) -> bytes:
+        """The tar block read at ``offset``, if among the last bytes read (short where the stream ended in it)."""
+        start = len(self._tail) - (self.count - offset)
+        return bytes(self._tail[start : start + tarfile.BLOCKSIZE]) if start >= 0 else b""
+
+
+_TAIL_BYTES = 64 * 1024
 
 
 def _member_outputs(members: list[str]) -> tuple[dict[str, str], dict[str, str]]:

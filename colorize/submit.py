@@ -209,34 +209,47 @@ def _relative_inputs(job: Sequence[str]) -> list[tuple[str, str]]:
 
 def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[str, str]) -> None:
     """Refuse a relative input path that names nothing uploaded from ``folder``: the job, run
-    in its unpacked copy of ``folder``, would fail there after its upload and start-up."""
+    in its unpacked copy of ``folder``, would fail there after its upload and start-up. A
+    Parquet pattern (``DIR/train-*.parquet``) must have every file it matches uploaded, or the
+    job would train on some of them without a word."""
     relative = _relative_inputs(job)
     if not relative:
         return
-    uploaded = [path for path, _ in _upload_files(folder, environ)]
+    uploaded = {path for path, _ in _upload_files(folder, environ)}
+    left_behind = ("not uploaded with the job (data/, runs/, out/ and what .gitignore or .rayignore lists stay "
+                   "behind, as does an empty folder)")
     for flag, where in relative:
         target = Path(os.path.normpath(folder / where))
         # On the cluster the copy's folder has another name: ../project/x from inside project/ finds nothing.
         if Path(where).parts[0] == ".." or not target.is_relative_to(folder):
             why = f"outside --working-dir {folder}, which is all the job gets"
-        elif _names_any(target, uploaded):
+        elif "*" in target.name:
+            matched = _matching(target, (p for p in target.parent.rglob("*") if p.is_file())) if target.parent.is_dir() else []
+            missing = [p for p in matched if p not in uploaded]
+            if matched and not missing:
+                continue
+            if missing:
+                why = f"{len(missing)} of the {len(matched)} files it matches, such as {missing[0].relative_to(folder)}, are {left_behind}"
+            else:
+                why = f"no file that matches it in --working-dir {folder}, where the job runs"
+        elif any(path == target or target in path.parents for path in uploaded):
             continue
-        elif not (_names_any(target, (p for p in target.parent.rglob("*") if p.is_file())) if "*" in target.name
-                  else target.exists()):
-            why = f"no {'file that matches it' if '*' in target.name else 'such file or folder'} in --working-dir {folder}, where the job runs"
+        elif not target.exists():
+            why = f"no such file or folder in --working-dir {folder}, where the job runs"
         else:
-            why = ("not uploaded with the job (data/, runs/, out/ and what .gitignore or .rayignore lists stay "
-                   "behind, as does an empty folder)")
+            why = left_behind
         raise ValueError(f"{job[0]} {flag} {where}: {why}; use s3:// or an absolute path that the cluster's nodes can read")
 
 
-def _names_any(target: Path, files: Iterable[Path]) -> bool:
-    """Whether input path ``target`` names any of ``files``: it is one, or a folder above one, or
-    a Parquet pattern (``DIR/train-*.parquet``, as ``data.locate`` takes it) that matches one."""
-    if "*" in target.name:
-        return any(target.parent in f.parents and fnmatch.fnmatchcase(f.relative_to(target.parent).as_posix(), target.name)
-                   for f in files)
-    return any(f == target or target in f.parents for f in files)
+def _matching(pattern: Path, files: Iterable[Path]) -> list[Path]:
+    """The ``files`` that a Parquet pattern matches as ``data.locate`` does: its last part a glob
+    over paths below its folder (``*`` takes ``/`` too), hidden ones (``.x``, ``_x``) left out."""
+    found = []
+    for f in files:
+        relative = f.relative_to(pattern.parent)
+        if not any(part.startswith((".", "_")) for part in relative.parts) and fnmatch.fnmatchcase(relative.as_posix(), pattern.name):
+            found.append(f)
+    return found
 
 
 def check_upload_size(

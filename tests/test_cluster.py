@@ -557,17 +557,22 @@ def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
     (("evaluate", "--data", "samples", "--weights", "../m.pt"), True, "evaluate --weights ../m.pt: outside --working-dir"),
     (("run", "--input", "samples", "--output", "/o"), False, "run --input samples: a relative path, but --no-working-dir"),
     (("train", "--data", "shards/train-*.parquet", "--out", "/o"), True, None),
-    (("train", "--data", "data/train-*.parquet", "--out", "/o"), True, "train --data data/train-*.parquet: not uploaded"),
+    (("train", "--data", "data/train-*.parquet", "--out", "/o"), True,
+     "train --data data/train-*.parquet: 1 of the 1 files it matches, such as data/train-0.parquet, are not uploaded"),
+    # The job would have trained on the shards that went up alone, without a word.
+    (("train", "--data", "shards/*.parquet", "--out", "/o"), True,
+     "train --data shards/*.parquet: 1 of the 2 files it matches, such as shards/valid-9.parquet, are not uploaded"),
     (("train", "--data", "shards/val-*.parquet", "--out", "/o"), True, "shards/val-*.parquet: no file that matches it in"),
     (("run", "--input", "../project/samples", "--output", "/o"), True, "run --input ../project/samples: outside --working-dir"),
 ], ids=["uploaded", "uploaded-file", "data-excluded", "rayignored", "missing", "outside", "no-working-dir", "pattern",
-        "pattern-excluded", "pattern-unmatched", "back-in-by-name"])
+        "pattern-excluded", "pattern-partly-excluded", "pattern-unmatched", "back-in-by-name"])
 def test_a_relative_input_must_name_something_uploaded(tmp_path: Path, job: tuple, working_dir: bool,
                                                         message: str | None) -> None:
     """Such a job was accepted, then failed on the cluster after its upload and start-up."""
     folder = _project(tmp_path / "project", {"samples/a.png": 0, "data/photos/b.png": 0, "scans/c.tif": 0, ".rayignore": 0,
-                                             "shards/train-0.parquet": 0, "data/train-0.parquet": 0})
-    (folder / ".rayignore").write_text("scans/\n")
+                                             "shards/train-0.parquet": 0, "shards/valid-9.parquet": 0,
+                                             "shards/_SUCCESS.parquet": 0, "data/train-0.parquet": 0})
+    (folder / ".rayignore").write_text("scans/\nvalid-*\n")
     (tmp_path / "m.pt").touch()
     config = submit.SubmitConfig(address="h:1", job=job, working_dir=str(folder) if working_dir else None)
 
