@@ -30,7 +30,7 @@ import re
 import sys
 import tarfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -165,14 +165,19 @@ def _matching(uri: str, fs: pafs.FileSystem, pattern: str) -> list[str]:
     """The Parquet shards that ``pattern``'s last component (a glob: ``train-*.parquet``)
     matches in its folder (and below: ``*`` matches ``/`` too)."""
     folder, glob = posixpath.split(pattern)
-    found = [p for p in storage.list_files(fs, folder) if not _hidden(posixpath.relpath(p, folder))]
-    matches = [p for p in found if fnmatch.fnmatchcase(posixpath.relpath(p, folder), glob)]
+    matches = matching(storage.list_files(fs, folder), folder, glob)
     if not matches:
         raise DataError(f"{uri}: no file matches {glob!r} in {storage.to_uri(fs, folder)}")
     if not all(p.endswith(".parquet") for p in matches):
         odd = next(p for p in matches if not p.endswith(".parquet"))
         raise DataError(f"{uri}: a pattern selects Parquet shards, and it matches {storage.to_uri(fs, odd)}")
     return matches
+
+
+def matching(paths: Iterable[str], folder: str, glob: str) -> list[str]:
+    """The ``paths`` below ``folder`` that ``glob`` matches relative to it (``*`` takes ``/`` too),
+    less hidden ones, as ``--data DIR/GLOB`` selects shards (``submit`` checks them so too)."""
+    return [p for p in paths if not _hidden(rel := posixpath.relpath(p, folder)) and fnmatch.fnmatchcase(rel, glob)]
 
 
 def _parquet_source(uri: str, fs: pafs.FileSystem, path: str, shards: list[str]) -> Source:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fnmatch
 import io
 import logging
 import os
@@ -224,7 +223,10 @@ def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[st
         if Path(where).parts[0] == ".." or not target.is_relative_to(folder):
             why = f"outside --working-dir {folder}, which is all the job gets"
         elif "*" in target.name:
-            matched = _matching(target, (p for p in target.parent.rglob("*") if p.is_file())) if target.parent.is_dir() else []
+            from colorize import data  # here: it imports Ray Data, which the other commands need not wait for
+
+            files = [str(p) for p in target.parent.rglob("*") if p.is_file()] if target.parent.is_dir() else []
+            matched = [Path(p) for p in data.matching(files, str(target.parent), target.name)]
             missing = [p for p in matched if p not in uploaded]
             if matched and not missing:
                 continue
@@ -239,17 +241,6 @@ def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[st
         else:
             why = left_behind
         raise ValueError(f"{job[0]} {flag} {where}: {why}; use s3:// or an absolute path that the cluster's nodes can read")
-
-
-def _matching(pattern: Path, files: Iterable[Path]) -> list[Path]:
-    """The ``files`` that a Parquet pattern matches as ``data.locate`` does: its last part a glob
-    over paths below its folder (``*`` takes ``/`` too), hidden ones (``.x``, ``_x``) left out."""
-    found = []
-    for f in files:
-        relative = f.relative_to(pattern.parent)
-        if not any(part.startswith((".", "_")) for part in relative.parts) and fnmatch.fnmatchcase(relative.as_posix(), pattern.name):
-            found.append(f)
-    return found
 
 
 def check_upload_size(
