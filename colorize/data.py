@@ -68,7 +68,7 @@ class Source:
     path: str
     files: tuple[str, ...] = ()  # the images to read (the first --limit of those listed), or the Parquet shards
     listed: tuple[str, ...] = ()  # every image found, whatever the limit: where a folder's classes come from
-    left_out: tuple[str, ...] = ()  # image files found but not listed: names not UTF-8, not regular files
+    left_out: tuple[str, ...] = ()  # image files found but not listed: hidden, names not UTF-8, not regular files
 
 
 def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int | None = None, split: str = "train",
@@ -108,8 +108,11 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
     if shards:  # such as the metadata.parquet of Hugging Face's image-folder layout
         _warn(uri, f"reading its image files, not the {len(shards)} Parquet file(s) without an 'image' column beside them",
               storage.to_uri(fs, shards[0]))
-    files, left_out = _skipping(files, storage.is_utf8, uri, fs, "whose file names are not valid UTF-8",
+    files, left_out = _skipping(files, lambda p: not storage.is_hidden(p, path), uri, fs,
+                                "that are dot files or lie in dot folders (copies such as .ipynb_checkpoints/, macOS's ._ files)")
+    files, not_utf8 = _skipping(files, storage.is_utf8, uri, fs, "whose file names are not valid UTF-8",
                                 "; rename them (convmv does) to use them")
+    left_out += not_utf8
     if fs.type_name == "local":  # a named pipe would block its read task forever
         files, not_files = _skipping(files, os.path.isfile, uri, fs, "that are not regular files (dangling links, pipes, devices)")
         left_out += not_files

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
     # storage's walk, as training's: class folders that are symbolic links are followed (rglob skips them).
     found = storage.list_files(pafs.LocalFileSystem(), str(root))
     images_found = [Path(p) for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
+    hidden = [p for p in images_found if storage.is_hidden(str(p), str(root))]
+    if hidden:  # as training's data.locate: copies (.ipynb_checkpoints/) would be classes of their own
+        print(f"{root}: skipping {len(hidden)} image(s) that are dot files or lie in dot folders, such as {hidden[0]}",
+              file=sys.stderr, flush=True)
+        images_found = [p for p in images_found if not storage.is_hidden(str(p), str(root))]
     # Dangling links, pipes, devices: unreadable, but neither loose images nor in the listing
     # (whose order holds photo_model's holdout). A pipe would block its read for ever.
     not_files = tuple(str(p) for p in images_found if not os.path.isfile(p))

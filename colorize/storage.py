@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import os
+import posixpath
 import re
 import tempfile
 import uuid
@@ -215,6 +216,13 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return entry.is_dir()  # follows links
     except OSError:  # ELOOP
         return False
+
+
+def is_hidden(path: str, root: str) -> bool:
+    """Whether ``path``, under folder ``root``, is a dot file or lies in a dot folder below it
+    (``.ipynb_checkpoints/``, macOS's ``._photo.jpg``): copies and metadata, not data."""
+    relpath = posixpath.relpath(path, root)
+    return relpath != "." and any(part.startswith(".") for part in relpath.split("/"))
 
 
 def is_utf8(name: str) -> bool:

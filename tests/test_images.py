@@ -95,6 +95,18 @@ def test_an_image_set_follows_class_folders_that_are_symbolic_links(tmp_path) ->
     assert found.classes == ("cat", "dog") and len(found.rgb) == 2
 
 
+def test_an_image_set_leaves_out_dot_folders_and_dot_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("dog", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), (200, 40, 40)).save(tmp_path / name / "0.png")
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(tmp_path / "dog" / "._1.png")
+
+    found = imagesets.load_folder(tmp_path, size=8)
+
+    assert found.classes == ("dog",) and len(found.rgb) == 1 and found.listed == 1
+    assert "skipping 2 image(s) that are dot files or lie in dot folders" in capsys.readouterr().err
+
+
 def test_class_folders_named_alike_up_to_unicode_normalisation_are_one_class(tmp_path: Path) -> None:
     """macOS tools leave names decomposed (NFD): test/ copied from there must match train/."""
     for split, form in (("train", "NFC"), ("test", "NFD")):

@@ -559,6 +559,24 @@ def test_training_images_whose_names_are_not_utf8_are_skipped_with_a_warning(
     assert "skipping 1 image(s) whose file names are not valid UTF-8, such as " in capsys.readouterr().err
 
 
+def test_training_leaves_out_dot_folders_and_dot_files_which_would_be_classes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Jupyter's .ipynb_checkpoints/ and macOS's ._ metadata files beside the class folders."""
+    root = tmp_path / ".data"  # a dot folder given as the data is read
+    paths = write_images(root, 2)
+    (root / ".ipynb_checkpoints").mkdir()
+    shutil.copy(paths[0], root / ".ipynb_checkpoints" / "0-checkpoint.jpg")
+    shutil.copy(paths[0], root / "class0" / "._0.jpg")
+
+    source = data.locate(str(root))
+
+    assert sorted(source.files) == sorted(str(p) for p in paths) and data.class_names(source) == ("class0", "class1")
+    assert len(source.left_out) == 2
+    assert "skipping 2 image(s) that are dot files or lie in dot folders" in capsys.readouterr().err
+    assert data.locate(str(root / "class0" / "._0.jpg")).files == (str(root / "class0" / "._0.jpg"),)  # named: read
+
+
 def test_images_in_the_callers_output_inside_the_data_are_left_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``evaluate --data imgs --out imgs/eval`` run twice must not score its own grid.png."""
     paths = write_images(tmp_path / "imgs", 3)
