@@ -426,7 +426,8 @@ def archive_members(
 
 @contextlib.contextmanager
 def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
-    """Tar archive ``path`` as a stream of members, gunzipped where it ends in .gz or .tgz.
+    """Tar archive ``path`` as a stream of members, gunzipped where it starts as gzip does,
+    whatever its name: a gzipped .tar, or a .tar.gz that a download has already unpacked.
 
     Through GzipFile, not tarfile's ``r|gz``: that reads only a file's first gzip member (bgzip
     and appended gzips lost the rest) and takes a gzip cut off inside a tar header for the
@@ -436,8 +437,9 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
     that for the end as well.
     """
     with storage.open_stream(fs, path) as raw:
-        gzipped = path.lower().endswith((".gz", ".tgz"))
-        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as unpacked:
+        head = raw.read(len(_GZIP_MAGIC))
+        raw = _Prefixed(head, raw)
+        with gzip.GzipFile(fileobj=raw, mode="rb") if head == _GZIP_MAGIC else contextlib.nullcontext(raw) as unpacked:
             stream = _UntilBroken(unpacked)
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as archive:
@@ -452,6 +454,25 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
                 raise tarfile.ReadError("the archive ends without its end-of-archive blocks: cut off, or a header is corrupt")
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Prefixed:
+    """A stream with ``head``, its first bytes, read already (pyarrow's streams cannot peek)."""
+
+    def __init__(self, head: bytes, stream: pafs.NativeFile) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(size)
+        if size is None or size < 0:
+            piece, self._head = self._head + self._stream.read(), b""
+        else:
+            piece, self._head = self._head[:size], self._head[size:]
+        return piece
+
+
 class _UntilBroken:
     """A stream that ends where it breaks off, keeping the error for later, and counts its bytes.
 
@@ -460,7 +481,7 @@ class _UntilBroken:
     Read a piece at a time (``read1``), the stream gives every byte before the cut.
     """
 
-    def __init__(self, stream: gzip.GzipFile | pafs.NativeFile) -> None:
+    def __init__(self, stream: gzip.GzipFile | _Prefixed) -> None:
         # A piece at a time from GzipFile; a plain stream gives what it has before a cut anyway.
         self._read = stream.read1 if isinstance(stream, gzip.GzipFile) else stream.read
         self.error: Exception | None = None

@@ -233,6 +233,17 @@ def test_a_gzipped_tar_of_several_gzip_members_is_read_whole_and_one_cut_off_nev
         assert read == [f"m{i}.png" for i, end in enumerate(ends) if end <= len(before_the_cut)]
 
 
+def test_a_tar_is_gunzipped_by_its_content_not_its_name(tmp_path: Path) -> None:
+    """A gzipped .tar failed as 'invalid header'; a .tar.gz that a download already unpacked, as
+    'not a gzipped file'."""
+    blob = _tar_of([(f"m{i}.png", _good_png(i)) for i in range(3)])
+    (tmp_path / "gzipped.tar").write_bytes(gzip.compress(blob))
+    (tmp_path / "unpacked.tar.gz").write_bytes(blob)
+    for name in ("gzipped.tar", "unpacked.tar.gz"):
+        members = list(sources.archive_members(LOCAL, str(tmp_path / name), name))
+        assert [m.name for m in members] == ["m0.png", "m1.png", "m2.png"] and all(m.data for m in members)
+
+
 def _gunzipped_until_cut(packed: bytes) -> bytes:
     stream, out = gzip.GzipFile(fileobj=io.BytesIO(packed)), []
     with contextlib.suppress(EOFError):
