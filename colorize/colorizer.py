@@ -207,6 +207,10 @@ def weights_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+class UnfitWeights(ValueError):
+    """A colorize weights file whose tensors its model cannot take: shapes unlike its config's, NaN."""
+
+
 def model_from_bytes(data: bytes) -> nn.Module:
     """Rebuild a model from :func:`weights_bytes` output. Never unpickles arbitrary objects."""
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -218,10 +222,11 @@ def model_from_bytes(data: bytes) -> nn.Module:
     found = {k: v.shape for k, v in state.items()}
     if found != expected:
         key = sorted(expected.keys() ^ found.keys()) or [k for k in expected if expected[k] != found[k]]
-        raise ValueError(f"its tensors do not fit its config {config} (first at {key[0]!r})")
+        model = ", ".join(f"{name}={getattr(config, name)}" for name in ("arch", "width", "depth", "head", "attention", "classes"))
+        raise UnfitWeights(f"its tensors do not fit its config (first at {key[0]!r}; {model})")
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise ValueError(f"its tensor {bad!r} holds NaN or infinite values")
+        raise UnfitWeights(f"its tensor {bad!r} holds NaN or infinite values")
     model = build_model(config)
     model.load_state_dict(state)
     return model.eval()
@@ -261,7 +266,7 @@ def set_decoding(model: nn.Module, *, temperature: float | None = None, saturati
     return model
 
 
-def _damaged_part(raw: bytes) -> str | None:
+def damaged_part(raw: bytes) -> str | None:
     """The first part of torch zip ``raw`` whose checksum fails, or None: torch never checks
     them, so a file with flipped bits loaded, and coloured with wrong weights. A file saved
     without checksums (all 0) has none to check."""
@@ -283,6 +288,9 @@ def _why_not_loaded(error: Exception) -> str:
     _, marker, cause = text.partition("WeightsUnpickler error:")
     if marker:
         text = re.split(r"(?<=\.)\s", cause.strip(), maxsplit=1)[0]
+    elif text.startswith("Weights only load failed"):  # a global from a blocked module (os.system): the cause follows the advice
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        text = paragraphs[1] if len(paragraphs) > 1 else text
     return errors.clipped(f"{type(error).__name__}: {errors.first_line(text)}", 160)
 
 
@@ -300,12 +308,14 @@ def load_weights(
     if not zipfile.is_zipfile(io.BytesIO(raw)):  # what torch.save writes; torch's own error says less
         raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file: not a torch zip file "
                          f"({len(raw):,} bytes; truncated, corrupt or another format?)")
-    damaged = _damaged_part(raw)
+    damaged = damaged_part(raw)
     if damaged is not None:
         raise ValueError(f"{uri or bundled_weights_path()}: a damaged weights file: the checksum of its part {damaged!r} "
                          "does not match (copy it again)")
     try:
         model = model_from_bytes(raw)
+    except UnfitWeights as error:
+        raise ValueError(f"{uri or bundled_weights_path()}: a colorize weights file that cannot be used: {error}") from None
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
             pickle.UnpicklingError) as error:
         reason = _why_not_loaded(error)

@@ -44,6 +44,9 @@ SEMANTIC_SIZE = 32
 # The smallest input the semantic branch trains on: its last stage is then 2x2, where BatchNorm
 # still has more than one value per channel in a batch of one image.
 SEMANTIC_MIN_SIZE = 16
+# The smallest input the PatchGAN critic (PatchDiscriminator) takes: its instance norm then
+# normalises a 2x2 map; at 8 px that map is 1x1 and every training step raised.
+GAN_MIN_SIZE = 12
 # The U-Net's parameters that only the semantic branch has: a model without the branch
 # fine-tunes into one with it by loading every other weight (models.load_backbone).
 SEMANTIC_MODULES = ("semantic", "classify", "fuse")

@@ -39,8 +39,8 @@ from torch import nn
 
 from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, raycluster, storage
 from colorize.models import (
-    MAX_IMAGE_SIZE, SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters, load_backbone,
-    without_class_head,
+    GAN_MIN_SIZE, MAX_IMAGE_SIZE, SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters,
+    load_backbone, without_class_head,
 )
 from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, train_step
 
@@ -159,6 +159,9 @@ class TrainConfig:
         if self.val and self.image_size < metrics.SSIM_WINDOW:
             raise ValueError(f"--image-size {self.image_size} is below SSIM's {metrics.SSIM_WINDOW} px window, so --val "
                              f"could not be scored: use at least {metrics.SSIM_WINDOW}, or leave out --val")
+        if self.gan_weight and self.image_size < GAN_MIN_SIZE:
+            raise ValueError(f"--image-size {self.image_size} is too small for --gan-weight: its critic needs at least "
+                             f"{GAN_MIN_SIZE}")
         if self.semantic and self.image_size < SEMANTIC_MIN_SIZE:
             raise ValueError(f"--image-size {self.image_size} is too small for --semantic: its branch needs at least "
                              f"{SEMANTIC_MIN_SIZE} to train a batch of one")
@@ -622,12 +625,18 @@ def _unusable(fs: pafs.FileSystem, folder: str) -> str | None:
     for name in ("model.pt", "state.json"):
         if not storage.exists(fs, storage.join(folder, name)):
             return f"no {name}"
-    states = [storage.join(folder, f"{name}.pt") for name in ("optimizer", "discriminator", "discriminator_optimizer")]
     try:  # S3 that cannot be reached raises a StorageError here, as it should: the checkpoint may be fine
-        colorizer.model_from_bytes(storage.read_bytes(fs, storage.join(folder, "model.pt")))
+        raws = {"model.pt": storage.read_bytes(fs, storage.join(folder, "model.pt"))}
+        colorizer.model_from_bytes(raws["model.pt"])
         json.loads(storage.read_bytes(fs, storage.join(folder, "state.json")))["history"][-1]
-        for state in (s for s in states if storage.exists(fs, s)):  # as _restore reads them
-            torch.load(io.BytesIO(storage.read_bytes(fs, state)), map_location="cpu", weights_only=True)
+        for name in ("optimizer.pt", "discriminator.pt", "discriminator_optimizer.pt"):  # as _restore reads them
+            if storage.exists(fs, storage.join(folder, name)):
+                raws[name] = storage.read_bytes(fs, storage.join(folder, name))
+                torch.load(io.BytesIO(raws[name]), map_location="cpu", weights_only=True)
+        # torch never checks the parts' checksums: a file with flipped bits loads.
+        damaged = next(((name, part) for name, raw in raws.items() if (part := colorizer.damaged_part(raw))), None)
+        if damaged is not None:
+            return f"unreadable: the checksum of {damaged[0]}'s part {damaged[1]!r} does not match"
     except storage.StorageError:
         raise
     except Exception as error:  # noqa: BLE001 - a file cut short fails in torch, pickle or json, in many ways

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from colorize import color, colorizer, models, quantize, storage
-from colorize.models import ModelConfig, PatchDiscriminator, build_model, load_backbone, without_colour_head
+from colorize.models import GAN_MIN_SIZE, ModelConfig, PatchDiscriminator, build_model, load_backbone, without_colour_head
 from colorize.objectives import Adversary, recalibrate_batchnorm, resolve_precision
 from colorize.train import train_step
 from tests.helpers import scene
@@ -145,6 +146,13 @@ def test_the_adversarial_step_trains_both_networks() -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert any(not torch.equal(b, p) for b, p in zip(before, critic.parameters())), "the critic never stepped"
     assert critic(torch.zeros(2, 3, 16, 16)).shape[1] == 1
+
+
+def test_the_critic_trains_down_to_its_minimum_size_and_no_further() -> None:
+    critic = PatchDiscriminator().train()
+    assert critic(torch.zeros(1, 3, GAN_MIN_SIZE, GAN_MIN_SIZE)).isfinite().all()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        critic(torch.zeros(1, 3, GAN_MIN_SIZE - 4, GAN_MIN_SIZE - 4))
 
 
 def test_temperature_is_an_inference_flag(tmp_path) -> None:
@@ -351,6 +359,16 @@ def test_a_pickled_object_in_a_weights_file_is_refused(tmp_path) -> None:
     assert re.search(r"\(UnpicklingError: Unsupported global: GLOBAL [\w.]*print was not an allowed global by default\.\)$",
                      str(refused.value))
     assert "\x1b" not in str(refused.value) and "weights_only" not in str(refused.value)
+    # A global from a blocked module: torch gives its cause after the advice, with no marker.
+    torch.save({"config": CONFIGS[0].to_dict(), "state_dict": {}, "x": Blocked()}, path)
+    with pytest.raises(ValueError, match=r"\(UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module "
+                                         r"posix is blocked\.\)$"):
+        colorizer.load_weights(str(path))
+
+
+class Blocked:
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 def test_a_weights_file_with_flipped_bits_is_refused_and_a_folder_is_pointed_at_its_model(tmp_path) -> None:
@@ -386,7 +404,8 @@ def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_bu
     # A width this large would take over 100 GiB if built before the shapes were compared.
     huge = {**CONFIGS[0].to_dict(), "width": 4096, "depth": 3}
     torch.save({"config": huge, "state_dict": state}, tmp_path / "huge.pt")
-    with pytest.raises(ValueError, match="its tensors do not fit its config"):
+    with pytest.raises(ValueError, match=r"huge.pt: a colorize weights file that cannot be used: its tensors do not fit "
+                                         r"its config \(first at '[\w.]+'; arch=unet, width=4096, depth=3, head="):
         colorizer.load_weights(str(tmp_path / "huge.pt"))
     state = {k: v.clone() for k, v in state.items()}
     next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")

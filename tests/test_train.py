@@ -132,6 +132,27 @@ def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(ray_clu
     train_module._drop_unusable_checkpoints(storage.resolve(str(out))[0], str(out))
 
 
+def test_a_checkpoint_with_flipped_bits_is_not_resumed_from(tmp_path: Path) -> None:
+    """torch never checks a zip's checksums: a damaged copy resumed, with wrong weights or optimiser state."""
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 1, 16, 16)).sum().backward()
+    optimizer.step()
+    (tmp_path / "state.json").write_text(json.dumps({"history": [{"epoch": 1}]}))
+    (tmp_path / "model.pt").write_bytes(colorizer.weights_bytes(model))
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    local = storage.resolve(str(tmp_path))[0]
+    assert train_module._unusable(local, str(tmp_path)) is None
+    for name in ("optimizer.pt", "model.pt"):
+        raw = bytearray((tmp_path / name).read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        (tmp_path / name).write_bytes(raw)
+        torch.load(tmp_path / name, weights_only=True)  # loads all the same
+
+        assert re.fullmatch(f"unreadable: the checksum of {name}'s part '[^']+' does not match",
+                            train_module._unusable(local, str(tmp_path)))
+
+
 def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
     retention deletes only the checkpoints it registered."""
@@ -177,6 +198,7 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
      ({"image_size": 8, "depth": 3}, "--image-size 8 at --depth 3 leaves a 1x1 bottleneck"),
      ({"model": "autoencoder", "semantic": True}, "--semantic needs --model unet"),
      ({"semantic": True, "image_size": 8, "depth": 2}, "--image-size 8 is too small for --semantic"),
+     ({"gan_weight": 0.1, "image_size": 8, "depth": 2}, "--image-size 8 is too small for --gan-weight"),
      ({"val": "v", "image_size": 8, "depth": 2}, "--image-size 8 is below SSIM's 11 px window")],
 )
 def test_training_configs_that_cannot_work_are_refused(bad: dict, match: str) -> None:
