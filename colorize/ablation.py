@@ -418,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget = Budget(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, precision=args.precision)
     except ValueError as error:
         parser.error(str(error))  # before any data is read
+    for flag, folder in (("--out", args.out), ("--weights-dir", args.weights_dir)):
+        if error := storage.not_local(flag, folder):
+            parser.error(error)
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
     for split in ("train", "test"):  # a rerun would read the strips written there, the test split's truth among them

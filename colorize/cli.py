@@ -213,12 +213,13 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
         "initialised encoder. Prints JSON.",
     )
     p.add_argument("--data", required=True, help="a local folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
-    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--weights", help="a model.pt from `train`, local or s3:// (default: the bundled model)")
     p.add_argument("--limit", type=positive_int, help="a seeded subset of N training images")
     p.add_argument("--test-limit", type=positive_int, help="a seeded subset of N test images")
     p.add_argument("--epochs", type=positive_int, default=30, help="probe training epochs (default: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed for subsets, the random encoder and the probe")
-    p.add_argument("--out", help="folder for probe.json")
+    p.add_argument("--out", help="folder for probe.json (local or s3://)")
+    p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_probe)
 
 

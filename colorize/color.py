@@ -170,6 +170,8 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
 def _as_unit_float(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype == np.uint8:
         return rgb.astype(np.float32) / 255.0
+    if not np.issubdtype(rgb.dtype, np.floating):  # uint16 128 was taken for 128.0, far past white
+        raise TypeError(f"expected uint8 or floats in [0, 1], got {rgb.dtype}")
     return np.ascontiguousarray(rgb, dtype=np.float32)
 
 

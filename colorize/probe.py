@@ -33,6 +33,7 @@ class ProbeConfig:
     epochs: int = 30
     seed: int = 0
     out: str | None = None
+    s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("limit", "test_limit", "epochs"):
@@ -42,13 +43,14 @@ class ProbeConfig:
 
 
 @torch.inference_mode()
-def encoder_features(model: nn.Module, rgb: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+def encoder_features(model: nn.Module, rgb: np.ndarray, batch_pixels: int = 500 * 64 * 64) -> torch.Tensor:
     """uint8 (N, S, S, 3) -> (N, D): the encoder's stages, each averaged over space, side by side.
 
-    The model sees only the lightness, as when it colours.
+    The model sees only the lightness, as when it colours; ``batch_pixels`` bounds a batch
+    (500 images at 64 px): a fixed 500 images took 3.4 GB at 128 px, and 4x that per doubling.
     """
     model.eval()
-    parts = []
+    parts, batch_size = [], max(1, batch_pixels // (rgb.shape[1] * rgb.shape[2]))
     for start in range(0, len(rgb), batch_size):
         L = torch.from_numpy(color.rgb_to_lab_np(rgb[start : start + batch_size])[..., :1]).permute(0, 3, 1, 2)
         if model.config.arch == "unet":
@@ -68,7 +70,10 @@ def linear_probe(
 ) -> float:
     """Test accuracy of a softmax classifier on standardised features (Adam, light weight decay)."""
     torch.manual_seed(seed)
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp(min=1e-6)
+    # A feature constant on train (a ReLU that never fires there) keeps scale 1: divided by a
+    # floor of 1e-6, a test image where it fired took values near 19,000 on an untrained weight.
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     probe = nn.Linear(train_x.shape[1], classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
@@ -83,10 +88,11 @@ def linear_probe(
 
 def probe(config: ProbeConfig) -> dict[str, Any]:
     """Probe accuracy of the trained encoder and of a random one, as a JSON-able report."""
+    settings = storage.S3Settings.from_env(config.s3_endpoint)
     if config.out:  # checked before the work, not after it
-        out_fs, out_path = storage.resolve(config.out)
+        out_fs, out_path = storage.resolve(config.out, settings)
         storage.check_output(out_fs, out_path, config.out, "--out")
-    trained, weights_id = colorizer.load_weights(config.weights)
+    trained, weights_id = colorizer.load_weights(config.weights, settings)
     torch.manual_seed(config.seed)
     random_init = build_model(trained.config).eval()
     size = trained.config.image_size

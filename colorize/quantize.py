@@ -23,10 +23,27 @@ PRIOR_MIX = 0.5  # weight of the uniform distribution mixed into the prior
 PRIOR_IMAGES = 2048  # training images sampled to estimate the prior
 
 
-def _sq_distances(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """(B, 2, H, W) ab and (Q, 2) centres -> (B, H, W, Q) squared distances."""
-    points = ab.permute(0, 2, 3, 1).unsqueeze(-2)  # (B, H, W, 1, 2)
-    return ((points - bins.to(ab)) ** 2).sum(dim=-1)
+# Pixels whose distances to every cell are held at once: the (pixels, Q) block, 262 cells of
+# float32, is 275 MB. Unbounded, a batch of 256 images at 64 px took 4 GB (a (B, H, W, Q, 2)
+# difference and its square), and 4x that per doubling of the side.
+CHUNK_PIXELS = 2**18
+
+
+def _nearest(ab: torch.Tensor, bins: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2, H, W) ab and (Q, 2) centres -> the squared distances to the ``k`` nearest cells
+    and their indices, each (B, H, W, k), nearest first."""
+    b, _, h, w = ab.shape
+    points = ab.float().permute(0, 2, 3, 1).reshape(-1, 2)
+    centres = bins.to(points)
+    distances = torch.empty(len(points), k, dtype=points.dtype, device=points.device)
+    index = torch.empty(len(points), k, dtype=torch.long, device=points.device)
+    for start in range(0, len(points), CHUNK_PIXELS):
+        chunk = points[start : start + CHUNK_PIXELS]
+        squared = (chunk[:, :1] - centres[:, 0]).square_()  # two (pixels, Q) blocks, not a (pixels, Q, 2) one
+        squared += (chunk[:, 1:] - centres[:, 1]).square_()
+        torch.topk(squared, k, dim=-1, largest=False, out=(distances[start : start + CHUNK_PIXELS],
+                                                           index[start : start + CHUNK_PIXELS]))
+    return distances.view(b, h, w, k), index.view(b, h, w, k)
 
 
 def soft_encode(ab: torch.Tensor, bins: torch.Tensor, *, neighbours: int = NEIGHBOURS, sigma: float = SIGMA) -> torch.Tensor:
@@ -35,7 +52,7 @@ def soft_encode(ab: torch.Tensor, bins: torch.Tensor, *, neighbours: int = NEIGH
     Each pixel spreads over its ``neighbours`` nearest cells with Gaussian weights, so that a
     colour between two cells is not forced into one of them.
     """
-    distances, index = _sq_distances(ab.float(), bins).topk(neighbours, dim=-1, largest=False)
+    distances, index = _nearest(ab, bins, neighbours)
     weights = torch.softmax(-distances / (2 * sigma**2), dim=-1)
     target = torch.zeros(*distances.shape[:-1], len(bins), dtype=weights.dtype, device=ab.device)
     return target.scatter_(-1, index, weights).permute(0, 3, 1, 2)
@@ -43,7 +60,7 @@ def soft_encode(ab: torch.Tensor, bins: torch.Tensor, *, neighbours: int = NEIGH
 
 def hard_encode(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """(B, 2, H, W) ab -> (B, H, W) index of the nearest cell."""
-    return _sq_distances(ab.float(), bins).argmin(dim=-1)
+    return _nearest(ab, bins, 1)[1].squeeze(-1)
 
 
 def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -106,6 +106,14 @@ def is_s3(uri: str) -> bool:
     return uri[:5].lower() == "s3://"
 
 
+def not_local(flag: str, uri: str) -> str | None:
+    """Why ``uri`` cannot be ``flag``'s folder in a job that writes only locally (an S3 URI,
+    which would become a local folder named ``s3:``), or None."""
+    if uri[:4].lower() == "s3:/":
+        return f"{flag} {uri}: an S3 URI, but this job writes to a local folder; write there and copy it up (aws s3 sync)"
+    return None
+
+
 def resolve(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
     """A local path or ``s3://bucket/key`` -> (filesystem, path within it).
 

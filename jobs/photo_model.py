@@ -136,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  shift=args.shift)
     except ValueError as error:
         parser.error(str(error))
+    if error := storage.not_local("--out", args.out):
+        parser.error(error)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     inside = next((d for d in args.data if out.is_relative_to(Path(d).resolve())), None)

@@ -88,6 +88,14 @@ def test_numpy_wrappers_agree_with_torch(img: np.ndarray) -> None:
     np.testing.assert_allclose(color.luma_np(img), color.luma(unit)[0].numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64, np.bool_])
+def test_numpy_wrappers_refuse_integers_other_than_uint8(dtype) -> None:
+    """A uint16 128 was taken for the float 128.0: L 100, far past white."""
+    for convert in (color.rgb_to_lab_np, color.luma_np):
+        with pytest.raises(TypeError, match="expected uint8 or floats in"):
+            convert(np.full((2, 2, 3), 1, dtype=dtype))
+
+
 @pytest.mark.parametrize(
     ("rgb", "expected"),
     [

@@ -229,6 +229,9 @@ def test_the_ablation_refuses_bad_numbers_in_one_line_before_reading_data(tmp_pa
                          # A rerun would train on the strips it wrote there, the test split's truth among them.
                          (["--out", str(tmp_path / "none" / "train" / "docs")],
                           f"--out {tmp_path / 'none' / 'train' / 'docs'} lies inside {tmp_path / 'none' / 'train'}, which"),
+                         # It wrote to a local folder named s3:
+                         (["--out", "s3://bucket/docs"], "--out s3://bucket/docs: an S3 URI, but this job writes to a local"),
+                         (["--weights-dir", "S3://bucket/w"], "--weights-dir S3://bucket/w: an S3 URI"),
                          *([(["--device", "cuda"], "this machine has no CUDA GPU")] if not torch.cuda.is_available() else [])):
         with pytest.raises(SystemExit) as exit_info:  # --data does not exist: the numbers are checked first
             ablation.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "docs"), *argv])
@@ -278,6 +281,10 @@ def test_the_photo_model_job_refuses_missing_photos_weights_and_bad_flags_in_one
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and reason in errors[0], errors
     assert not (tmp_path / "out" / "model.pt").exists()
+    with pytest.raises(SystemExit):  # it trained, then wrote to a local folder named s3:
+        photo_model.main(["--data", str(labelled / "train"), "--out", "s3://bucket/photo-model"])
+    assert "--out s3://bucket/photo-model: an S3 URI, but this job writes to a local folder" in capsys.readouterr().err
+    assert not Path("s3:").exists()
 
 
 def test_a_photo_model_rerun_names_unreadable_photos_and_never_leaves_an_earlier_runs_files_beside_its_model(

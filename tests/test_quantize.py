@@ -37,6 +37,18 @@ def test_soft_encoding_is_a_distribution_peaked_at_the_nearest_cell() -> None:
     assert torch.equal(target.argmax(dim=1), quantize.hard_encode(ab, BINS))
 
 
+def test_encoding_in_chunks_of_pixels_matches_the_nearest_cells_found_all_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distances to every cell are held a chunk of pixels at a time (a batch of 256 at 64 px took 4 GB)."""
+    ab = torch.randn(3, 2, 7, 5, generator=torch.Generator().manual_seed(0)) * 40
+    brute = ((ab.permute(0, 2, 3, 1)[..., None, :] - BINS) ** 2).sum(dim=-1)  # (B, H, W, Q)
+    whole = quantize.soft_encode(ab, BINS), quantize.hard_encode(ab, BINS)
+    monkeypatch.setattr(quantize, "CHUNK_PIXELS", 16)  # 105 pixels: chunks of 16 and a last of 9
+    soft, hard = quantize.soft_encode(ab, BINS), quantize.hard_encode(ab, BINS)
+    assert torch.equal(soft, whole[0]) and torch.equal(hard, whole[1]) and torch.equal(hard, brute.argmin(dim=-1))
+    assert torch.allclose(soft.permute(0, 2, 3, 1).topk(5, dim=-1).indices.sort().values,
+                          brute.topk(5, dim=-1, largest=False).indices.sort().values)
+
+
 @pytest.mark.parametrize("temperature", [0.05, 0.38, 1.0])
 def test_annealed_mean_of_a_confident_prediction_is_its_cell(temperature: float) -> None:
     logits = torch.full((1, len(BINS), 2, 2), -30.0)
