@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from colorize import ablation, colorizer, imagesets
+from colorize import ablation, colorizer, imagesets, storage
 from colorize.models import ModelConfig, build_model
-from colorize.probe import ProbeConfig, encoder_features, probe
+from colorize.probe import ProbeConfig, encoder_features, linear_probe, probe
 from tests.helpers import scene
 
 
@@ -61,6 +61,17 @@ def test_the_probe_reports_both_encoders_and_separates_easy_classes(labelled: Pa
     assert json.loads((tmp_path / "probe.json").read_text()) == report
 
 
+def test_the_probe_reads_its_weights_from_s3_and_writes_its_report_there(labelled: Path, weights: Path, s3) -> None:
+    bucket = s3.bucket("probe")
+    fs, root = storage.resolve(bucket, s3.settings)
+    storage.write_bytes_atomic(fs, storage.join(root, "w.pt"), weights.read_bytes())
+
+    report = probe(ProbeConfig(data=str(labelled), weights=f"{bucket}/w.pt", out=f"{bucket}/report", epochs=5,
+                               s3_endpoint=s3.endpoint))
+
+    assert json.loads(storage.read_bytes(fs, storage.join(root, "report", "probe.json"))) == report
+
+
 def test_the_probe_scores_the_encoder_it_was_given(labelled: Path, tmp_path: Path) -> None:
     """An encoder whose every weight is zero sees nothing: chance, while the random one still separates."""
     blind = build_model(ModelConfig(width=4, depth=2, image_size=16))
@@ -71,6 +82,20 @@ def test_the_probe_scores_the_encoder_it_was_given(labelled: Path, tmp_path: Pat
     report = probe(ProbeConfig(data=str(labelled), weights=str(tmp_path / "blind.pt"), epochs=20))
     assert report["accuracy_colourisation"] == report["chance"] == 0.5
     assert report["accuracy_random_init"] > 0.9
+
+
+def test_a_feature_constant_on_the_training_images_cannot_sway_the_test_predictions() -> None:
+    """A ReLU that never fires on train: divided by a floor of 1e-6, where it fired a little on
+    a test image its value reached ~19,000, times a weight the probe never trained."""
+    rng = np.random.default_rng(0)
+    train_y, test_y = torch.arange(40) % 2, torch.arange(20) % 2
+    train_x = torch.zeros(40, 9)
+    train_x[:, 0] = train_y + torch.from_numpy(rng.normal(0, 0.1, 40)).float()
+    test_x = torch.zeros(20, 9)
+    test_x[:, 0] = test_y.float()
+    test_x[:, 1:] = 0.02  # silent on every training image
+    accuracy = [linear_probe(train_x, train_y, test_x, test_y, classes=2, epochs=100, seed=seed) for seed in range(8)]
+    assert accuracy == [1.0] * 8
 
 
 @pytest.mark.parametrize(("arch", "features"), [("unet", 4 + 8 + 16), ("autoencoder", 4 + 8)])
