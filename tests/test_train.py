@@ -177,7 +177,16 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
                   cf_weight=0.02, **TINY)
     train(TrainConfig(epochs=1, **config))
     assert TrainConfig(**config).loss == "ce"
+    # The rebalancing weights: unaugmented images in a fixed order give the same ones again
+    # (augmented crops taken as blocks came gave 32% apart at this size); a resume reuses them.
+    kept = json.loads((out / train_module.CLASS_WEIGHTS).read_text())
+    (tmp_path / "again").mkdir()
+    again = train_module._class_weights(TrainConfig(epochs=1, **config), data.locate(str(images)),
+                                        storage.resolve(str(tmp_path))[0], str(tmp_path / "again"), None)
+    assert again == kept["weights"] and len(again) == 262 and kept["images"] == 96
+    (out / train_module.CLASS_WEIGHTS).write_text(json.dumps({"images": 1, "weights": [1.0] * 262}))
     summary = train(TrainConfig(epochs=2, temperature=0.5, **config))  # decoding, not architecture: may change
+    assert json.loads((out / train_module.CLASS_WEIGHTS).read_text())["weights"] == [1.0] * 262
 
     assert summary["resumed_at"] == [1] and np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_psnr"])
     checkpoint = max(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
