@@ -550,9 +550,9 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
 
 
 def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> None:
-    """For a whole ``--overwrite`` that writes PNGs: delete those of earlier runs that it did not
-    write over, of another input, of inputs since gone, of inputs that failed this time, as
-    :func:`_start_over` deleted their rows. Without this, the folder held two runs' colours
+    """For a whole ``--overwrite``: delete the PNGs of earlier runs that it did not write over
+    (all of them where it writes none), of another input, of inputs since gone, of inputs that
+    failed this time, as :func:`_start_over` deleted their rows. Without this, the folder held two runs' colours
     with nothing to say so, and a resumed run took an input whose PNG was another's as done.
     Names that are not UTF-8 are no run's (outputs are named in UTF-8) and are left alone."""
     images_dir = storage.join(root, sources.IMAGES_FOLDER)
@@ -563,7 +563,7 @@ def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> Non
     with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
         list(pool.map(lambda path: storage.delete(fs, path), others))
     if others:
-        print(f"removed {len(others)} PNG(s) of earlier runs that this run did not write (other or failed inputs), such as "
+        print(f"removed {len(others)} PNG(s) of earlier runs that this run did not write over, such as "
               f"{storage.to_uri(fs, others[0])}", file=sys.stderr, flush=True)
 
 
@@ -756,8 +756,10 @@ def run(config: BulkConfig) -> dict[str, Any]:
     if listed or storage.exists(out_fs, failed_path):
         storage.write_bytes_atomic(out_fs, failed_path, _parquet_bytes(listed, FAILED_SCHEMA))
     if config.overwrite and len(items) == len(found):  # past a --limit, earlier outputs are still there
-        if "png" in config.formats:
-            _remove_other_pngs(out_fs, out_root, written)
+        # Without PNGs this time, those there are all another model's or input's colours where
+        # the run was marked; left, a plain rerun took them for done beside this run's rows.
+        if "png" in config.formats or unfinished:
+            _remove_other_pngs(out_fs, out_root, written if "png" in config.formats else set())
         if unfinished:
             storage.write_json(out_fs, config_path, record)
     seconds = time.perf_counter() - started

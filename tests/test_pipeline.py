@@ -287,6 +287,10 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     # Cut off again, but redoing the same colours: nothing mixes.
     cut_off(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",), overwrite=True))
     assert run(BulkConfig(input=str(folder), output=str(out), weights=str(other_weights), formats=("png",)))["skipped"] == 6
+    # Over another model's colours without PNGs: theirs go, else a rerun took them for done.
+    run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("parquet",), overwrite=True))
+    assert not list((out / "images").rglob("*.png"))
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["written"] == 6
 
 
 def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:
