@@ -27,7 +27,7 @@ HTTP2_SETTINGS = 4  # the frame type, in the 4th byte of a frame header
 
 
 class NoCluster(ValueError):
-    """``RAY_ADDRESS`` names a cluster that cannot be joined."""
+    """The cluster ``RAY_ADDRESS`` names cannot be joined, or a Ray could not start here."""
 
 
 def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
@@ -56,6 +56,9 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
         raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
+    except Exception as error:  # noqa: BLE001 - a node that times out starting (a loaded machine) raises a bare Exception
+        where = "Ray could not start in this process" if starts_here else "could not join this machine's Ray"
+        raise NoCluster(f"{where}: {errors.one_line(error, with_type=False).rstrip('.')}; run it again") from None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     return starts_here

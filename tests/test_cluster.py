@@ -289,6 +289,23 @@ def test_a_command_on_a_node_joins_the_cluster_that_ray_start_left_there(cluster
     assert result.stdout.split() == ["False", "2"]  # joined both nodes; not "a Ray of its own"
 
 
+def test_a_ray_that_fails_to_start_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """ray.init raises a bare Exception where the node it starts times out (on a loaded machine);
+    it ended `colorize run` in a traceback, exit 1. Ray itself is replaced: that cannot be made to happen."""
+    import ray
+
+    def timed_out(**_: object) -> None:
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray processes failed.")  # noqa: TRY002
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "colorize evaluate: error: Ray could not start in this process: The current node timed out during startup. "
+        "This could happen because some of the Ray processes failed; run it again"]
+
+
 @pytest.mark.timeout(600)
 def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: Path, capsys) -> None:
     config = submit.SubmitConfig(
