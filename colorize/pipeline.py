@@ -106,6 +106,7 @@ class Done:
     formats: tuple[str, ...]
     pngs: frozenset[str] = frozenset()
     rows: frozenset[str] = frozenset()
+    unfinished: tuple[str, ...] = ()  # files a stopped run was writing (storage.TEMP_PREFIX), never renamed into place
 
     def contains(self, relpath: str) -> bool:
         return ("png" not in self.formats or relpath in self.pngs) and ("parquet" not in self.formats or relpath in self.rows)
@@ -558,8 +559,9 @@ def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> Non
     images_dir = storage.join(root, sources.IMAGES_FOLDER)
     if not storage.exists(fs, images_dir):
         return
-    others = [p for p in storage.list_files(fs, images_dir)
-              if p.endswith(".png") and storage.is_utf8(p) and posixpath.relpath(p, images_dir) not in written]
+    others = [p for p in storage.list_files(fs, images_dir)  # and files a stopped run was writing
+              if (p.endswith(".png") or posixpath.basename(p).startswith(storage.TEMP_PREFIX)) and storage.is_utf8(p)
+              and posixpath.relpath(p, images_dir) not in written]
     with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
         list(pool.map(lambda path: storage.delete(fs, path), others))
     if others:
@@ -588,17 +590,22 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
     """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``relpath`` column."""
     pngs: set[str] = set()
     rows: set[str] = set()
+    unfinished: list[str] = []
     images_dir = storage.join(root, sources.IMAGES_FOLDER)
     if "png" in formats and storage.exists(fs, images_dir):
-        pngs = {posixpath.relpath(p, images_dir) for p in storage.list_files(fs, images_dir) if p.endswith(".png")}
+        listed = storage.list_files(fs, images_dir)
+        pngs = {posixpath.relpath(p, images_dir) for p in listed if p.endswith(".png")}
+        unfinished += [p for p in listed if posixpath.basename(p).startswith(storage.TEMP_PREFIX)]
     parquet_dir = storage.join(root, sources.PARQUET_FOLDER)
     if "parquet" in formats and storage.exists(fs, parquet_dir):
-        parts = [p for p in storage.list_files(fs, parquet_dir) if p.endswith(".parquet")]
+        listed = storage.list_files(fs, parquet_dir)
+        parts = [p for p in listed if p.endswith(".parquet")]
+        unfinished += [p for p in listed if posixpath.basename(p).startswith(storage.TEMP_PREFIX)]
         # Many at once: one after another, a million images' 31,000 parts are 94,000 S3 requests in a row.
         with ThreadPoolExecutor(max_workers=16) as pool:
             for relpaths in pool.map(lambda path: _relpaths(fs, path), parts):
                 rows.update(relpaths)
-    return Done(formats, frozenset(pngs), frozenset(rows))
+    return Done(formats, frozenset(pngs), frozenset(rows), tuple(unfinished))
 
 
 def _relpaths(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -720,6 +727,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
+    for path in done.unfinished:  # one run per --output at a time: no other run is writing them
+        storage.delete(out_fs, path)
+    if done.unfinished:
+        print(f"removed {len(done.unfinished)} unfinished file(s) that a stopped run was writing, such as "
+              f"{storage.to_uri(out_fs, done.unfinished[0])}", file=sys.stderr, flush=True)
     skipped = len(items) - len(todo)
 
     if raycluster.connect(log_to_driver=False):  # a Ray of our own, which will never grow
