@@ -560,7 +560,7 @@ def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> Non
     if not storage.exists(fs, images_dir):
         return
     others = [p for p in storage.list_files(fs, images_dir)  # and files a stopped run was writing
-              if (p.endswith(".png") or posixpath.basename(p).startswith(storage.TEMP_PREFIX)) and storage.is_utf8(p)
+              if (p.endswith(".png") or storage.is_unfinished(fs, p)) and storage.is_utf8(p)
               and posixpath.relpath(p, images_dir) not in written]
     with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
         list(pool.map(lambda path: storage.delete(fs, path), others))
@@ -595,12 +595,12 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
     if "png" in formats and storage.exists(fs, images_dir):
         listed = storage.list_files(fs, images_dir)
         pngs = {posixpath.relpath(p, images_dir) for p in listed if p.endswith(".png")}
-        unfinished += [p for p in listed if posixpath.basename(p).startswith(storage.TEMP_PREFIX)]
+        unfinished += [p for p in listed if storage.is_unfinished(fs, p)]
     parquet_dir = storage.join(root, sources.PARQUET_FOLDER)
     if "parquet" in formats and storage.exists(fs, parquet_dir):
         listed = storage.list_files(fs, parquet_dir)
         parts = [p for p in listed if p.endswith(".parquet")]
-        unfinished += [p for p in listed if posixpath.basename(p).startswith(storage.TEMP_PREFIX)]
+        unfinished += [p for p in listed if storage.is_unfinished(fs, p)]
         # Many at once: one after another, a million images' 31,000 parts are 94,000 S3 requests in a row.
         with ThreadPoolExecutor(max_workers=16) as pool:
             for relpaths in pool.map(lambda path: _relpaths(fs, path), parts):

@@ -29,6 +29,7 @@ PRIOR_IMAGES = 2048  # training images sampled to estimate the prior
 CHUNK_PIXELS = 2**18
 
 
+@torch.no_grad()  # targets: topk's out= takes no gradient
 def _nearest(ab: torch.Tensor, bins: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 2, H, W) ab and (Q, 2) centres -> the squared distances to the ``k`` nearest cells
     and their indices, each (B, H, W, k), nearest first."""

@@ -56,9 +56,14 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
         raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
-    except Exception as error:  # noqa: BLE001 - a node that times out starting (a loaded machine) raises a bare Exception
-        where = "Ray could not start in this process" if starts_here else "could not join this machine's Ray"
-        raise NoCluster(f"{where}: {errors.one_line(error, with_type=False).rstrip('.')}; run it again") from None
+    except RuntimeError as error:  # a version mismatch with the cluster, over several lines
+        where = "Ray could not start in this process" if starts_here else f"RAY_ADDRESS={address or '(unset)'}"
+        raise NoCluster(f"{where}: {' '.join(str(error).split())}") from None
+    except Exception as error:
+        if not str(error).startswith(_STARTUP_TIMED_OUT):  # a bare Exception: Ray says nothing more specific
+            raise
+        raise NoCluster(f"Ray could not start in this process: {errors.one_line(error, with_type=False).rstrip('.')} "
+                        "(a loaded machine); run it again") from None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     return starts_here
@@ -79,6 +84,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
+_STARTUP_TIMED_OUT = "The current node timed out during startup"  # ray.init's bare Exception on a loaded machine
 _HINT = "unset RAY_ADDRESS to start a Ray in this process, or set it to a running head node's HOST:6379"
 
 

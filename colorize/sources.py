@@ -437,9 +437,13 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
     that for the end as well.
     """
     with storage.open_stream(fs, path) as raw:
-        head = raw.read(len(_GZIP_MAGIC))
+        head = raw.read(_HEAD_BYTES)
+        other = next((what for magic, what in _NOT_TAR.items() if re.match(magic, head)), None)
+        if other is not None:  # else tarfile's "invalid header" says nothing of what it is
+            raise tarfile.ReadError(f"{other}, not a tar or a gzipped tar: name it for what it is")
         raw = _Prefixed(head, raw)
-        with gzip.GzipFile(fileobj=raw, mode="rb") if head == _GZIP_MAGIC else contextlib.nullcontext(raw) as unpacked:
+        gzipped = head.startswith(_GZIP_MAGIC)
+        with gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw) as unpacked:
             stream = _UntilBroken(unpacked)
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as archive:
@@ -455,6 +459,11 @@ def _tar_stream(fs: pafs.FileSystem, path: str) -> Iterator[tarfile.TarFile]:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# Formats a tar is mistaken for, by magic numbers long enough that no member name (a plain
+# tar's first bytes) starts with one.
+_NOT_TAR = {rb"PK\x03\x04": "a zip archive", rb"BZh[1-9]1AY&SY": "bzip2-compressed", rb"\xfd7zXZ\x00": "xz-compressed",
+            rb"7z\xbc\xaf\x27\x1c": "a 7z archive", rb"\x28\xb5\x2f\xfd": "zstd-compressed", rb"Rar!\x1a\x07": "a rar archive"}
+_HEAD_BYTES = 10
 
 
 class _Prefixed:

@@ -226,6 +226,13 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
+def is_unfinished(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is a local file :func:`write_bytes_atomic` was writing when its process
+    stopped: exactly its temporary name, which no output (named after an input, with an
+    extension) can have."""
+    return fs.type_name == "local" and re.fullmatch(rf"{re.escape(TEMP_PREFIX)}[0-9a-f]{{32}}", os.path.basename(path)) is not None
+
+
 def is_hidden(path: str, root: str) -> bool:
     """Whether ``path``, under folder ``root``, is a dot file or lies in a dot folder below it
     (``.ipynb_checkpoints/``, macOS's ``._photo.jpg``): copies and metadata, not data."""

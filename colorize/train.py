@@ -536,13 +536,17 @@ def _class_weights(config: TrainConfig, source: data.Source, fs: pafs.FileSystem
     """The rebalancing weights of a ``ce`` run (None for other runs): from the colour prior of
     the first training images, unaugmented and in the listing's order, so the same data gives
     the same weights; kept in ``OUT/`` and reused by a resume on the same data and size (they
-    were drawn from augmented crops as blocks came, 4% apart run to run, 32% at --limit 64)."""
+    were drawn from augmented crops as blocks came, 4% apart run to run, 32% at --limit 64).
+    The file names the data, limit and size it was drawn from: a run between that did not
+    rebalance may have changed them."""
     if config.loss != "ce" or not config.rebalance:
         return None
     path = storage.join(out, CLASS_WEIGHTS)
-    same = earlier is not None and all(earlier.get(k) == getattr(config, k) for k in ("data", "limit", "image_size"))
-    if same and storage.exists(fs, path):
-        return json.loads(storage.read_bytes(fs, path))["weights"]
+    drawn_from = {k: getattr(config, k) for k in ("data", "limit", "image_size")}
+    if earlier is not None and storage.exists(fs, path):
+        kept = json.loads(storage.read_bytes(fs, path))
+        if kept.get("drawn_from") == drawn_from:
+            return kept["weights"]
     images = min(config.limit or quantize.PRIOR_IMAGES, quantize.PRIOR_IMAGES)
     plain = data.lab_dataset(source, image_size=config.image_size, augment=False, limit=images)
     try:
@@ -550,7 +554,7 @@ def _class_weights(config: TrainConfig, source: data.Source, fs: pafs.FileSystem
     except quantize.NoPixels:
         raise data.DataError(f"{config.data}: no readable images among the first {images:,}, "
                              "where the classification head's colour prior comes from") from None
-    storage.write_json(fs, path, {"images": read, "weights": weights.tolist()})
+    storage.write_json(fs, path, {"drawn_from": drawn_from, "images": read, "weights": weights.tolist()})
     return weights.tolist()
 
 

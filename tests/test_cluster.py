@@ -297,13 +297,23 @@ def test_a_ray_that_fails_to_start_is_one_line(monkeypatch: pytest.MonkeyPatch, 
     def timed_out(**_: object) -> None:
         raise Exception("The current node timed out during startup. This could happen because some of the Ray processes failed.")  # noqa: TRY002
 
+    def mismatched(**_: object) -> None:
+        raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\nThis process on node 10.0.0.2 "
+                           "was started with:\n    Ray: 2.60.0\n")
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", timed_out)
     monkeypatch.setenv("RAY_ADDRESS", "local")
     assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "colorize evaluate: error: Ray could not start in this process: The current node timed out during startup. "
-        "This could happen because some of the Ray processes failed; run it again"]
+        "This could happen because some of the Ray processes failed (a loaded machine); run it again"]
+    monkeypatch.setattr(ray, "init", mismatched)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "colorize evaluate: error: RAY_ADDRESS=auto: Version mismatch: The cluster was started with: Ray: 2.59.0 "
+        "This process on node 10.0.0.2 was started with: Ray: 2.60.0"]
 
 
 @pytest.mark.timeout(600)

@@ -158,20 +158,24 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     (out / "images" / "2.png").unlink()
     (out / "images" / "5.png").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    (out / "images" / f"{storage.TEMP_PREFIX}5f3a").write_bytes(b"half a PNG")  # a killed run was writing it
+    (out / "images" / f"{storage.TEMP_PREFIX}{'5f3a' * 8}").write_bytes(b"half a PNG")  # a killed run was writing it
+    (folder / ".tmp-holiday.png").write_bytes((folder / "0.png").read_bytes())  # an input: its output is no such file
 
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
 
-    assert (summary["written"], summary["skipped"], summary["inputs"]) == (2, 4, 6)
+    assert (summary["written"], summary["skipped"], summary["inputs"]) == (3, 4, 7)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
-    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i}.png" for i in range(6)]
+    pngs = [".tmp-holiday.png", *(f"{i}.png" for i in range(6))]
+    assert sorted(p.name for p in (out / "images").iterdir()) == pngs
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))["skipped"] == 7
+    assert sorted(p.name for p in (out / "images").iterdir()) == pngs
 
     level1 = {p.name: (p.stat().st_size, np.asarray(Image.open(p))) for p in (out / "images").iterdir()}
-    (out / "images" / f"{storage.TEMP_PREFIX}9c1e").write_bytes(b"half a PNG")  # and --overwrite too
+    (out / "images" / f"{storage.TEMP_PREFIX}{'9c1e' * 8}").write_bytes(b"half a PNG")  # and --overwrite too
     redone = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",), overwrite=True,
                             png_level=0))
-    assert redone["written"] == 6
-    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i}.png" for i in range(6)]
+    assert redone["written"] == 7
+    assert sorted(p.name for p in (out / "images").iterdir()) == pngs
     for p in (out / "images").iterdir():  # the same pixels, stored without compression
         assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
 

@@ -89,11 +89,13 @@ def test_a_feature_constant_on_the_training_images_cannot_sway_the_test_predicti
     a test image its value reached ~19,000, times a weight the probe never trained."""
     rng = np.random.default_rng(0)
     train_y, test_y = torch.arange(40) % 2, torch.arange(20) % 2
-    train_x = torch.zeros(40, 9)
-    train_x[:, 0] = train_y + torch.from_numpy(rng.normal(0, 0.1, 40)).float()
-    test_x = torch.zeros(20, 9)
-    test_x[:, 0] = test_y.float()
-    test_x[:, 1:] = 0.02  # silent on every training image
+    train_x = torch.from_numpy(rng.normal(0, 1, (40, 7))).float()  # 4 features of noise, then 3 silent ones
+    test_x = torch.from_numpy(rng.normal(0, 1, (20, 7))).float()
+    train_x[:, 0], test_x[:, 0] = 4 * train_y, 4 * test_y  # the first tells the classes apart
+    train_x[:, 4:], test_x[:, 4:] = 0.0, 0.02  # silent on every training image
+    accuracy = [linear_probe(train_x, train_y, test_x, test_y, classes=2, epochs=100, seed=seed) for seed in range(8)]
+    assert accuracy == [1.0] * 8
+    train_x[0, 4:] = 1e-4  # or firing faintly on a single training image
     accuracy = [linear_probe(train_x, train_y, test_x, test_y, classes=2, epochs=100, seed=seed) for seed in range(8)]
     assert accuracy == [1.0] * 8
 

@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import io
 import json
+import lzma
 import os
 import posixpath
 import re
@@ -242,6 +243,16 @@ def test_a_tar_is_gunzipped_by_its_content_not_its_name(tmp_path: Path) -> None:
     for name in ("gzipped.tar", "unpacked.tar.gz"):
         members = list(sources.archive_members(LOCAL, str(tmp_path / name), name))
         assert [m.name for m in members] == ["m0.png", "m1.png", "m2.png"] and all(m.data for m in members)
+    # Another format under a tar's name says what it is ("invalid header" did not); a tar whose
+    # first member's name starts as a zip's magic does is still a tar.
+    with zipfile.ZipFile(tmp_path / "zipped.tar.gz", "w") as archive:
+        archive.writestr("m0.png", _good_png(0))
+    (tmp_path / "xz.tar").write_bytes(lzma.compress(blob))
+    for name, what in (("zipped.tar.gz", "a zip archive"), ("xz.tar", "xz-compressed")):
+        with pytest.raises(tarfile.ReadError, match=f"^{what}, not a tar or a gzipped tar"):
+            list(sources.archive_members(LOCAL, str(tmp_path / name), name))
+    (tmp_path / "pk.tar").write_bytes(_tar_of([("PK.png", _good_png(0))]))
+    assert [m.name for m in sources.archive_members(LOCAL, str(tmp_path / "pk.tar"), "pk.tar")] == ["PK.png"]
 
 
 def _gunzipped_until_cut(packed: bytes) -> bytes:

@@ -184,9 +184,14 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
     again = train_module._class_weights(TrainConfig(epochs=1, **config), data.locate(str(images)),
                                         storage.resolve(str(tmp_path))[0], str(tmp_path / "again"), None)
     assert again == kept["weights"] and len(again) == 262 and kept["images"] == 96
-    (out / train_module.CLASS_WEIGHTS).write_text(json.dumps({"images": 1, "weights": [1.0] * 262}))
+    (out / train_module.CLASS_WEIGHTS).write_text(json.dumps({**kept, "weights": [1.0] * 262}))
     summary = train(TrainConfig(epochs=2, temperature=0.5, **config))  # decoding, not architecture: may change
     assert json.loads((out / train_module.CLASS_WEIGHTS).read_text())["weights"] == [1.0] * 262
+    # Weights drawn from other data are not reused, whatever the runs between them changed.
+    fs = storage.resolve(str(out))[0]
+    other = TrainConfig(epochs=3, **{**config, "limit": 48})
+    assert train_module._class_weights(other, data.locate(str(images), limit=48), fs, str(out), {"data": str(images)}) != [1.0] * 262
+    assert json.loads((out / train_module.CLASS_WEIGHTS).read_text())["drawn_from"]["limit"] == 48
 
     assert summary["resumed_at"] == [1] and np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_psnr"])
     checkpoint = max(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
