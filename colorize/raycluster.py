@@ -50,14 +50,19 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
         _check_answers(address)
     # Where RAY_ADDRESS is unset, ray.init joins the cluster that a `ray start` on this machine
     # recorded (a shell on a head node): only where there is none does it start a Ray here.
-    starts_here = address == "local" or (not address and services.canonicalize_bootstrap_address(None) is None)
+    recorded = None if address else services.canonicalize_bootstrap_address(None)
+    name = (f"RAY_ADDRESS={address}" if address else f"the Ray that a `ray start` on this machine recorded ({recorded})"
+            if recorded else "a Ray in this process")
+    if recorded is not None:  # a head since gone (killed, out of memory) left its address: ray.init retried for ever
+        _check_answers(recorded, name=name, hint="start it again, or set RAY_ADDRESS=local to start a Ray in this process")
+    starts_here = address == "local" or (not address and recorded is None)
     try:
         ray.init(log_to_driver=log_to_driver)
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
-        raise NoCluster(f"RAY_ADDRESS={address}: {why}; {_HINT}") from None
+        raise NoCluster(f"{name}: {why}; {_HINT}") from None
     except RuntimeError as error:  # a version mismatch with the cluster, over several lines
-        where = "Ray could not start in this process" if starts_here else f"RAY_ADDRESS={address or '(unset)'}"
+        where = "Ray could not start in this process" if starts_here else name
         raise NoCluster(f"{where}: {' '.join(str(error).split())}") from None
     except Exception as error:
         if not str(error).startswith(_STARTUP_TIMED_OUT):  # a bare Exception: Ray says nothing more specific
@@ -88,20 +93,22 @@ _STARTUP_TIMED_OUT = "The current node timed out during startup"  # ray.init's b
 _HINT = "unset RAY_ADDRESS to start a Ray in this process, or set it to a running head node's HOST:6379"
 
 
-def _check_answers(address: str) -> None:
-    """Refuse ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``) where nothing takes a connection."""
+def _check_answers(address: str, *, name: str | None = None, hint: str = "") -> None:
+    """Refuse ``address`` (``HOST:PORT`` or ``ray://HOST:PORT``) where nothing takes a connection;
+    the message calls it ``name`` (``RAY_ADDRESS=...``) and ends in ``hint``."""
+    name, hint = name or f"RAY_ADDRESS={address}", hint or _HINT
     hostport = address.removeprefix("ray://").rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise NoCluster(f"RAY_ADDRESS={address}: not HOST:PORT, ray://HOST:PORT or auto; {_HINT}")
+        raise NoCluster(f"{name}: not HOST:PORT, ray://HOST:PORT or auto; {hint}")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=ANSWER_SECONDS) as connection:
             if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):  # under TLS, gRPC's first bytes are a TLS handshake
                 connection.sendall(HTTP2_PREFACE)
                 reply = connection.recv(9)
                 if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
-                    raise NoCluster(f"RAY_ADDRESS={address}: something answers there, but not Ray: it does not speak gRPC "
-                                    f"(the dashboard's port, 8265, is for `colorize submit`); {_HINT}")
+                    raise NoCluster(f"{name}: something answers there, but not Ray: it does not speak gRPC "
+                                    f"(the dashboard's port, 8265, is for `colorize submit`); {hint}")
     except OSError as error:
         why = f"no answer in {ANSWER_SECONDS:g} s" if isinstance(error, TimeoutError) else error.strerror or str(error)
-        raise NoCluster(f"RAY_ADDRESS={address}: no Ray cluster answers there ({why}); {_HINT}") from None
+        raise NoCluster(f"{name}: no Ray cluster answers there ({why}); {hint}") from None

@@ -542,12 +542,12 @@ def _class_weights(config: TrainConfig, source: data.Source, fs: pafs.FileSystem
     if config.loss != "ce" or not config.rebalance:
         return None
     path = storage.join(out, CLASS_WEIGHTS)
-    drawn_from = {k: getattr(config, k) for k in ("data", "limit", "image_size")}
+    images = min(config.limit or quantize.PRIOR_IMAGES, quantize.PRIOR_IMAGES)  # the first of one seeded listing
+    drawn_from = {"data": config.data.rstrip("/"), "images": images, "image_size": config.image_size}
     if earlier is not None and storage.exists(fs, path):
         kept = json.loads(storage.read_bytes(fs, path))
         if kept.get("drawn_from") == drawn_from:
             return kept["weights"]
-    images = min(config.limit or quantize.PRIOR_IMAGES, quantize.PRIOR_IMAGES)
     plain = data.lab_dataset(source, image_size=config.image_size, augment=False, limit=images)
     try:
         weights, read = estimate_class_weights(plain, images)

@@ -289,6 +289,19 @@ def test_a_command_on_a_node_joins_the_cluster_that_ray_start_left_there(cluster
     assert result.stdout.split() == ["False", "2"]  # joined both nodes; not "a Ray of its own"
 
 
+def test_a_command_refuses_in_one_line_a_cluster_that_ray_start_recorded_but_is_gone(tmp_path: Path) -> None:
+    """With RAY_ADDRESS unset, ray.init joins the address a `ray start` recorded; where that head
+    is gone (killed, out of memory), it retried for ever."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_ports(1)[0]}")
+    script = "from colorize import raycluster; raycluster.connect(log_to_driver=False)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_client_env(RAY_TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert re.search(r"NoCluster: the Ray that a `ray start` on this machine recorded \([\d.]+:\d+\): no Ray cluster "
+                     r"answers there \(Connection refused\); start it again, or set RAY_ADDRESS=local", result.stderr)
+
+
 def test_a_ray_that_fails_to_start_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """ray.init raises a bare Exception where the node it starts times out (on a loaded machine);
     it ended `colorize run` in a traceback, exit 1. Ray itself is replaced: that cannot be made to happen."""

@@ -191,7 +191,7 @@ def test_a_classification_head_and_a_gan_train_under_ddp_and_resume(ray_cluster:
     fs = storage.resolve(str(out))[0]
     other = TrainConfig(epochs=3, **{**config, "limit": 48})
     assert train_module._class_weights(other, data.locate(str(images), limit=48), fs, str(out), {"data": str(images)}) != [1.0] * 262
-    assert json.loads((out / train_module.CLASS_WEIGHTS).read_text())["drawn_from"]["limit"] == 48
+    assert json.loads((out / train_module.CLASS_WEIGHTS).read_text())["drawn_from"]["images"] == 48
 
     assert summary["resumed_at"] == [1] and np.isfinite(summary["train_loss"]) and np.isfinite(summary["val_psnr"])
     checkpoint = max(p for p in (out / "train").glob("checkpoint_*") if p.is_dir())
