@@ -222,8 +222,8 @@ def model_from_bytes(data: bytes) -> nn.Module:
     found = {k: v.shape for k, v in state.items()}
     if found != expected:
         key = sorted(expected.keys() ^ found.keys()) or [k for k in expected if expected[k] != found[k]]
-        model = ", ".join(f"{name}={getattr(config, name)}" for name in ("arch", "width", "depth", "head", "attention", "classes"))
-        raise UnfitWeights(f"its tensors do not fit its config (first at {key[0]!r}; {model})")
+        shape = ", ".join(f"{name}={getattr(config, name)}" for name in ("arch", "width", "depth", "head", "attention", "classes"))
+        raise UnfitWeights(f"its tensors do not fit its config (first at {key[0]!r}; {shape})")
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise UnfitWeights(f"its tensor {bad!r} holds NaN or infinite values")

@@ -553,9 +553,10 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
 def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> None:
     """For a whole ``--overwrite``: delete the PNGs of earlier runs that it did not write over
     (all of them where it writes none), of another input, of inputs since gone, of inputs that
-    failed this time, as :func:`_start_over` deleted their rows. Without this, the folder held two runs' colours
-    with nothing to say so, and a resumed run took an input whose PNG was another's as done.
-    Names that are not UTF-8 are no run's (outputs are named in UTF-8) and are left alone."""
+    failed this time, as :func:`_start_over` deleted their rows. Without this, the folder held
+    two runs' colours with nothing to say so, and a resumed run took an input whose PNG was
+    another's as done. Names that are not UTF-8 are no run's (outputs are named in UTF-8) and
+    are left alone."""
     images_dir = storage.join(root, sources.IMAGES_FOLDER)
     if not storage.exists(fs, images_dir):
         return
