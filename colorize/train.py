@@ -537,8 +537,8 @@ def _class_weights(config: TrainConfig, source: data.Source, fs: pafs.FileSystem
     the first training images, unaugmented and in the listing's order, so the same data gives
     the same weights; kept in ``OUT/`` and reused by a resume on the same data and size (they
     were drawn from augmented crops as blocks came, 4% apart run to run, 32% at --limit 64).
-    The file names the data, limit and size it was drawn from: a run between that did not
-    rebalance may have changed them."""
+    The file names the data, the number of images and the size it was drawn from: a run
+    between that did not rebalance may have changed them."""
     if config.loss != "ce" or not config.rebalance:
         return None
     path = storage.join(out, CLASS_WEIGHTS)
