@@ -28,8 +28,10 @@ def image_grid(columns: Sequence[tuple[str, np.ndarray]], *, cell: int = 96) -> 
 
     Args:
         columns: ``(title, images)`` pairs; every ``images`` is uint8 (N, H, W, 3), same N.
-        cell: the side of each cell in pixels; small images are enlarged with nearest
-            neighbour so CIFAR-sized pixels stay visible.
+        cell: the side of each cell in pixels; an image a half of it or less is enlarged a
+            whole number of times with nearest neighbour, so that CIFAR-sized pixels stay
+            visible and all the same size (64 px at 1.5x made every other one two wide);
+            a larger one, smoothly to the cell.
     """
     n = len(columns[0][1])
     font = ImageFont.load_default()
@@ -43,9 +45,13 @@ def image_grid(columns: Sequence[tuple[str, np.ndarray]], *, cell: int = 96) -> 
             if max(tile.size) > cell:
                 tile.thumbnail((cell, cell))
             elif max(tile.size) < cell:
-                scale = cell / max(tile.size)
-                resample = Image.Resampling.NEAREST if max(tile.size) <= 64 else Image.Resampling.BICUBIC
-                tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), resample)
+                times = cell // max(tile.size)
+                if times >= 2:
+                    tile = tile.resize((tile.width * times, tile.height * times), Image.Resampling.NEAREST)
+                else:
+                    scale = cell / max(tile.size)
+                    size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
+                    tile = tile.resize(size, Image.Resampling.BICUBIC)
             grid.paste(tile, (c * cell + (cell - tile.width) // 2, header + r * cell + (cell - tile.height) // 2))
     return grid
 

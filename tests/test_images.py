@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageCms
 
-from colorize import color, colorizer, data, images, imagesets, metrics
+from colorize import color, colorizer, data, images, imagesets, metrics, plots
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import for_inference
 from tests.helpers import SRGB_PRIMARIES, encode, icc_profile, scene
@@ -105,6 +105,18 @@ def test_an_image_set_leaves_out_dot_folders_and_dot_files(tmp_path: Path, capsy
 
     assert found.classes == ("dog",) and len(found.rgb) == 1 and found.listed == 1
     assert "skipping 2 image(s) that are dot files or lie in dot folders" in capsys.readouterr().err
+
+
+def test_a_grid_enlarges_small_images_a_whole_number_of_times_and_larger_ones_smoothly() -> None:
+    """64 px in a 96 px cell by nearest neighbour made every other pixel two wide."""
+    def checks(side: int) -> np.ndarray:
+        return (np.indices((side, side)).sum(axis=0) % 2 * 255).astype(np.uint8)[None, ..., None].repeat(3, axis=-1)
+
+    grid = np.asarray(plots.image_grid([("", checks(32)), ("", checks(64))]))
+    tile = grid[16 : 16 + 96, :96, 0]  # below the 16 px header
+    assert np.array_equal(tile, checks(32)[0, ..., 0].repeat(3, axis=0).repeat(3, axis=1))
+    smooth = grid[16 : 16 + 96, 96:192, 0]  # fills its cell, resampled rather than pixels of two widths
+    assert ((smooth > 0) & (smooth < 255)).mean() > 0.5
 
 
 def test_class_folders_named_alike_up_to_unicode_normalisation_are_one_class(tmp_path: Path) -> None:
