@@ -68,7 +68,7 @@ def main() -> None:
     rows, models = [], []
     for uri in args.weights or ["bundled"]:
         try:
-            model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+            model, weights_id = colorizer.load_weights(uri)
         except (ValueError, storage.StorageError) as error:
             parser.error(f"--weights: {error}")
         model = for_inference(model.eval()).to(memory_format=torch.channels_last)

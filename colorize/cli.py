@@ -179,7 +179,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="test images, same forms as `train --data` (CIFAR-10 python: its test batch; a folder or "
                    "Parquet folder is read whole, with a warning naming the test split where it holds a training one)")
-    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--weights", help="a model.pt from `train`, local or s3://, or 'bundled' (the default)")
     p.add_argument("--limit", type=positive_int, help="evaluate only N files, unreadable ones included (a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--out", help="folder or s3:// prefix for metrics.json and grid.png")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per model call (default: 256)")
@@ -213,7 +213,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
         "initialised encoder. Prints JSON.",
     )
     p.add_argument("--data", required=True, help="a local folder with train/ and test/ class folders (CIFAR-10 as JPEGs)")
-    p.add_argument("--weights", help="a model.pt from `train`, local or s3:// (default: the bundled model)")
+    p.add_argument("--weights", help="a model.pt from `train`, local or s3://, or 'bundled' (the default)")
     p.add_argument("--limit", type=positive_int, help="a seeded subset of N training images")
     p.add_argument("--test-limit", type=positive_int, help="a seeded subset of N test images")
     p.add_argument("--epochs", type=positive_int, default=30, help="probe training epochs (default: 30)")
@@ -241,7 +241,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="a folder (recursive), an image, s3://bucket/prefix, archives "
                    "(.tar, .tar.gz, .tgz, .zip, WebDataset shards) or a manifest (.txt or .parquet list of paths)")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for images/, parquet/, failed/, _SUMMARY.json")
-    p.add_argument("--weights", help="a model.pt from `train` (default: the bundled model)")
+    p.add_argument("--weights", help="a model.pt from `train`, local or s3://, or 'bundled' (the default)")
     p.add_argument("--format", default="png,parquet", help="comma-separated outputs: png, parquet (default: both)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call and per Parquet file (default: 64; CPU tasks read plain files in groups of 32, so at most 32 there)")
     p.add_argument("--temperature", type=_temperature,

@@ -241,9 +241,13 @@ def weights_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
+BUNDLED = "bundled"  # what --weights, --init and --compare take for the bundled model
+
+
 def read_weights(uri: str | None, settings: storage.S3Settings | None = None) -> bytes:
-    """The bytes of a weights file (local or ``s3://``), or of the bundled default for None."""
-    if uri is None:
+    """The bytes of a weights file (local or ``s3://``), or of the bundled default for None or
+    :data:`BUNDLED`."""
+    if uri is None or uri == BUNDLED:
         path = bundled_weights_path()
         if not path.exists():
             raise storage.StorageError(f"{path}: the bundled weights are missing; reinstall colorize or pass --weights")
@@ -305,25 +309,26 @@ def load_weights(
     default; ``temperature`` overrides a classification head's decoding temperature, and
     ``saturation`` the factor on its predicted chroma."""
     raw = read_weights(uri, settings)
+    name = uri if uri not in (None, BUNDLED) else bundled_weights_path()
     if not zipfile.is_zipfile(io.BytesIO(raw)):  # what torch.save writes; torch's own error says less
-        raise ValueError(f"{uri or bundled_weights_path()}: not a colorize weights file: not a torch zip file "
+        raise ValueError(f"{name}: not a colorize weights file: not a torch zip file "
                          f"({len(raw):,} bytes; truncated, corrupt or another format?)")
     damaged = damaged_part(raw)
     if damaged is not None:
-        raise ValueError(f"{uri or bundled_weights_path()}: a damaged weights file: the checksum of its part {damaged!r} "
+        raise ValueError(f"{name}: a damaged weights file: the checksum of its part {damaged!r} "
                          "does not match (copy it again)")
     try:
         model = model_from_bytes(raw)
     except UnfitWeights as error:
-        raise ValueError(f"{uri or bundled_weights_path()}: a colorize weights file that cannot be used: {error}") from None
+        raise ValueError(f"{name}: a colorize weights file that cannot be used: {error}") from None
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, EOFError,
             pickle.UnpicklingError) as error:
         reason = _why_not_loaded(error)
         raise ValueError(
-            f"{uri or bundled_weights_path()}: not a colorize weights file, expected a weights-only torch file "
+            f"{name}: not a colorize weights file, expected a weights-only torch file "
             f"with 'config' and 'state_dict' ({reason})"
         ) from None
     if temperature is not None and model.config.head != "classification":  # else it would change nothing, silently
-        raise ValueError(f"{uri or bundled_weights_path()}: a decoding temperature is for a classification head; "
+        raise ValueError(f"{name}: a decoding temperature is for a classification head; "
                          f"this model's head is {model.config.head}")
     return set_decoding(model, temperature=temperature, saturation=saturation), weights_id(raw)

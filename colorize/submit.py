@@ -203,7 +203,7 @@ def _relative_inputs(job: Sequence[str]) -> list[tuple[str, str]]:
 
     args = vars(cli.build_parser().parse_args(list(job)))  # check_job has parsed it once already
     return [(flag, where) for flag in INPUT_FLAGS if (where := args.get(flag[2:].replace("-", "_")))
-            and not storage.is_s3(where) and not where.startswith(("/", "~")) and (flag, where) != ("--init", "bundled")]
+            and not storage.is_s3(where) and not where.startswith(("/", "~")) and where != "bundled"]
 
 
 def _check_inputs_uploaded(job: Sequence[str], folder: Path, environ: Mapping[str, str]) -> None:

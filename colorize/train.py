@@ -766,7 +766,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     storage.check_output(out_fs, out_path, config.out, "--out")
     init = None
     if config.init:
-        init, init_id = colorizer.load_weights(None if config.init == "bundled" else config.init, settings)
+        init, init_id = colorizer.load_weights(config.init, settings)
         config = resolve_init(config, init.config)
     _drop_unusable_checkpoints(out_fs, out_path)  # before anything reads the last one
     earlier = _earlier_run(out_fs, out_path)

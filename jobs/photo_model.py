@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = None
     if args.init:  # read first: its working size is the default --size the images load at
         try:
-            start, _ = colorizer.load_weights(None if args.init == "bundled" else args.init)
+            start, _ = colorizer.load_weights(args.init)
         except (ValueError, storage.StorageError) as error:
             parser.error(str(error))
         for flag, given, has in (("--width", args.width, start.config.width), ("--depth", args.depth, start.config.depth)):
@@ -344,7 +344,7 @@ def compare(weights: list[str], holdouts: dict[str, np.ndarray], out: Path) -> N
     for folder, holdout in holdouts.items():
         rows[folder] = {}
         for uri in weights:
-            model, weights_id = colorizer.load_weights(None if uri == "bundled" else uri)
+            model, weights_id = colorizer.load_weights(uri)
             result, gray = score(model, holdout)
             rows[folder][uri] = {"weights_id": weights_id, **result}
             print(f"{folder}: {uri}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "

@@ -17,7 +17,7 @@ import pytest
 
 from colorize import cli
 from colorize.cli import build_parser
-from tests.helpers import write_images
+from tests.helpers import free_ports, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 COLORIZE = [sys.executable, "-m", "colorize.cli"]
@@ -218,6 +218,19 @@ def test_run_from_unreachable_s3_writes_nothing(tmp_path: Path) -> None:
     result = colorize("run", "--input", "s3://in/x", "--output", str(tmp_path / "out"), "--s3-endpoint", UNREACHABLE)
     assert_one_error_line(result, "s3://in/x", "cannot reach")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_nothing_to_do_needs_no_ray(ray_cluster: str, tmp_path: Path) -> None:
+    """It started one (12-40 s) only to count what was done: here RAY_ADDRESS names no Ray at all."""
+    from colorize.pipeline import BulkConfig, run
+
+    write_images(tmp_path / "in", 3)
+    run(BulkConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_ports(1)[0]}"}
+    result = subprocess.run([*COLORIZE, "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 inputs: 0 written, 0 failed, 3 skipped" in result.stderr
 
 
 def test_run_with_bad_credentials(tmp_path: Path, s3) -> None:

@@ -591,6 +591,7 @@ def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("job", "working_dir", "message"), [
     (("run", "--input", "samples", "--output", "/o"), True, None),
     (("train", "--data", "samples/a.png", "--out", "/o", "--init", "bundled"), True, None),
+    (("run", "--input", "samples", "--output", "/o", "--weights", "bundled"), True, None),
     (("run", "--input", "data/photos", "--output", "/o"), True, "run --input data/photos: not uploaded with the job"),
     (("train", "--data", "samples", "--val", "scans", "--out", "/o"), True, "train --val scans: not uploaded with the job"),
     (("train", "--data", "photos", "--out", "/o"), True, "train --data photos: no such file or folder in --working-dir"),
@@ -604,7 +605,7 @@ def test_the_upload_size_counts_the_zip_headers_too(tmp_path: Path) -> None:
      "train --data shards/*.parquet: 1 of the 2 files it matches, such as shards/valid-9.parquet, are not uploaded"),
     (("train", "--data", "shards/val-*.parquet", "--out", "/o"), True, "shards/val-*.parquet: no file that matches it in"),
     (("run", "--input", "../project/samples", "--output", "/o"), True, "run --input ../project/samples: outside --working-dir"),
-], ids=["uploaded", "uploaded-file", "data-excluded", "rayignored", "missing", "outside", "no-working-dir", "pattern",
+], ids=["uploaded", "uploaded-file", "bundled", "data-excluded", "rayignored", "missing", "outside", "no-working-dir", "pattern",
         "pattern-excluded", "pattern-partly-excluded", "pattern-unmatched", "back-in-by-name"])
 def test_a_relative_input_must_name_something_uploaded(tmp_path: Path, job: tuple, working_dir: bool,
                                                         message: str | None) -> None:

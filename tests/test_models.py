@@ -399,6 +399,11 @@ def test_a_weights_file_with_flipped_bits_is_refused_and_a_folder_is_pointed_at_
         colorizer.load_weights(str(run))
 
 
+def test_bundled_names_the_bundled_model_wherever_weights_are_taken() -> None:
+    """As `train --init bundled` always did; `probe --weights bundled` was 'no such weights file'."""
+    assert colorizer.load_weights("bundled")[1] == colorizer.load_weights(None)[1]
+
+
 def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_building(tmp_path) -> None:
     state = build_model(CONFIGS[0]).state_dict()
     # A width this large would take over 100 GiB if built before the shapes were compared.
