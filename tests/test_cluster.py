@@ -315,18 +315,16 @@ def test_a_ray_that_fails_to_start_is_one_line(monkeypatch: pytest.MonkeyPatch, 
                            "was started with:\n    Ray: 2.60.0\n")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", timed_out)
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "colorize evaluate: error: Ray could not start in this process: The current node timed out during startup. "
-        "This could happen because some of the Ray processes failed (a loaded machine); run it again"]
-    monkeypatch.setattr(ray, "init", mismatched)
-    monkeypatch.setenv("RAY_ADDRESS", "auto")
-    assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "colorize evaluate: error: RAY_ADDRESS=auto: Version mismatch: The cluster was started with: Ray: 2.59.0 "
-        "This process on node 10.0.0.2 was started with: Ray: 2.60.0"]
+    for init, address, line in (
+        (timed_out, "local", "colorize evaluate: error: Ray could not start in this process: The current node timed out during "
+         "startup. This could happen because some of the Ray processes failed (a loaded machine); run it again"),
+        (mismatched, "auto", "colorize evaluate: error: RAY_ADDRESS=auto: Version mismatch: The cluster was started with: "
+         "Ray: 2.59.0 This process on node 10.0.0.2 was started with: Ray: 2.60.0"),
+    ):
+        monkeypatch.setattr(ray, "init", init)
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert cli.main(["evaluate", "--data", str(ROOT / "samples")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
 @pytest.mark.timeout(600)
