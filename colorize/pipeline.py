@@ -710,6 +710,12 @@ def run(config: BulkConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
     storage.check_output(out_fs, out_root, config.output, "--output")
+    with storage.OutputLock(out_fs, out_root, config.output, "--output") as lock:
+        return _run(config, settings, out_fs, out_root, lock, started)
+
+
+def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem, out_root: str,
+         lock: storage.OutputLock, started: float) -> dict[str, Any]:
     # Fail here, not in every actor; the workers get the model with any --temperature and
     # --saturation applied, in its config.
     model, weights_id = colorizer.load_weights(
@@ -725,10 +731,11 @@ def run(config: BulkConfig) -> dict[str, Any]:
         unfinished = False
     found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
     items = found[: config.limit] if config.limit else found
+    lock.acquire_if_there()  # before reading what an earlier run wrote, and deleting what it left unfinished
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
-    for path in done.unfinished:  # one run per --output at a time: no other run is writing them
+    for path in done.unfinished:  # the lock: no other run is writing them
         storage.delete(out_fs, path)
     if done.unfinished:
         print(f"removed {len(done.unfinished)} unfinished file(s) that a stopped run was writing, such as "
@@ -740,6 +747,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     if todo and raycluster.connect(log_to_driver=False):
         _check_resources(config)
     record = {**asdict(config), **run_id}
+    lock.acquire()  # a new --output: before its first write
     storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:
         _start_over(out_fs, out_root)

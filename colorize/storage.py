@@ -13,12 +13,15 @@ Failures that a user can fix (missing path, unreachable endpoint, wrong keys) su
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import functools
 import io
 import json
 import os
 import posixpath
 import re
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -58,6 +61,10 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 class StorageError(Exception):
     """One-line, user-facing storage problem (missing path, unreachable S3, bad credentials)."""
+
+
+class InUse(StorageError):
+    """Another run holds the output folder's lock."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +351,65 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     """True if ``path`` is a file or directory."""
     with _errors(fs, to_uri(fs, path)):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+LOCK_FILE = ".colorize-lock"
+
+
+class OutputLock:
+    """One run at a time in a local output folder: an exclusive ``flock`` on ``LOCK_FILE`` in it.
+
+    Two runs in one folder each deleted files the other was writing (a bulk run's unfinished
+    ones; training's checkpoints) and wrote over each other's records. The kernel releases the
+    lock when its process ends however it ends, so a killed run leaves no stale lock: the file
+    stays, naming the last holder, and the next run takes it. S3 has no lock that every S3 store offers, so there one run per
+    prefix is the user's to keep.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
+        self.fs, self.path, self.uri, self.flag = fs, path, uri, flag
+        self._handle: io.TextIOWrapper | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`InUse` naming the run that holds it."""
+        if self._handle is not None or self.fs.type_name != "local":
+            return
+        with _errors(self.fs, self.uri):
+            os.makedirs(self.path, exist_ok=True)
+            handle = open(os.path.join(self.path, LOCK_FILE), "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise InUse(f"{self.uri}: in use by another run ({holder}); one run per {self.flag} at a time") from None
+        except BaseException:
+            handle.close()
+            raise
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        self._handle = handle
+
+    def acquire_if_there(self) -> None:
+        """Take the lock where the folder already exists: an earlier run's files are about to be
+        read or deleted. A new folder is made only by :meth:`acquire`, before the first write,
+        so that a run refused before it wrote anything leaves none."""
+        if self.fs.type_name == "local" and os.path.isdir(self.path):
+            self.acquire()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the last descriptor drops the flock
+            self._handle = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:

@@ -764,6 +764,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
     storage.check_output(out_fs, out_path, config.out, "--out")
+    with storage.OutputLock(out_fs, out_path, config.out, "--out") as lock:
+        return _train(config, settings, out_fs, out_path, lock)
+
+
+def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem, out_path: str,
+           lock: storage.OutputLock) -> dict[str, Any]:
+    lock.acquire_if_there()  # an earlier run's checkpoints are read, and may be deleted
     init = None
     if config.init:
         init, init_id = colorizer.load_weights(config.init, settings)
@@ -812,6 +819,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit,
             class_index=class_index,
         )
+    lock.acquire()  # a new --out: before its first write
     class_weights = _class_weights(config, train_source, out_fs, out_path, earlier[0] if earlier else None)
     # The class names beside the config: what a resumed run checks its data against.
     storage.write_json(out_fs, storage.join(out_path, "config.json"), {**asdict(config), **({"classes": classes} if classes else {})})

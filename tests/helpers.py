@@ -6,6 +6,10 @@ import io
 import os
 import socket
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +115,21 @@ def ray_processes(title: bytes) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+@contextmanager
+def output_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder``'s output lock, as a running job does, until the block ends
+    (it is then killed: the kernel, not the holder, releases the lock)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, pyarrow.fs as fs; from colorize.storage import OutputLock; "
+         "lock = OutputLock(fs.LocalFileSystem(), sys.argv[1], sys.argv[1], '--output'); lock.acquire(); print('held', flush=True); "
+         "time.sleep(600)", str(folder)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,7 +17,7 @@ import pytest
 
 from colorize import cli
 from colorize.cli import build_parser
-from tests.helpers import free_ports, write_images
+from tests.helpers import free_ports, output_held_elsewhere, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 COLORIZE = [sys.executable, "-m", "colorize.cli"]
@@ -200,6 +200,17 @@ def test_a_ray_address_where_another_server_answers_is_one_error_line(tmp_path: 
     finally:
         server.shutdown()
     assert_one_error_line(result, f"RAY_ADDRESS={address}: something answers there, but not Ray")
+
+
+@pytest.mark.parametrize(("command", "flags"), [("run", ("--input", "--output")), ("train", ("--data", "--out"))])
+def test_a_second_job_into_a_folder_in_use_is_refused_and_touches_nothing(tmp_path: Path, command: str, flags: tuple[str, str]) -> None:
+    """Two at once deleted each other's unfinished files (run) and checkpoints (train)."""
+    write_images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    with output_held_elsewhere(out) as holder:
+        result = colorize(command, flags[0], str(tmp_path / "in"), flags[1], str(out))
+    assert_one_error_line(result, f"{out}: in use by another run (pid {holder.pid} on ", f"one run per {flags[1]} at a time")
+    assert sorted(p.name for p in out.iterdir()) == [".colorize-lock"]
 
 
 def test_run_on_a_missing_input(tmp_path: Path) -> None:

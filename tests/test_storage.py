@@ -20,6 +20,7 @@ import ray
 from colorize import storage
 from colorize.storage import S3Settings, StorageError
 from tests.conftest import S3Server, free_ports
+from tests.helpers import output_held_elsewhere
 from tests.s3server import S3_READ_ONLY_KEY, S3_SECRET_KEY
 
 NESTED = {
@@ -299,3 +300,33 @@ def test_a_pipe_or_device_given_by_name_is_refused_without_being_opened(tmp_path
         fs, path = storage.resolve(given)
         with pytest.raises(StorageError, match=f"^{re.escape(given)}: neither a file nor a folder"):
             storage.list_files(fs, path)
+
+
+def test_an_output_folder_takes_one_run_at_a_time_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    """Two runs in one folder deleted each other's unfinished files and checkpoints."""
+    out = tmp_path / "new" / "out"
+    local = pafs.LocalFileSystem()
+    lock = storage.OutputLock(local, str(out), "out", "--output")
+    lock.acquire_if_there()
+    assert not out.exists()  # only a run's first write makes the folder
+    with output_held_elsewhere(out) as holder:
+        with pytest.raises(storage.InUse, match=rf"out: in use by another run \(pid {holder.pid} on "
+                                                rf"{re.escape(socket.gethostname())}, since 20.* UTC\); one run per --output at a time"):
+            lock.acquire_if_there()
+    # Killed while holding it: the file stays, naming it, but nothing holds it.
+    assert f"pid {holder.pid} " in (out / storage.LOCK_FILE).read_text()
+    with lock:
+        lock.acquire()
+        lock.acquire()  # again: a no-op, not a second lock on the same folder
+        assert (out / storage.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
+        with pytest.raises(storage.InUse):
+            storage.OutputLock(local, str(out), "out", "--output").acquire()
+    with storage.OutputLock(local, str(out), "out", "--output") as again:  # released on leaving the block
+        again.acquire()
+
+
+def test_an_s3_output_is_not_locked(s3: S3Server, bucket: str) -> None:
+    fs, path = storage.resolve(f"{bucket}/locked", s3.settings)
+    with storage.OutputLock(fs, path, f"{bucket}/locked", "--output") as lock:
+        lock.acquire()
+        assert not storage.exists(fs, storage.join(path, storage.LOCK_FILE))
