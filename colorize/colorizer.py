@@ -214,7 +214,11 @@ class UnfitWeights(ValueError):
 def model_from_bytes(data: bytes) -> nn.Module:
     """Rebuild a model from :func:`weights_bytes` output. Never unpickles arbitrary objects."""
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    config, state = ModelConfig.from_dict(payload["config"]), payload["state_dict"]
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except ValueError as error:  # a config no model can be built from: a field of the wrong type, depth 0
+        raise UnfitWeights(f"its config: {error}") from None
+    state = payload["state_dict"]
     # Shapes are checked on a skeleton first: a config its tensors do not match (width 4096)
     # would otherwise allocate a model of any size before load_state_dict compared them.
     with torch.device("meta"):

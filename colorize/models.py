@@ -19,7 +19,7 @@ checkpoint:
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -60,6 +60,9 @@ PRETRAINED_MODULES = ("pretrained", "pretrained_fuse")
 COLOUR_HEAD = ("head", "ab_bins")
 
 
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What a colouriser is; stored in every checkpoint so loading needs nothing else.
@@ -97,6 +100,10 @@ class ModelConfig:
     pretrained: str = ""
 
     def __post_init__(self) -> None:
+        for field in fields(self):  # a weights file's config is JSON-like data, perhaps hand-made
+            value, kind = getattr(self, field.name), _FIELD_TYPES[field.type]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"model {field.name} must be {field.type}, got {value!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"model arch must be one of {ARCHITECTURES}, got {self.arch!r}")
         if self.width < 1 or self.depth < 1:

@@ -419,6 +419,19 @@ def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_bu
         colorizer.load_weights(str(tmp_path / "nan.pt"))
 
 
+@pytest.mark.parametrize(("change", "why"), [
+    ({"width": "32"}, "model width must be int, got '32'"),  # was "not a colorize weights file (TypeError: ...)"
+    ({"depth": 0}, r"width and depth must be positive, got \d+, 0"),
+    ({"attention": 1}, "model attention must be bool, got 1"),
+])
+def test_a_weights_file_whose_config_no_model_can_have_is_refused(tmp_path, change: dict, why: str) -> None:
+    """Refused as unusable, with the field: a hand-made file's config, or one edited by hand."""
+    state = build_model(CONFIGS[0]).state_dict()
+    torch.save({"config": {**CONFIGS[0].to_dict(), **change}, "state_dict": state}, tmp_path / "made.pt")
+    with pytest.raises(ValueError, match=rf"made.pt: a colorize weights file that cannot be used: its config: {why}"):
+        colorizer.load_weights(str(tmp_path / "made.pt"))
+
+
 def test_a_classification_model_loads_in_a_process_that_has_not_built_one_yet() -> None:
     # As in a fresh Ray worker: the ab cells are first computed while the shapes are checked on "meta".
     data = colorizer.weights_bytes(build_model(CONFIGS[3]))
