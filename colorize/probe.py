@@ -9,6 +9,8 @@ The gap between the two is what learning to colour taught the encoder (Zhang et 
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,13 @@ def linear_probe(
         return float((probe(test_x).argmax(dim=1) == test_y).float().mean())
 
 
+def _shared_images(train: np.ndarray, test: np.ndarray) -> int:
+    """How many of the (N, H, W, 3) ``test`` images are, pixel for pixel, among ``train``'s: a
+    copy in both splits is scored on an image the probe was fitted to."""
+    seen = {hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in train}
+    return sum(hashlib.blake2b(image.tobytes(), digest_size=16).digest() in seen for image in test)
+
+
 def probe(config: ProbeConfig) -> dict[str, Any]:
     """Probe accuracy of the trained encoder and of a random one, as a JSON-able report."""
     settings = storage.S3Settings.from_env(config.s3_endpoint)
@@ -122,7 +131,11 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "unreadable_files": [storage.utf8_name(p) for p in (train.unreadable + test.unreadable)[:errors.NAMED_UNREADABLE]],
         "classes": len(train.classes),
         "chance": float(np.bincount(test.labels).max() / len(test_y)),
+        "test_images_in_train": _shared_images(train.rgb, test.rgb),
     }
+    if report["test_images_in_train"]:
+        print(f"warning: {report['test_images_in_train']} of the {len(test_y)} test/ images are also in train/ "
+              f"(the same pixels at {size} px); the probe's test accuracy counts them", file=sys.stderr, flush=True)
     for name, model in (("colourisation", trained), ("random_init", random_init)):
         train_x, test_x = encoder_features(model, train.rgb), encoder_features(model, test.rgb)
         report["features"] = train_x.shape[1]

@@ -56,9 +56,21 @@ def test_the_probe_reports_both_encoders_and_separates_easy_classes(labelled: Pa
     report = probe(ProbeConfig(data=str(labelled), weights=str(weights), epochs=20, out=str(tmp_path)))
     assert report["train_images"] == 64 and report["test_images"] == 96 and report["classes"] == 2
     assert report["features"] == 4 + 8 + 16
-    assert report["chance"] == 0.5
+    assert report["chance"] == 0.5 and report["test_images_in_train"] == 0
     assert report["accuracy_colourisation"] > 0.9 and report["accuracy_random_init"] > 0.9
     assert json.loads((tmp_path / "probe.json").read_text()) == report
+
+
+def test_test_images_also_in_train_are_counted_and_warned_about(labelled: Path, weights: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """Nothing checked that the splits were apart: a copy in both is scored on an image the probe was fitted to."""
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    for path in sorted((data / "train" / "day").iterdir())[:3]:  # renamed: the same pixels, not the same name
+        shutil.copy(path, data / "test" / "day" / f"copy-{path.name}")
+    report = probe(ProbeConfig(data=str(data), weights=str(weights), epochs=2))
+    assert report["test_images"] == 99 and report["test_images_in_train"] == 3
+    assert "warning: 3 of the 99 test/ images are also in train/ (the same pixels at 16 px)" in capsys.readouterr().err
 
 
 def test_the_probe_reads_its_weights_from_s3_and_writes_its_report_there(labelled: Path, weights: Path, s3) -> None:
