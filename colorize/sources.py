@@ -39,7 +39,8 @@ MAX_NAME_BYTES = 255  # the longest file name ext4, APFS, NTFS and others take
 # What a run (colorize.pipeline) writes under its output folder, and, locally, its files being written.
 IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER = "images", "parquet", "failed"
 CONFIG_FILE, SUMMARY_FILE = "_CONFIG.json", "_SUMMARY.json"
-OUTPUT_FOLDERS, OUTPUT_FILES = (IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER), (CONFIG_FILE, SUMMARY_FILE, storage.TEMP_PREFIX)
+OUTPUT_FOLDERS = (IMAGES_FOLDER, PARQUET_FOLDER, FAILED_FOLDER)
+OUTPUT_FILES = (CONFIG_FILE, SUMMARY_FILE, storage.TEMP_PREFIX, storage.LOCK_FILE)
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a manifest entry with a scheme is not a path
 # What training reads from folders and the bulk job from archives (where .json/.cls sit beside
 # the images); every format here is one the pinned Pillow decodes.

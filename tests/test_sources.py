@@ -410,7 +410,8 @@ def test_an_output_that_holds_the_input_leaves_out_only_the_runs_own_outputs(tmp
         sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path))
     (tmp_path / "images" / "mine.png").unlink()
 
-    for written in ("_CONFIG.json", "images/grey/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", ".tmp-0a1b"):
+    for written in ("_CONFIG.json", "images/grey/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", ".tmp-0a1b",
+                    storage.LOCK_FILE):  # the lock too: a second run listed it as a failed input
         (tmp_path / written).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / written).write_bytes(b"an earlier run's")
     (tmp_path / "images.png").write_bytes(_good_png(1))  # beside the outputs, not in them
@@ -422,7 +423,7 @@ def test_an_earlier_output_inside_the_input_is_left_out(tmp_path: Path, capsys: 
     """--input data --output data/run2 after --output data/run1 read run1's PNGs as inputs."""
     (tmp_path / "a.png").write_bytes(_good_png(0))
     run1 = tmp_path / "run1"
-    for written in ("images/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json"):
+    for written in ("images/a.png", "parquet/part-0.parquet", "failed/failed.parquet", "_SUMMARY.json", storage.LOCK_FILE):
         (run1 / written).parent.mkdir(parents=True, exist_ok=True)
         (run1 / written).write_bytes(b"an earlier run's")
     (run1 / "notes.png").write_bytes(_good_png(1))  # the user's own, beside the outputs
@@ -436,7 +437,7 @@ def test_an_earlier_output_inside_the_input_is_left_out(tmp_path: Path, capsys: 
     items = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path / "run2"))
     assert [i.relpath for i in items] == ["a.png", "other/_CONFIG.png", "other/images/b.png", "run1/images-old/c.png",
                                           "run1/notes.png"]
-    assert f"left out 5 file(s) in 1 earlier colorize output(s) inside it: {run1}; to colourise one's images again, pass its images/ folder" in capsys.readouterr().err
+    assert f"left out 6 file(s) in 1 earlier colorize output(s) inside it: {run1}; to colourise one's images again, pass its images/ folder" in capsys.readouterr().err
     assert [i.relpath for i in sources.discover(str(run1 / "images"), storage.S3Settings())] == ["a.png"]
 
 
