@@ -47,15 +47,21 @@ def _nearest(ab: torch.Tensor, bins: torch.Tensor, k: int) -> tuple[torch.Tensor
     return distances.view(b, h, w, k), index.view(b, h, w, k)
 
 
+def _soft(ab: torch.Tensor, bins: torch.Tensor, neighbours: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse form of :func:`soft_encode`: each pixel's weights on its nearest cells and
+    their indices, each (B, H, W, ``neighbours``)."""
+    distances, index = _nearest(ab, bins, neighbours)
+    return torch.softmax(-distances / (2 * sigma**2), dim=-1), index
+
+
 def soft_encode(ab: torch.Tensor, bins: torch.Tensor, *, neighbours: int = NEIGHBOURS, sigma: float = SIGMA) -> torch.Tensor:
     """(B, 2, H, W) ab in Lab units -> (B, Q, H, W) target distribution over the cells.
 
     Each pixel spreads over its ``neighbours`` nearest cells with Gaussian weights, so that a
     colour between two cells is not forced into one of them.
     """
-    distances, index = _nearest(ab, bins, neighbours)
-    weights = torch.softmax(-distances / (2 * sigma**2), dim=-1)
-    target = torch.zeros(*distances.shape[:-1], len(bins), dtype=weights.dtype, device=ab.device)
+    weights, index = _soft(ab, bins, neighbours, sigma)
+    target = torch.zeros(*weights.shape[:-1], len(bins), dtype=weights.dtype, device=ab.device)
     return target.scatter_(-1, index, weights).permute(0, 3, 1, 2)
 
 
@@ -107,10 +113,17 @@ def rebalance_weights(prior: torch.Tensor, *, mix: float = PRIOR_MIX) -> torch.T
 
 def classification_loss(logits: torch.Tensor, ab: torch.Tensor, bins: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of (B, Q, H, W) logits against soft-encoded ab, each pixel weighted by the
-    rebalancing weight of its nearest cell (Zhang et al.'s multinomial loss)."""
-    target = soft_encode(ab, bins)
-    per_pixel = -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)  # (B, H, W)
+    rebalancing weight of its nearest cell (Zhang et al.'s multinomial loss).
+
+    The target is kept sparse: only a pixel's ``NEIGHBOURS`` cells have weight, so their log
+    probabilities are gathered rather than a dense (B, Q, H, W) target built and multiplied
+    (two more tensors the size of the logits, for 5 of their 262 cells).
+    """
+    weights, index = _soft(ab, bins, NEIGHBOURS, SIGMA)  # (B, H, W, k)
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    per_pixel = -(weights * log_probs.gather(1, index.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)).sum(dim=-1)  # (B, H, W)
     if class_weights is None:
         return per_pixel.mean()
-    weight = class_weights.to(per_pixel)[target.argmax(dim=1)]
-    return (weight * per_pixel).mean()
+    # The cell of largest weight, the lowest-numbered where weights tie: the dense target's argmax.
+    strongest = index.masked_fill(weights < weights.amax(dim=-1, keepdim=True), len(bins)).amin(dim=-1)
+    return (class_weights.to(per_pixel)[strongest] * per_pixel).mean()

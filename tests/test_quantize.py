@@ -97,3 +97,29 @@ def test_the_loss_prefers_the_right_distribution() -> None:
     weights = torch.ones(len(BINS))
     assert quantize.classification_loss(right, ab, BINS, weights) < quantize.classification_loss(wrong, ab, BINS, weights)
     assert quantize.classification_loss(right, ab, BINS, None) < quantize.classification_loss(torch.zeros_like(right), ab, BINS, None)
+
+
+def _dense_loss(logits: torch.Tensor, ab: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """The multinomial loss written from its definition: a dense target over every cell."""
+    target = quantize.soft_encode(ab, BINS)
+    per_pixel = -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    weight = 1.0 if class_weights is None else class_weights[target.argmax(dim=1)]
+    return (weight * per_pixel).mean()
+
+
+@pytest.mark.parametrize("rebalanced", [False, True])
+def test_the_sparse_loss_and_its_gradient_are_the_dense_targets(rebalanced: bool) -> None:
+    """The loss gathers each pixel's 5 cells instead of building a (B, Q, H, W) target."""
+    generator = torch.Generator().manual_seed(0)
+    # Random colours, and pixels exactly between two cells: (5, 0) is as near (0, 0) as (10, 0),
+    # and the dense target's argmax takes the lower-numbered of the two for the weight.
+    ab = torch.randn(2, 2, 6, 5, generator=generator) * 40
+    ab[0, :, 0] = torch.tensor([5.0, 0.0]).view(2, 1)
+    logits = torch.randn(2, len(BINS), 6, 5, generator=generator) * 3
+    class_weights = torch.rand(len(BINS), generator=generator) * 4 + 0.1 if rebalanced else None
+    sparse, dense = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = quantize.classification_loss(sparse, ab, BINS, class_weights)
+    reference = _dense_loss(dense, ab, class_weights)
+    loss.backward(), reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-6)
+    assert torch.allclose(sparse.grad, dense.grad, rtol=1e-5, atol=1e-9)
