@@ -46,6 +46,9 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
         raise NoCluster(f"RAY_ADDRESS={address}: a Ray Client address, through which this command's Ray Data "
                         "pipeline cannot run; on a cluster node set RAY_ADDRESS to the head's HOST:6379 (or auto), "
                         "or send the command with `colorize submit`")
+    if address.startswith(("http://", "https://")):  # the form Ray's own job CLI takes
+        raise NoCluster(f"RAY_ADDRESS={address}: a job server's URL, to which jobs are sent, not a cluster to join; "
+                        f"send the command there with `colorize submit --address {address} -- ...`, or {_HINT}")
     if address and address not in ("auto", "local"):
         _check_answers(address)
     # Where RAY_ADDRESS is unset, ray.init joins the cluster that a `ray start` on this machine

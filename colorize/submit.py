@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import secrets
@@ -113,8 +114,8 @@ class SubmitConfig:
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"--env {name!r}: expected NAME or NAME=VALUE with NAME like AWS_REGION")
         for flag, value in (("--num-cpus", self.num_cpus), ("--num-gpus", self.num_gpus)):
-            if value is not None and value < 0:
-                raise ValueError(f"{flag} must be at least 0, got {value}")
+            if value is not None and not 0 <= value < math.inf:  # NaN too: the job server refused it as bad JSON
+                raise ValueError(f"{flag} must be a finite number of at least 0, got {value}")
 
 
 def check_job(job: Sequence[str]) -> None:
@@ -613,9 +614,14 @@ def jobs_status(address: str, job_id: str) -> int:
 def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
     """Print a job's log so far; with ``follow_log``, keep printing until the job ends."""
     client, url, redact = _session(address)
-    if follow_log:
-        follow(client, job_id, url, redact)
-        return 0
+    if follow_log:  # then the job's outcome and exit status, as `submit --wait`: a script following a job learns how it ended
+        try:
+            info = follow(client, job_id, url, redact)
+        except KeyboardInterrupt:
+            _status(f"stopped following; {job_id} keeps running (colorize jobs stop {job_id} --address {url})")
+            return EXIT_JOB_STOPPED
+        _status(redact(_outcome(info)))
+        return exit_status(info)
     with _errors(url, redact):
         sys.stdout.write(redact(client.get_job_logs(job_id)))
     return 0
@@ -721,7 +727,8 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
         q = actions.add_parser(action, help=help_text)
         q.add_argument("id", help="submission id, e.g. colorize-train-20261126-063512-ab12")
         if action == "logs":
-            q.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+            q.add_argument("--follow", "-f", action="store_true",
+                           help="keep printing until the job ends, then exit with its outcome as `submit --wait` does")
         _add_address(q)
     p.set_defaults(handler=_jobs)
 

@@ -176,6 +176,7 @@ def test_run_refuses_model_actors_the_ray_it_starts_can_never_place(tmp_path: Pa
 @pytest.mark.parametrize(("command", "address", "why"), [
     ("run", "127.0.0.1:9", "no Ray cluster answers there"), ("train", "ray://127.0.0.1:9", "no Ray cluster answers there"),
     ("evaluate", "head-node", "not HOST:PORT"), ("evaluate", "ray://127.0.0.1:9", "a Ray Client address"),
+    ("evaluate", "http://127.0.0.1:9", "a job server's URL, to which jobs are sent"),  # was 'no Ray cluster answers there'
 ])
 def test_a_ray_address_where_no_cluster_answers_is_one_error_line(tmp_path: Path, command: str, address: str, why: str) -> None:
     """RAY_ADDRESS=127.0.0.1:9 retried for ever ('Failed to get cluster ID from GCS server'); Ray

@@ -260,6 +260,10 @@ def test_a_failing_job_reports_failed_and_its_log_says_why(cluster: Cluster, tmp
 
     assert submit.jobs_logs(cluster.url, job_id) == 0
     assert "colorize train: error: /nonexistent/photos" in capsys.readouterr().out
+    # Followed, the log ends in the job's outcome and exit status, as with --wait (it said nothing, exit 0).
+    assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == cli.EXIT_USAGE
+    assert re.search(rf"^colorize submit: {job_id} FAILED after \d+ s: Job entrypoint command failed with exit code 2$",
+                     capsys.readouterr().err, re.MULTILINE)
     submit.jobs_status(cluster.url, job_id)
     status = capsys.readouterr().out
     assert status.splitlines()[:2] == [f"{job_id}: FAILED", "  message:    Job entrypoint command failed with exit code 2"]
@@ -344,8 +348,10 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
 
     assert submit.jobs_stop(cluster.url, job_id) == 0
     assert capsys.readouterr().out == f"{job_id}: stopping\n"
-    assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == 0  # returns once the job has ended
-    assert f"Running entrypoint for job {job_id}" in capsys.readouterr().out
+    assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == submit.EXIT_JOB_STOPPED  # once the job has ended
+    followed = capsys.readouterr()
+    assert f"Running entrypoint for job {job_id}" in followed.out
+    assert re.search(rf"^colorize submit: {job_id} STOPPED", followed.err, re.MULTILINE)
     assert client.get_job_status(job_id) == JobStatus.STOPPED
     assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
 
@@ -503,6 +509,14 @@ def test_entrypoints_run_the_job_modules_with_shell_quoted_arguments() -> None:
 def test_job_command_lines_are_checked_before_anything_is_sent(job: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         submit.SubmitConfig(address="http://127.0.0.1:1", job=job)
+
+
+@pytest.mark.parametrize("flag", ["num_cpus", "num_gpus"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_driver_reservation_must_be_a_finite_number_of_at_least_0(flag: str, value: float) -> None:
+    """NaN and inf passed the check, uploaded the project and were then 'lost the Ray job server (InvalidJSONError)'."""
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be a finite number of at least 0, got {value}"):
+        submit.SubmitConfig(address="http://127.0.0.1:1", job=("evaluate", "--data", "s3://b/d"), **{flag: value})
 
 
 def test_the_runtime_env_passes_s3_settings_and_keys_only_when_asked() -> None:
