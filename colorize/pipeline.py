@@ -716,6 +716,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
 
 def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem, out_root: str,
          lock: storage.OutputLock, started: float) -> dict[str, Any]:
+    lock.acquire_if_there()  # before reading what an earlier run wrote, and deleting what it left unfinished
     # Fail here, not in every actor; the workers get the model with any --temperature and
     # --saturation applied, in its config.
     model, weights_id = colorizer.load_weights(
@@ -731,7 +732,6 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
         unfinished = False
     found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
     items = found[: config.limit] if config.limit else found
-    lock.acquire_if_there()  # before reading what an earlier run wrote, and deleting what it left unfinished
 
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]

@@ -160,6 +160,8 @@ def _outside_output(fs: pafs.FileSystem, path: str, files: list[str], output: st
     """``files`` (under input folder ``path``) less those that are the run's output: see :func:`discover`."""
     if output.startswith(storage.to_uri(fs, path).rstrip("/") + "/"):  # the output inside the input
         return [f for f in files if not storage.to_uri(fs, f).startswith(output + "/")]
+    # Left by any run that took the lock, even one refused before it wrote anything else.
+    files = [f for f in files if storage.to_uri(fs, f) != f"{output}/{storage.LOCK_FILE}"]
     owned = tuple(f"{output}/{folder}/" for folder in OUTPUT_FOLDERS)
     inside_owned = [f for f in files if storage.to_uri(fs, f).startswith(owned)]
     if not inside_owned:

@@ -22,6 +22,7 @@ import os
 import posixpath
 import re
 import socket
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -369,11 +370,15 @@ class OutputLock:
     def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
         self.fs, self.path, self.uri, self.flag = fs, path, uri, flag
         self._handle: io.TextIOWrapper | None = None
+        self._found_absent = self._unlockable = False
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`InUse` naming the run that holds it."""
-        if self._handle is not None or self.fs.type_name != "local":
+        """Take the lock, or raise :class:`InUse` naming the run that holds it, or saying that
+        the folder appeared after :meth:`acquire_if_there` found none (what this run read of
+        it then, nothing, is stale)."""
+        if self._handle is not None or self._unlockable or self.fs.type_name != "local":
             return
+        made_since = self._found_absent and os.path.exists(self.path)
         with _errors(self.fs, self.uri):
             os.makedirs(self.path, exist_ok=True)
             handle = open(os.path.join(self.path, LOCK_FILE), "a+")  # noqa: SIM115 - held until release()
@@ -384,9 +389,19 @@ class OutputLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise InUse(f"{self.uri}: in use by another run ({holder}); one run per {self.flag} at a time") from None
+        except OSError as error:  # a filesystem without locks (ENOLCK, EOPNOTSUPP): it worked before there was one
+            handle.close()
+            self._unlockable = True
+            print(f"warning: {self.uri}: cannot be locked ({error.strerror or error}); nothing stops a second run "
+                  f"into it, so run one per {self.flag} at a time", file=sys.stderr, flush=True)
+            return
         except BaseException:
             handle.close()
             raise
+        if made_since:  # and that run has finished, or it would hold the lock
+            handle.close()
+            raise InUse(f"{self.uri}: another run made it while this one was starting; one run per {self.flag} at a "
+                        "time: run this again")
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
@@ -397,8 +412,12 @@ class OutputLock:
         """Take the lock where the folder already exists: an earlier run's files are about to be
         read or deleted. A new folder is made only by :meth:`acquire`, before the first write,
         so that a run refused before it wrote anything leaves none."""
-        if self.fs.type_name == "local" and os.path.isdir(self.path):
+        if self.fs.type_name != "local":
+            return
+        if os.path.isdir(self.path):
             self.acquire()
+        else:
+            self._found_absent = True
 
     def release(self) -> None:
         if self._handle is not None:

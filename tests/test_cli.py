@@ -208,10 +208,12 @@ def test_a_second_job_into_a_folder_in_use_is_refused_and_touches_nothing(tmp_pa
     """Two at once deleted each other's unfinished files (run) and checkpoints (train)."""
     write_images(tmp_path / "in", 2)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "_CONFIG.json").write_text("{ half written")  # read only under the lock: it is the other run's
     with output_held_elsewhere(out) as holder:
         result = colorize(command, flags[0], str(tmp_path / "in"), flags[1], str(out))
     assert_one_error_line(result, f"{out}: in use by another run (pid {holder.pid} on ", f"one run per {flags[1]} at a time")
-    assert sorted(p.name for p in out.iterdir()) == [".colorize-lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".colorize-lock", "_CONFIG.json"]
 
 
 def test_run_on_a_missing_input(tmp_path: Path) -> None:

@@ -404,6 +404,10 @@ def test_an_output_that_holds_the_input_leaves_out_only_the_runs_own_outputs(tmp
     into_parent = sources.discover(str(tmp_path / "grey"), storage.S3Settings(), exclude=str(tmp_path))
     assert [i.relpath for i in into_parent] == ["a.png"]
 
+    (tmp_path / storage.LOCK_FILE).touch()  # a run refused after taking the lock: nothing else of it is there
+    into_itself = sources.discover(str(tmp_path), storage.S3Settings(), exclude=str(tmp_path))
+    assert [i.relpath for i in into_itself] == ["grey/a.png"]
+
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "mine.png").write_bytes(_good_png(1))  # the user's own, where the run would write
     with pytest.raises(storage.StorageError, match="images/mine.png: an input in a folder that this run writes into"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import pickle
@@ -306,9 +307,9 @@ def test_an_output_folder_takes_one_run_at_a_time_and_a_killed_holder_frees_it(t
     """Two runs in one folder deleted each other's unfinished files and checkpoints."""
     out = tmp_path / "new" / "out"
     local = pafs.LocalFileSystem()
-    lock = storage.OutputLock(local, str(out), "out", "--output")
-    lock.acquire_if_there()
+    storage.OutputLock(local, str(out), "out", "--output").acquire_if_there()
     assert not out.exists()  # only a run's first write makes the folder
+    lock = storage.OutputLock(local, str(out), "out", "--output")
     with output_held_elsewhere(out) as holder:
         with pytest.raises(storage.InUse, match=rf"out: in use by another run \(pid {holder.pid} on "
                                                 rf"{re.escape(socket.gethostname())}, since 20.* UTC\); one run per --output at a time"):
@@ -323,6 +324,35 @@ def test_an_output_folder_takes_one_run_at_a_time_and_a_killed_holder_frees_it(t
             storage.OutputLock(local, str(out), "out", "--output").acquire()
     with storage.OutputLock(local, str(out), "out", "--output") as again:  # released on leaving the block
         again.acquire()
+
+
+def test_a_folder_made_by_another_run_after_one_found_none_is_refused(tmp_path: Path) -> None:
+    """What a run read of a folder that was not there yet (nothing) is stale once another run made it:
+    a train resumed the other's checkpoints into a model of another width, a run relabelled its PNGs."""
+    out = tmp_path / "out"
+    lock = storage.OutputLock(pafs.LocalFileSystem(), str(out), "out", "--out")
+    lock.acquire_if_there()
+    with output_held_elsewhere(out) as holder:  # another run's, made while this one listed its data
+        with pytest.raises(storage.InUse, match=f"out: in use by another run \\(pid {holder.pid} "):
+            lock.acquire()
+    # Finished: nothing holds the lock, but what this run read of the folder (nothing) is stale.
+    with pytest.raises(storage.InUse, match="out: another run made it while this one was starting; one run per --out"):
+        lock.acquire()
+    assert f"pid {holder.pid} " in (out / storage.LOCK_FILE).read_text()  # the finished run's lock file, untouched
+
+
+def test_a_folder_that_cannot_be_locked_is_written_unlocked_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """flock failing with ENOLCK (some network filesystems) was a traceback, where runs had worked."""
+    def no_locks(fd: object, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(storage.fcntl, "flock", no_locks)
+    with storage.OutputLock(pafs.LocalFileSystem(), str(tmp_path / "out"), "out", "--output") as lock:
+        lock.acquire()
+        lock.acquire()
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: out: cannot be locked (No locks available); nothing stops a second run into it, so run one per --output at a time"]
 
 
 def test_an_s3_output_is_not_locked(s3: S3Server, bucket: str) -> None:
