@@ -106,12 +106,26 @@ def _check_answers(address: str, *, name: str | None = None, hint: str = "") -> 
         raise NoCluster(f"{name}: not HOST:PORT, ray://HOST:PORT or auto; {hint}")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=ANSWER_SECONDS) as connection:
-            if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):  # under TLS, gRPC's first bytes are a TLS handshake
-                connection.sendall(HTTP2_PREFACE)
-                reply = connection.recv(9)
-                if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
-                    raise NoCluster(f"{name}: something answers there, but not Ray: it does not speak gRPC "
-                                    f"(the dashboard's port, 8265, is for `colorize submit`); {hint}")
+            if os.environ.get("RAY_USE_TLS", "0") in ("0", "") and not _speaks_grpc(connection):
+                raise NoCluster(f"{name}: something answers there, but not Ray: it does not speak gRPC "
+                                f"(the dashboard's port, 8265, is for `colorize submit`); {hint}")
     except OSError as error:
         why = f"no answer in {ANSWER_SECONDS:g} s" if isinstance(error, TimeoutError) else error.strerror or str(error)
         raise NoCluster(f"{name}: no Ray cluster answers there ({why}); {hint}") from None
+
+
+def _speaks_grpc(connection: socket.socket) -> bool:
+    """Whether the server at the other end answers HTTP/2's preface with its settings, as gRPC
+    does (under TLS its first bytes are a handshake instead: not for this check)."""
+    connection.sendall(HTTP2_PREFACE)
+    reply = connection.recv(9)
+    return len(reply) == 9 and reply[3] == HTTP2_SETTINGS
+
+
+def is_ray_port(host: str, port: int) -> bool:
+    """Whether a gRPC server, such as a Ray head's GCS (port 6379), answers at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=ANSWER_SECONDS) as connection:
+            return _speaks_grpc(connection)
+    except OSError:
+        return False

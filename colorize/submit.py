@@ -36,7 +36,7 @@ from ray._raylet import Config
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
-from colorize import errors, storage
+from colorize import errors, raycluster, storage
 
 # colorize command -> the module a cluster runs for it (see jobs/).
 JOB_MODULES = {"train": "jobs.train", "run": "jobs.colorize", "evaluate": "jobs.evaluate"}
@@ -381,6 +381,10 @@ def connect(address: str) -> JobSubmissionClient:
         # even 401 from a cluster with token auth, shows the server is there.
         requests.get(f"{url}/api/version", timeout=_CONNECT_TIMEOUT_S)
     except requests.RequestException as error:
+        parts = urlsplit(url)
+        if parts.hostname and parts.port and raycluster.is_ray_port(parts.hostname, parts.port):
+            raise ClusterError(f"{url}: a Ray cluster's own port (its GCS, 6379 by default), not its job server; "
+                               "use the head node's dashboard address, port 8265 unless changed") from None
         raise ClusterError(
             f"cannot reach the Ray job server at {url} ({_network_reason(error)}); "
             "expected the head node's dashboard address, port 8265 unless changed"
@@ -632,7 +636,11 @@ def jobs_stop(address: str, job_id: str) -> int:
     client, url, redact = _session(address)
     with _errors(url, redact):
         if client.stop_job(job_id):
-            print(f"{job_id}: stopping")
+            if client.get_job_status(job_id) == JobStatus.PENDING:  # no driver yet, for Ray to stop
+                print(f"{job_id}: still waiting for resources to start (PENDING); Ray's stop waits with it, and a job "
+                      "that cannot start fails after 15 minutes (RAY_JOB_START_TIMEOUT_SECONDS)")
+            else:
+                print(f"{job_id}: stopping")
         else:
             print(f"{job_id}: not running ({client.get_job_status(job_id)})")
     return 0

@@ -80,6 +80,7 @@ class Cluster:
 
     url: str
     temp_dir: Path
+    gcs_port: int
 
 
 def _ours(sessions: set[int], temp_dir: Path | None = None) -> list[int]:
@@ -180,7 +181,7 @@ def cluster() -> Iterator[Cluster]:
         _ray_start([f"--address=127.0.0.1:{head['port']}", *common,
                     *(f"--{flag}={port}" for flag, port in worker.items())], env, sessions)
         _wait_for_nodes(url, 2)
-        yield Cluster(url=url, temp_dir=temp_dir)
+        yield Cluster(url=url, temp_dir=temp_dir, gcs_port=head["port"])
     finally:
         _kill(sessions, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -354,6 +355,23 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
     assert re.search(rf"^colorize submit: {job_id} STOPPED", followed.err, re.MULTILINE)
     assert client.get_job_status(job_id) == JobStatus.STOPPED
     assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
+
+
+@pytest.mark.timeout(300)
+def test_a_job_waiting_for_resources_is_not_said_to_be_stopping(cluster: Cluster, capsys) -> None:
+    """It printed 'stopping', and the job stayed PENDING until Ray failed it 15 minutes later."""
+    config = submit.SubmitConfig(address=cluster.url, working_dir=None, num_cpus=64, job=("evaluate", "--data", "s3://b/d"))
+    assert submit.submit(config) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert submit.connect(cluster.url).get_job_status(job_id) == JobStatus.PENDING  # 64 CPUs on a cluster of 4
+    assert submit.jobs_stop(cluster.url, job_id) == 0
+    assert capsys.readouterr().out.startswith(f"{job_id}: still waiting for resources to start (PENDING)")
+
+
+def test_the_ray_port_given_for_the_job_server_is_named(cluster: Cluster) -> None:
+    """It was 'cannot reach the Ray job server (ConnectionError)', though a Ray answered there."""
+    with pytest.raises(submit.ClusterError, match=r"a Ray cluster's own port \(its GCS, 6379 by default\), not its job server"):
+        submit.connect(f"http://127.0.0.1:{cluster.gcs_port}")
 
 
 @contextlib.contextmanager
