@@ -363,8 +363,11 @@ class OutputLock:
     Two runs in one folder each deleted files the other was writing (a bulk run's unfinished
     ones; training's checkpoints) and wrote over each other's records. The kernel releases the
     lock when its process ends however it ends, so a killed run leaves no stale lock: the file
-    stays, naming the last holder, and the next run takes it. S3 has no lock that every S3 store offers, so there one run per
-    prefix is the user's to keep.
+    stays, naming the last holder, and the next run takes it.
+
+    A run calls :meth:`acquire_if_there` first, before it reads anything an earlier run left,
+    and :meth:`acquire` before its first write. S3 has no lock that every S3 store offers, so
+    there one run per prefix is the user's to keep.
     """
 
     def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
