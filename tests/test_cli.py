@@ -269,9 +269,10 @@ def test_weights_of_an_unexpected_shape_are_one_error_line(tmp_path: Path) -> No
 
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({"config": {"width": "8"}, "state_dict": {}}, tmp_path / "typed.pt")
-    for name in ("list.pt", "typed.pt"):
+    for name, why in (("list.pt", "not a colorize weights file"),
+                      ("typed.pt", "a colorize weights file that cannot be used: its config: model width must be int, got '8'")):
         result = colorize("evaluate", "--data", str(REPO / "samples"), "--weights", str(tmp_path / name))
-        assert_one_error_line(result, "not a colorize weights file")
+        assert_one_error_line(result, why)
     assert not (tmp_path / "out").exists()
 
 
