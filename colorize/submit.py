@@ -480,6 +480,11 @@ def submit(config: SubmitConfig) -> int:
         _status(f"follow it with: colorize jobs logs {job_id} --follow --address {url}")
         return 0
     _status(f"following {job_id}; Ctrl-C stops following, not the job")
+    return _follow_to_end(client, job_id, url, redact)
+
+
+def _follow_to_end(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor) -> int:
+    """Print a job's log until it ends, then its outcome; return its exit status (EXIT_JOB_STOPPED on Ctrl-C)."""
     try:
         info = follow(client, job_id, url, redact)
     except KeyboardInterrupt:
@@ -619,13 +624,7 @@ def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
     """Print a job's log so far; with ``follow_log``, keep printing until the job ends."""
     client, url, redact = _session(address)
     if follow_log:  # then the job's outcome and exit status, as `submit --wait`: a script following a job learns how it ended
-        try:
-            info = follow(client, job_id, url, redact)
-        except KeyboardInterrupt:
-            _status(f"stopped following; {job_id} keeps running (colorize jobs stop {job_id} --address {url})")
-            return EXIT_JOB_STOPPED
-        _status(redact(_outcome(info)))
-        return exit_status(info)
+        return _follow_to_end(client, job_id, url, redact)
     with _errors(url, redact):
         sys.stdout.write(redact(client.get_job_logs(job_id)))
     return 0
