@@ -480,17 +480,19 @@ def submit(config: SubmitConfig) -> int:
         _status(f"follow it with: colorize jobs logs {job_id} --follow --address {url}")
         return 0
     _status(f"following {job_id}; Ctrl-C stops following, not the job")
-    return _follow_to_end(client, job_id, url, redact)
+    return _follow_to_end(client, job_id, url, redact, "submit")
 
 
-def _follow_to_end(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor) -> int:
-    """Print a job's log until it ends, then its outcome; return its exit status (EXIT_JOB_STOPPED on Ctrl-C)."""
+def _follow_to_end(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor, command: str) -> int:
+    """Print a job's log until it ends, then its outcome; return its exit status (EXIT_JOB_STOPPED on Ctrl-C).
+
+    ``command`` ("submit", "jobs logs") names the command in the status lines."""
     try:
         info = follow(client, job_id, url, redact)
     except KeyboardInterrupt:
-        _status(f"stopped following; {job_id} keeps running (colorize jobs stop {job_id} --address {url})")
+        _status(f"stopped following; {job_id} keeps running (colorize jobs stop {job_id} --address {url})", command)
         return EXIT_JOB_STOPPED
-    _status(redact(_outcome(info)))
+    _status(redact(_outcome(info)), command)
     return exit_status(info)
 
 
@@ -572,8 +574,8 @@ def _message(info: JobDetails) -> str:
     return line or "-"
 
 
-def _status(message: str) -> None:
-    print(f"colorize submit: {message}", file=sys.stderr, flush=True)
+def _status(message: str, command: str = "submit") -> None:
+    print(f"colorize {command}: {message}", file=sys.stderr, flush=True)
 
 
 def _utc(ms: int | None, suffix: str = "") -> str:
@@ -624,7 +626,7 @@ def jobs_logs(address: str, job_id: str, follow_log: bool = False) -> int:
     """Print a job's log so far; with ``follow_log``, keep printing until the job ends."""
     client, url, redact = _session(address)
     if follow_log:  # then the job's outcome and exit status, as `submit --wait`: a script following a job learns how it ended
-        return _follow_to_end(client, job_id, url, redact)
+        return _follow_to_end(client, job_id, url, redact, "jobs logs")
     with _errors(url, redact):
         sys.stdout.write(redact(client.get_job_logs(job_id)))
     return 0

@@ -263,7 +263,7 @@ def test_a_failing_job_reports_failed_and_its_log_says_why(cluster: Cluster, tmp
     assert "colorize train: error: /nonexistent/photos" in capsys.readouterr().out
     # Followed, the log ends in the job's outcome and exit status, as with --wait (it said nothing, exit 0).
     assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == cli.EXIT_USAGE
-    assert re.search(rf"^colorize submit: {job_id} FAILED after \d+ s: Job entrypoint command failed with exit code 2$",
+    assert re.search(rf"^colorize jobs logs: {job_id} FAILED after \d+ s: Job entrypoint command failed with exit code 2$",
                      capsys.readouterr().err, re.MULTILINE)
     submit.jobs_status(cluster.url, job_id)
     status = capsys.readouterr().out
@@ -352,7 +352,7 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
     assert submit.jobs_logs(cluster.url, job_id, follow_log=True) == submit.EXIT_JOB_STOPPED  # once the job has ended
     followed = capsys.readouterr()
     assert f"Running entrypoint for job {job_id}" in followed.out
-    assert re.search(rf"^colorize submit: {job_id} STOPPED", followed.err, re.MULTILINE)
+    assert re.search(rf"^colorize jobs logs: {job_id} STOPPED", followed.err, re.MULTILINE)
     assert client.get_job_status(job_id) == JobStatus.STOPPED
     assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
 
