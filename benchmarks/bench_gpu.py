@@ -14,7 +14,9 @@ image:
 - the host's codec bound: JPEG decode, grey and RGB PNG encode per core, times the cores.
 
 With Ray installed, also the bulk job with one GPU actor (``colorize run --num-gpus 1``) and
-Ray Train with one GPU worker, on the same generated images.
+Ray Train with one GPU worker, on the same generated images, each as a ratio to a baseline of
+the same run: the bulk job to the lower of the model's best rate and the codec bound, Ray Train
+to the bare train step at its batch of 256 (on CUDA, where that batch is measured).
 """
 
 from __future__ import annotations
@@ -184,8 +186,12 @@ def main() -> None:
         ceiling = min(max(r["images_per_s"] for r in rows if r["what"].startswith("inference")),
                       next(r["images_per_s"] for r in rows if r["what"].startswith("codec")))
         rows[-2]["x min(model, codec bound)"] = round(bulk / ceiling, 3)
+        step = next((r for r in rows if r["what"] == "train step, batch 256"), None)  # the same model and batch
+        if step is not None:
+            rows[-1]["x train step alone"] = round(rows[-1]["images_per_s"] / step["images_per_s"], 3)
     print(f"\ndevice: {card}")
-    print_table(rows, ["what", "images_per_s", "gflop_per_image", "tflop_per_s", "x min(model, codec bound)", "note"])
+    print_table(rows, ["what", "images_per_s", "gflop_per_image", "tflop_per_s", "x min(model, codec bound)",
+                       "x train step alone", "note"])
     write_results(f"bench_gpu-{device.type}", {"device": card, "n": args.n, "png_level": args.png_level, "rows": rows},
                   folder=args.results)
 

@@ -9,14 +9,15 @@ One process, one torch thread, so each figure is the cost on one core:
   JPEG decode, in draft mode at 1/2, 1/4 or 1/8 scale where the image stays large enough for
   its smallest random crop, ``draft_SIDE_scale``; random crop, resize to the working size,
   Lab), against the same work with every JPEG decoded whole (``train_SIDE_whole_ms``, the
-  baseline: how training read its input before session 35);
+  baseline: how training read its input before session 35), and the ratio of the two
+  (``train_SIDE_x``);
 - ``bulk``: what ``colorize run`` does per image outside the model (:func:`colorize.images.decode`
   with lightness, :func:`~colorize.images.compose`, PNG encode at levels 6 and 1); and the
   decode of the same picture with an embedded colour profile, as a ratio to it without one:
   Adobe RGB (``decode_adobe_x``), and a grey JPEG with a gamma-2.2 grey profile against the
   same grey JPEG without (``decode_grey_icc_x``);
-- ``model``: the bundled U-Net's batched forward pass per image on CPU, as trained and as the
-  bulk job runs it.
+- ``model``: the bundled U-Net's batched forward pass per image on CPU, as trained (the
+  baseline) and as the bulk job runs it, and the ratio of the two.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
                 drafted = min(drafted, _ms(lambda: data.prepare_batch({"bytes": blobs}, image_size=side, augment=True), 1))
                 whole = min(whole, _ms(lambda: _whole_prepare(blobs, side, crops), 1))
             row[f"train_{side}_ms"], row[f"train_{side}_whole_ms"] = drafted / len(blobs), whole / len(blobs)
+            row[f"train_{side}_x"] = drafted / whole
             row[f"draft_{side}_scale"] = _draft_scale(blob, side)
         row["decode_L_ms"] = _ms(lambda: images.decode(blob, max_pixels=10**9), args.repeat)
         adobe = jpeg_bytes(pictures[0], icc_profile=ADOBE_RGB)
@@ -114,9 +116,10 @@ def main() -> None:
         fast = for_inference(model).to(memory_format=torch.channels_last)
         inference_ms = _ms(lambda: colorizer.predict_ab(fast, L), args.repeat) / 64
     print(f"\nms per image on one core (model, batch 64 at {side}x{side}: {model_ms:.2f} ms/image; "
-          f"as the bulk job runs it, BatchNorm folded and channels-last: {inference_ms:.2f})")
+          f"as the bulk job runs it, BatchNorm folded and channels-last: {inference_ms:.2f}, {inference_ms / model_ms:.2f}x)")
     print_table(rows, list(rows[0]))
     write_results("per_core", {"model_ms_per_image": round(model_ms, 3), "inference_model_ms_per_image": round(inference_ms, 3),
+                                "inference_model_x": round(inference_ms / model_ms, 3),
                                 "model_image_size": side, "weights_id": weights_id, "rows": rows}, folder=args.results)
 
 

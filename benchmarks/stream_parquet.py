@@ -8,7 +8,10 @@ process: :func:`colorize.data.lab_dataset` streams decode, crop, flip and Lab th
 Data CPU tasks into ``iter_torch_batches``, and each batch takes a
 :func:`colorize.objectives.train_step` on a deliberately tiny U-Net, so that the data path,
 not the model, sets the pace. Every few seconds the PSS and RSS of the whole process tree and
-the images consumed are sampled; the series goes to JSON and a PNG chart.
+the images consumed are sampled; the series goes to JSON and a PNG chart. The baseline is the
+run's own first half: the second half's peak PSS and mean rate are printed as ratios to it
+(``pss_second_half_x``, ``steady_rate_second_half_x``), near 1 where memory is flat and the
+rate steady.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ def main() -> None:
         "pss_mb_second_half_max": round(max(s["pss_mb"] for s in second_half)),
         "pss_mb_peak": round(sampler.peak_pss / 2**20), "rss_sum_mb_peak": round(sampler.peak_rss / 2**20),
     }
+    # The run's own baseline is its first half: flat memory and a steady rate are ratios near 1.
+    summary["pss_second_half_x"] = round(summary["pss_mb_second_half_max"] / summary["pss_mb_first_half_max"], 3)
+    summary["steady_rate_second_half_x"] = round(statistics.mean(s["images_per_s"] for s in second_half)
+                                                 / statistics.mean(s["images_per_s"] for s in first_half), 3)
     print_table([summary], list(summary))
     chart = _chart(series, f"{done} images of 32x32 from Parquet through Ray Data, one epoch")
     chart_path = args.results / "stream_parquet.png"
