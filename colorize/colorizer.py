@@ -104,9 +104,10 @@ def predict_rgb(
 def loss(
     model: nn.Module, L: torch.Tensor, ab: torch.Tensor, kind: str = "mse", *, class_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Training loss for one batch in the model's native units.
+    """Training loss for one batch.
 
-    The U-Net's regression head regresses normalised ab (``mse``, ``l1``, ``huber``); its
+    The U-Net's regression head regresses normalised ab (``mse``, ``l1``, ``huber``) or takes
+    ``psnr``, minus the mean per-image sRGB PSNR in dB (:func:`psnr_loss`); its
     classification head takes ``ce``, cross-entropy against soft-encoded ab cells weighted by
     ``class_weights`` (see :mod:`colorize.quantize`). The seed autoencoder maps the 601 luma
     of the original to its RGB under MSE (its original objective), whatever ``kind`` says.
@@ -246,6 +247,11 @@ def weights_id(data: bytes) -> str:
 
 
 BUNDLED = "bundled"  # what --weights, --init and --compare take for the bundled model
+
+
+def weights_label(uri: str | None) -> str:
+    """How a report names the weights it used: ``uri``, or ``bundled:FILE`` for the bundled ones."""
+    return f"{BUNDLED}:{BUNDLED_WEIGHTS}" if uri in (None, BUNDLED) else uri
 
 
 def read_weights(uri: str | None, settings: storage.S3Settings | None = None) -> bytes:

@@ -134,7 +134,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise data.DataError(f"{config.data}: no readable images to evaluate") from None
     report = {
         "data": config.data,
-        "weights": config.weights if config.weights not in (None, colorizer.BUNDLED) else f"bundled:{colorizer.BUNDLED_WEIGHTS}",
+        "weights": colorizer.weights_label(config.weights),
         "weights_id": weights,
         "model_config": model.config.to_dict(),
         "flip_average": config.flip_average,

@@ -106,8 +106,9 @@ class ModelConfig:
                 raise ValueError(f"model {field.name} must be {field.type}, got {value!r}")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"model arch must be one of {ARCHITECTURES}, got {self.arch!r}")
-        if self.width < 1 or self.depth < 1:
-            raise ValueError(f"width and depth must be positive, got {self.width}, {self.depth}")
+        for name in ("width", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model {name} must be at least 1, got {getattr(self, name)}")
         if self.image_size < 2**self.depth or self.image_size % (2**self.depth):
             raise ValueError(
                 f"image_size {self.image_size} must be a positive multiple of 2**depth = {2**self.depth}"

@@ -88,8 +88,8 @@ def train_step(
     adds the semantic branch's cross-entropy, with weight 1 (measured in docs/colour.md).
 
     ``precision="bf16"`` runs the networks under bf16 autocast (weights, gradients, the
-    optimiser and the colour losses stay float32); ``"auto"`` does so on CUDA and on CPUs
-    that have bf16 instructions (:func:`fast_bf16`). Returns the colouriser's loss, detached
+    optimiser and the colour losses stay float32); ``"auto"`` does so on GPUs and CPUs
+    that have bf16 units (Ampere GPUs on; CPUs with AVX-512 BF16 or AMX: :func:`fast_bf16`). Returns the colouriser's loss, detached
     and on the batch's device: reading it (``float(...)``) waits for the GPU, so callers that
     do not log every step can let the host run ahead.
     """

@@ -85,8 +85,9 @@ class BulkConfig:
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise ValueError(f"--format takes a comma-separated subset of {FORMATS}, got {','.join(self.formats)!r}")
-        if self.batch_size < 1 or self.max_pixels < 1:
-            raise ValueError(f"--batch-size and --max-pixels must be positive, got {self.batch_size}, {self.max_pixels}")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-pixels", self.max_pixels)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
         if not 0 <= self.png_level <= 9:
             raise ValueError(f"--png-level must be 0-9, got {self.png_level}")
         if self.num_gpus and self.actors is not None:

@@ -122,7 +122,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     report: dict[str, Any] = {
         "data": config.data,
-        "weights": config.weights if config.weights not in (None, colorizer.BUNDLED) else f"bundled:{colorizer.BUNDLED_WEIGHTS}",
+        "weights": colorizer.weights_label(config.weights),
         "weights_id": weights_id,
         "model_config": trained.config.to_dict(),
         "train_images": len(train_y),

@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 
 from colorize import errors
 
+TEMP_PREFIX = ".tmp-"  # a local file being written, renamed into place when whole
+
 # A refused port must fail in seconds, not after the AWS SDK's default ten attempts with
 # exponential backoff; a slow but live endpoint still gets a few tries.
-TEMP_PREFIX = ".tmp-"  # a local file being written, renamed into place when whole
 _CONNECT_TIMEOUT_S = 5.0
 # The AWS SDK applies this to a stalled transfer, not to the whole request, so large objects
 # are unaffected.

@@ -106,7 +106,6 @@ class SubmitConfig:
     num_cpus: float | None = None
     num_gpus: float | None = None
     wait: bool = False
-    submission_id: str | None = None
 
     def __post_init__(self) -> None:
         check_job(self.job)
@@ -458,7 +457,7 @@ def submit(config: SubmitConfig) -> int:
     env = runtime_env(config)
     redact = Redactor(secret_values(os.environ, env["env_vars"]))
     command = entrypoint(config.job)
-    job_id = config.submission_id or new_submission_id(config.job[0])
+    job_id = new_submission_id(config.job[0])
     client = connect(config.address)
     url = dashboard_url(config.address)
     where = f"with {env['working_dir']}" if "working_dir" in env else "with the colorize installed there"

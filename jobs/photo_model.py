@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", required=True, action="append",
                         help="a folder of class folders of photos (repeat to train on several)")
     parser.add_argument("--out", required=True, help="folder for model.pt, metrics.json, holdout.png")
-    parser.add_argument("--size", type=int, help="working resolution (default: --init's, else 64)")
+    parser.add_argument("--size", "--image-size", dest="size", type=int,
+                        help="working resolution (default: --init's, else 64; --image-size as in colorize train)")
     parser.add_argument("--width", type=int, help="U-Net width (default: 16; with --init, its own)")
     parser.add_argument("--depth", type=int, help="U-Net depth (default: 4; with --init, its own)")
     parser.add_argument("--head", choices=("regression", "classification"),
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         for uri in args.compare or []:
-            if uri != "bundled":
+            if uri != colorizer.BUNDLED:
                 colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
         pretrained = read_pretrained(args.pretrained) if args.pretrained else None
         holdouts, holdout_labels, parts, label_parts, classes, unreadable = {}, {}, [], [], 0, {}
@@ -298,9 +300,7 @@ def mean_psnr(results: dict[str, dict]) -> float:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step: a reader (or a lease's time limit) never
     finds half a file."""
-    scratch = path.with_name(f".{path.name}.partial")
-    scratch.write_bytes(data)
-    os.replace(scratch, path)
+    storage.write_bytes_atomic(pafs.LocalFileSystem(), str(path), data)
 
 
 def holdout_split(images: imagesets.ImageSet) -> tuple[np.ndarray, np.ndarray]:

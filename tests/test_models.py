@@ -421,7 +421,7 @@ def test_a_weights_file_whose_tensors_do_not_fit_its_config_is_refused_before_bu
 
 @pytest.mark.parametrize(("change", "why"), [
     ({"width": "32"}, "model width must be int, got '32'"),  # was "not a colorize weights file (TypeError: ...)"
-    ({"depth": 0}, r"width and depth must be positive, got \d+, 0"),
+    ({"depth": 0}, r"model depth must be at least 1, got 0"),
     ({"attention": 1}, "model attention must be bool, got 1"),
 ])
 def test_a_weights_file_whose_config_no_model_can_have_is_refused(tmp_path, change: dict, why: str) -> None:

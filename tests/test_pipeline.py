@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import tarfile
 import threading
@@ -299,6 +300,17 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
     run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("parquet",), overwrite=True))
     assert not list((out / "images").rglob("*.png"))
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights))["written"] == 6
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"max_pixels": 0}, "--max-pixels must be at least 1, got 0"),  # was "--batch-size and --max-pixels ..., got 32, 0"
+    ({"png_level": 10}, "--png-level must be 0-9, got 10"),
+    ({"formats": ("png", "jpeg")}, "--format takes a comma-separated subset of"),
+])
+def test_a_bulk_setting_out_of_range_is_named(change: dict, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(why)}"):
+        BulkConfig(input="i", output="o", **change)
 
 
 def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:
