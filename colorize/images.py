@@ -309,7 +309,8 @@ def compose(L: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
     """Full-resolution L (H, W) + predicted chroma (2, h, w) -> uint8 sRGB (H, W, 3).
 
     Chroma is upsampled bilinearly; lightness is the input's own; out-of-gamut colours are
-    desaturated (never darkened or brightened) until they fit sRGB. Equal to
+    desaturated until they fit sRGB, their lightness kept (within :data:`colorize.color.CLIP_DELTA_E`
+    at the gamut's yellow corner). Equal to
     ``color.to_uint8(color.lab_to_rgb(...))`` on the upsampled Lab within one level (see
     :func:`_lab_to_srgb8`), three times faster.
     """
