@@ -235,7 +235,8 @@ def _decode_row(  # noqa: ANN001
         relpath = storage.safe_relpath(relpath)
         decoded = images.decode(read(), max_pixels=max_pixels)
     except (images.ImageError, storage.StorageError) as error:
-        return _status_row(source, relpath, "failed", str(error))
+        message = str(error)  # without the input's path in front: the row and the report name it
+        return _status_row(source, relpath, "failed", message.removeprefix(f"{source}: "))
     except Exception as error:  # noqa: BLE001 - one input must never take its group down with it
         return _status_row(source, relpath, "failed", f"cannot read: {errors.one_line(error)}")
     return {

@@ -105,7 +105,7 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     elif info.type == pafs.FileType.File:
         uris, relpaths = [input_uri], [posixpath.basename(path)]
     else:
-        files = storage.list_files(fs, path)
+        files = storage.list_files(fs, path, unlistable_as_files=True)  # each fails alone: see _why_not_read
         if not files:
             raise storage.StorageError(f"{input_uri}: no files found")
         if exclude is not None:
@@ -245,6 +245,10 @@ def _why_not_read(uri: str) -> str:
     if stat.S_ISREG(mode):
         return ""
     if stat.S_ISDIR(mode):
+        try:  # one a folder's listing could not open (see storage.list_files)
+            os.scandir(uri).close()
+        except OSError as error:
+            return f"a folder that cannot be listed: {storage.reason(error)}"
         return "a folder, not a file: a manifest lists files and archives (pass a folder itself as --input)"
     kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
     return f"{kind}, not a regular file, so it is not read"

@@ -174,8 +174,12 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if fs.type_name == "s3" else path
 
 
-def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+def list_files(fs: pafs.FileSystem, path: str, *, unlistable_as_files: bool = False) -> list[str]:
     """Every file under directory ``path``, recursively and sorted; a file -> [path].
+
+    A local folder below ``path`` that cannot be listed (no permission) is a StorageError
+    naming it, or with ``unlistable_as_files`` is listed itself, as a file would be, for a
+    caller that reports each input it cannot read and goes on (the bulk job).
 
     Locally, symbolic links to folders are followed unless they point back up the tree (a
     loop), and a dangling link, a named pipe or a device is listed like a file, so that the
@@ -191,7 +195,7 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
         raise StorageError(f"{uri}: neither a file nor a folder (a named pipe, a device or a socket)")
     with _errors(fs, uri):
         if fs.type_name == "local":
-            return _walk_local(path)
+            return _walk_local(path, unlistable_as_files)
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
@@ -210,19 +214,29 @@ def _bucket_missing(fs: pafs.FileSystem, path: str) -> bool:
     return fs.type_name == "s3" and fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
 
 
-def _walk_local(root: str) -> list[str]:
+def _walk_local(root: str, unlistable_as_files: bool) -> list[str]:
+    """:func:`list_files` of a local folder."""
     found: list[str] = []
     folders = [(root, frozenset([os.path.realpath(root)]))]  # each with the real folders above it
     while folders:
         folder, above = folders.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if _is_folder(entry):
-                    real = os.path.realpath(entry.path)
-                    if real not in above:  # a link back up the tree would never end
-                        folders.append((entry.path, above | {real}))
-                else:  # files, dangling links, and pipes and devices (which the bulk job lists as failed)
-                    found.append(entry.path)
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            if folder == root:
+                raise
+            if not unlistable_as_files:
+                raise StorageError(f"{folder}: cannot list this folder: {reason(error)}") from error
+            found.append(folder)
+            continue
+        for entry in entries:
+            if _is_folder(entry):
+                real = os.path.realpath(entry.path)
+                if real not in above:  # a link back up the tree would never end
+                    folders.append((entry.path, above | {real}))
+            else:  # files, dangling links, and pipes and devices (which the bulk job lists as failed)
+                found.append(entry.path)
     return sorted(found)
 
 
@@ -501,11 +515,11 @@ def _errors(fs: pafs.FileSystem, uri: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise StorageError(f"{uri}: {_reason(fs, e)}") from e
+        raise StorageError(f"{uri}: {reason(e, fs)}") from e
 
 
-def _reason(fs: pafs.FileSystem, error: OSError) -> str:
-    """A short, readable cause for a pyarrow or OS error."""
+def reason(error: OSError, fs: pafs.FileSystem | None = None) -> str:
+    """A short, readable cause for a pyarrow or OS error (``fs``: the filesystem it came from)."""
     if isinstance(error, FileNotFoundError):
         return "no such file or directory"
     if isinstance(error, PermissionError):

@@ -101,6 +101,45 @@ def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp
         storage.read_bytes(LOCAL, str(root / "loop.jpg"))  # so the input fails alone, saying why
 
 
+def test_a_folder_that_cannot_be_listed_fails_alone_and_the_rest_is_read(tmp_path: Path, monkeypatch) -> None:
+    """One such folder used to stop the whole listing, the error naming the input root."""
+    root = tmp_path / "in"
+    (root / "ok").mkdir(parents=True)
+    (root / "locked").mkdir()
+    (root / "ok" / "a.png").write_bytes(_good_png(0))
+    (root / "locked" / "b.png").write_bytes(_good_png(1))
+    os.symlink(tmp_path / "missing.png", root / "dangling.png")
+    (root / "locked").chmod(0)
+    if os.access(root / "locked", os.R_OK):  # root, whom modes do not stop: the kernel's refusal, stood in for
+        scandir = os.scandir
+
+        def refusing(path):  # noqa: ANN001, ANN202
+            if os.fspath(path) == str(root / "locked"):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refusing)
+    try:
+        items = sources.discover(str(root), storage.S3Settings())
+        assert [(i.relpath, i.error) for i in items] == [
+            ("dangling.png", ""), ("locked.png", "a folder that cannot be listed: permission denied"), ("ok/a.png", "")]
+        # Where one unread folder would leave out a class (training, evaluate, probe), it is named.
+        with pytest.raises(storage.StorageError, match="in/locked: cannot list this folder: permission denied"):
+            storage.list_files(LOCAL, str(root))
+        with pytest.raises(storage.StorageError, match="in: permission denied"):  # the root itself: nothing to run
+            monkeypatch.setattr(os, "scandir", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied", path)))
+            storage.list_files(LOCAL, str(root), unlistable_as_files=True)
+    finally:
+        (root / "locked").chmod(0o755)
+        monkeypatch.undo()
+
+    (rows,) = pipeline.read_and_decode(_batch(items), settings=storage.S3Settings(), size=8, max_pixels=10**6, chunk=8)
+    outcome = {str(r): (str(s), str(e)) for r, s, e in zip(rows["relpath"], rows["status"], rows["error"])}
+    assert outcome["ok/a.png"][0] == "ok"
+    # The row names the input; its reason does not repeat the path (it said "PATH: PATH: no such file ...").
+    assert outcome["dangling.png"] == ("failed", "no such file or directory")
+
+
 def test_a_file_name_that_is_not_utf8_fails_alone_under_a_printable_name(tmp_path: Path) -> None:
     payload = _good_png(0)
     (tmp_path / "fine.png").write_bytes(payload)

@@ -192,7 +192,7 @@ def test_an_unreachable_endpoint_is_one_error_line() -> None:
 def test_an_s3_error_with_a_status_or_without_a_message_is_one_line(text: str, reason: str) -> None:
     """A GET refused after its HEAD passed (a 503, a KMS denial) once crashed the message (IndexError)."""
     fs, _ = storage.resolve("s3://bucket/x", S3Settings(endpoint="http://127.0.0.1:9"))
-    assert storage._reason(fs, OSError(f"When reading information for key 'x' in bucket 'bucket': {text}")) == reason
+    assert storage.reason(OSError(f"When reading information for key 'x' in bucket 'bucket': {text}"), fs) == reason
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
