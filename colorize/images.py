@@ -87,12 +87,28 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         try:
             _scale_low_bit_transparency(img)
             img.load()
+            if img.format == "PNG":
+                _check_png_checksums(data)
             img = ImageOps.exif_transpose(img)
             return _lightness_and_alpha(img)
         except ImageError:
             raise
         except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
             raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
+
+
+def _check_png_checksums(data: bytes) -> None:
+    """Pillow decodes a PNG's rows and stops, without checking the checksums of the chunks it
+    read: a file whose image data was damaged, or zero-filled as a preallocated download left
+    unfinished, decoded with wrong rows and was coloured. The chunks' CRCs catch that. A file
+    cut off after its image data (no end chunk) decoded whole, and passes."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except SyntaxError as error:  # Pillow's "broken PNG file (bad header checksum in b'IDAT')"
+        raise ImageError(f"corrupt PNG data: {errors.one_line(error, with_type=False)}") from None
+    except Exception:  # noqa: BLE001, S110 - past the image data (a missing end chunk): what was decoded is whole
+        pass
 
 
 @contextlib.contextmanager

@@ -303,3 +303,20 @@ def test_packed_lightness_composes_within_one_level_of_the_float_one() -> None:
     assert images.unpack_lightness(L) is L  # float lightness, as CPU tasks keep it, passes through
     ab = np.random.default_rng(5).normal(0, 25, (2, 4, 4)).astype(np.float32)
     assert np.abs(images.compose(back, ab).astype(int) - images.compose(np.clip(L, 0, 100), ab)).max() <= 1
+
+
+def test_a_png_whose_image_data_was_damaged_is_refused_and_one_cut_after_it_is_read() -> None:
+    """Pillow stops once every row is decoded, before the checksums: a zero-filled tail (an
+    unfinished preallocated download) gave wrong rows, coloured and written."""
+    y, x = np.mgrid[0:240, 0:320]
+    noise = np.random.default_rng(0).normal(0, 6, (240, 320, 3))
+    picture = np.clip(np.stack([x * 0.8, y * 1.0, (x + y) * 0.4], -1) + noise, 0, 255).astype(np.uint8)  # photo-like
+    good = encode(Image.fromarray(picture), "PNG")
+    zeroed = good[: int(len(good) * 0.99)] + bytes(len(good) - int(len(good) * 0.99))  # zlib took it: 3 of 240 rows wrong
+    with pytest.raises(images.ImageError, match=r"corrupt PNG data: broken PNG file \(bad header checksum in b'IDAT'\)"):
+        images.decode(zeroed, max_pixels=10**6)
+    whole = images.decode(good, max_pixels=10**6)
+    np.testing.assert_array_equal(images.decode(good[:-12], max_pixels=10**6).L, whole.L)  # no end chunk: all rows there
+    frames = io.BytesIO()
+    Image.fromarray(picture).save(frames, "PNG", save_all=True, append_images=[Image.fromarray(picture[::-1])])
+    np.testing.assert_array_equal(images.decode(frames.getvalue(), max_pixels=10**6).L, whole.L)  # APNG: its first frame
