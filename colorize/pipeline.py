@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -552,6 +553,31 @@ def _start_over(fs: pafs.FileSystem, root: str) -> None:
     storage.delete(fs, storage.join(root, sources.FAILED_FOLDER, "failed.parquet"))
 
 
+def _clear_the_way(fs: pafs.FileSystem, root: str, relpaths: list[str]) -> None:
+    """For ``--overwrite``, in a local folder: delete what an earlier run left where this one's
+    PNGs of ``relpaths`` go, a PNG where a folder is now needed (``p.png``, once an input folder
+    ``p.png/`` appeared) or a folder where a PNG is (``x.png/``, once that input folder became
+    ``x.jpg``). Output names never nest within one run (:func:`sources.output_names`), so both
+    are stale. They were removed only after the run, which had already failed those inputs
+    ("File exists", "Is a directory"). S3 keys do not block each other."""
+    if fs.type_name != "local":
+        return
+    images_dir = os.path.join(root, sources.IMAGES_FOLDER)
+    if not os.path.isdir(images_dir):
+        return
+    folders = set()
+    for relpath in relpaths:
+        target = os.path.join(images_dir, relpath)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        parts = relpath.split("/")[:-1]
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for folder in sorted(folders):
+        path = os.path.join(images_dir, folder)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.remove(path)
+
+
 def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> None:
     """For a whole ``--overwrite``: delete the PNGs of earlier runs that it did not write over
     (all of them where it writes none), of another input, of inputs since gone, of inputs that
@@ -753,6 +779,7 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     storage.write_json(out_fs, config_path, {**record, OVERWRITE_UNFINISHED: True} if unfinished else record)
     if config.overwrite:
         _start_over(out_fs, out_root)
+        _clear_the_way(out_fs, out_root, [i.relpath for i in todo if i.kind == "file" and not i.error])
     storage.delete(out_fs, storage.join(out_root, sources.SUMMARY_FILE))  # a summary says a run finished
     counts = {"written": 0, "failed": 0, "skipped": skipped}
     failures: list[dict[str, str]] = []

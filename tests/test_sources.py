@@ -831,3 +831,15 @@ def test_members_already_written_are_skipped_unread(tmp_path: Path) -> None:
             archive.addfile(info, io.BytesIO(payload))
     members = list(sources.archive_members(LOCAL, str(tar), "pack.tar", skip={"pack.tar/done.png"}.__contains__))
     assert [(m.name, m.skipped, m.data is None) for m in members] == [("done.png", True, True), ("todo.png", False, False)]
+
+def test_an_overwrite_clears_earlier_outputs_that_stand_where_this_runs_go(tmp_path: Path) -> None:
+    """A PNG where a folder is now needed, a folder where a PNG is: both stale, as names never nest
+    within one run. They were removed only after the run had failed those inputs ("File exists",
+    and "Is a directory" on every later run, --overwrite included)."""
+    images = tmp_path / "out" / sources.IMAGES_FOLDER
+    (images / "d" / "x.png").mkdir(parents=True)
+    (images / "d" / "x.png" / "q.png").write_bytes(_good_png(0))  # from an input folder d/x.png/, now d/x.jpg
+    (images / "d" / "p.png").write_bytes(_good_png(1))  # from d/p.jpg, before d/p.png/q.jpg appeared
+    (images / "keep.png").write_bytes(_good_png(2))
+    pipeline._clear_the_way(LOCAL, str(tmp_path / "out"), ["d/x.png", "d/p.png/q.png", "d/p.jpg.png", "keep.png"])
+    assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["d", "keep.png"]
