@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 NAMED_UNREADABLE = 100  # unreadable files a report names (evaluate, probe); its count is of all of them
@@ -26,8 +27,24 @@ def unwrapped(error: BaseException) -> BaseException:
     return error
 
 
+def innermost(error: BaseException) -> BaseException:
+    """What a Ray task raised, of any type, out of however many ``RayTaskError`` wrappings it
+    came through (a task inside a task): for a one-line summary, where the remote traceback
+    has been logged already."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    while ray_exceptions is not None and isinstance(error, ray_exceptions.RayTaskError) \
+            and isinstance(error.cause, BaseException) and error.cause is not error:
+        error = error.cause
+    return error
+
+
+_ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # the colours of Ray's remote tracebacks
+
+
 def first_line(text: str) -> str:
-    """The first non-blank line of ``text``, stripped; "" if there is none."""
+    """The first non-blank line of ``text``, stripped, without terminal colour codes; "" if
+    there is none."""
+    text = _ANSI_CODES.sub("", text)
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -885,11 +886,18 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
     return _summary(out_fs, out_path, state)
 
 
+# A worker's error that only says a peer went away: the peer's own error says why.
+_PEER_GONE = re.compile(r"gloo|nccl|connection (closed|reset) by peer", re.IGNORECASE)
+
+
 def _why(failure: TrainingFailedError, max_failures: int) -> str:
-    """A failed run in one line: what the first failing worker (or Ray Train itself) raised."""
+    """A failed run in one line: what the failing worker (or Ray Train itself) raised, out of
+    Ray's wrappings; of several workers, the lowest rank whose error is not only that a peer
+    went away (rank 0's "Connection closed by peer" when rank 1 died)."""
     restarts = f" after {max_failures} restart(s) (--max-failures)" if max_failures > 0 else ""
     if isinstance(failure, WorkerGroupError) and failure.worker_failures:
-        rank, error = min(failure.worker_failures.items(), key=lambda item: item[0])
+        failures = sorted((rank, errors.innermost(error)) for rank, error in failure.worker_failures.items())
+        rank, error = next(((r, e) for r, e in failures if not _PEER_GONE.search(errors.one_line(e))), failures[0])
         return f"training failed{restarts}: worker {rank}: {errors.one_line(error)}"
     cause = getattr(failure, "controller_failure", failure)
     return f"training failed{restarts}: {errors.one_line(cause)}"

@@ -350,6 +350,15 @@ def test_image_classes_come_from_folders_cifar_and_a_parquet_label_column(ray_cl
     cifar = data.Source("cifar-10-python.tar.gz", "cifar", None, "x")
     assert data.class_names(cifar)[:3] == ("airplane", "automobile", "bird") and len(data.class_names(cifar)) == 10
 
+    # One shard cut short among several is named: Arrow's "Parquet magic bytes not found" named none.
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"image": payloads}), tmp_path / "shards" / f"train-{i}.parquet")
+    cut = tmp_path / "shards" / "train-1.parquet"
+    cut.write_bytes(cut.read_bytes()[:100])
+    with pytest.raises(data.DataError, match=rf"^{re.escape(str(cut))}: not a readable Parquet file \(Parquet magic bytes"):
+        data.load_dataset(str(tmp_path / "shards"))
+
 
 @pytest.mark.parametrize("max_failures", [2, 0])
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
@@ -528,9 +537,8 @@ def test_a_limited_cifar_or_parquet_set_is_the_same_rows_every_time(ray_cluster:
         assert all(np.array_equal(r["rgb"], e) for r, e in zip(rows, expected))
 
 
-def test_a_cifar_archive_without_a_batch_says_which(
-    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_cifar_archive_without_a_batch_says_which_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found missing by a read task, training failed after an epoch (three, restarted) in a line without the reason."""
     archive = tmp_path / data.CIFAR_ARCHIVE
     with tarfile.open(archive, "w:gz") as tar:
         for k in range(1, 6):
@@ -538,14 +546,20 @@ def test_a_cifar_archive_without_a_batch_says_which(
             info = tarfile.TarInfo(f"{data.CIFAR_DIR}/data_batch_{k}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(Exception, match="no test_batch in this archive"):
-        data.load_dataset(str(archive), split="test").take_all()
+    with pytest.raises(data.DataError, match="no test_batch in this archive, which the test split reads"):
+        data.locate(str(archive), split="test")
+    data.locate(str(archive))  # the train split's batches are all there
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / data.CIFAR_ARCHIVE).write_bytes(b"not gzip")
+    with pytest.raises(data.DataError, match="not a readable CIFAR-10 archive"):
+        data.locate(str(tmp_path / "other" / data.CIFAR_ARCHIVE))
     # The command says it in one line, not in Ray's wrapping of the task's error (its traceback).
     from colorize import cli
 
     assert cli.main(["evaluate", "--data", str(archive)]) == cli.EXIT_USAGE
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("colorize evaluate: error:")]
-    assert said == [f"colorize evaluate: error: {archive}: no test_batch in this archive; is it the CIFAR-10 python release?"]
+    assert said == [f"colorize evaluate: error: {archive}: no test_batch in this archive, which the test split reads; "
+                    "is it the CIFAR-10 python release?"]
 
 
 def test_a_cifar_folder_without_a_splits_batch_says_which_before_ray_starts(tmp_path: Path) -> None:
@@ -848,3 +862,24 @@ def test_training_from_parquet_shards(ray_cluster: str, tmp_path: Path) -> None:
     assert data.locate(str(binary)).kind == "parquet"
     assert train(TrainConfig(data=str(binary), out=str(tmp_path / "run1"), epochs=1, **TINY))["images"] == 12
     assert train(TrainConfig(data=str(hf / "train.parquet"), out=str(tmp_path / "run2"), epochs=1, **TINY))["images"] == 12
+
+
+def test_a_failed_run_s_line_names_what_the_failing_worker_raised() -> None:
+    """It named Ray's wrapping ("RayTaskError(UnpicklingError): <ANSI>ray::SplitCoordinator.get()..."),
+    and rank 0's "Connection closed by peer" when rank 1 had died."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    raised = data.DataError("cifar-10-python.tar.gz: no test_batch in this archive")
+    inner = RayTaskError("MapBatches(_read_cifar_batch)", "\x1b[36mray::MapBatches()\x1b[39m (pid=1)", raised)
+    outer = RayTaskError("SplitCoordinator.get", "\x1b[36mray::SplitCoordinator.get()\x1b[39m", inner.as_instanceof_cause())
+    line = train_module._why(WorkerGroupError("failed", {0: outer.as_instanceof_cause()}), 2)
+    assert line == ("training failed after 2 restart(s) (--max-failures): worker 0: "
+                    "DataError: cifar-10-python.tar.gz: no test_batch in this archive")
+
+    peer = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:8473")
+    died = RuntimeError("A worker health check failed")
+    assert train_module._why(WorkerGroupError("failed", {0: peer, 1: died}), 0) == (
+        "training failed: worker 1: RuntimeError: A worker health check failed")
+    assert train_module._why(WorkerGroupError("failed", {0: peer, 1: peer}), 0).startswith("training failed: worker 0: ")
+    assert errors.first_line("\x1b[36mray::Task()\x1b[39m (pid=1)") == "ray::Task() (pid=1)"
