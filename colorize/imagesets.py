@@ -50,6 +50,8 @@ def load_folder(root: str | Path, *, size: int, limit: int | None = None, seed: 
         root = re.sub("^s3:/+", "s3://", str(root), flags=re.IGNORECASE)
         raise ValueError(f"{root}: an S3 URI, but this command reads a local folder into memory; copy it down first (aws s3 sync)")
     root = Path(root)
+    if not root.exists():
+        raise ValueError(f"{root}: no such folder; expected a folder of class folders")
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder of class folders")
     # storage's walk, as training's: class folders that are symbolic links are followed (rglob skips them).

@@ -86,7 +86,7 @@ def linear_probe(
             F.cross_entropy(probe(train_x[index]), train_y[index]).backward()
             optimizer.step()
     with torch.inference_mode():
-        return float((probe(test_x).argmax(dim=1) == test_y).float().mean())
+        return int((probe(test_x).argmax(dim=1) == test_y).sum()) / len(test_y)  # 0.88, not float32's 0.8799999952316284
 
 
 def _shared_images(train: np.ndarray, test: np.ndarray) -> int:

@@ -307,7 +307,7 @@ def test_evaluate_with_missing_weights(tmp_path: Path) -> None:
 
 
 def test_probe_on_a_folder_without_class_folders(tmp_path: Path) -> None:
-    assert_one_error_line(colorize("probe", "--data", str(tmp_path)), "train", "not a folder of class folders")
+    assert_one_error_line(colorize("probe", "--data", str(tmp_path)), "train: no such folder; expected a folder of class folders")
 
 
 def test_train_with_a_temperature_out_of_range(tmp_path: Path) -> None:
