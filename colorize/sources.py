@@ -33,6 +33,8 @@ import pyarrow.fs as pafs
 from colorize import errors, storage
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+# Archives of other kinds, named as such rather than as "not an image".
+_UNREAD_ARCHIVES = (".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".7z", ".rar")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
 MAX_NAME_BYTES = 255  # the longest file name ext4, APFS, NTFS and others take
@@ -234,6 +236,9 @@ def _why_not_read(uri: str) -> str:
     block the run forever; a local name that is not UTF-8 cannot be opened through Arrow."""
     if not storage.is_utf8(uri):
         return NOT_UTF8
+    if uri.lower().endswith(_UNREAD_ARCHIVES):
+        return ("an archive of a kind that is not read: extract it, or repack it as "
+                f"{', '.join(ARCHIVE_SUFFIXES[:-1])} or {ARCHIVE_SUFFIXES[-1]}")
     if storage.is_s3(uri):
         return ""
     if URL.match(uri):

@@ -843,3 +843,15 @@ def test_an_overwrite_clears_earlier_outputs_that_stand_where_this_runs_go(tmp_p
     (images / "keep.png").write_bytes(_good_png(2))
     pipeline._clear_the_way(LOCAL, str(tmp_path / "out"), ["d/x.png", "d/p.png/q.png", "d/p.jpg.png", "keep.png"])
     assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["d", "keep.png"]
+
+
+def test_an_archive_of_a_kind_that_is_not_read_is_named_as_one(tmp_path: Path) -> None:
+    """It failed as "not an image (unrecognised format)"."""
+    for name in ("photos.tar.xz", "more.TAR.BZ2", "old.7z"):
+        (tmp_path / name).write_bytes(b"\xfd7zXZ\x00 some compressed bytes")
+    (tmp_path / "fine.png").write_bytes(_good_png(0))
+    reasons = {item.uri.rsplit("/", 1)[1]: item.error for item in sources.discover(str(tmp_path), storage.S3Settings())}
+    assert reasons.pop("fine.png") == ""
+    assert set(reasons.values()) == {
+        "an archive of a kind that is not read: extract it, or repack it as .tar, .tar.gz, .tgz or .zip"}
+    assert len(reasons) == 3
