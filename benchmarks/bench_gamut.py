@@ -30,6 +30,7 @@ from PIL import Image
 
 from benchmarks.common import add_results_flag, print_table, write_results
 from colorize import color, colorizer, images
+from colorize.cli import positive_int
 
 PHOTOS = Path(__file__).resolve().parent.parent / "samples" / "photos"
 
@@ -68,7 +69,7 @@ def _pale(rule, lab: np.ndarray) -> int:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, each rule once a round (default: 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds, each rule once a round (default: 5)")
     add_results_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)

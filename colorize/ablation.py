@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from colorize import color, colorizer, errors, evaluate, imagesets, metrics, plots, quantize, storage
 from colorize.models import MAX_IMAGE_SIZE, ModelConfig, PatchDiscriminator, build_model, count_parameters, load_backbone, load_pretrained
-from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, train_step
+from colorize.objectives import PRECISIONS, Adversary, cosine_lr, resolve_precision, set_lr, train_step
 
 GRID_IMAGES = 8  # test images in the picture grid, evenly spaced (class folders: across classes)
 
@@ -178,7 +178,7 @@ def fit(
     adversary = None
     if variant.gan_weight:
         critic = PatchDiscriminator().to(device, memory_format=torch.channels_last)
-        adversary = Adversary(critic, torch.optim.Adam(critic.parameters(), lr=budget.lr, betas=(0.5, 0.999)), variant.gan_weight)
+        adversary = Adversary.training(critic, budget.lr, variant.gan_weight)
     if not len(lab):
         raise ValueError("no training images")
     batch_size = min(budget.batch_size, len(lab))  # a small set still trains, in one batch an epoch
@@ -201,8 +201,7 @@ def fit(
                 lr = cosine_lr(budget.lr, progress, 1)
             else:
                 lr = cosine_lr(budget.lr, steps, total)
-            for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
-                group["lr"] = lr
+            set_lr(lr, optimizer, adversary)
             picked = order[step * batch_size : (step + 1) * batch_size]
             batch = lab[picked]
             if step % 2:

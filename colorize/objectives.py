@@ -35,6 +35,17 @@ class Adversary:
     optimizer: torch.optim.Optimizer
     weight: float
 
+    @classmethod
+    def training(cls, discriminator: nn.Module, lr: float, weight: float) -> Adversary:
+        """``discriminator`` with pix2pix's optimiser: Adam, its first beta lowered to 0.5."""
+        return cls(discriminator, torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999)), weight)
+
+
+def set_lr(lr: float, optimizer: torch.optim.Optimizer, adversary: Adversary | None = None) -> None:
+    """Set the learning rate of the colouriser's optimiser and of its adversary's, if any."""
+    for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
+        group["lr"] = lr
+
 
 def _critic_input(L: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
     return torch.cat((color.normalize_l(L), color.normalize_ab(ab)), dim=1)

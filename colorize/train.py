@@ -43,7 +43,9 @@ from colorize.models import (
     GAN_MIN_SIZE, MAX_IMAGE_SIZE, SEMANTIC_MIN_SIZE, ModelConfig, PatchDiscriminator, ab_bins, build_model, count_parameters,
     load_backbone, without_class_head,
 )
-from colorize.objectives import PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, train_step
+from colorize.objectives import (
+    PRECISIONS, Adversary, cosine_lr, recalibrate_batchnorm, resolve_precision, set_lr, train_step,
+)
 
 __all__ = ["TrainConfig", "train", "train_loop_per_worker", "train_step"]
 
@@ -311,9 +313,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if "discriminator" in states:
             discriminator.load_state_dict(states["discriminator"])
         discriminator = ray.train.torch.prepare_model(discriminator.to(memory_format=torch.channels_last))
-        adversary = Adversary(
-            discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(0.5, 0.999)), config.gan_weight
-        )
+        adversary = Adversary.training(discriminator, config.lr, config.gan_weight)
     if "optimizer" in states:
         optimizer.load_state_dict(states["optimizer"])
     if adversary is not None and "discriminator_optimizer" in states:
@@ -321,8 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.epochs):
-        for group in [*optimizer.param_groups, *(adversary.optimizer.param_groups if adversary else [])]:
-            group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
+        set_lr(cosine_lr(config.lr, epoch, config.epochs), optimizer, adversary)
         row = {"epoch": epoch + 1, "precision": precision,
                **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world, precision)}
         examples: list[tuple[str, np.ndarray]] = []
