@@ -374,29 +374,43 @@ def archive_members(
     member name that is not UTF-8 is read all the same, under :func:`storage.utf8_name`.
     """
     if path.lower().endswith(".zip"):
-        with storage.open_seekable(fs, path) as raw, _open_zip(raw, path) as archive:
-            listed = list(dict.fromkeys(archive.namelist()))
-            for member in filter(_is_nested_archive, listed):
-                yield Member(member, f"{relpath}/{member}", None, NESTED_ARCHIVE)
-            members = [m for m in listed if _is_image_member(m)]
-            names, shadowed = _member_outputs(members)
-            for member in members:
-                member_relpath = f"{relpath}/{names[member]}"
-                if member in shadowed:
-                    yield Member(member, member_relpath, None, _same_output(shadowed[member]))
-                    continue
-                if skip(member_relpath):
-                    yield Member(member, member_relpath, None, skipped=True)
-                    continue
-                if limit is not None and archive.getinfo(member).file_size > limit:
-                    yield Member(member, member_relpath, None, storage.too_large(limit))
-                    continue
-                try:
-                    data, error = archive.read(member), ""
-                except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error) as e:
-                    data, error = None, f"cannot read from the zip: {e}"
-                yield Member(member, member_relpath, data, error)
-        return
+        yield from _zip_members(fs, path, relpath, limit, skip)
+    else:
+        yield from _tar_members(fs, path, relpath, limit, skip)
+
+
+def _zip_members(
+    fs: pafs.FileSystem, path: str, relpath: str, limit: int | None, skip: Callable[[str], bool]
+) -> Iterator[Member]:
+    """:func:`archive_members` of a zip: its directory lists the members, which it reads at random."""
+    with storage.open_seekable(fs, path) as raw, _open_zip(raw, path) as archive:
+        listed = list(dict.fromkeys(archive.namelist()))
+        for member in filter(_is_nested_archive, listed):
+            yield Member(member, f"{relpath}/{member}", None, NESTED_ARCHIVE)
+        members = [m for m in listed if _is_image_member(m)]
+        names, shadowed = _member_outputs(members)
+        for member in members:
+            member_relpath = f"{relpath}/{names[member]}"
+            if member in shadowed:
+                yield Member(member, member_relpath, None, _same_output(shadowed[member]))
+                continue
+            if skip(member_relpath):
+                yield Member(member, member_relpath, None, skipped=True)
+                continue
+            if limit is not None and archive.getinfo(member).file_size > limit:
+                yield Member(member, member_relpath, None, storage.too_large(limit))
+                continue
+            try:
+                data, error = archive.read(member), ""
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error) as e:
+                data, error = None, f"cannot read from the zip: {e}"
+            yield Member(member, member_relpath, data, error)
+
+
+def _tar_members(
+    fs: pafs.FileSystem, path: str, relpath: str, limit: int | None, skip: Callable[[str], bool]
+) -> Iterator[Member]:
+    """:func:`archive_members` of a tar (or .tar.gz): two passes over a stream, names then bytes."""
     last: dict[str, int] = {}  # each image member's last entry: a name appended again (tar -r) is its newer copy
     nested: dict[str, int] = {}  # the same for archives inside this one
     listing_broke: Exception | None = None
