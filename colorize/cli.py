@@ -301,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unrecognised:  # said by the command's parser, with its usage, not by colorize's
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unrecognised)}")
+    errors.stop_on_sigterm()  # before Ray starts too: a SIGTERM while a command lists its input ended it silently
     try:
         return args.handler(args)
     except (storage.StorageError, ValueError) as error:  # data.DataError is a ValueError

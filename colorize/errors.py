@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import threading
+from types import FrameType
 
 NAMED_UNREADABLE = 100  # unreadable files a report names (evaluate, probe); its count is of all of them
 
@@ -25,6 +28,26 @@ def unwrapped(error: BaseException) -> BaseException:
         if isinstance(cause, BaseException) and type(cause).__module__.startswith("colorize."):
             return cause
     return error
+
+
+def stop_on_sigterm() -> None:
+    """From now on, SIGTERM (``kill``, a Ray job stopped, a pod evicted) stops this command as
+    Ctrl-C does: exit status 130 and a line. Set where a command starts, and again once
+    ``ray.init`` has put its own handler in (see :func:`colorize.raycluster.connect`)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+
+
+def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM's handler. ``ray.init`` leaves one that dumped a stack and, in training, ended in
+    an abort (exit status 134); Ctrl-C's path stops the run cleanly, saying how to resume it.
+    That path is called here, not sent a SIGINT: Ray blocks SIGINT in a job's driver, and a
+    shell ignores it in a background one."""
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
+    if callable(on_ctrl_c):  # Python's raises KeyboardInterrupt; Ray Train's, while it trains, stops the workers
+        on_ctrl_c(signal.SIGINT, frame)
+    else:  # ignored (a background job) or never set
+        raise KeyboardInterrupt
 
 
 def innermost(error: BaseException) -> BaseException:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
-from types import FrameType
 
 import ray
 from ray._private import services
@@ -61,6 +59,11 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
     starts_here = address == "local" or (not address and recorded is None)
     try:
         ray.init(log_to_driver=log_to_driver)
+    except SystemExit as exit_:  # ray.init's own SIGTERM handler, while it starts: sys.exit(15), no word said
+        if exit_.code != signal.SIGTERM:
+            raise
+        errors.stop_on_sigterm()  # not Ray's, for the rest of this command
+        raise KeyboardInterrupt from None
     except ConnectionError as error:
         why = "no Ray is running on this machine" if address == "auto" else errors.one_line(error, with_type=False)
         raise NoCluster(f"{name}: {why}; {_HINT}") from None
@@ -72,24 +75,8 @@ def connect(*, log_to_driver: bool, through_client: bool = False) -> bool:
             raise
         raise NoCluster(f"Ray could not start in this process: {errors.one_line(error, with_type=False).rstrip('.')} "
                         "(a loaded machine); run it again") from None
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+    errors.stop_on_sigterm()  # again: ray.init replaced it
     return starts_here
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM (``kill``, a Ray job stopped, a pod evicted) stops a command as Ctrl-C does.
-
-    ``ray.init`` leaves a handler that dumped a stack and, in training, ended in an abort
-    (exit status 134); Ctrl-C's path stops the run cleanly, saying how to resume it. That
-    path is called here, not sent a SIGINT: Ray blocks SIGINT in a job's driver, and a shell
-    ignores it in a background one.
-    """
-    on_ctrl_c = signal.getsignal(signal.SIGINT)
-    if callable(on_ctrl_c):  # Python's raises KeyboardInterrupt; Ray Train's, while it trains, stops the workers
-        on_ctrl_c(signal.SIGINT, frame)
-    else:  # ignored (a background job) or never set
-        raise KeyboardInterrupt
 
 
 _STARTUP_TIMED_OUT = "The current node timed out during startup"  # ray.init's bare Exception on a loaded machine

@@ -2,7 +2,7 @@
 
 import sys
 
-from colorize.cli import main
+from colorize.entry import main  # SIGTERM handled before torch and Ray are imported
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

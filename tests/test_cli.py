@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from colorize import cli
+from colorize import cli, errors
 from colorize.cli import build_parser
 from tests.helpers import free_ports, output_held_elsewhere, write_images
 
@@ -336,21 +336,54 @@ def test_run_exits_3_when_some_inputs_failed(ray_cluster: str, tmp_path: Path) -
 
 def test_sigterm_takes_ctrl_cs_path_even_where_sigint_is_ignored() -> None:
     """A shell starts a background job with SIGINT ignored: SIGTERM must stop it all the same."""
-    from colorize import raycluster
-
     called = []
     before = signal.signal(signal.SIGINT, lambda signum, frame: called.append(signum))
     try:
-        raycluster._interrupt(signal.SIGTERM, None)  # Ray Train's handler, say: it is called, and it decides
+        errors._as_ctrl_c(signal.SIGTERM, None)  # Ray Train's handler, say: it is called, and it decides
         assert called == [signal.SIGINT]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with pytest.raises(KeyboardInterrupt):
-            raycluster._interrupt(signal.SIGTERM, None)
+            errors._as_ctrl_c(signal.SIGTERM, None)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         with pytest.raises(KeyboardInterrupt):
-            raycluster._interrupt(signal.SIGTERM, None)
+            errors._as_ctrl_c(signal.SIGTERM, None)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_sigterm_before_ray_starts_stops_a_command_as_ctrl_c(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Before Ray put its handler in (a command listing its input), SIGTERM ended it with no word."""
+    from colorize import pipeline
+
+    def listing(config):  # noqa: ANN001, ANN202 - a command a SIGTERM reaches while it reads its input
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(pipeline, "run", listing)
+    try:
+        assert cli.main(["run", "--input", "in", "--output", "out"]) == cli.EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err == "colorize run: interrupted\n"
+
+
+def test_sigterm_while_the_command_is_still_importing_stops_it_as_ctrl_c(tmp_path: Path) -> None:
+    """The seconds of importing torch and Ray: a kill there ended the command with 143 and no word."""
+    process = subprocess.Popen([sys.executable, "-m", "colorize.entry", "run", "--input", str(tmp_path / "none"), "--output",
+                                str(tmp_path / "out")],
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until SIGTERM (bit 14 of the caught signals) has a handler: the entry point's
+        caught = next(line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_INTERRUPTED, err
+    assert err.splitlines()[-1] in ("colorize: interrupted", "colorize run: interrupted"), err
 
 
 @pytest.mark.timeout(600)
