@@ -60,7 +60,7 @@ def per_image_psnr(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     mse = per_image_mse(pred, truth)
     with np.errstate(divide="ignore"):
         psnr = -10.0 * np.log10(mse)
-    return np.minimum(psnr, PSNR_CAP_DB)
+    return np.minimum(psnr, PSNR_CAP_DB) + 0.0  # + 0.0: black against white is 0.0 dB, not -0.0
 
 
 def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
