@@ -266,8 +266,8 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
     the same up to case (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``; ``C.jpg`` and
     ``c.gif``), or one would be a folder another needs (``p.jpg`` beside ``p.png/q.jpg``), the
     inputs concerned keep their whole names plus ``.png``; where even those clash (``C.jpg``
-    and ``c.jpg``), they gain a hash of the relpath. A last name of over 255 bytes, which no
-    local filesystem takes, is cut short and gains the hash too. The same relpaths always get
+    and ``c.jpg``), they gain a hash of the relpath. A name or folder of over 255 bytes, which
+    no local filesystem takes, is cut short and gains a hash too (:func:`_fit_name`). The same relpaths always get
     the same names, so a resumed run finds its outputs.
     """
     distinct = list(dict.fromkeys(relpaths))  # a relpath listed twice (manifests) has one name
@@ -305,12 +305,20 @@ def _folders(names: Iterable[str]) -> set[str]:
 
 
 def _fit_name(name: str, relpath: str) -> str:
-    folder, last = posixpath.split(name)
-    if len(last.encode()) <= MAX_NAME_BYTES:
-        return name
-    suffix = f"-{_hash(relpath)}.png"
-    cut = last.encode()[: MAX_NAME_BYTES - len(suffix)].decode(errors="ignore")  # whole characters
-    return posixpath.join(folder, cut + suffix)
+    """``name`` with each part of over 255 bytes cut short and given a hash: a folder's of its
+    path so far (the files in it stay together), the last one's of ``relpath``."""
+    *folders, last = name.split("/")
+    for i, part in enumerate(folders):
+        if len(part.encode()) > MAX_NAME_BYTES:  # an archive member's or S3 key's: no local folder is named so long
+            folders[i] = _cut(part, f"-{_hash('/'.join(folders[: i + 1]))}")
+    if len(last.encode()) > MAX_NAME_BYTES:
+        last = _cut(last, f"-{_hash(relpath)}.png")
+    return "/".join([*folders, last])
+
+
+def _cut(part: str, suffix: str) -> str:
+    """``part`` cut to whole characters that, with ``suffix``, take at most 255 bytes."""
+    return part.encode()[: MAX_NAME_BYTES - len(suffix)].decode(errors="ignore") + suffix
 
 
 def _hash(relpath: str) -> str:

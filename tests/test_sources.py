@@ -75,6 +75,13 @@ def test_an_output_name_over_255_bytes_is_cut_short_and_kept_distinct() -> None:
     assert len(set(names)) == 4 and names[0].startswith(long[:200]) and names[2].startswith("sub/日")
     assert names[3] == "short.png"
 
+    # A folder over 255 bytes (an archive member's, an S3 key's) failed its files: "File name too long".
+    folder, other = "F" * 300, "F" * 299 + "G"
+    names = list(sources.output_names([f"pack.tar/{folder}/a.jpg", f"pack.tar/{folder}/b.jpg", f"pack.tar/{other}/a.jpg"]))
+    assert all(len(part.encode()) <= 255 for name in names for part in name.split("/")), names
+    assert names[0].rsplit("/", 1)[0] == names[1].rsplit("/", 1)[0] != names[2].rsplit("/", 1)[0]  # kept together, apart
+    assert [n.rsplit("/", 1)[1] for n in names] == ["a.png", "b.png", "a.png"]
+
 
 def test_listing_follows_folder_links_but_not_loops_and_keeps_dangling_links(tmp_path: Path) -> None:
     root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
