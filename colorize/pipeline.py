@@ -615,6 +615,14 @@ def _earlier_failures(fs: pafs.FileSystem, path: str, beyond: list[sources.Item]
     return [r for r in rows if r["source"] in uris or r["source"].startswith(archives)]
 
 
+def _orphans(pngs: frozenset[str], found: list[sources.Item]) -> list[str]:
+    """The earlier PNGs (relpaths under images/) that no input ``found`` now makes: a rerun
+    after inputs were renamed or removed kept them without a word, beside the new ones."""
+    files = {item.relpath for item in found if item.kind == "file"}
+    archives = tuple(f"{item.relpath}/" for item in found if item.kind == "archive")  # their members are not listed yet
+    return sorted(p for p in pngs if p not in files and not p.startswith(archives))
+
+
 def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> Done:
     """What earlier runs into ``root`` wrote, from the PNG listing and Parquet ``relpath`` column."""
     pngs: set[str] = set()
@@ -769,6 +777,10 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
         print(f"removed {len(done.unfinished)} unfinished file(s) that a stopped run was writing, such as "
               f"{storage.to_uri(out_fs, done.unfinished[0])}", file=sys.stderr, flush=True)
     skipped = len(items) - len(todo)
+    orphans = _orphans(done.pngs, found)
+    if orphans:
+        print(f"{len(orphans)} PNG(s) under images/ come from no input found now (renamed or removed since), such as "
+              f"{orphans[0]}; they stay beside this run's, and --overwrite removes them", file=sys.stderr, flush=True)
 
     # A Ray of our own never grows: its resources are checked. With nothing to do, no Ray is
     # needed (starting one took 12-40 s of a rerun that only counts what is done).

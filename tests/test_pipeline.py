@@ -152,7 +152,7 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
     assert set(shown) <= {f"  failed: {folder / name}: {error}" for name, error in failed.items()}
 
 
-def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path) -> None:
+def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path, capsys) -> None:
     folder = scene_pngs(tmp_path / "in", 6, 24)
     out = tmp_path / "out"
     run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
@@ -170,6 +170,13 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     assert sorted(p.name for p in (out / "images").iterdir()) == pngs
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))["skipped"] == 7
     assert sorted(p.name for p in (out / "images").iterdir()) == pngs
+
+    (folder / "4.png").rename(folder / "renamed.png")  # its old PNG stays, and is said to
+    assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))["written"] == 1
+    assert "1 PNG(s) under images/ come from no input found now (renamed or removed since), such as 4.png" \
+        in capsys.readouterr().err
+    (folder / "renamed.png").rename(folder / "4.png")
+    (out / "images" / "renamed.png").unlink()
 
     level1 = {p.name: (p.stat().st_size, np.asarray(Image.open(p))) for p in (out / "images").iterdir()}
     (out / "images" / f"{storage.TEMP_PREFIX}{'9c1e' * 8}").write_bytes(b"half a PNG")  # and --overwrite too
