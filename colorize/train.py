@@ -62,6 +62,11 @@ DEFAULT_ARCHITECTURE = {"model": "unet", "width": 32, "depth": 3, "image_size": 
                         "attention": False, "temperature": ModelConfig.temperature}
 
 
+class CheckpointError(ValueError):
+    """The checkpoints in ``--out`` cannot be resumed from: a usage error (exit status 2), as
+    bad data is, since the same command would only fail again."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; written as ``config.json`` beside its outputs.
@@ -629,7 +634,7 @@ def _drop_unusable_checkpoints(fs: pafs.FileSystem, out: str) -> None:
             why = f"no {CHECKPOINT_SNAPSHOT}, Ray Train's list of them"
         else:
             return
-        raise data.DataError(f"{where} holds {len(folders)} checkpoint folder(s) but {why}, so none can be resumed "
+        raise CheckpointError(f"{where} holds {len(folders)} checkpoint folder(s) but {why}, so none can be resumed "
                              "from and a run would delete them; move that folder aside, or delete it, to train from the start") from None
     dropped = [(r["checkpoint_dir_name"], "its folder is gone") for r in results
                if storage.join(run_dir, r["checkpoint_dir_name"]) not in folders]
@@ -644,7 +649,7 @@ def _drop_unusable_checkpoints(fs: pafs.FileSystem, out: str) -> None:
     if not dropped:
         return
     if not kept:
-        raise data.DataError(f"{where}: no checkpoint there can be resumed from ({dropped[-1][0]}: {dropped[-1][1]}); "
+        raise CheckpointError(f"{where}: no checkpoint there can be resumed from ({dropped[-1][0]}: {dropped[-1][1]}); "
                              "move that folder aside, or delete it, to train from the start")
     indices = snapshot.get("checkpoint_report_indices")
     if isinstance(indices, list) and len(indices) == len(results):

@@ -123,7 +123,7 @@ def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(ray_clu
 
     # Without Ray's list, a run would train from epoch 1 and then delete every checkpoint.
     (out / "train" / train_module.CHECKPOINT_SNAPSHOT).unlink()
-    with pytest.raises(data.DataError, match="holds 2 checkpoint folder\\(s\\) but no checkpoint_manager_snapshot.json"):
+    with pytest.raises(train_module.CheckpointError, match="holds 2 checkpoint folder\\(s\\) but no checkpoint_manager_snapshot.json"):
         train(TrainConfig(data=str(images), out=str(out), epochs=6, **TINY))
     assert len(list((out / "train").glob("checkpoint_*"))) == 2
     # Unless no epoch reached OUT/: a run stopped before Ray registered its first checkpoint,
