@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,12 +102,16 @@ def _check_png_checksums(data: bytes) -> None:
     """Pillow decodes a PNG's rows and stops, without checking the checksums of the chunks it
     read: a file whose image data was damaged, or zero-filled as a preallocated download left
     unfinished, decoded with wrong rows and was coloured. The chunks' CRCs catch that. A file
-    cut off after its image data (no end chunk) decoded whole, and passes."""
+    cut off after its image data (no end chunk) decoded whole, and passes, as does one whose
+    bad checksum is an ancillary chunk's (text, time: a lower-case first letter), which libpng
+    only warns of. The pass costs about 6% of decoding a 3000x2000 PNG."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except SyntaxError as error:  # Pillow's "broken PNG file (bad header checksum in b'IDAT')"
-        raise ImageError(f"corrupt PNG data: {errors.one_line(error, with_type=False)}") from None
+        chunk = re.search(r"in b'(.)", str(error))
+        if chunk is None or chunk.group(1).isupper():  # a critical chunk's: IDAT, PLTE, IHDR
+            raise ImageError(f"corrupt PNG data: {errors.one_line(error, with_type=False)}") from None
     except Exception:  # noqa: BLE001, S110 - past the image data (a missing end chunk): what was decoded is whole
         pass
 

@@ -34,7 +34,7 @@ from colorize import errors, storage
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 # Archives of other kinds, named as such rather than as "not an image".
-_UNREAD_ARCHIVES = (".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".7z", ".rar")
+_UNREAD_ARCHIVES = (".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tbz", ".tar.zst", ".tzst", ".tar.lz", ".tar.lzma", ".7z", ".rar")
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 MANIFEST_COLUMNS = ("path", "uri", "source")
 MAX_NAME_BYTES = 255  # the longest file name ext4, APFS, NTFS and others take

@@ -316,6 +316,9 @@ def test_a_png_whose_image_data_was_damaged_is_refused_and_one_cut_after_it_is_r
     with pytest.raises(images.ImageError, match=r"corrupt PNG data: broken PNG file \(bad header checksum in b'IDAT'\)"):
         images.decode(zeroed, max_pixels=10**6)
     whole = images.decode(good, max_pixels=10**6)
+    text = b"Comment\x00written after the image data"  # an ancillary chunk's bad CRC, which libpng only warns of
+    noted = good[:-12] + struct.pack(">I", len(text)) + b"tEXt" + text + b"\x00\x00\x00\x00" + good[-12:]
+    np.testing.assert_array_equal(images.decode(noted, max_pixels=10**6).L, whole.L)
     np.testing.assert_array_equal(images.decode(good[:-12], max_pixels=10**6).L, whole.L)  # no end chunk: all rows there
     frames = io.BytesIO()
     Image.fromarray(picture).save(frames, "PNG", save_all=True, append_images=[Image.fromarray(picture[::-1])])

@@ -848,8 +848,11 @@ def test_an_overwrite_clears_earlier_outputs_that_stand_where_this_runs_go(tmp_p
     (images / "d" / "x.png" / "q.png").write_bytes(_good_png(0))  # from an input folder d/x.png/, now d/x.jpg
     (images / "d" / "p.png").write_bytes(_good_png(1))  # from d/p.jpg, before d/p.png/q.jpg appeared
     (images / "keep.png").write_bytes(_good_png(2))
-    pipeline._clear_the_way(LOCAL, str(tmp_path / "out"), ["d/x.png", "d/p.png/q.png", "d/p.jpg.png", "keep.png"])
-    assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["d", "keep.png"]
+    (images / "pack.tar" / "a.png").mkdir(parents=True)  # an archive's member a.png/q.jpg, now a.jpg
+    (images / "pack.tar" / "a.png" / "q.png").write_bytes(_good_png(3))
+    for relpath in ("d/x.png", "d/p.png/q.png", "d/p.jpg.png", "keep.png", "pack.tar/a.png", "new/deep/n.png"):
+        pipeline._clear_the_way(LOCAL, str(tmp_path / "out"), relpath)
+    assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["d", "keep.png", "pack.tar"]
 
 
 def test_an_archive_of_a_kind_that_is_not_read_is_named_as_one(tmp_path: Path) -> None:
@@ -862,3 +865,23 @@ def test_an_archive_of_a_kind_that_is_not_read_is_named_as_one(tmp_path: Path) -
     assert set(reasons.values()) == {
         "an archive of a kind that is not read: extract it, or repack it as .tar, .tar.gz, .tgz or .zip"}
     assert len(reasons) == 3
+
+
+def test_a_relative_input_s_failure_does_not_repeat_its_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage errors name the absolute path: 'huge.png' failed with '/abs/huge.png: over ... bytes'."""
+    monkeypatch.chdir(tmp_path)
+    limit = images.max_encoded_bytes(64)
+    with open("huge.png", "wb") as f:
+        f.truncate(limit + 1)  # sparse
+    items = sources.discover("huge.png", storage.S3Settings())
+    (rows,) = pipeline.read_and_decode(_batch(items), settings=storage.S3Settings(), size=8, max_pixels=64, chunk=8)
+    assert str(rows["status"][0]) == "failed"
+    assert str(rows["error"][0]).startswith(f"over {limit:,} bytes, more than an image of --max-pixels can be")
+
+
+def test_earlier_pngs_from_no_input_found_now_are_those_outside_every_input_and_archive() -> None:
+    found = [sources.Item("file", "in/a.jpg", "a.png", ""), sources.Item("archive", "in/pack.tar", "pack.tar", ""),
+             sources.Item("archive", "in/sub/more.zip", "sub/more.zip", "")]
+    pngs = frozenset({"a.png", "pack.tar/x.png", "pack.tar/deep/y.png", "sub/more.zip/z.png", "old.png", "sub/gone.png",
+                      "pack.tar.png"})
+    assert pipeline._orphans(pngs, found) == ["old.png", "pack.tar.png", "sub/gone.png"]
