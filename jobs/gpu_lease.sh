@@ -36,7 +36,7 @@ for archive in "${ARCHIVES:-.gpu}"/*.tar.gz; do tar xzf "$archive" -C "$data"; d
 collect() {
   # shellcheck disable=SC2086  # FETCH is a list of names
   "$python" -m jobs.gpu_collect collect "$runs" "$out" ${FETCH:-}
-  tar czf "$out/.logs.tar.gz" -C "$runs" --exclude='*.pt' --exclude='*.partial' --exclude='.stop' . &&
+  tar czf "$out/.logs.tar.gz" -C "$runs" --exclude='*.pt' --exclude='.tmp-*' --exclude='.stop' . &&
     mv "$out/.logs.tar.gz" "$out/logs.tar.gz"
 }
 
