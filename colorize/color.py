@@ -98,10 +98,10 @@ def lab_to_rgb(lab: torch.Tensor, *, keep_lightness: bool = True, steps: int = 1
     """Lab (..., 3, H, W) -> sRGB in [0, 1].
 
     Colours outside the sRGB gamut are brought inside. With ``keep_lightness`` (the default)
-    each such pixel keeps the largest fraction of its chroma that fits, found to about
-    ``2**-steps`` (:func:`_fitting_chroma`), at its own L and hue (a neutral grey of any L in
-    [0, 100] is always in gamut), except at sRGB's yellow corner, where one may be clipped
-    and L moves by at most :data:`CLIP_DELTA_E`. Otherwise RGB is simply clipped, which is
+    each such pixel keeps the fraction of its chroma at which it meets the gamut's edge going
+    out from grey, found to about ``2**-steps`` (:func:`_fitting_chroma`), at its own L and hue
+    (a neutral grey of any L in [0, 100] is always in gamut), except at sRGB's yellow corner,
+    where one just past it is clipped and L moves by at most :data:`CLIP_DELTA_E`. Otherwise RGB is simply clipped, which is
     faster but shifts lightness.
     """
     lab = lab.float() if not lab.is_floating_point() else lab
@@ -136,30 +136,37 @@ CLIP_DELTA_E = 0.3
 # margin.
 _YELLOW_CORNER_L = 92.0
 _YELLOW_CORNER_HUE = (96.0, 110.0)
-# Chroma fractions tried there above bisection's answer, evenly spaced up to 1.
-_PROBES = 16
+_PROBES = 16  # there, fractions tried up from grey in 16ths
 
 
 def _fitting_chroma(lab: torch.Tensor, steps: int) -> torch.Tensor:
-    """The largest fraction of each colour's chroma, to about ``2**-steps``, at which it fits
-    sRGB at its own L and hue: Lab (3, 1, N) -> (1, 1, N) in [0, 1].
+    """The fraction of each colour's chroma, to about ``2**-steps``, at which it meets sRGB's
+    edge on its way out from grey, at its own L and hue: Lab (3, 1, N) -> (1, 1, N) in [0, 1].
 
-    The fractions that fit need not form one interval: sRGB is not convex in Lab at its yellow
-    corner. There a bright yellow fits at its full chroma, not from 30% to 99% of it, and again
-    below, and bisection over [0, 1] alone took such a yellow a little past the gamut to a pale
-    cream. So for colours near the corner, fractions spaced a :data:`_PROBES`-th of the way
-    from bisection's answer up to 1 are tried, and bisection refines above the highest that
-    fits. A band narrower than that spacing can still be missed; the corner's own, a hair's
-    width, is met another way: a colour that clipping moves by at most :data:`CLIP_DELTA_E`
-    keeps its whole chroma (1 is returned, and the caller's clipping brings it inside).
+    Elsewhere the fractions that fit form one interval, and bisection over [0, 1] finds its
+    end. At sRGB's yellow corner, where sRGB is not convex in Lab, they need not: a bright
+    yellow fits from 0 to 27% of its chroma, not to 99.95%, and again to 100%. Bisection then
+    landed in either band as the chroma changed, so a smooth ramp of yellows flickered
+    between vivid and pale cream from one step to the next (15 of 301 ramps jumped 3 to 8
+    times). There fractions are tried up from grey in 16ths and bisection refines the first
+    exit, so a ramp keeps one colour past the edge; and a colour that clipping moves by at most
+    :data:`CLIP_DELTA_E` (sRGB yellow with a rounding more chroma) keeps its whole chroma
+    instead, clipped by the caller.
     """
-    lo = _bisect(lab, torch.zeros_like(lab[:1]), torch.ones_like(lab[:1]), steps)
     L, a, b = lab[:, 0, :]
     hue = torch.rad2deg(torch.atan2(b, a))
     corner = (L >= _YELLOW_CORNER_L) & (hue >= _YELLOW_CORNER_HUE[0]) & (hue <= _YELLOW_CORNER_HUE[1])
+    lo, hi = torch.zeros_like(lab[:1]), torch.ones_like(lab[:1])
     if bool(corner.any()):
-        lo[..., corner] = _above_bisection(lab[..., corner], lo[..., corner], steps)
-    return lo
+        lo[..., corner] = _before_first_exit(lab[..., corner])
+        hi[..., corner] = lo[..., corner] + 1 / _PROBES
+    fraction = _bisect(lab, lo, hi, steps)  # one loop for both: each step's fixed cost is most of it
+    if bool(corner.any()):
+        at_corner = lab[..., corner]
+        moved = torch.linalg.vector_norm(_linear_to_lab(_lab_to_linear(at_corner).clamp(0.0, 1.0)) - at_corner,
+                                         dim=0, keepdim=True)
+        fraction[..., corner] = torch.where(moved <= CLIP_DELTA_E, 1.0, fraction[..., corner])
+    return fraction
 
 
 def _bisect(lab: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int) -> torch.Tensor:
@@ -172,24 +179,13 @@ def _bisect(lab: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int) -
     return lo
 
 
-def _above_bisection(lab: torch.Tensor, lo: torch.Tensor, steps: int) -> torch.Tensor:
-    """:func:`_fitting_chroma` near the yellow corner, from bisection's answer ``lo``."""
-    steps_up = torch.arange(1, _PROBES, dtype=lab.dtype, device=lab.device).view(1, -1, 1) / _PROBES
-    probes = lo + (1 - lo) * steps_up  # (1, _PROBES - 1, N)
-    fits = _in_gamut(_lab_to_linear(_scaled(lab.expand(-1, _PROBES - 1, -1), probes)))
-    above = fits.any(dim=1)[0]
-    lo = lo.clone()
-    if bool(above.any()):
-        top = torch.where(fits, probes, torch.zeros_like(probes)).amax(dim=1, keepdim=True)[..., above]
-        # From a 16th of what was left above bisection's answer: to the same precision in 4 fewer steps.
-        lo[..., above] = _bisect(lab[..., above], top, top + (1 - lo[..., above]) / _PROBES, max(steps - 4, 1))
-    short = (lo < 1 - 1 / _PROBES)[0, 0]
-    if bool(short.any()):
-        whole = lab[..., short]
-        linear = _lab_to_linear(whole)
-        moved = torch.linalg.vector_norm(_linear_to_lab(linear.clamp(0.0, 1.0)) - whole, dim=0)[0]
-        lo[..., short] = torch.where(moved <= CLIP_DELTA_E, 1.0, lo[..., short])
-    return lo
+def _before_first_exit(lab: torch.Tensor) -> torch.Tensor:
+    """The last 16th of each colour's chroma that fits sRGB before the first that does not, going
+    out from grey: Lab (3, 1, N) -> (1, 1, N)."""
+    fractions = torch.arange(1, _PROBES, dtype=lab.dtype, device=lab.device).view(1, -1, 1) / _PROBES
+    fits = _in_gamut(_lab_to_linear(_scaled(lab.expand(-1, _PROBES - 1, -1), fractions.expand(-1, -1, lab.shape[-1]))))
+    outside = torch.cat((~fits, torch.ones_like(fits[:, :1])), dim=1)  # all of it is outside: why it is here
+    return outside.to(lab.dtype).argmax(dim=1, keepdim=True) / _PROBES
 
 
 def luma(rgb: torch.Tensor) -> torch.Tensor:
