@@ -598,6 +598,14 @@ def _remove_other_pngs(fs: pafs.FileSystem, root: str, written: set[str]) -> Non
               and posixpath.relpath(p, images_dir) not in written]
     with ThreadPoolExecutor(max_workers=16) as pool:  # on S3, a request each
         list(pool.map(lambda path: storage.delete(fs, path), others))
+    if fs.type_name == "local":  # and the folders that held only those: an input folder x.png/ gone left x.png/ here
+        for folder in sorted({posixpath.dirname(p) for p in others}, key=len, reverse=True):
+            while folder.startswith(images_dir + "/"):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty, or gone
+                    break
+                folder = posixpath.dirname(folder)
     if others:
         print(f"removed {len(others)} PNG(s) of earlier runs that this run did not write over, such as "
               f"{storage.to_uri(fs, others[0])}", file=sys.stderr, flush=True)

@@ -853,6 +853,11 @@ def test_an_overwrite_clears_earlier_outputs_that_stand_where_this_runs_go(tmp_p
     for relpath in ("d/x.png", "d/p.png/q.png", "d/p.jpg.png", "keep.png", "pack.tar/a.png", "new/deep/n.png"):
         pipeline._clear_the_way(LOCAL, str(tmp_path / "out"), relpath)
     assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["d", "keep.png", "pack.tar"]
+    # After the run, the PNGs it did not write go, and so do the folders that held only them.
+    (images / "d" / "old" / "deeper").mkdir(parents=True)
+    (images / "d" / "old" / "deeper" / "o.png").write_bytes(_good_png(4))
+    pipeline._remove_other_pngs(LOCAL, str(tmp_path / "out"), {"keep.png"})
+    assert sorted(str(p.relative_to(images)) for p in images.rglob("*")) == ["keep.png", "pack.tar"]  # held no PNG
 
 
 def test_an_archive_of_a_kind_that_is_not_read_is_named_as_one(tmp_path: Path) -> None:
