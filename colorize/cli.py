@@ -10,10 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from colorize import errors, images, storage, submit
-from colorize.colorizer import LOSSES
-from colorize.models import ARCHITECTURES, HEADS, MAX_SATURATION
-from colorize.objectives import PRECISIONS
+from colorize import errors, storage, submit
+from colorize.options import ARCHITECTURES, HEADS, LOSSES, MAX_PIXELS, MAX_SATURATION, PRECISIONS
 
 EXIT_FAILED = 1  # a run that started failed (training lost its workers more often than --max-failures)
 EXIT_USAGE = 2  # bad arguments or unusable input: nothing was done
@@ -254,8 +252,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     gpus.add_argument("--actors", type=positive_int, help="run the model in N CPU actors between decode and write tasks (default: none, "
                       "every CPU task runs the model itself)")
     p.add_argument("--limit", type=positive_int, help="process only the first N inputs (a file or a whole archive is one input)")
-    p.add_argument("--max-pixels", type=positive_int, default=images.MAX_PIXELS,
-                   help=f"refuse images with more pixels (decompression bombs; default: {images.MAX_PIXELS:,})")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                   help=f"refuse images with more pixels (decompression bombs; default: {MAX_PIXELS:,})")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG zlib compression level: 1 encodes 4.3-5.4x faster than 6 for files 18-22%% larger (default: 1)")
     p.add_argument("--overwrite", action="store_true",

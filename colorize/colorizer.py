@@ -23,12 +23,11 @@ from torch import nn
 
 from colorize import color, errors, quantize, storage
 from colorize.models import ModelConfig, build_model, check_temperature
+from colorize.options import LOSSES, REGRESSION_LOSSES
 
-REGRESSION_LOSSES = ("mse", "l1", "huber", "psnr")
 # The psnr loss's floor on each image's MSE (50 dB): it bounds how much one near-perfect image
 # can weigh in a batch (the gradient of log(mse) grows as 1/mse).
 PSNR_LOSS_FLOOR = 1e-5
-LOSSES = (*REGRESSION_LOSSES, "ce")  # "ce": the classification head's rebalanced cross-entropy
 BUNDLED_WEIGHTS = "unet-photos-cifar64-semantic.pt"
 
 

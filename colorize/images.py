@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from colorize import color, errors
+from colorize.options import MAX_PIXELS
 
 # Pixels converted at a time, to bound the temporaries on huge images of any shape: 512 rows a
 # block took 860 MB for a 1 x 20 M pixel image, against 300 MB for one of 4000 x 5000.
@@ -40,7 +41,6 @@ def _luminance_tables() -> np.ndarray:
 
 
 _Y_TABLES = _luminance_tables()
-MAX_PIXELS = 80_000_000  # the default --max-pixels: larger images are refused as decompression bombs
 
 
 def max_encoded_bytes(max_pixels: int) -> int:

@@ -27,13 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from colorize import backbones, color
+from colorize.options import ARCHITECTURES, HEADS, MAX_SATURATION
 
-ARCHITECTURES = ("unet", "autoencoder")
-HEADS = ("regression", "classification")
-# ModelConfig.saturation's ceiling. On CIFAR-10 the bundled model matches the truth's
-# colourfulness at 1.6 and overshoots it by a quarter at 2; at 4 over a third of its coloured
-# pixels leave the sRGB gamut (and are desaturated back into it): more is a typo, not a wish.
-MAX_SATURATION = 4.0
 # The largest square a model is trained at (train, ablation, photo_model): a batch of 64 at
 # 100,000 px asked a read task for 168 GiB. Not checked on loading: weights trained larger load.
 MAX_IMAGE_SIZE = 1024

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from colorize import color, colorizer
+from colorize.options import PRECISIONS
 
-# "auto": bf16 autocast where the device runs it fast (see fast_bf16), float32 elsewhere.
-PRECISIONS = ("auto", "float32", "bf16")
 
 
 @dataclass

@@ -393,10 +393,15 @@ def connect(address: str) -> JobSubmissionClient:
     with _environ(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None), _errors(url, Redactor(())):
         try:
             return JobSubmissionClient(url)
-        except (requests.HTTPError, ValueError) as error:  # requests' JSONDecodeError is a ValueError
+        except (requests.HTTPError, ValueError, RuntimeError) as error:  # requests' JSONDecodeError is a ValueError
+            # A 404 from the version check: the SDK blames an old Ray, but a Ray before 1.9
+            # is rare beside a web server or a proxy's path on that port.
+            not_found = isinstance(error, RuntimeError) and str(error).startswith("Version check returned 404")
+            if isinstance(error, RuntimeError) and not not_found:
+                raise
             # Something answered, but not Ray's version check: another service on that port.
             raise ClusterError(
-                f"{url} answered, but not as a Ray job server ({type(error).__name__}); "
+                f"{url} answered, but not as a Ray job server ({'HTTP 404' if not_found else type(error).__name__}); "
                 "expected the head node's dashboard address, port 8265 unless changed"
             ) from error
 

@@ -81,6 +81,13 @@ def test_jobs_entrypoints_are_the_same_commands() -> None:
         assert result.returncode == 0 and flag in result.stdout, module
 
 
+def test_the_command_line_imports_no_torch() -> None:
+    """`submit` and `jobs` parse a job's command before sending it: torch made that 5 s of 8."""
+    code = "import sys, colorize.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr[-2000:]
+
+
 def test_train_on_a_missing_path(tmp_path: Path) -> None:
     assert_one_error_line(colorize("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "nope", "no such")
 

@@ -407,8 +407,9 @@ def _answering(status: int, body: bytes) -> contextlib.AbstractContextManager[st
     ("status", "body", "fragment"),
     [(401, b"Unauthorized", "Authentication required: Unauthorized: set RAY_AUTH_TOKEN"),
      (200, b"<html>Grafana</html>", "answered, but not as a Ray job server (JSONDecodeError)"),
-     (500, b"oops", "answered, but not as a Ray job server (HTTPError)")],
-    ids=["token-auth", "another-service", "server-error"],
+     (500, b"oops", "answered, but not as a Ray job server (HTTPError)"),
+     (404, b"Not Found", "answered, but not as a Ray job server (HTTP 404)")],  # not "running Ray 1.9 or higher"
+    ids=["token-auth", "another-service", "server-error", "not-found"],
 )
 def test_a_server_that_is_not_an_open_ray_job_server_is_one_error_line(status: int, body: bytes, fragment: str) -> None:
     with _answering(status, body) as url:
