@@ -776,7 +776,6 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     model, weights_id = colorizer.load_weights(
         config.weights, settings, temperature=config.temperature, saturation=config.saturation
     )
-    weights_raw = colorizer.weights_bytes(model)
     run_id = _run_id(config, settings, model, weights_id)
     config_path = storage.join(out_root, sources.CONFIG_FILE)
     if config.overwrite:
@@ -784,21 +783,7 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     else:
         _check_resume(_earlier_config(out_fs, config_path), config.output, run_id)
         unfinished = False
-    found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
-    items = found[: config.limit] if config.limit else found
-
-    done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
-    todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
-    for path in done.unfinished:  # the lock: no other run is writing them
-        storage.delete(out_fs, path)
-    if done.unfinished:
-        print(f"removed {len(done.unfinished)} unfinished file(s) that a stopped run was writing, such as "
-              f"{storage.to_uri(out_fs, done.unfinished[0])}", file=sys.stderr, flush=True)
-    skipped = len(items) - len(todo)
-    orphans = _orphans(done.pngs, found)
-    if orphans:
-        print(f"{len(orphans)} PNG(s) under images/ come from no input found now (renamed or removed since), such as "
-              f"{orphans[0]}; they stay beside this run's, and --overwrite removes them", file=sys.stderr, flush=True)
+    found, items, done, todo = _take_stock(config, settings, out_fs, out_root)
 
     # A Ray of our own never grows: its resources are checked. With nothing to do, no Ray is
     # needed (starting one took 12-40 s of a rerun that only counts what is done).
@@ -810,27 +795,13 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     if config.overwrite:
         _start_over(out_fs, out_root)
     storage.delete(out_fs, storage.join(out_root, sources.SUMMARY_FILE))  # a summary says a run finished
-    counts = {"written": 0, "failed": 0, "skipped": skipped}
-    failures: list[dict[str, str]] = []
-    written: set[str] = set()  # the PNGs this run wrote, archive members' included
+    skipped = len(items) - len(todo)  # files done; archive members done come out of the pipeline as skipped rows
     archives = sum(i.kind == "archive" for i in todo)
     what = f"{len(todo) - archives} file(s)" + (f" and {archives} archive(s), whose members are counted as they are read"
                                                if archives else "")
     print(f"colourising {what} from {config.input} ({skipped} already done) with {weights_id} into {config.output}",
           file=sys.stderr, flush=True)
-    if todo:
-        read = {"settings": settings, "size": model.config.image_size, "max_pixels": config.max_pixels,
-                "chunk": config.batch_size}
-        write = {"output": config.output, "settings": settings, "formats": config.formats,
-                 "png_level": config.png_level, "weights_id": weights_id, "overwrite": config.overwrite}
-        ds = _plan(task_rows(todo, done), config, weights_raw, read, write)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
-                counts[str(status)] += 1
-                if status == "written":
-                    written.add(str(relpath))
-                if status == "failed":
-                    failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
+    counts, failures, written = _colourise(todo, done, config, settings, model, weights_id)
 
     failed_path = storage.join(out_root, sources.FAILED_FOLDER, "failed.parquet")
     listed = failures + _earlier_failures(out_fs, failed_path, found[len(items):])
@@ -845,8 +816,9 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
             storage.write_json(out_fs, config_path, record)
     seconds = time.perf_counter() - started
     summary = {
-        "inputs": counts["written"] + counts["failed"] + counts["skipped"],
+        "inputs": counts["written"] + counts["failed"] + counts["skipped"] + skipped,
         **counts,
+        "skipped": counts["skipped"] + skipped,
         "weights": weights_id,
         "seconds": round(seconds, 2),
         "images_per_second": round(counts["written"] / seconds, 2) if seconds > 0 else 0.0,
@@ -854,14 +826,67 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
         "output": config.output,
     }
     storage.write_json(out_fs, storage.join(out_root, sources.SUMMARY_FILE), summary)
+    _report(summary, failures, storage.to_uri(out_fs, failed_path))
+    return summary
+
+
+def _take_stock(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem,
+                out_root: str) -> tuple[list[sources.Item], list[sources.Item], Done, list[sources.Item]]:
+    """The inputs ``found``, the ``items`` this run takes (``--limit``), what is ``done`` and what is left ``todo``.
+
+    Removes the files a stopped run left unfinished, and warns of PNGs that no input found now makes.
+    """
+    found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
+    items = found[: config.limit] if config.limit else found
+    done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
+    todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]
+    for path in done.unfinished:  # the lock: no other run is writing them
+        storage.delete(out_fs, path)
+    if done.unfinished:
+        print(f"removed {len(done.unfinished)} unfinished file(s) that a stopped run was writing, such as "
+              f"{storage.to_uri(out_fs, done.unfinished[0])}", file=sys.stderr, flush=True)
+    orphans = _orphans(done.pngs, found)
+    if orphans:
+        print(f"{len(orphans)} PNG(s) under images/ come from no input found now (renamed or removed since), such as "
+              f"{orphans[0]}; they stay beside this run's, and --overwrite removes them", file=sys.stderr, flush=True)
+    return found, items, done, todo
+
+
+def _colourise(todo: list[sources.Item], done: Done, config: BulkConfig, settings: storage.S3Settings,
+               model: torch.nn.Module, weights_id: str) -> tuple[dict[str, int], list[dict[str, str]], set[str]]:
+    """Runs the pipeline over ``todo``: the rows by status, the failures, and the PNGs written.
+
+    Archive members that an earlier run wrote come out ``skipped``, their bytes unread.
+    """
+    counts = {"written": 0, "failed": 0, "skipped": 0}
+    failures: list[dict[str, str]] = []
+    written: set[str] = set()  # archive members' included
+    if not todo:
+        return counts, failures, written
+    read = {"settings": settings, "size": model.config.image_size, "max_pixels": config.max_pixels,
+            "chunk": config.batch_size}
+    write = {"output": config.output, "settings": settings, "formats": config.formats,
+             "png_level": config.png_level, "weights_id": weights_id, "overwrite": config.overwrite}
+    ds = _plan(task_rows(todo, done), config, colorizer.weights_bytes(model), read, write)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for source, relpath, status, error in zip(batch["source"], batch["relpath"], batch["status"], batch["error"]):
+            counts[str(status)] += 1
+            if status == "written":
+                written.add(str(relpath))
+            if status == "failed":
+                failures.append({"source": str(source), "relpath": str(relpath), "error": str(error)})
+    return counts, failures, written
+
+
+def _report(summary: dict[str, Any], failures: list[dict[str, str]], failed_uri: str) -> None:
+    """Prints the run's last lines: the counts, and the first failures."""
     print(
         f"{summary['inputs']} inputs: {summary['written']} written, {summary['failed']} failed, "
         f"{summary['skipped']} skipped in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s)"
-        + (f"; failures listed in {storage.to_uri(out_fs, failed_path)}" if failures else ""),
+        + (f"; failures listed in {failed_uri}" if failures else ""),
         file=sys.stderr, flush=True,
     )
     for failure in failures[:SHOWN_FAILURES]:  # the rest are a Parquet read away
         print(f"  failed: {failure['source']}: {failure['error']}", file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
-    return summary
