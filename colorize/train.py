@@ -496,7 +496,16 @@ def _write_checkpoint(
     curves = {label + (f" (+ {', '.join(terms)})" if terms else ""): [h["train_loss"] for h in history]}
     if "val_loss" in history[-1]:
         curves["val loss"] = [h.get("val_loss", math.nan) for h in history]
-    plots.line_chart(curves, title=f"{config.model} on {config.data}").save(directory / "curve.png")
+    title = f"{config.model} on {config.data}"
+    if terms and "val loss" in curves:
+        # The training loss carries terms the validation loss has not: different quantities,
+        # often far apart (ce minus PSNR against ce alone), each gets its own axis.
+        (train_label, train_values), val = next(iter(curves.items())), curves["val loss"]
+        chart = plots.stacked([plots.line_chart({train_label: train_values}, title=title, size=(640, 260)),
+                               plots.line_chart({"val loss (the colour loss alone)": val}, title="", size=(640, 240))])
+    else:
+        chart = plots.line_chart(curves, title=title)
+    chart.save(directory / "curve.png")
     if examples:
         plots.image_grid(examples).save(directory / "grid.png")
 
@@ -814,16 +823,7 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
     cpus = config.cpus_per_worker or default_cpus_per_worker(config.num_workers, config.gpu)
     if started_here:
         _check_resources(config, cpus)  # before anything is written or sampled
-    datasets = {
-        "train": data.lab_dataset(
-            train_source, image_size=config.image_size, augment=True, limit=config.limit, class_index=class_index
-        )
-    }
-    if val_source:
-        datasets["val"] = data.lab_dataset(
-            val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit,
-            class_index=class_index,
-        )
+    datasets = _datasets(config, train_source, val_source, class_index)
     lock.acquire()  # a new --out: before its first write
     class_weights = _class_weights(config, train_source, out_fs, out_path, earlier[0] if earlier else None)
     # The class names beside the config: what a resumed run checks its data against.
@@ -839,10 +839,40 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
         f"checkpoints in {storage.to_uri(out_fs, storage.join(out_path, RUN_NAME))}",
         flush=True,
     )
-    trainer = TorchTrainer(
+    loop_config = {"config": asdict(config), "class_weights": class_weights, "threads": max(1, int(cpus)),
+                   "classes": model_classes, "init": colorizer.weights_bytes(init) if init is not None else None}
+    result = _fit(_trainer(config, loop_config, datasets, cpus, out_fs, out_path), config)
+    _remove_unregistered_checkpoints(out_fs, out_path)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {config.out}")
+    with result.checkpoint.as_directory() as directory:
+        state = _last_state(Path(directory), config)
+        _export(out_fs, out_path, lambda name: Path(directory, name).read_bytes() if Path(directory, name).exists() else None)
+    return _summary(out_fs, out_path, state)
+
+
+def _datasets(config: TrainConfig, train_source: data.Source, val_source: data.Source | None,
+              class_index: dict[str, int] | None) -> dict[str, ray.data.Dataset]:
+    """The training set, augmented, and any validation set."""
+    datasets = {
+        "train": data.lab_dataset(
+            train_source, image_size=config.image_size, augment=True, limit=config.limit, class_index=class_index
+        )
+    }
+    if val_source:
+        datasets["val"] = data.lab_dataset(
+            val_source, split="test", image_size=config.image_size, augment=False, limit=config.val_limit,
+            class_index=class_index,
+        )
+    return datasets
+
+
+def _trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset], cpus: float,
+             out_fs: pafs.FileSystem, out_path: str) -> TorchTrainer:
+    """The data-parallel run; its checkpoints go under OUT/train, and the same OUT resumes it."""
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": asdict(config), "class_weights": class_weights, "threads": max(1, int(cpus)),
-                           "classes": model_classes, "init": colorizer.weights_bytes(init) if init is not None else None},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.gpu, resources_per_worker={"CPU": cpus}
         ),
@@ -860,6 +890,10 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+def _fit(trainer: TorchTrainer, config: TrainConfig) -> ray.train.Result:
+    """``trainer.fit()``, its failures and interruptions in a line that says how to resume."""
     try:
         result = trainer.fit()
     except SystemExit:
@@ -868,26 +902,26 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
     except TrainingFailedError as failure:
         raise errors.Failed(f"{_why(failure, config.max_failures)}; the same command resumes from the last checkpoint "
                             f"in {config.out}, if one was written") from None
-    _remove_unregistered_checkpoints(out_fs, out_path)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint in {config.out}")
-    with result.checkpoint.as_directory() as directory:
-        try:
-            state = json.loads(Path(directory, "state.json").read_text())
-        except FileNotFoundError:  # another run's cleanup deleted it
-            raise errors.Failed(f"{config.out}: the last checkpoint's state.json is gone; is another `train` writing "
-                                "to the same --out? One run per --out at a time") from None
-        last = state["history"][-1]
-        if last["images"] == 0:
-            why = f"{last['skipped']} unreadable"
-            if last.get("dropped"):
-                why += (f"; the {last['dropped']} readable ones never came in a step where each of the {config.num_workers} "
-                        "workers had one: try fewer --num-workers")
-            elif not last["skipped"] and config.num_workers > 1:  # Parquet of fewer rows than workers
-                why += f"; are there fewer than the {config.num_workers} --num-workers, which each take an equal share?"
-            raise data.DataError(f"{config.data}: no readable training images in epoch {last['epoch']} ({why})")
-        _export(out_fs, out_path, lambda name: Path(directory, name).read_bytes() if Path(directory, name).exists() else None)
-    return _summary(out_fs, out_path, state)
+    return result
+
+
+def _last_state(checkpoint: Path, config: TrainConfig) -> dict[str, Any]:
+    """The last checkpoint's state; an error where its last epoch trained on no image."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+    except FileNotFoundError:  # another run's cleanup deleted it
+        raise errors.Failed(f"{config.out}: the last checkpoint's state.json is gone; is another `train` writing "
+                            "to the same --out? One run per --out at a time") from None
+    last = state["history"][-1]
+    if last["images"] == 0:
+        why = f"{last['skipped']} unreadable"
+        if last.get("dropped"):
+            why += (f"; the {last['dropped']} readable ones never came in a step where each of the {config.num_workers} "
+                    "workers had one: try fewer --num-workers")
+        elif not last["skipped"] and config.num_workers > 1:  # Parquet of fewer rows than workers
+            why += f"; are there fewer than the {config.num_workers} --num-workers, which each take an equal share?"
+        raise data.DataError(f"{config.data}: no readable training images in epoch {last['epoch']} ({why})")
+    return state
 
 
 # A worker's error that only says a peer went away: the peer's own error says why.
