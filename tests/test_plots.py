@@ -1,0 +1,57 @@
+"""Charts drawn with Pillow: axes that fit their data, and a legend that hides no line."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from colorize import plots
+
+
+def _steps(ticks: list[tuple[float, str]]) -> set[float]:
+    values = [v for v, _ in ticks]
+    return {round(b - a, 12) for a, b in zip(values, values[1:])}
+
+
+@pytest.mark.parametrize("values", [[0.0] * 22 + [85.3, 630.0, 651.0, 0.0], [0.0123], [0.0, 0.0], [0.5, 0.5], [1 / x for x in range(1, 50)]],
+                         ids=["throughput", "one-point", "all-zero", "constant", "falling"])
+def test_an_axis_of_values_that_cannot_be_negative_does_not_go_below_zero(values: list[float]) -> None:
+    """A throughput chart's axis ran to -42.66 images/s; a single loss of 0.0123 got -0.54 to 0.56."""
+    ticks = plots.y_ticks(values)
+    assert ticks[0][0] >= 0 and ticks[0][0] <= min(values) and ticks[-1][0] >= max(values), ticks
+
+
+def test_ticks_are_round_steps_with_distinct_labels() -> None:
+    """Five ticks of 3605.1-3605.3 read 3606, 3605, 3605, 3605, 3604."""
+    for values in ([3605.2, 3605.1, 3605.3], [-6.1, 0.27, 5878.0], [2e-5, 3e-5], [1e9, 3e9]):
+        ticks = plots.y_ticks(values)
+        (step,) = _steps(ticks)
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert any(math.isclose(mantissa, m) for m in (1, 2, 2.5, 5)), (values, step)
+        labels = [label for _, label in ticks]
+        assert len(set(labels)) == len(labels), (values, labels)
+        assert ticks[0][0] <= min(values) and ticks[-1][0] >= max(values)
+
+
+def test_negative_values_and_a_floor() -> None:
+    assert plots.y_ticks([-3.0, 2.0])[0][0] <= -3.0
+    assert plots.y_ticks([5.0, 7.0], ymin=0)[0] == (0.0, "0")
+
+
+def test_the_legend_sits_outside_the_plot() -> None:
+    """The legend was drawn over the lines at the top right: renaming the series changed the plot."""
+    values = [[3.0, 3.0, 3.0, 3.0], [2.9, 2.95, 3.0, 3.0]]  # lines along the top, where the legend was
+    short = np.asarray(plots.line_chart(dict(zip(["a", "b"], values)), title="t"))
+    long = np.asarray(plots.line_chart(dict(zip(["train loss of a long name", "val loss"], values)), title="t"))
+    rows = np.flatnonzero((short != long).any(axis=(1, 2)))
+    assert rows.size and rows.max() < 50, rows  # only the legend's row, under the title, differs
+
+
+@pytest.mark.parametrize("series", [{}, {"a": []}, {"a": [math.nan, math.inf]}, {"a": [1.0, math.nan, 3.0]},
+                                    {f"series {i} with a name longer than most" * 2: [i, i + 1.0] for i in range(12)}],
+                         ids=["none", "empty", "no-finite", "gap", "many-long"])
+def test_odd_series_still_make_a_chart(series: dict) -> None:
+    chart = plots.line_chart(series, title="a title " * 30, size=(640, 400))
+    assert chart.size == (640, 400)
