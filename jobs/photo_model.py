@@ -59,14 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="regression, or classification over ab cells (default: --init's head, else regression)")
     parser.add_argument("--loss", choices=colorizer.LOSSES,
                         help="training loss (default: ce for a classification head, else huber)")
-    parser.add_argument("--no-rebalance", dest="rebalance", action="store_false")
+    parser.add_argument("--no-rebalance", dest="rebalance", action="store_false",
+                        help="the classification head's cross-entropy without class rebalancing")
     parser.add_argument("--semantic", action="store_true",
                         help="add a semantic branch that learns each image's class from its class folder and feeds the "
                              "colouriser (from --init weights without one, the branch starts fresh)")
     parser.add_argument("--pretrained", metavar="WEIGHTS",
                         help="add a frozen ImageNet-pretrained MobileNetV2 whose features feed the bottleneck, its "
                              "weights from this file (python -m jobs.fetch_pretrained writes it)")
-    parser.add_argument("--gan-weight", type=float, default=0.0)
+    parser.add_argument("--gan-weight", type=float, default=0.0, help="weight of the PatchGAN term (default: 0, none)")
     parser.add_argument("--cf-weight", type=float, default=0.0,
                         help="weight of the colourfulness-gap term (0..255 units) beside the loss (default: 0)")
     parser.add_argument("--psnr-weight", type=float, default=0.0,
@@ -75,18 +76,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float,
                         help=f"the classification head's annealed-mean temperature, in training and in the weights "
                              f"(default: --init's, else {ModelConfig.temperature})")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=15, help="(default: 15)")
     parser.add_argument("--minutes", type=float,
                         help="train for this long instead of --epochs (the learning-rate schedule follows the clock)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (default: 0.002)")
     parser.add_argument("--shift", type=int, default=0, metavar="PIXELS",
                         help="move each training image by up to PIXELS each way (reflection-padded random crops; default: 0)")
     parser.add_argument("--limit", type=int, help="a seeded subset of N photos from each folder")
     parser.add_argument("--init", help="start from this model.pt or 'bundled' (its architecture; fine-tuning, e.g. with --gan-weight; "
                              "a --head of the other kind starts fresh on its U-Net)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
-    parser.add_argument("--device", default=ablation.Budget().device)
+    parser.add_argument("--device", default=ablation.Budget().device, help="torch device (default: cuda where there is one, else cpu)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16 autocast or float32; auto: bf16 where the device has fast bf16 (default: auto)")
     parser.add_argument("--score-every", type=int, default=0, metavar="EPOCHS",
