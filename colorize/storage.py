@@ -206,7 +206,7 @@ def stat(fs: pafs.FileSystem, path: str, uri: str, *, missing: str = "no such fi
     with _errors(fs, uri):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"{uri}: {'no such bucket' if _bucket_missing(fs, path) else missing}")
+            raise StorageError(f"{uri}: {_no_such_bucket(fs) if _bucket_missing(fs, path) else missing}")
     return info
 
 
@@ -460,7 +460,7 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
         if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
         if kind == pafs.FileType.NotFound and _bucket_missing(fs, path):
-            raise StorageError(f"{uri}: no such bucket")
+            raise StorageError(f"{uri}: {_no_such_bucket(fs)}")
         if fs.type_name == "local":
             above = path
             while fs.get_file_info(above).type == pafs.FileType.NotFound and above != os.path.dirname(above):
@@ -532,16 +532,23 @@ def reason(error: OSError, fs: pafs.FileSystem | None = None) -> str:
     if code == "NETWORK_CONNECTION":
         curl = _CURL_ERROR.search(text)
         detail = curl.group(1).strip() if curl else "network error"
-        return f"cannot reach S3 endpoint {_endpoint(fs)}: {detail[:1].lower()}{detail[1:]}"
+        if not detail[:2].isupper():  # "Couldn't connect", not "SSL connect error"
+            detail = detail[:1].lower() + detail[1:]
+        return f"cannot reach S3 endpoint {_endpoint(fs)}: {detail}"
     if code in _DENIED_CODES:
         return f"{_DENIED_CODES[code]} ({_CREDENTIALS_HINT})"
     if code == "NO_SUCH_BUCKET":
-        return "no such bucket"
+        return _no_such_bucket(fs)
     if code in _NOT_FOUND_CODES:
         return "no such file or directory"
     status = f" (HTTP {match.group(2)})" if match.group(2) else ""
     detail = errors.first_line(text.split("operation: ", 1)[-1]) or "no message"  # some give none
     return f"S3 error {code}{status}: {detail}"
+
+
+def _no_such_bucket(fs: pafs.FileSystem | None) -> str:
+    """Named with its endpoint: a web server that is not S3 (a filer's port, a console) answers 404 too."""
+    return f"no such bucket at {_endpoint(fs)}" if fs is not None and fs.type_name == "s3" else "no such bucket"
 
 
 def _endpoint(fs: pafs.FileSystem) -> str:

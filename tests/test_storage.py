@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import http.server
 import os
 import pickle
 import re
@@ -163,15 +164,44 @@ def test_an_s3_output_that_may_be_read_but_not_written_is_refused_before_the_wor
 
 
 def test_write_to_missing_bucket(s3: S3Server) -> None:
+    at = re.escape(f" at {s3.endpoint}")
     fs, path = storage.resolve("s3://no-such-bucket/x.png", s3.settings)
-    with pytest.raises(StorageError, match="^s3://no-such-bucket/x.png: no such bucket$"):
+    with pytest.raises(StorageError, match=f"^s3://no-such-bucket/x.png: no such bucket{at}$"):
         storage.write_bytes_atomic(fs, path, b"x")
     # Said before any work starts, for outputs and inputs alike.
     fs, path = storage.resolve("s3://no-such-bucket/out", s3.settings)
-    with pytest.raises(StorageError, match="^s3://no-such-bucket/out: no such bucket$"):
+    with pytest.raises(StorageError, match=f"^s3://no-such-bucket/out: no such bucket{at}$"):
         storage.check_output(fs, path, "s3://no-such-bucket/out", "--output")
-    with pytest.raises(StorageError, match="^s3://no-such-bucket/out: no such bucket$"):
+    with pytest.raises(StorageError, match=f"^s3://no-such-bucket/out: no such bucket{at}$"):
         storage.list_files(fs, path)
+
+
+def test_a_web_server_that_is_not_s3_is_named_where_its_404_reads_as_no_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SeaweedFS's filer port (or a console) answered "s3://out/x: no such bucket", naming no endpoint."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        fs, path = storage.resolve("s3://out/x", S3Settings(endpoint=endpoint))
+        with pytest.raises(StorageError, match=f"^s3://out/x: no such bucket at {re.escape(endpoint)}$"):
+            storage.check_output(fs, path, "s3://out/x", "--output")
+    finally:
+        server.shutdown()
+
+
+def test_an_endpoint_spoken_to_in_the_wrong_scheme_keeps_ssl_in_capitals() -> None:
+    """https:// against an http port: "sSL connect error"."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fs, path = storage.resolve("s3://b/x", S3Settings(endpoint=f"https://127.0.0.1:{server.server_address[1]}"))
+        with pytest.raises(StorageError) as excinfo:
+            storage.stat(fs, path, "s3://b/x")
+    finally:
+        server.shutdown()
+    assert ": SSL" in str(excinfo.value) and "sSL" not in str(excinfo.value), excinfo.value
 
 
 def test_an_unreachable_endpoint_is_one_error_line() -> None:
