@@ -33,14 +33,20 @@ def image_grid(columns: Sequence[tuple[str, np.ndarray]], *, cell: int = 96) -> 
             whole number of times with nearest neighbour, so that CIFAR-sized pixels stay
             visible and all the same size (64 px at 1.5x made every other one two wide);
             a larger one, smoothly to the cell.
+
+    Raises:
+        ValueError: for no columns, or columns of different lengths (a row would lack some).
     """
-    n = len(columns[0][1])
+    lengths = [len(images) for _, images in columns]
+    if not lengths or len(set(lengths)) > 1:
+        raise ValueError(f"image_grid takes one or more columns of as many images each, not {lengths}")
+    n = lengths[0]
     font = ImageFont.load_default()
     header = 16
     grid = Image.new("RGB", (cell * len(columns), header + cell * n), _BACKGROUND)
     draw = ImageDraw.Draw(grid)
     for c, (title, images) in enumerate(columns):
-        draw.text((c * cell + 4, 2), title, fill=_INK, font=font)
+        draw.text((c * cell + 4, 2), _fit(draw, title, font, cell - 8), fill=_INK, font=font)
         for r, img in enumerate(images):
             tile = Image.fromarray(img)
             if max(tile.size) > cell:

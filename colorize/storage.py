@@ -515,7 +515,13 @@ def _errors(fs: pafs.FileSystem, uri: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise StorageError(f"{uri}: {reason(e, fs)}") from e
+        why = reason(e, fs)
+        if isinstance(e, FileNotFoundError) and uri.startswith("s3://"):
+            # A HEAD's 404 has no body to tell a missing key from a missing bucket (a manifest's typo).
+            with contextlib.suppress(OSError):
+                if _bucket_missing(fs, uri.removeprefix("s3://")):
+                    why = _no_such_bucket(fs)
+        raise StorageError(f"{uri}: {why}") from e
 
 
 def reason(error: OSError, fs: pafs.FileSystem | None = None) -> str:

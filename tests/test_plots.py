@@ -55,3 +55,18 @@ def test_the_legend_sits_outside_the_plot() -> None:
 def test_odd_series_still_make_a_chart(series: dict) -> None:
     chart = plots.line_chart(series, title="a title " * 30, size=(640, 400))
     assert chart.size == (640, 400)
+
+
+def test_a_grid_title_wider_than_its_column_is_cut_short_rather_than_drawn_over_the_next() -> None:
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    grid = np.asarray(plots.image_grid([("a title much wider than one cell", images), ("", images)], cell=64))
+    assert (grid[:16, :64] != 255).any()  # the title is there, shortened
+    assert (grid[:16, 64:] == 255).all()  # and the second column's header is untouched
+
+
+@pytest.mark.parametrize("columns", [[], [("a", np.zeros((2, 8, 8, 3), np.uint8)), ("b", np.zeros((1, 8, 8, 3), np.uint8))]],
+                         ids=["no-columns", "uneven"])
+def test_a_grid_refuses_columns_it_cannot_lay_out(columns: list) -> None:
+    """No columns was an IndexError; a shorter column left cells blank, a longer one lost its extra images."""
+    with pytest.raises(ValueError, match="one or more columns of as many images each"):
+        plots.image_grid(columns)

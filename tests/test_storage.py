@@ -176,6 +176,17 @@ def test_write_to_missing_bucket(s3: S3Server) -> None:
         storage.list_files(fs, path)
 
 
+def test_reading_a_key_of_a_missing_bucket_says_the_bucket_is_missing(s3: S3Server, bucket: str) -> None:
+    """A manifest's entry in a mistyped bucket read "no such file or directory": a HEAD's 404 has no body."""
+    fs, path = storage.resolve("s3://no-such-bucket/x.jpg", s3.settings)
+    with pytest.raises(StorageError, match=f"^s3://no-such-bucket/x.jpg: no such bucket at {re.escape(s3.endpoint)}$") as excinfo:
+        storage.read_bytes(fs, path, limit=100)
+    assert storage.of_one_file(excinfo.value)  # a failed row of its own: other entries may be in other buckets
+    fs, path = storage.resolve(f"{bucket}/missing.jpg", s3.settings)
+    with pytest.raises(StorageError, match="/missing.jpg: no such file or directory$"):
+        storage.read_bytes(fs, path)
+
+
 def test_a_web_server_that_is_not_s3_is_named_where_its_404_reads_as_no_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
     """SeaweedFS's filer port (or a console) answered "s3://out/x: no such bucket", naming no endpoint."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
