@@ -393,17 +393,20 @@ def connect(address: str) -> JobSubmissionClient:
     with _environ(RAY_ADDRESS=None, RAY_API_SERVER_ADDRESS=None), _errors(url, Redactor(())):
         try:
             return JobSubmissionClient(url)
-        except (requests.HTTPError, ValueError, RuntimeError) as error:  # requests' JSONDecodeError is a ValueError
+        except (requests.HTTPError, ValueError) as error:  # requests' JSONDecodeError is a ValueError
+            raise _not_a_job_server(url, type(error).__name__) from error
+        except RuntimeError as error:
             # A 404 from the version check: the SDK blames an old Ray, but a Ray before 1.9
             # is rare beside a web server or a proxy's path on that port.
-            not_found = isinstance(error, RuntimeError) and str(error).startswith("Version check returned 404")
-            if isinstance(error, RuntimeError) and not not_found:
-                raise
-            # Something answered, but not Ray's version check: another service on that port.
-            raise ClusterError(
-                f"{url} answered, but not as a Ray job server ({'HTTP 404' if not_found else type(error).__name__}); "
-                "expected the head node's dashboard address, port 8265 unless changed"
-            ) from error
+            if str(error).startswith("Version check returned 404"):
+                raise _not_a_job_server(url, "HTTP 404") from error
+            raise
+
+
+def _not_a_job_server(url: str, why: str) -> ClusterError:
+    """Something answered at ``url``, but not Ray's version check: another service on that port."""
+    return ClusterError(f"{url} answered, but not as a Ray job server ({why}); "
+                        "expected the head node's dashboard address, port 8265 unless changed")
 
 
 def _use_token_if_given() -> None:

@@ -153,6 +153,21 @@ def test_a_checkpoint_with_flipped_bits_is_not_resumed_from(tmp_path: Path) -> N
                             train_module._unusable(local, str(tmp_path)))
 
 
+@pytest.mark.parametrize(("extra", "val", "height"), [({}, True, 400), ({"psnr_weight": 0.1}, False, 400),
+                                                    ({"psnr_weight": 0.1}, True, 500)],
+                         ids=["val", "extra-terms", "extra-terms-and-val"])
+def test_the_curve_gets_a_panel_of_its_own_for_a_training_loss_with_extra_terms(
+    tmp_path: Path, extra: dict, val: bool, height: int
+) -> None:
+    """Plus a PSNR term, the training loss ran -16 to -18 on the axis of a validation loss of 5.5."""
+    model = build_model(ModelConfig(width=4, depth=2, image_size=16))
+    history = [{"epoch": e, "train_loss": 5.0 - 10 * bool(extra) - e / 10, **({"val_loss": 5.5 - e / 100} if val else {})}
+               for e in (1, 2, 3)]
+    config = TrainConfig(data="d", out=str(tmp_path), **extra)
+    train_module._write_checkpoint(tmp_path, model, torch.optim.Adam(model.parameters()), None, config, history, [], [])
+    assert Image.open(tmp_path / "curve.png").size == (640, height)
+
+
 def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
     retention deletes only the checkpoints it registered."""
