@@ -96,7 +96,8 @@ def main() -> None:
                     best[name, arms[0]] = min(best[name, arms[0]], read_all(fs, path, args.members))
                 best[name, arms[1]] = min(best[name, arms[1]], read_all(fs, path, args.members))
     rows = [
-        {"archive": name, "MiB": round(len(made[name]) / 2**20, 1), "reader": arm, "seconds": round(best[name, arm], 3),
+        {"archive": name, "MiB": float(f"{len(made[name]) / 2**20:.2g}"),  # two figures: a small archive is not 0
+         "reader": arm, "seconds": round(best[name, arm], 3),
          "x baseline": round(best[name, arms[0]] / best[name, arm], 1)}
         for name in made for arm in arms
     ]
