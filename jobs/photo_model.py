@@ -46,7 +46,67 @@ from colorize.objectives import PRECISIONS, resolve_precision
 HOLDOUT = 0.05
 
 
+@dataclasses.dataclass
+class Photos:
+    """The --data folders loaded: training images (all folders together) and each folder's holdout."""
+
+    train: np.ndarray  # uint8 (N, S, S, 3)
+    train_labels: np.ndarray  # (N,): each folder's classes numbered after the folders before it
+    holdouts: dict[str, np.ndarray]
+    holdout_labels: dict[str, np.ndarray]
+    classes: int  # over all folders
+    unreadable: dict[str, list[str]]
+
+
+@dataclasses.dataclass
+class Trained:
+    """The model kept, its held-out ``scores`` (model's and grey baseline's, per folder) and how it was trained."""
+
+    model: torch.nn.Module
+    scores: dict[str, tuple[dict, dict]]
+    seconds: float
+    epochs: float
+    kept_epoch: float
+    curve: list[dict]  # with --score-every: the held-out scores along the way
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    start, budget, out = _checked(parser, args)
+    started = time.perf_counter()
+    try:
+        for uri in args.compare or []:
+            if uri != colorizer.BUNDLED:
+                colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
+        pretrained = read_pretrained(args.pretrained) if args.pretrained else None
+        photos = load_photos(args.data, args.size, args.limit)
+    except (ValueError, storage.StorageError) as error:
+        parser.error(str(error))  # one line and exit status 2, like the colorize command
+    print(f"{len(photos.train)} training and {sum(map(len, photos.holdouts.values()))} held-out photos at {args.size} px, "
+          f"loaded in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.compare:
+        compare(args.compare, photos.holdouts, out)
+        return
+
+    if args.semantic and photos.classes < 2:
+        parser.error(f"--semantic needs at least two class folders in --data, found {photos.classes}")
+    config, init = _model_config(parser, args, start, photos.classes, pretrained is not None)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # Scoring runs on the training device, in float32: no TF32 rounding in its convolutions
+        # and products (training autocasts to bf16 and is not affected).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    labels = torch.from_numpy(photos.train_labels).to(device) if config.classes and config.classes == photos.classes else None
+    variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
+                               colourfulness_weight=args.cf_weight, psnr_weight=args.psnr_weight)
+    for stale in ("metrics.json", "holdout.png"):  # an earlier run's: beside this run's model.pt, they would lie
+        (out / stale).unlink(missing_ok=True)
+    trained = _train(args, variant, budget, photos, out, init=init, labels=labels, pretrained=pretrained)
+    _write_results(args, out, config, photos, trained, with_classes=labels is not None)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, action="append",
                         help="a folder of class folders of photos (repeat to train on several)")
@@ -96,7 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="with --score-every: keep the weights whose held-out PSNR (mean over --data folders) is "
                              "highest, written to model.pt as each is found, instead of the last")
     parser.add_argument("--compare", nargs="+", metavar="WEIGHTS", help="score these weights files (or 'bundled') instead of training")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.nn.Module | None, ablation.Budget, Path]:
+    """Every flag checked, before any photo is read: the --init model, the training budget and
+    the --out folder (made). Fills in --size and --loss where they follow from others."""
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight), ("--psnr-weight", args.psnr_weight)):
         if value < 0:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")
@@ -150,39 +215,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {out}: {error.strerror or error}")
+    return start, budget, out
 
-    started = time.perf_counter()
-    try:
-        for uri in args.compare or []:
-            if uri != colorizer.BUNDLED:
-                colorizer.load_weights(uri)  # fail here, in one line, not after loading and training
-        pretrained = read_pretrained(args.pretrained) if args.pretrained else None
-        holdouts, holdout_labels, parts, label_parts, classes, unreadable = {}, {}, [], [], 0, {}
-        for folder in args.data:
-            images = imagesets.load_folder(folder, size=args.size, limit=args.limit)
-            if images.unreadable:
-                unreadable[folder] = list(images.unreadable)
-                print(f"{folder}: skipped {len(images.unreadable)} file(s) that could not be read, such as "
-                      f"{images.unreadable[0]}", flush=True)
-            held, rest = holdout_split(images)
-            if not len(held) or not len(rest):
-                raise ValueError(f"{folder}: {len(images.rgb)} images leave {len(rest)} to train on and {len(held)} to hold "
-                                 f"out (5% of the folder, at least 8): give it more images, or a larger --limit")
-            holdouts[folder], holdout_labels[folder] = images.rgb[held], images.labels[held] + classes
-            parts.append(images.rgb[rest])
-            label_parts.append(images.labels[rest] + classes)  # each folder's classes after the folders before it
-            classes += len(images.classes)
-    except (ValueError, storage.StorageError) as error:
-        parser.error(str(error))  # one line and exit status 2, like the colorize command
-    train = np.concatenate(parts)
-    print(f"{len(train)} training and {sum(map(len, holdouts.values()))} held-out photos at {args.size} px, "
-          f"loaded in {time.perf_counter() - started:.0f} s", flush=True)
-    if args.compare:
-        compare(args.compare, holdouts, out)
-        return
 
-    if args.semantic and classes < 2:
-        parser.error(f"--semantic needs at least two class folders in --data, found {classes}")
+def load_photos(folders: list[str], size: int, limit: int | None) -> Photos:
+    """Each folder's photos at ``size`` px (``limit`` of each), split into a holdout and the rest."""
+    holdouts, holdout_labels, parts, label_parts, classes, unreadable = {}, {}, [], [], 0, {}
+    for folder in folders:
+        images = imagesets.load_folder(folder, size=size, limit=limit)
+        if images.unreadable:
+            unreadable[folder] = list(images.unreadable)
+            print(f"{folder}: skipped {len(images.unreadable)} file(s) that could not be read, such as "
+                  f"{images.unreadable[0]}", flush=True)
+        held, rest = holdout_split(images)
+        if not len(held) or not len(rest):
+            raise ValueError(f"{folder}: {len(images.rgb)} images leave {len(rest)} to train on and {len(held)} to hold "
+                             f"out (5% of the folder, at least 8): give it more images, or a larger --limit")
+        holdouts[folder], holdout_labels[folder] = images.rgb[held], images.labels[held] + classes
+        parts.append(images.rgb[rest])
+        label_parts.append(images.labels[rest] + classes)  # each folder's classes after the folders before it
+        classes += len(images.classes)
+    return Photos(np.concatenate(parts), np.concatenate(label_parts), holdouts, holdout_labels, classes, unreadable)
+
+
+def _model_config(parser: argparse.ArgumentParser, args: argparse.Namespace, start: torch.nn.Module | None,
+                  classes: int, pretrained: bool) -> tuple[ModelConfig, dict[str, torch.Tensor] | None]:
+    """The model to train and the weights it starts from (None: fresh), from the flags and --init."""
     temperature = args.temperature or ModelConfig.temperature
     init = None
     if start is None:
@@ -207,18 +265,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if (args.semantic or config.classes) and classes >= 2 and classes != config.classes:
             init = without_class_head(init)
             config = dataclasses.replace(config, classes=classes)
-    if pretrained is not None:
+    if pretrained:
         if config.arch != "unet":
             parser.error(f"--pretrained needs a U-Net, but --init {args.init} is the {config.arch}")
         config = dataclasses.replace(config, pretrained="mobilenet_v2")
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        # Scoring runs on the training device, in float32: no TF32 rounding in its convolutions
-        # and products (training autocasts to bf16 and is not affected).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    labels = torch.from_numpy(np.concatenate(label_parts)).to(device) if config.classes and config.classes == classes else None
-    variant = ablation.Variant(out.name, config, loss=args.loss, rebalance=args.rebalance, gan_weight=args.gan_weight,
-                             colourfulness_weight=args.cf_weight, psnr_weight=args.psnr_weight)
+    return config, init
+
+
+def _train(args: argparse.Namespace, variant: ablation.Variant, budget: ablation.Budget, photos: Photos, out: Path, *,
+           init: dict[str, torch.Tensor] | None, labels: torch.Tensor | None,
+           pretrained: dict[str, torch.Tensor] | None) -> Trained:
+    """Train ``variant``, scoring the holdouts every --score-every epochs; with --keep-best, keep
+    the weights that scored best. ``model.pt`` holds the model kept (and, along the way, the best
+    so far)."""
     curve: list[dict] = []
     best: dict = {"psnr": -np.inf}  # with --keep-best: the epoch, mean held-out PSNR and weights of the best so far
 
@@ -228,55 +287,60 @@ def main(argv: Sequence[str] | None = None) -> None:
         snapshot = copy.deepcopy(model).eval()  # the training model stays in train mode
         # The model's scores only: the grey baseline's are the same at every epoch.
         point = {"epoch": epoch, **{folder: evaluate.score(snapshot, evaluate.in_batches(holdout), with_gray=False)[0]
-                                    for folder, holdout in holdouts.items()}}
+                                    for folder, holdout in photos.holdouts.items()}}
         curve.append(point)
         print(f"  {out.name}: epoch {epoch} held out: " + "; ".join(
             f"{folder} psnr {point[folder]['psnr']:.3f} ssim {point[folder]['ssim']:.4f} cf {point[folder]['colourfulness']:.2f}"
-            for folder in holdouts), flush=True)
-        psnr = mean_psnr({folder: point[folder] for folder in holdouts})
+            for folder in photos.holdouts), flush=True)
+        psnr = mean_psnr({folder: point[folder] for folder in photos.holdouts})
         if args.keep_best and psnr > best["psnr"]:
             best.update(epoch=epoch, psnr=psnr, weights=colorizer.weights_bytes(snapshot))
             write_atomically(out / "model.pt", best["weights"])  # a lease cut short still has it
 
-    for stale in ("metrics.json", "holdout.png"):  # an earlier run's: beside this run's model.pt, they would lie
-        (out / stale).unlink(missing_ok=True)
-    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(train, device), budget, init=init,
-                                          on_epoch=score_holdouts if args.score_every else None, labels=labels,
-                                          pretrained=pretrained)
+    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(photos.train, torch.device(args.device)), budget,
+                                          init=init, on_epoch=score_holdouts if args.score_every else None,
+                                          labels=labels, pretrained=pretrained)
     if "weights" not in best:  # saved before scoring, which takes minutes (with --keep-best, model.pt holds the best so far)
         write_atomically(out / "model.pt", colorizer.weights_bytes(model))
-    scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
+    scores = {folder: score(model, holdout) for folder, holdout in photos.holdouts.items()}
     kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})
     if args.keep_best and best["psnr"] > last_psnr:
-        model = colorizer.model_from_bytes(best["weights"]).to(device)
-        scores = {folder: score(model, holdout) for folder, holdout in holdouts.items()}
+        model = colorizer.model_from_bytes(best["weights"]).to(torch.device(args.device))
+        scores = {folder: score(model, holdout) for folder, holdout in photos.holdouts.items()}
         kept_epoch = best["epoch"]
         print(f"kept the weights of epoch {kept_epoch}: held-out PSNR {best['psnr']:.3f}, the last {last_psnr:.3f}", flush=True)
     write_atomically(out / "model.pt", colorizer.weights_bytes(model))
-    holdout = np.concatenate(list(holdouts.values()))
+    return Trained(model, scores, seconds, epochs, kept_epoch, curve)
+
+
+def _write_results(args: argparse.Namespace, out: Path, config: ModelConfig, photos: Photos, trained: Trained, *,
+                   with_classes: bool) -> None:
+    """``holdout.png`` (grey, prediction and truth of 8 held-out photos) and ``metrics.json``, and the scores printed."""
+    model = trained.model
+    holdout = np.concatenate(list(photos.holdouts.values()))
     picks = holdout[np.linspace(0, len(holdout) - 1, 8).round().astype(int)]
     rows = [evaluate.gray_baseline(picks), evaluate.colorize_rgb(model, picks), picks]
     Image.fromarray(np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)).save(out / "holdout.png")
     metrics = {
-        "data": args.data, "train_photos": len(train), "holdout_photos": len(holdout), "size": args.size,
+        "data": args.data, "train_photos": len(photos.train), "holdout_photos": len(holdout), "size": args.size,
         "model": config.to_dict(), "parameters": count_parameters(model), "loss": args.loss,
         "rebalance": args.rebalance, "gan_weight": args.gan_weight, "cf_weight": args.cf_weight,
-        "psnr_weight": args.psnr_weight, "init": args.init, "epochs": round(epochs, 2),
-        "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "seconds": round(seconds, 1),
+        "psnr_weight": args.psnr_weight, "init": args.init, "epochs": round(trained.epochs, 2),
+        "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "seconds": round(trained.seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
         "precision": resolve_precision(args.precision, torch.device(args.device)),
-        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": kept_epoch, "holdout": scores,
-        "curve": curve, "unreadable": unreadable,
+        "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": trained.kept_epoch,
+        "holdout": trained.scores, "curve": trained.curve, "unreadable": photos.unreadable,
     }
-    if labels is not None:
-        metrics["holdout_class_accuracy"] = {folder: class_accuracy(model, holdouts[folder], holdout_labels[folder])
-                                             for folder in holdouts}
+    if with_classes:
+        metrics["holdout_class_accuracy"] = {folder: class_accuracy(model, photos.holdouts[folder], photos.holdout_labels[folder])
+                                             for folder in photos.holdouts}
         print("held-out class accuracy: " + "; ".join(f"{f} {a:.3f}" for f, a in metrics["holdout_class_accuracy"].items()))
     write_atomically(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    for folder, (result, gray) in scores.items():
+    for folder, (result, gray) in trained.scores.items():
         print(f"held out of {folder}: psnr {result['psnr']:.2f} ssim {result['ssim']:.4f} cf {result['colourfulness']:.2f} "
               f"(grey {gray['psnr']:.2f} / {gray['ssim']:.4f}, truth cf {gray['colourfulness_truth']:.2f})", flush=True)
-    print(f"{seconds:.0f} s of training, {epochs:.1f} epochs", flush=True)
+    print(f"{trained.seconds:.0f} s of training, {trained.epochs:.1f} epochs", flush=True)
 
 
 def read_pretrained(path: str) -> dict[str, torch.Tensor]:
