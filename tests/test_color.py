@@ -12,6 +12,10 @@ from PIL import Image
 
 from colorize import ablation, color
 
+# README: out-of-gamut colours are desaturated with their lightness kept, to within 0.3 at sRGB's
+# yellow corner. A literal, not color.CLIP_DELTA_E: the tests hold the code to what the docs promise.
+LIGHTNESS_KEPT = 0.3 + 0.01
+
 # Small images keep each example cheap; no deadline because the CI machine may be shared.
 # A decorator rather than a loaded profile, so other test modules keep their own settings.
 fast = settings(max_examples=60, deadline=None)
@@ -59,7 +63,7 @@ def test_out_of_gamut_keeps_lightness(rgb: torch.Tensor, scale: float, shift: fl
     pushed = torch.cat((lab[:1], lab[1:] * scale + shift), dim=0)  # mostly outside sRGB
     out = color.lab_to_rgb(pushed, keep_lightness=True)
     assert out.min().item() >= 0.0 and out.max().item() <= 1.0
-    assert (color.rgb_to_lab(out)[0] - lab[0]).abs().max().item() < color.CLIP_DELTA_E + 0.01  # < 0.05 but at sharp corners
+    assert (color.rgb_to_lab(out)[0] - lab[0]).abs().max().item() < LIGHTNESS_KEPT  # < 0.05 but at sharp corners
 
 
 def _largest_fitting_fraction(lab: np.ndarray, samples: int = 2049) -> np.ndarray:
@@ -89,7 +93,7 @@ def test_a_ramp_of_yellows_past_the_gamut_changes_colour_once_not_back_and_forth
     assert (jumps >= 2).sum() <= 1, f"{(jumps >= 2).sum()} of {len(jumps)} ramps jump more than once"
     assert np.abs(color.to_uint8(out[0, 1]).astype(int) - [255, 255, 0]).max() <= 1  # x1.001: clipped, not cream
     back = color.rgb_to_lab_np(out)
-    assert np.abs(back[..., 0] - ramps[..., 0]).max() <= color.CLIP_DELTA_E + 0.01
+    assert np.abs(back[..., 0] - ramps[..., 0]).max() <= LIGHTNESS_KEPT
 
 
 def test_out_of_gamut_colours_keep_their_lightness_exactly_away_from_sharp_corners() -> None:
@@ -98,7 +102,7 @@ def test_out_of_gamut_colours_keep_their_lightness_exactly_away_from_sharp_corne
     lab = rng.uniform([0, -110, -110], [100, 110, 110], (5000, 3)).astype(np.float32)
     back = color.rgb_to_lab_np(color.lab_to_rgb_np(lab[None]))[0]
     assert (np.abs(back[:, 0] - lab[:, 0]) > 0.01).mean() < 0.002
-    assert np.abs(back[:, 0] - lab[:, 0]).max() <= color.CLIP_DELTA_E + 0.01
+    assert np.abs(back[:, 0] - lab[:, 0]).max() <= LIGHTNESS_KEPT
     kept = np.hypot(back[:, 1], back[:, 2]) / np.maximum(np.hypot(lab[:, 1], lab[:, 2]), 1e-6)
     assert (_largest_fitting_fraction(lab) - kept).max() < 0.02
 

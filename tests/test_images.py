@@ -242,6 +242,34 @@ def test_an_embedded_colour_profile_is_applied_for_the_bulk_job_training_and_eva
     assert np.allclose(bulk_L, images.lightness(train), atol=0.5) and bulk_L.mean() > 80
 
 
+def test_an_exif_rotated_photo_is_read_upright_for_the_bulk_job_training_and_evaluation() -> None:
+    """Stored 40x20, red on the left and blue on the right, with EXIF 'rotate 90 degrees clockwise':
+    it shows 20x40, red above blue."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20], pixels[:, 20:] = (220, 30, 30), (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    bulk_L, train, probe = _read_everywhere(encode(Image.fromarray(pixels), "JPEG", exif=exif, quality=95))
+    assert bulk_L.shape == (40, 20)
+    for rgb in (train, probe):  # the centre square: its top rows red, its bottom rows blue
+        assert (rgb[0, :, 0] > rgb[0, :, 2] + 100).all() and (rgb[-1, :, 2] > rgb[-1, :, 0] + 100).all(), rgb
+
+
+def test_training_crops_at_random_scales_and_places_and_flips_half_the_images() -> None:
+    """The README's "random crop and flip": every other test reads with augment=False."""
+    x, y = np.meshgrid(np.arange(64), np.arange(64))
+    ramp = np.stack([x * 4, y * 4, np.full_like(x, 128)], axis=-1).astype(np.uint8)  # red grows rightwards, green down
+    batch = {"bytes": np.array([encode(Image.fromarray(ramp), "PNG")] * 64, dtype=object)}
+    centre = data.prepare_batch(batch, image_size=8, augment=False, with_rgb=True)["rgb"].astype(int)
+    assert (centre == centre[0]).all()
+    crops = data.prepare_batch(batch, image_size=8, augment=True, with_rgb=True)["rgb"].astype(int)
+    red_across = crops[:, 4, -1, 0] - crops[:, 4, 0, 0]  # right edge minus left: negative where flipped
+    assert (red_across > 0).sum() >= 16 and (red_across < 0).sum() >= 16
+    assert len(set(np.abs(red_across))) > 4  # crops of several widths
+    assert len(set(crops[:, 0, 0, 1])) > 4  # from several heights
+    assert not (crops[red_across > 0] == centre[0]).all(axis=(1, 2, 3)).all()
+
+
 def test_an_srgb_a_mismatched_or_an_unreadable_profile_leaves_the_pixels_as_they_are() -> None:
     pixels = scene(np.random.default_rng(2), 8)
     as_srgb = _read_everywhere(encode(Image.fromarray(pixels), "PNG"))

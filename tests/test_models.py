@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from colorize import color, colorizer, models, quantize, storage
 from colorize.models import GAN_MIN_SIZE, ModelConfig, PatchDiscriminator, build_model, load_backbone, without_colour_head
@@ -232,13 +233,23 @@ def test_a_loss_that_does_not_fit_the_head_is_refused() -> None:
         colorizer.loss(build_model(CONFIGS[0]), batch["L"], batch["ab"], "ce")
 
 
+# What each loss is, on the normalised ab the regression head predicts (psnr: its own test below).
+REFERENCE_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": lambda pred, target: F.smooth_l1_loss(pred, target, beta=0.1)}
+
+
 @pytest.mark.parametrize("kind", colorizer.REGRESSION_LOSSES)
-def test_every_regression_loss_is_finite_and_differentiable(kind: str) -> None:
+def test_every_regression_loss_is_what_it_says_and_trains_every_weight(kind: str) -> None:
+    torch.manual_seed(0)
     model = build_model(CONFIGS[0])
     batch = lab_batch(2)
     value = colorizer.loss(model, batch["L"], batch["ab"], kind)
     value.backward()
     assert torch.isfinite(value)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    if kind in REFERENCE_LOSSES:
+        with torch.no_grad():
+            pred = model(color.normalize_l(batch["L"]))
+        assert value.item() == pytest.approx(REFERENCE_LOSSES[kind](pred, color.normalize_ab(batch["ab"])).item(), rel=1e-5)
 
 
 def test_the_psnr_loss_is_minus_the_mean_psnr_that_evaluation_reports() -> None:

@@ -46,6 +46,13 @@ def exif_rotated_jpeg() -> bytes:
     return encode(img, "JPEG", exif=exif.tobytes(), quality=95)
 
 
+def with_alpha(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode`` with an alpha that runs from 0 on the left to 235 on the right."""
+    out = img.convert(mode)
+    out.putalpha(Image.fromarray(np.tile(np.arange(img.width, dtype=np.uint8) * 5, (img.height, 1))))
+    return out
+
+
 def mixed_inputs(folder: Path) -> dict[str, tuple[int, int]]:
     """Images of many modes, sizes and names; returns relpath -> expected (width, height)."""
     rng = np.random.default_rng(0)
@@ -53,8 +60,8 @@ def mixed_inputs(folder: Path) -> dict[str, tuple[int, int]]:
     files = {
         "photo.jpg": (encode(rgb, "JPEG", quality=90), (48, 48)),
         "nested/deeper/gray.png": (encode(rgb.convert("L")), (48, 48)),
-        "nested/alpha.png": (encode(rgb.convert("RGBA")), (48, 48)),
-        "nested/la.png": (encode(rgb.convert("LA")), (48, 48)),
+        "nested/alpha.png": (encode(with_alpha(rgb, "RGBA")), (48, 48)),
+        "nested/la.png": (encode(with_alpha(rgb, "LA")), (48, 48)),
         "palette.gif": (encode(rgb.convert("P"), "GIF"), (48, 48)),
         "print.tiff": (encode(rgb.convert("CMYK"), "TIFF"), (48, 48)),
         "deep16.png": (encode(Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16))), (24, 24)),
@@ -104,7 +111,8 @@ def test_a_folder_of_mixed_images_keeps_size_and_lightness(ray_cluster: str, wei
         assert difference.mean() < 0.5 and difference.max() < 2.5, (relpath, difference.max())
         if relpath in ("nested/alpha.png", "nested/la.png"):
             assert result.mode == "RGBA"
-            assert np.array_equal(np.asarray(result)[..., 3], np.asarray(source.convert("RGBA"))[..., 3])
+            alpha = np.asarray(source.convert("RGBA"))[..., 3]
+            assert len(np.unique(alpha)) == 48 and np.array_equal(np.asarray(result)[..., 3], alpha)
 
     rows = parquet_rows(out)
     assert sorted(r["relpath"] for r in rows) == sorted(os.path.splitext(r)[0] + ".png" for r in inputs)

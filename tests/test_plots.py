@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from colorize import plots
 
@@ -70,3 +71,23 @@ def test_a_grid_refuses_columns_it_cannot_lay_out(columns: list) -> None:
     """No columns was an IndexError; a shorter column left cells blank, a longer one lost its extra images."""
     with pytest.raises(ValueError, match="one or more columns of as many images each"):
         plots.image_grid(columns)
+
+
+def _pixels_of(chart: Image.Image, colour: tuple[int, int, int]) -> np.ndarray:
+    return (np.asarray(chart) == colour).all(axis=-1)
+
+
+def test_a_gap_in_a_series_is_left_open_with_the_points_either_side_drawn() -> None:
+    drawn = _pixels_of(plots.line_chart({"a": [1.0, math.nan, 3.0]}, title="t", size=(640, 400)), plots._SERIES[0])
+    drawn[:60] = False  # the legend's swatch, under the title
+    columns = np.flatnonzero(drawn.any(axis=0))
+    span = columns.max() - columns.min()
+    assert span > 400  # a point at each end of the axis
+    assert not ((columns > columns.min() + span / 4) & (columns < columns.max() - span / 4)).any()  # no line across the NaN
+
+
+def test_every_one_of_many_series_is_drawn_in_its_colour() -> None:
+    series = {f"series {i} with a name longer than most" * 2: [i, i + 1.0] for i in range(12)}
+    chart = plots.line_chart(series, title="t", size=(640, 400))
+    # A line across the plot is hundreds of pixels; a legend swatch alone, a few dozen.
+    assert all(_pixels_of(chart, colour).sum() > 200 for colour in plots._SERIES)

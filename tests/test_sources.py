@@ -14,6 +14,8 @@ import os
 import posixpath
 import re
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -62,7 +64,12 @@ def test_output_names_stay_apart_on_case_blind_filesystems_and_never_need_a_file
     assert names[6:] == ["p.jpg.png", "p.png/q.png"]
     assert len({n.lower() for n in names}) == len(names)
     assert not {n.lower() for n in names} & sources._folders(n.lower() for n in names)
-    assert list(sources.output_names(relpaths)) == names  # a resumed run finds them again
+    # A resumed run, a new process (Python's own hash() differs from one to the next), finds them again.
+    code = f"from colorize import sources; print(list(sources.output_names({relpaths!r})))"
+    for seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parents[1])
+        assert other.stdout.strip() == repr(names)
 
 
 def test_an_output_name_over_255_bytes_is_cut_short_and_kept_distinct() -> None:

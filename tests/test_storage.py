@@ -10,6 +10,8 @@ import pickle
 import re
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -130,6 +132,20 @@ def test_round_trip(root: tuple[pafs.FileSystem, str]) -> None:
         assert storage.read_bytes(fs, storage.join(base, rel)) == data
     assert storage.exists(fs, storage.join(base, "a"))
     assert not storage.exists(fs, storage.join(base, "nope"))
+
+
+def test_a_local_write_cut_short_leaves_the_old_content_whole(tmp_path: Path) -> None:
+    """A disk that fills up mid-write (here a file-size limit: EFBIG) must not leave half a file."""
+    path = tmp_path / "out.png"
+    path.write_bytes(b"old" * 10)
+    code = ("import resource, signal, sys, pyarrow.fs as fs; from colorize import storage; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+            "storage.write_bytes_atomic(fs.LocalFileSystem(), sys.argv[1], b'n' * 5000)")
+    cut = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert cut.returncode == 1 and "File too large" in cut.stderr, cut.stderr
+    assert path.read_bytes() == b"old" * 10
+    assert list(tmp_path.iterdir()) == [path]  # and no temporary left beside it
 
 
 def test_overwrite_leaves_no_temporaries(root: tuple[pafs.FileSystem, str]) -> None:
@@ -296,12 +312,15 @@ def test_bad_credentials(s3: S3Server, bucket: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "relpath", ["../x", "/abs", "a/../../b", "", "a//b", "a/", "a\\..\\b", "a/\x00b", "."]
+    ("relpath", "reason"),
+    [("../x", "'..' component"), ("/abs", "absolute"), ("a/../../b", "'..' component"), ("", "empty"),
+     ("a//b", "empty path component"), ("a/", "empty path component"), ("a\\..\\b", "backslash"), (".", "names no file"),
+     *((f"a/{c}b", "control character") for c in ("\x00", "\n", "\x1b", "\x7f"))],
 )
-def test_safe_relpath_rejects(relpath: str) -> None:
+def test_safe_relpath_rejects(relpath: str, reason: str) -> None:
     with pytest.raises(StorageError, match="unsafe output path") as excinfo:
         storage.safe_relpath(relpath)
-    assert repr(relpath) in str(excinfo.value)
+    assert str(excinfo.value) == f"{relpath!r}: unsafe output path ({reason})"
 
 
 @pytest.mark.parametrize(
