@@ -493,16 +493,16 @@ def _write_checkpoint(
     terms = [name for name, on in (("class", config.semantic), ("GAN", config.gan_weight), ("CF", config.cf_weight),
                                    ("PSNR", config.psnr_weight)) if on]
     label = ("rebalanced " if config.loss == "ce" and config.rebalance else "") + "train loss"
-    train = {label + (f" (+ {', '.join(terms)})" if terms else ""): [h["train_loss"] for h in history]}
+    train_curve = {label + (f" (+ {', '.join(terms)})" if terms else ""): [h["train_loss"] for h in history]}
     val = [h.get("val_loss", math.nan) for h in history] if "val_loss" in history[-1] else None
     title = f"{config.model} on {config.data}"
     if terms and val is not None:
         # The training loss carries terms the validation loss has not: different quantities,
         # often far apart (ce minus PSNR against ce alone), each gets its own axis.
-        chart = plots.stacked([plots.line_chart(train, title=title, size=(640, 260)),
+        chart = plots.stacked([plots.line_chart(train_curve, title=title, size=(640, 260)),
                                plots.line_chart({"val loss (the colour loss alone)": val}, title="", size=(640, 240))])
     else:
-        chart = plots.line_chart(train if val is None else {**train, "val loss": val}, title=title)
+        chart = plots.line_chart(train_curve if val is None else {**train_curve, "val loss": val}, title=title)
     chart.save(directory / "curve.png")
     if examples:
         plots.image_grid(examples).save(directory / "grid.png")
