@@ -89,6 +89,10 @@ def test_evaluate_on_a_tiny_set(ray_cluster: str, tmp_path: Path, capsys: pytest
         for key in ("mse", "psnr", "ssim"):
             assert math.isfinite(report[group][key]), (group, key)
     assert report["gray"]["colourfulness"] == 0
+    assert report["model"]["psnr"] != report["gray"]["psnr"] and report["model"]["colourfulness"] > 0
+    flipped = evaluate(EvaluateConfig(data=str(tmp_path / "data"), weights=str(weights), flip_average=True))
+    assert flipped["flip_average"] is True and flipped["model"]["psnr"] != report["model"]["psnr"]
+    assert flipped["gray"] == report["gray"]
     assert report["model"]["colourfulness_truth"] > 10
     assert json.loads((tmp_path / "out/metrics.json").read_text()) == report
     assert (tmp_path / "out/grid.png").stat().st_size > 0

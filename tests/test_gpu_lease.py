@@ -119,6 +119,7 @@ def test_a_lease_killed_mid_training_has_already_brought_back_its_best_model(tmp
     finally:
         os.killpg(lease.pid, signal.SIGKILL)  # the time limit, mid-training: no final collect
         lease.wait()
+    assert not (tmp_path / "runs" / ".stop").exists(), "the lease's training had ended before the kill"  # touched as it ends
     (model,) = gpu_collect.join(out, tmp_path / "back")
     assert colorizer.load_weights(str(model))[0].config.width == 32
 

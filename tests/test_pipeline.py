@@ -488,9 +488,11 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
     assert sorted(p.split("/out-listed/images/", 1)[1] for p in pngs) == ["bulk/in/a.png", "bulk/in/sub dir/c.png"]
 
 
-def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
-    """Runs ``config`` in a thread, SIGKILLs one Ray worker whose title has ``title`` once the
-    first Parquet file is written, and returns the run's summary."""
+def _kill_workers_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
+    """Runs ``config`` in a thread, SIGKILLs every Ray worker whose title has ``title`` once the
+    first Parquet file is written, and returns the run's summary. A fused task writes a part
+    every --batch-size images, so the one that wrote that first part is killed with more to
+    write: its retry writes those parts again (one of them killed alone, another might not be)."""
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run(config)), daemon=True)
     runner.start()
@@ -500,7 +502,8 @@ def _kill_one_worker_mid_run(folder: Path, out: Path, config: BulkConfig, title:
         time.sleep(0.05)
     victims = ray_processes(title)
     assert victims, f"no Ray worker titled {title!r} found"
-    os.kill(victims[0], signal.SIGKILL)
+    for victim in victims:
+        os.kill(victim, signal.SIGKILL)
     # The kill landed mid-run (else the test would pass without any recovery to test).
     assert runner.is_alive() and len(list((out / "images").glob("*.png"))) < 240
     runner.join(timeout=240)
@@ -515,7 +518,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(
     folder = scene_pngs(tmp_path / "in", 240, 64, name="{:03d}.png")
     out = tmp_path / "out"
     config = BulkConfig(input=str(folder), output=str(out), weights=weights, batch_size=8, actors=actors)
-    result = _kill_one_worker_mid_run(folder, out, config, title)
+    result = _kill_workers_mid_run(folder, out, config, title)
 
     assert result.get("written") == 240 and result["failed"] == 0, result
     sources = [r["source"] for r in parquet_rows(out)]

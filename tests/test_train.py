@@ -67,11 +67,16 @@ def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path,
     assert (Path(out) / "grid.png").exists()
     with pytest.raises(ValueError, match=r"another model \(--model unet -> autoencoder; --width 8 -> 16\)"):
         train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "width": 16}, model="autoencoder"))
-    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "lr": 5e-3}))
+    first, _ = colorizer.load_weights(str(Path(out) / "model.pt"))
+    # At a learning rate too small to move a weight, the model after the resumed epochs is epoch 1's.
+    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "lr": 1e-9}))
 
     assert summary["resumed_at"] == [1]
     assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
-    assert f"resuming with settings other than the last run's (--val {images} -> None; --lr 0.01 -> 0.005)" in capsys.readouterr().out
+    assert f"resuming with settings other than the last run's (--val {images} -> None; --lr 0.01 -> 1e-09)" in capsys.readouterr().out
+    resumed = colorizer.load_weights(str(Path(out) / "model.pt"))[0].state_dict()
+    assert all(torch.allclose(resumed[name], weight, atol=1e-5) for name, weight in first.state_dict().items()
+               if name.endswith("weight"))
     assert not (Path(out) / "grid.png").exists()  # epoch 1's, beside epoch 3's model: no grid without --val
     assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
     assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
