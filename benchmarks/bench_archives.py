@@ -71,6 +71,12 @@ def read_all(fs: pafs.FileSystem, path: str, expected: int) -> float:
     return seconds
 
 
+def _mib(size: int) -> float:
+    """``size`` bytes in MiB: to 0.1 from 1 MiB up; below, to two significant figures (a small archive is not 0)."""
+    mib = size / 2**20
+    return round(mib, 1) if mib >= 1 else float(f"{mib:.2g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=500, help="JPEGs in each archive (default: 500)")
@@ -96,7 +102,7 @@ def main() -> None:
                     best[name, arms[0]] = min(best[name, arms[0]], read_all(fs, path, args.members))
                 best[name, arms[1]] = min(best[name, arms[1]], read_all(fs, path, args.members))
     rows = [
-        {"archive": name, "MiB": float(f"{len(made[name]) / 2**20:.2g}"),  # two figures: a small archive is not 0
+        {"archive": name, "MiB": _mib(len(made[name])),
          "reader": arm, "seconds": round(best[name, arm], 3),
          "x baseline": round(best[name, arms[0]] / best[name, arm], 1)}
         for name in made for arm in arms

@@ -160,8 +160,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.nn.Module | None, ablation.Budget, Path]:
-    """Every flag checked, before any photo is read: the --init model, the training budget and
-    the --out folder (made). Fills in --size and --loss where they follow from others."""
+    """The flags checked before any photo is read (those that need the photos' classes, or the
+    --init model beside them, are checked once they are loaded): the --init model, the training
+    budget and the --out folder (made). Fills in --size and --loss where they follow from others."""
     for flag, value in (("--gan-weight", args.gan_weight), ("--cf-weight", args.cf_weight), ("--psnr-weight", args.psnr_weight)):
         if value < 0:
             parser.error(f"{flag} must be >= 0 (a negative weight trains away from the truth), got {value}")

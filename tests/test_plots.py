@@ -86,7 +86,7 @@ def test_a_gap_in_a_series_is_left_open_with_the_points_either_side_drawn() -> N
     assert not ((columns > columns.min() + span / 4) & (columns < columns.max() - span / 4)).any()  # no line across the NaN
 
 
-def test_every_one_of_many_series_is_drawn_in_its_colour() -> None:
+def test_twelve_series_draw_lines_in_all_ten_colours() -> None:
     series = {f"series {i} with a name longer than most" * 2: [i, i + 1.0] for i in range(12)}
     chart = plots.line_chart(series, title="t", size=(640, 400))
     # A line across the plot is hundreds of pixels; a legend swatch alone, a few dozen.
