@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                colourfulness_weight=args.cf_weight, psnr_weight=args.psnr_weight)
     for stale in ("metrics.json", "holdout.png"):  # an earlier run's: beside this run's model.pt, they would lie
         (out / stale).unlink(missing_ok=True)
-    trained = _train(args, variant, budget, photos, out, init=init, labels=labels, pretrained=pretrained)
+    trained = _train(args, variant, budget, photos, out, device=device, init=init, labels=labels, pretrained=pretrained)
     _write_results(args, out, config, photos, trained, with_classes=labels is not None)
 
 
@@ -274,9 +274,9 @@ def _model_config(parser: argparse.ArgumentParser, args: argparse.Namespace, sta
 
 
 def _train(args: argparse.Namespace, variant: ablation.Variant, budget: ablation.Budget, photos: Photos, out: Path, *,
-           init: dict[str, torch.Tensor] | None, labels: torch.Tensor | None,
+           device: torch.device, init: dict[str, torch.Tensor] | None, labels: torch.Tensor | None,
            pretrained: dict[str, torch.Tensor] | None) -> Trained:
-    """Train ``variant``, scoring the holdouts every --score-every epochs; with --keep-best, keep
+    """Train ``variant`` on ``device``, scoring the holdouts every --score-every epochs; with --keep-best, keep
     the weights that scored best. ``model.pt`` holds the model kept (and, along the way, the best
     so far)."""
     curve: list[dict] = []
@@ -298,7 +298,7 @@ def _train(args: argparse.Namespace, variant: ablation.Variant, budget: ablation
             best.update(epoch=epoch, psnr=psnr, weights=colorizer.weights_bytes(snapshot))
             write_atomically(out / "model.pt", best["weights"])  # a lease cut short still has it
 
-    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(photos.train, torch.device(args.device)), budget,
+    model, seconds, epochs = ablation.fit(variant, ablation.to_lab(photos.train, device), budget,
                                           init=init, on_epoch=score_holdouts if args.score_every else None,
                                           labels=labels, pretrained=pretrained)
     if "weights" not in best:  # saved before scoring, which takes minutes (with --keep-best, model.pt holds the best so far)
@@ -306,7 +306,7 @@ def _train(args: argparse.Namespace, variant: ablation.Variant, budget: ablation
     scores = {folder: score(model, holdout) for folder, holdout in photos.holdouts.items()}
     kept_epoch, last_psnr = round(epochs, 2), mean_psnr({folder: result for folder, (result, _) in scores.items()})
     if args.keep_best and best["psnr"] > last_psnr:
-        model = colorizer.model_from_bytes(best["weights"]).to(torch.device(args.device))
+        model = colorizer.model_from_bytes(best["weights"]).to(device)
         scores = {folder: score(model, holdout) for folder, holdout in photos.holdouts.items()}
         kept_epoch = best["epoch"]
         print(f"kept the weights of epoch {kept_epoch}: held-out PSNR {best['psnr']:.3f}, the last {last_psnr:.3f}", flush=True)

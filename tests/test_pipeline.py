@@ -491,8 +491,9 @@ def test_s3_to_s3(ray_cluster: str, s3, weights: str, tmp_path: Path) -> None:
 def _kill_workers_mid_run(folder: Path, out: Path, config: BulkConfig, title: bytes) -> dict:
     """Runs ``config`` in a thread, SIGKILLs every Ray worker whose title has ``title`` once the
     first Parquet file is written, and returns the run's summary. A fused task writes a part
-    every --batch-size images, so the one that wrote that first part is killed with more to
-    write: its retry writes those parts again (one of them killed alone, another might not be)."""
+    every --batch-size images, so the task that wrote the first part is killed with more to
+    write, and its retry writes those parts again. All of them are killed because, with several
+    running, killing one alone might spare the one that wrote."""
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run(config)), daemon=True)
     runner.start()
