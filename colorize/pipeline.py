@@ -783,7 +783,7 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     else:
         _check_resume(_earlier_config(out_fs, config_path), config.output, run_id)
         unfinished = False
-    found, items, done, todo = _take_stock(config, settings, out_fs, out_root)
+    found, items, done, todo = _take_stock(config, settings, out_fs, out_root, lock)
 
     # A Ray of our own never grows: its resources are checked. With nothing to do, no Ray is
     # needed (starting one took 12-40 s of a rerun that only counts what is done).
@@ -830,13 +830,16 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     return summary
 
 
-def _take_stock(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem,
-                out_root: str) -> tuple[list[sources.Item], list[sources.Item], Done, list[sources.Item]]:
+def _take_stock(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem, out_root: str,
+                lock: storage.OutputLock) -> tuple[list[sources.Item], list[sources.Item], Done, list[sources.Item]]:
     """The inputs ``found``, the ``items`` this run takes (``--limit``), what is ``done`` and what is left ``todo``.
 
     Removes the files a stopped run left unfinished, and warns of PNGs that no input found now makes.
     """
     found = sources.discover(config.input, settings, exclude=storage.to_uri(out_fs, out_root))
+    # Again: a listing can take minutes, and a run that made --output meanwhile is writing there
+    # (its files in flight are not a stopped run's to delete).
+    lock.acquire_if_there()
     items = found[: config.limit] if config.limit else found
     done = Done(config.formats) if config.overwrite else _already_done(out_fs, out_root, config.formats)
     todo = [i for i in items if i.kind == "archive" or i.error or not done.contains(i.relpath)]

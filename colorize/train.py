@@ -782,11 +782,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileSystem, out_path: str,
            lock: storage.OutputLock) -> dict[str, Any]:
-    lock.acquire_if_there()  # an earlier run's checkpoints are read, and may be deleted
     init = None
     if config.init:
         init, init_id = colorizer.load_weights(config.init, settings)
         config = resolve_init(config, init.config)
+    lock.acquire_if_there()  # an earlier run's checkpoints are read, and may be deleted
     _drop_unusable_checkpoints(out_fs, out_path)  # before anything reads the last one
     earlier = _earlier_run(out_fs, out_path)
     if earlier is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from PIL import Image
 from colorize import color, colorizer, pipeline, storage
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import BulkConfig, run
-from tests.helpers import encode, ray_processes, scene
+from tests.helpers import encode, output_held_elsewhere, ray_processes, scene
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -326,6 +327,32 @@ def test_overwrite_replaces_earlier_rows_and_a_cut_off_overwrite_is_not_resumed(
 def test_a_bulk_setting_out_of_range_is_named(change: dict, why: str) -> None:
     with pytest.raises(ValueError, match=f"^{re.escape(why)}"):
         BulkConfig(input="i", output="o", **change)
+
+
+def test_a_run_that_finds_its_output_made_while_listing_leaves_the_other_runs_files(
+    weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that found no --output took no lock, then deleted as "unfinished" the file that
+    another run, which made the folder while this one listed its input, was writing."""
+    folder = scene_pngs(tmp_path / "in", 2, 16)
+    out = tmp_path / "out"
+    in_flight = out / "images" / f"{storage.TEMP_PREFIX}{'0123456789abcdef' * 2}"  # write_bytes_atomic's temporary
+    listing, other_run = pipeline.sources.discover, contextlib.ExitStack()
+    holders = []
+
+    def listing_while_another_run_starts(*args, **kwargs):
+        found = listing(*args, **kwargs)
+        holders.append(other_run.enter_context(output_held_elsewhere(out)))  # it takes the lock
+        in_flight.parent.mkdir()
+        in_flight.write_bytes(b"half a PNG")  # and writes its first output
+        return found
+
+    monkeypatch.setattr(pipeline.sources, "discover", listing_while_another_run_starts)
+    with other_run, pytest.raises(storage.InUse) as refused:
+        run(BulkConfig(input=str(folder), output=str(out), weights=weights))
+    assert f"out: in use by another run (pid {holders[0].pid} on " in str(refused.value)
+    assert in_flight.read_bytes() == b"half a PNG"
+    assert sorted(p.name for p in out.rglob("*")) == sorted([storage.LOCK_FILE, in_flight.name, "images"])
 
 
 def test_model_actors_a_machine_cannot_place_are_refused(ray_cluster: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
-from tests.helpers import free_ports, ray_processes, scene, write_images
+from tests.helpers import free_ports, output_held_elsewhere, ray_processes, scene, write_images
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -156,6 +157,29 @@ def test_a_checkpoint_with_flipped_bits_is_not_resumed_from(tmp_path: Path) -> N
 
         assert re.fullmatch(f"unreadable: the checksum of {name}'s part '[^']+' does not match",
                             train_module._unusable(local, str(tmp_path)))
+
+
+def test_a_run_that_finds_its_out_made_while_loading_init_weights_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that found no --out took no lock, then read (and would have pruned) the checkpoints
+    of another run that made the folder while this one loaded its --init weights."""
+    out = tmp_path / "run"
+    snapshot = out / train_module.RUN_NAME / train_module.CHECKPOINT_SNAPSHOT
+    loading, other_run = colorizer.load_weights, contextlib.ExitStack()
+    holders = []
+
+    def loading_while_another_run_starts(*args, **kwargs):
+        loaded = loading(*args, **kwargs)
+        holders.append(other_run.enter_context(output_held_elsewhere(out)))  # it takes the lock
+        (out / train_module.RUN_NAME / "checkpoint_2026-12-07_00-00-00.000000").mkdir(parents=True)
+        snapshot.write_text('{"checkpoint_results": [')  # and is writing its list of checkpoints
+        return loaded
+
+    monkeypatch.setattr(colorizer, "load_weights", loading_while_another_run_starts)
+    with other_run, pytest.raises(storage.InUse) as refused:
+        write_images(tmp_path / "in", 2)
+        train(TrainConfig(data=str(tmp_path / "in"), out=str(out), init="bundled"))
+    assert f"run: in use by another run (pid {holders[0].pid} on " in str(refused.value)
+    assert snapshot.read_text() == '{"checkpoint_results": ['
 
 
 @pytest.mark.parametrize(("extra", "val", "height"), [({}, True, 400), ({"psnr_weight": 0.1}, False, 400),
