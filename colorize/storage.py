@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import email.utils
 import fcntl
 import functools
 import io
@@ -24,6 +25,7 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -373,28 +375,33 @@ LOCK_FILE = ".colorize-lock"
 
 
 class OutputLock:
-    """One run at a time in a local output folder: an exclusive ``flock`` on ``LOCK_FILE`` in it.
+    """One run at a time in an output folder or prefix: locally an exclusive ``flock`` on
+    ``LOCK_FILE`` in it, on S3 that object, created only where there is none (:class:`_S3Lock`).
 
     Two runs in one folder each deleted files the other was writing (a bulk run's unfinished
-    ones; training's checkpoints) and wrote over each other's records. The kernel releases the
-    lock when its process ends however it ends, so a killed run leaves no stale lock: the file
-    stays, naming the last holder, and the next run takes it.
+    ones; training's checkpoints) and wrote over each other's records; on S3 one run's
+    ``--overwrite`` deleted everything the other reported written. The kernel releases a
+    local lock when its process ends however it ends, so a killed run leaves no stale lock: the
+    file stays, naming the last holder, and the next run takes it.
 
     A run calls :meth:`acquire_if_there` first, before it reads anything an earlier run left,
-    and :meth:`acquire` before its first write. S3 has no lock that every S3 store offers, so
-    there one run per prefix is the user's to keep.
+    and :meth:`acquire` before its first write.
     """
 
-    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> None:
         self.fs, self.path, self.uri, self.flag = fs, path, uri, flag
         self._handle: io.TextIOWrapper | None = None
         self._found_absent = self._unlockable = False
+        self._s3 = _S3Lock(settings or S3Settings.from_env(), path, uri, flag) if fs.type_name == "s3" else None
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`InUse` naming the run that holds it, or saying that
         the folder appeared after :meth:`acquire_if_there` found none (what this run read of
         it then, nothing, is stale)."""
-        if self._handle is not None or self._unlockable or self.fs.type_name != "local":
+        if self._s3 is not None:
+            self._s3.acquire()
+            return
+        if self._handle is not None or self._unlockable:
             return
         made_since = self._found_absent and os.path.exists(self.path)
         with _errors(self.fs, self.uri):
@@ -420,24 +427,24 @@ class OutputLock:
             handle.close()
             raise InUse(f"{self.uri}: another run made it while this one was starting; one run per {self.flag} at a "
                         "time: run this again")
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.write(_holder())
         handle.flush()
         self._handle = handle
 
     def acquire_if_there(self) -> None:
         """Take the lock where the folder already exists: an earlier run's files are about to be
         read or deleted. A new folder is made only by :meth:`acquire`, before the first write,
-        so that a run refused before it wrote anything leaves none."""
-        if self.fs.type_name != "local":
-            return
-        if os.path.isdir(self.path):
+        so that a run refused before it wrote anything leaves none. An S3 lock is taken at once:
+        a prefix needs no folder, and the lock object goes when the run ends."""
+        if self._s3 is not None or os.path.isdir(self.path):
             self.acquire()
         else:
             self._found_absent = True
 
     def release(self) -> None:
+        if self._s3 is not None:
+            self._s3.release()
         if self._handle is not None:
             self._handle.close()  # closing the last descriptor drops the flock
             self._handle = None
@@ -447,6 +454,144 @@ class OutputLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+# An S3 lock is renewed every LOCK_RENEW_S by its run; one not renewed for LOCK_LEASE_S (by the
+# server's clock) is a stopped run's, and the next run takes it over.
+LOCK_RENEW_S = 30.0
+LOCK_LEASE_S = 120.0
+
+
+class _S3Lock:
+    """``LOCK_FILE`` under an S3 prefix, put only where there is none (``If-None-Match: *``,
+    which AWS S3 and most S3-compatible stores honour) and renewed by a thread while its run
+    lasts. A run killed without releasing it holds the prefix until the lease runs out;
+    taking a lapsed lock over and renewing are conditional on the holder's ETag
+    (``If-Match``), so of two runs only one wins. Where a store ignores the condition, which
+    a second conditional put shows, the run goes on unlocked with a warning, as on a local
+    filesystem without locks.
+
+    Through boto3: pyarrow's S3 filesystem has no conditional put.
+    """
+
+    def __init__(self, settings: S3Settings, path: str, uri: str, flag: str) -> None:
+        self.settings, self.uri, self.flag = settings, uri, flag
+        self.bucket, _, prefix = path.partition("/")
+        self.key = posixpath.join(prefix, LOCK_FILE) if prefix else LOCK_FILE
+        self._etag: str | None = None
+        self._unlockable = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        if self._etag is not None or self._unlockable:
+            return
+        client, holder = _s3_client(self.settings), _holder()
+        with self._errors():
+            try:
+                self._etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfNoneMatch="*")["ETag"]
+            except client.exceptions.ClientError as error:
+                if _code(error) != "PreconditionFailed":
+                    raise
+                self._etag = self._take_over(client, holder)
+            try:  # the condition again, now that the lock is there: a store that ignores it puts
+                client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfNoneMatch="*")
+            except client.exceptions.ClientError as error:
+                if _code(error) != "PreconditionFailed":
+                    raise
+            else:
+                self._etag, self._unlockable = None, True
+                client.delete_object(Bucket=self.bucket, Key=self.key)
+                print(f"warning: {self.uri}: cannot be locked (this S3 store ignores If-None-Match); nothing stops a "
+                      f"second run into it, so run one per {self.flag} at a time", file=sys.stderr, flush=True)
+                return
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew, args=(client, holder), name="colorize-lock", daemon=True)
+        self._renewer.start()
+
+    def _take_over(self, client: Any, holder: str) -> str:
+        """The lock's new ETag once this run has taken over a lapsed one, or :class:`InUse`."""
+        try:
+            held = client.get_object(Bucket=self.bucket, Key=self.key)
+        except client.exceptions.NoSuchKey:  # released just now
+            return client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfNoneMatch="*")["ETag"]
+        owner = held["Body"].read().decode(errors="replace").strip() or "another process"
+        now = email.utils.parsedate_to_datetime(held["ResponseMetadata"]["HTTPHeaders"]["date"])
+        idle = (now - held["LastModified"]).total_seconds()
+        if idle < LOCK_LEASE_S:
+            raise InUse(f"{self.uri}: in use by another run ({owner}, renewed {max(0, idle):.0f} s ago); one run per "
+                        f"{self.flag} at a time (a run stopped without releasing it holds it for {LOCK_LEASE_S:.0f} s)")
+        try:
+            etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfMatch=held["ETag"])["ETag"]
+        except client.exceptions.ClientError as error:
+            if _code(error) != "PreconditionFailed":
+                raise
+            raise InUse(f"{self.uri}: another run took it over first; one run per {self.flag} at a time") from None
+        print(f"{self.uri}: took over the lock of a stopped run ({owner}, not renewed for {idle:.0f} s)",
+              file=sys.stderr, flush=True)
+        return etag
+
+    def _renew(self, client: Any, holder: str) -> None:
+        while not self._stop.wait(LOCK_RENEW_S):
+            try:
+                self._etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfMatch=self._etag)["ETag"]
+            except client.exceptions.ClientError as error:
+                if _code(error) == "PreconditionFailed":
+                    print(f"warning: {self.uri}: another run took over this run's lock (not renewed for "
+                          f"{LOCK_LEASE_S:.0f} s); the two may now write over each other", file=sys.stderr, flush=True)
+                    return
+            except Exception:  # noqa: BLE001 - a network hiccup: the next renewal may get through
+                continue
+
+    def release(self) -> None:
+        if self._etag is None:
+            return
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        client, etag, self._etag = _s3_client(self.settings), self._etag, None
+        with contextlib.suppress(Exception):  # taken over (412), or unreachable: the lease ends it
+            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """boto3's failures as a StorageError naming the lock."""
+        import botocore.exceptions
+
+        try:
+            yield
+        except botocore.exceptions.ClientError as error:
+            raise StorageError(f"{self.uri}: cannot take the lock {LOCK_FILE}: {_code(error)}: "
+                               f"{error.response.get('Error', {}).get('Message', '')}") from None
+        except botocore.exceptions.BotoCoreError as error:
+            raise StorageError(f"{self.uri}: cannot take the lock {LOCK_FILE}: {error}") from None
+
+
+def _holder() -> str:
+    """How a lock names the run that holds it."""
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n"
+
+
+def _code(error: Exception) -> str:
+    """The error code of a boto3 ClientError ("PreconditionFailed"), else ""."""
+    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_client(settings: S3Settings) -> Any:
+    """A boto3 S3 client for ``settings``, with the timeouts and attempts of :func:`s3_filesystem`."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3", endpoint_url=settings.endpoint, region_name=settings.region,
+        config=botocore.config.Config(
+            s3={"addressing_style": "path"} if settings.endpoint else {},
+            connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_REQUEST_TIMEOUT_S,
+            retries={"mode": "standard", "total_max_attempts": _MAX_ATTEMPTS},
+        ),
+    )
 
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:

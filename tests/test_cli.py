@@ -14,9 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
-from colorize import cli, errors
+from colorize import cli, errors, storage
 from colorize.cli import build_parser
 from tests.helpers import free_ports, output_held_elsewhere, write_images
 
@@ -222,6 +223,20 @@ def test_a_second_job_into_a_folder_in_use_is_refused_and_touches_nothing(tmp_pa
         result = colorize(command, flags[0], str(tmp_path / "in"), flags[1], str(out))
     assert_one_error_line(result, f"{out}: in use by another run (pid {holder.pid} on ", f"one run per {flags[1]} at a time")
     assert sorted(p.name for p in out.iterdir()) == [".colorize-lock", "_CONFIG.json"]
+
+
+@pytest.mark.parametrize(("command", "flags"), [("run", ("--input", "--output")), ("train", ("--data", "--out"))])
+def test_a_second_job_into_an_s3_prefix_in_use_is_refused_and_touches_nothing(
+        tmp_path: Path, s3, command: str, flags: tuple[str, str]) -> None:
+    """On S3 nothing stopped a second job: one's --overwrite deleted all that the other wrote."""
+    write_images(tmp_path / "in", 2)
+    out = f"{s3.bucket('in-use')}/{command}"
+    fs, path = storage.resolve(out, s3.settings)
+    with storage.OutputLock(fs, path, out, flags[1], s3.settings) as held:
+        held.acquire()
+        result = colorize(command, flags[0], str(tmp_path / "in"), flags[1], out, "--s3-endpoint", s3.endpoint)
+        assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))] == [storage.LOCK_FILE]
+    assert_one_error_line(result, f"{out}: in use by another run (pid {os.getpid()} on ", f"one run per {flags[1]} at a time")
 
 
 def test_run_on_a_missing_input(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -415,8 +416,63 @@ def test_a_folder_that_cannot_be_locked_is_written_unlocked_with_a_warning(
         "warning: out: cannot be locked (No locks available); nothing stops a second run into it, so run one per --output at a time"]
 
 
-def test_an_s3_output_is_not_locked(s3: S3Server, bucket: str) -> None:
-    fs, path = storage.resolve(f"{bucket}/locked", s3.settings)
-    with storage.OutputLock(fs, path, f"{bucket}/locked", "--output") as lock:
-        lock.acquire()
-        assert not storage.exists(fs, storage.join(path, storage.LOCK_FILE))
+def _s3_lock(s3: S3Server, uri: str) -> tuple[storage.OutputLock, pafs.FileSystem, str]:
+    fs, path = storage.resolve(uri, s3.settings)
+    return storage.OutputLock(fs, path, uri, "--output", s3.settings), fs, storage.join(path, storage.LOCK_FILE)
+
+
+def test_an_s3_prefix_is_locked_and_a_lapsed_lock_taken_over(
+        s3: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs into one prefix each deleted or duplicated what the other wrote: on S3 nothing
+    stopped the second."""
+    first, fs, lock_key = _s3_lock(s3, f"{bucket}/locked")
+    first.acquire_if_there()  # on S3 at once: a prefix needs no folder
+    assert storage.read_bytes(fs, lock_key).decode().startswith(f"pid {os.getpid()} on ")
+    second = _s3_lock(s3, f"{bucket}/locked")[0]
+    with pytest.raises(storage.InUse, match=rf"/locked: in use by another run \(pid {os.getpid()} on .*, renewed \d+ s ago\); "
+                                            "one run per --output at a time"):
+        second.acquire()
+    first.release()
+    assert not storage.exists(fs, lock_key)
+    second.acquire()
+
+    monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)  # and `second` renews only after 30 s
+    time.sleep(2.5)
+    third = _s3_lock(s3, f"{bucket}/locked")[0]
+    third.acquire()
+    assert "locked: took over the lock of a stopped run (pid " in capsys.readouterr().err
+    taken = storage.read_bytes(fs, lock_key)
+    second.release()  # it no longer holds the lock, so leaves it be
+    assert storage.read_bytes(fs, lock_key) == taken
+    third.release()
+    assert not storage.exists(fs, lock_key)
+
+
+def test_an_s3_lock_is_renewed_while_its_run_lasts(s3: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "LOCK_LEASE_S", 2.0)
+    monkeypatch.setattr(storage, "LOCK_RENEW_S", 0.2)
+    with _s3_lock(s3, f"{bucket}/renewed")[0] as held:
+        held.acquire()
+        time.sleep(3.5)  # well past the lease
+        with pytest.raises(storage.InUse, match="in use by another run"):
+            _s3_lock(s3, f"{bucket}/renewed")[0].acquire()
+
+
+def test_an_s3_store_that_ignores_the_lock_condition_is_written_unlocked_with_a_warning(
+        s3: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A store that ignores If-None-Match would let every run take the lock: a false lock."""
+    client = storage._s3_client.__wrapped__(s3.settings)
+
+    def without_the_condition(request, **_) -> None:
+        del request.headers["If-None-Match"]
+
+    client.meta.events.register("before-sign.s3.PutObject", without_the_condition)
+    monkeypatch.setattr(storage, "_s3_client", lambda settings: client)
+    first, fs, lock_key = _s3_lock(s3, f"{bucket}/unlockable")
+    with first, _s3_lock(s3, f"{bucket}/unlockable")[0] as second:
+        first.acquire()
+        second.acquire()  # not refused: the store cannot tell them apart
+        assert not storage.exists(fs, lock_key)
+    assert capsys.readouterr().err.splitlines() == 2 * [
+        f"warning: {bucket}/unlockable: cannot be locked (this S3 store ignores If-None-Match); nothing stops a second run "
+        "into it, so run one per --output at a time"]
