@@ -513,23 +513,27 @@ class _S3Lock:
         """The lock's new ETag once this run has taken over a lapsed one, or :class:`InUse`."""
         try:
             held = client.get_object(Bucket=self.bucket, Key=self.key)
-        except client.exceptions.NoSuchKey:  # released just now
-            return client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfNoneMatch="*")["ETag"]
+        except client.exceptions.NoSuchKey:  # released since
+            return self._put_unless_taken(client, holder, IfNoneMatch="*")
         owner = held["Body"].read().decode(errors="replace").strip() or "another process"
         now = email.utils.parsedate_to_datetime(held["ResponseMetadata"]["HTTPHeaders"]["date"])
-        idle = (now - held["LastModified"]).total_seconds()
+        idle = (now - held["LastModified"]).total_seconds()  # both by the server's clock
         if idle < LOCK_LEASE_S:
             raise InUse(f"{self.uri}: in use by another run ({owner}, renewed {max(0, idle):.0f} s ago); one run per "
-                        f"{self.flag} at a time (a run stopped without releasing it holds it for {LOCK_LEASE_S:.0f} s)")
-        try:
-            etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), IfMatch=held["ETag"])["ETag"]
-        except client.exceptions.ClientError as error:
-            if _code(error) != "PreconditionFailed":
-                raise
-            raise InUse(f"{self.uri}: another run took it over first; one run per {self.flag} at a time") from None
+                        f"{self.flag} at a time (a killed run's lock is taken over {LOCK_LEASE_S:.0f} s after its last renewal)")
+        etag = self._put_unless_taken(client, holder, IfMatch=held["ETag"])
         print(f"{self.uri}: took over the lock of a stopped run ({owner}, not renewed for {idle:.0f} s)",
               file=sys.stderr, flush=True)
         return etag
+
+    def _put_unless_taken(self, client: Any, holder: str, **condition: str) -> str:
+        """Put the lock on ``condition``; :class:`InUse` where another run got there first."""
+        try:
+            return client.put_object(Bucket=self.bucket, Key=self.key, Body=holder.encode(), **condition)["ETag"]
+        except client.exceptions.ClientError as error:
+            if _code(error) != "PreconditionFailed":
+                raise
+            raise InUse(f"{self.uri}: another run took the lock first; one run per {self.flag} at a time") from None
 
     def _renew(self, client: Any, holder: str) -> None:
         while not self._stop.wait(LOCK_RENEW_S):
