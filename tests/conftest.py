@@ -32,6 +32,12 @@ _RAY_TMP = tempfile.mkdtemp(prefix="colorize-ray-", dir="/tmp")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ["RAY_DEDUP_LOGS"] = "0"
+# Ray Train's controller polls its workers every 2 s: each fit() waited up to 2 s to see its
+# workers launched and up to 2 s more to see them finish (tens of fits in the suite). Its
+# preemption watcher, an actor process of its own per fit, watches for node drains a local
+# cluster never has. Both are read by the controller, which Ray Train hands the driver's values.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Set credentials now rather than in the `s3` fixture: Ray workers inherit the environment of
 # `ray start`, and `ray_cluster` may start before `s3`. Drop anything from the developer's own
 # AWS setup that would change what the tests talk to or how they sign.

@@ -46,10 +46,28 @@ def history(out: Path) -> list[dict]:
     return json.loads((out / "state.json").read_text())["history"]
 
 
+@pytest.fixture(scope="module")
+def trained(ray_cluster: str, images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One worker, 3 epochs with --val: its OUT and summary. A fit() is ~25 s of actor startup
+    whatever its epochs, so the tests that resume a run start from a copy of this one."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    summary = train(TrainConfig(data=str(images), val=str(images), out=str(out), epochs=3, **TINY))
+    return out, summary
+
+
+def copy_of(trained: tuple[Path, dict], tmp_path: Path) -> Path:
+    """A copy of the ``trained`` run's OUT (Ray's snapshot names its checkpoints relative to it)."""
+    return Path(shutil.copytree(trained[0], tmp_path / "run"))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, tmp_path: Path, workers: int) -> None:
-    out = tmp_path / "run"
-    summary = train(TrainConfig(data=str(images), val=str(images), out=str(out), epochs=3, num_workers=workers, **TINY))
+def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, tmp_path: Path, workers: int,
+                                               request: pytest.FixtureRequest) -> None:
+    if workers == 1:
+        out, summary = request.getfixturevalue("trained")
+    else:
+        out = tmp_path / "run"
+        summary = train(TrainConfig(data=str(images), val=str(images), out=str(out), epochs=3, num_workers=workers, **TINY))
 
     rows = history(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -62,34 +80,33 @@ def test_trainer_learns_and_writes_its_outputs(ray_cluster: str, images: Path, t
     assert len(list((out / "train").glob("checkpoint_*"))) >= 1
 
 
-def test_a_second_call_with_the_same_out_resumes(ray_cluster: str, images: Path, tmp_path: Path, capsys) -> None:
-    out = str(tmp_path / "run")
-    train(TrainConfig(data=str(images), out=out, epochs=1, val=str(images), **TINY))
+def test_a_second_call_with_the_same_out_resumes(trained: tuple[Path, dict], images: Path, tmp_path: Path, capsys) -> None:
+    out = str(copy_of(trained, tmp_path))  # 3 epochs with --val
     assert (Path(out) / "grid.png").exists()
     with pytest.raises(ValueError, match=r"another model \(--model unet -> autoencoder; --width 8 -> 16\)"):
-        train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "width": 16}, model="autoencoder"))
+        train(TrainConfig(data=str(images), out=out, epochs=5, **{**TINY, "width": 16}, model="autoencoder"))
     first, _ = colorizer.load_weights(str(Path(out) / "model.pt"))
-    # At a learning rate too small to move a weight, the model after the resumed epochs is epoch 1's.
-    summary = train(TrainConfig(data=str(images), out=out, epochs=3, **{**TINY, "lr": 1e-9}))
+    # At a learning rate too small to move a weight, the model after the resumed epochs is epoch 3's.
+    summary = train(TrainConfig(data=str(images), out=out, epochs=5, **{**TINY, "lr": 1e-9}))
 
-    assert summary["resumed_at"] == [1]
-    assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3]
+    assert summary["resumed_at"] == [3]
+    assert [r["epoch"] for r in history(Path(out))] == [1, 2, 3, 4, 5]
     assert f"resuming with settings other than the last run's (--val {images} -> None; --lr 0.01 -> 1e-09)" in capsys.readouterr().out
     resumed = colorizer.load_weights(str(Path(out) / "model.pt"))[0].state_dict()
     assert all(torch.allclose(resumed[name], weight, atol=1e-5) for name, weight in first.state_dict().items()
                if name.endswith("weight"))
-    assert not (Path(out) / "grid.png").exists()  # epoch 1's, beside epoch 3's model: no grid without --val
-    assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
-    assert "already trained 3 epoch(s), --epochs 2: nothing to do" in capsys.readouterr().out
+    assert not (Path(out) / "grid.png").exists()  # epoch 3's, beside epoch 5's model: no grid without --val
+    assert train(TrainConfig(data=str(images), out=out, epochs=4, **TINY)) == summary
+    assert "already trained 5 epoch(s), --epochs 4: nothing to do" in capsys.readouterr().out
 
     # A run stopped after Ray registered a checkpoint, before OUT/ had its model: "nothing to
     # do" went by OUT/state.json (or, with none, retrained to "epoch 3/2"), and OUT/ kept the older model.
     model = (Path(out) / "model.pt").read_bytes()
     for name in ("model.pt", "state.json"):
         (Path(out) / name).unlink()
-    assert train(TrainConfig(data=str(images), out=out, epochs=2, **TINY)) == summary
-    assert "already trained 3 epoch(s)" in capsys.readouterr().out
-    assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 3
+    assert train(TrainConfig(data=str(images), out=out, epochs=4, **TINY)) == summary
+    assert "already trained 5 epoch(s)" in capsys.readouterr().out
+    assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 5
 
 
 def _registered(out: Path) -> list[str]:
@@ -97,35 +114,28 @@ def _registered(out: Path) -> list[str]:
     return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
 
 
-def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(ray_cluster: str, images: Path, tmp_path: Path,
-                                                                         capsys) -> None:
+def test_a_resume_leaves_out_a_last_checkpoint_that_is_gone_or_cut_short(trained: tuple[Path, dict], images: Path,
+                                                                         tmp_path: Path, capsys) -> None:
     """A deleted last checkpoint failed every rerun in a traceback from Ray's controller; a
-    model.pt cut short failed each worker restart, then the run, then every rerun alike."""
-    out = tmp_path / "run"
-    train(TrainConfig(data=str(images), out=str(out), epochs=2, **TINY))
+    model.pt cut short failed each worker restart, then the run, then every rerun alike.
+    (An older checkpoint gone: test_checkpoints_ray_never_registered_are_removed.)"""
+    out = copy_of(trained, tmp_path)  # 3 epochs: Ray kept the checkpoints of 2 and 3
     first, last = _registered(out)
     model = out / "train" / last / "model.pt"
     model.write_bytes(model.read_bytes()[:1000])
 
-    summary = train(TrainConfig(data=str(images), out=str(out), epochs=3, **TINY))
+    summary = train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
 
     assert f"leaving out checkpoint {last} (unreadable: " in capsys.readouterr().out
-    assert summary["resumed_at"] == [1] and [r["epoch"] for r in history(out)] == [1, 2, 3]
+    assert summary["resumed_at"] == [2] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4]
     assert not (out / "train" / last).exists()  # unregistered now, and deleted once the run ended
     newest = _registered(out)[-1]
     shutil.rmtree(out / "train" / newest)
 
-    summary = train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
-
-    assert f"leaving out checkpoint {newest} (its folder is gone)" in capsys.readouterr().out
-    assert summary["resumed_at"] == [1, 2] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4]
-    older = _registered(out)[0]  # Ray checks every folder its list names, not only the last
-    shutil.rmtree(out / "train" / older)
-
     summary = train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
 
-    assert f"leaving out checkpoint {older} (its folder is gone)" in capsys.readouterr().out
-    assert summary["resumed_at"] == [1, 2, 4] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5]
+    assert f"leaving out checkpoint {newest} (its folder is gone)" in capsys.readouterr().out
+    assert summary["resumed_at"] == [2, 3] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5]
 
     # Without Ray's list, a run would train from epoch 1 and then delete every checkpoint.
     (out / "train" / train_module.CHECKPOINT_SNAPSHOT).unlink()
@@ -197,21 +207,26 @@ def test_the_curve_gets_a_panel_of_its_own_for_a_training_loss_with_extra_terms(
     assert Image.open(tmp_path / "curve.png").size == (640, height)
 
 
-def test_checkpoints_ray_never_registered_are_removed(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+def test_checkpoints_ray_never_registered_are_removed(trained: tuple[Path, dict], images: Path, tmp_path: Path,
+                                                       capsys) -> None:
     """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
-    retention deletes only the checkpoints it registered."""
-    out = tmp_path / "run"
-    train(TrainConfig(data=str(images), out=str(out), epochs=1, **TINY))
+    retention deletes only the checkpoints it registered. And an older registered checkpoint
+    whose folder is gone is left out too: Ray checks every folder its list names, not only the last."""
+    out = copy_of(trained, tmp_path)  # 3 epochs: Ray kept the checkpoints of 2 and 3
+    older = _registered(out)[0]
+    shutil.rmtree(out / "train" / older)
     stray = out / "train" / "checkpoint_2026-01-01_00-00-00.000000"
     stray.mkdir()
     (stray / "model.pt").write_bytes(b"never registered")
-    train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
+    summary = train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
 
+    assert f"leaving out checkpoint {older} (its folder is gone)" in capsys.readouterr().out
+    assert summary["resumed_at"] == [3] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5]
     snapshot = json.loads((out / "train" / "checkpoint_manager_snapshot.json").read_text())
     kept = sorted(c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"])
     assert sorted(p.name for p in (out / "train").glob("checkpoint_*") if p.is_dir()) == kept and len(kept) == 2
     stray.mkdir()  # left by a stopped run, then a re-run with nothing to do
-    train(TrainConfig(data=str(images), out=str(out), epochs=4, **TINY))
+    train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
     assert not stray.exists()
 
 
@@ -448,10 +463,6 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
     write_images(folder, 16)
     (folder / "class0" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     (folder / "class1" / "empty.png").write_bytes(b"")
-    summary = train(TrainConfig(data=str(folder), val=str(folder), out=str(tmp_path / "run"), epochs=1, **TINY))
-    assert summary["skipped"] == 2 and summary["val_unreadable"] == 2
-    assert summary["images"] == 16 and summary["val_images"] == 16
-
     for i, path in enumerate(sorted(folder.rglob("*.jpg"))):
         path.write_bytes(b"" if i % 2 else b"\xff\xd8 not a jpeg either")
     out = tmp_path / "unreadable"
@@ -462,10 +473,12 @@ def test_unreadable_images_are_skipped_and_counted(ray_cluster: str, images: Pat
         train(TrainConfig(data=str(folder), out=str(tmp_path / "classes"), head="classification", epochs=1, **TINY))
     assert not (tmp_path / "classes" / "config.json").exists()
 
-    # Once the data is mended, the same command does that epoch again (it used to fail again on its checkpoint).
+    # Once the data is mended, the same command does that epoch again (it used to fail again on its checkpoint);
+    # the two files still broken are skipped and counted, in training and in validation.
     write_images(folder, 16, fmt="JPEG")
-    summary = train(TrainConfig(data=str(folder), out=str(out), epochs=1, **TINY))
+    summary = train(TrainConfig(data=str(folder), val=str(folder), out=str(out), epochs=1, **TINY))
     assert [r["epoch"] for r in history(out)] == [1] and summary["images"] == 16 and summary["skipped"] == 2
+    assert summary["val_images"] == 16 and summary["val_unreadable"] == 2
 
 
 def test_a_validation_set_with_nothing_readable_is_reported_not_dropped() -> None:
@@ -905,7 +918,10 @@ def test_training_from_parquet_shards(ray_cluster: str, tmp_path: Path) -> None:
 
     assert data.locate(str(binary)).kind == "parquet"
     assert train(TrainConfig(data=str(binary), out=str(tmp_path / "run1"), epochs=1, **TINY))["images"] == 12
-    assert train(TrainConfig(data=str(hf / "train.parquet"), out=str(tmp_path / "run2"), epochs=1, **TINY))["images"] == 12
+    # The struct layout differs from the binary one only in how the rows are read, before the
+    # workers: its training rows, not a second fit() (~35 s of actors and Parquet read tasks).
+    rows = data.lab_dataset(data.locate(str(hf / "train.parquet")), image_size=16, augment=True).take_all()
+    assert len(rows) == 12 and all(r["ok"] for r in rows)
 
 
 def test_a_failed_run_s_line_names_what_the_failing_worker_raised() -> None:
