@@ -12,6 +12,7 @@ Failures that a user can fix (missing path, unreachable endpoint, wrong keys) su
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime
 import email.utils
@@ -374,33 +375,58 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 LOCK_FILE = ".colorize-lock"
 
 
-class OutputLock:
-    """One run at a time in an output folder or prefix: locally an exclusive ``flock`` on
-    ``LOCK_FILE`` in it, on S3 that object, created only where there is none (:class:`_S3Lock`).
+class OutputLock(abc.ABC):
+    """One run at a time in an output folder or prefix (:func:`output_lock` makes one).
 
     Two runs in one folder each deleted files the other was writing (a bulk run's unfinished
     ones; training's checkpoints) and wrote over each other's records; on S3 one run's
-    ``--overwrite`` deleted everything the other reported written. The kernel releases a
-    local lock when its process ends however it ends, so a killed run leaves no stale lock: the
-    file stays, naming the last holder, and the next run takes it.
+    ``--overwrite`` deleted everything the other reported written.
 
     A run calls :meth:`acquire_if_there` first, before it reads anything an earlier run left,
-    and :meth:`acquire` before its first write.
+    and :meth:`acquire` before its first write; each raises :class:`InUse` naming the run that
+    holds the lock.
     """
 
-    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> None:
+    @abc.abstractmethod
+    def acquire(self) -> None: ...
+
+    def acquire_if_there(self) -> None:
+        """Take the lock where the folder already exists (on S3 at once: a prefix needs none)."""
+        self.acquire()
+
+    @abc.abstractmethod
+    def release(self) -> None: ...
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def output_lock(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> OutputLock:
+    """The lock of output folder or prefix ``path`` (``uri`` as the user gave it, named by
+    ``flag``): locally an exclusive ``flock`` on ``LOCK_FILE`` in it, on S3 that object,
+    created only where there is none."""
+    if fs.type_name == "s3":
+        return _S3Lock(settings or S3Settings.from_env(), path, uri, flag)
+    return _FolderLock(fs, path, uri, flag)
+
+
+class _FolderLock(OutputLock):
+    """An exclusive ``flock`` on ``LOCK_FILE`` in a local folder. The kernel releases it when its
+    process ends however it ends, so a killed run leaves no stale lock: the file stays, naming
+    the last holder, and the next run takes it."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
         self.fs, self.path, self.uri, self.flag = fs, path, uri, flag
         self._handle: io.TextIOWrapper | None = None
         self._found_absent = self._unlockable = False
-        self._s3 = _S3Lock(settings or S3Settings.from_env(), path, uri, flag) if fs.type_name == "s3" else None
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`InUse` naming the run that holds it, or saying that
         the folder appeared after :meth:`acquire_if_there` found none (what this run read of
         it then, nothing, is stale)."""
-        if self._s3 is not None:
-            self._s3.acquire()
-            return
         if self._handle is not None or self._unlockable:
             return
         made_since = self._found_absent and os.path.exists(self.path)
@@ -435,25 +461,16 @@ class OutputLock:
     def acquire_if_there(self) -> None:
         """Take the lock where the folder already exists: an earlier run's files are about to be
         read or deleted. A new folder is made only by :meth:`acquire`, before the first write,
-        so that a run refused before it wrote anything leaves none. An S3 lock is taken at once:
-        a prefix needs no folder, and the lock object goes when the run ends."""
-        if self._s3 is not None or os.path.isdir(self.path):
+        so that a run refused before it wrote anything leaves none."""
+        if os.path.isdir(self.path):
             self.acquire()
         else:
             self._found_absent = True
 
     def release(self) -> None:
-        if self._s3 is not None:
-            self._s3.release()
         if self._handle is not None:
             self._handle.close()  # closing the last descriptor drops the flock
             self._handle = None
-
-    def __enter__(self) -> OutputLock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 # An S3 lock is renewed every LOCK_RENEW_S by its run; one not renewed for LOCK_LEASE_S (by the
@@ -462,7 +479,7 @@ LOCK_RENEW_S = 30.0
 LOCK_LEASE_S = 120.0
 
 
-class _S3Lock:
+class _S3Lock(OutputLock):
     """``LOCK_FILE`` under an S3 prefix, put only where there is none (``If-None-Match: *``,
     which AWS S3 and most S3-compatible stores honour) and renewed by a thread while its run
     lasts. A run killed without releasing it holds the prefix until the lease runs out;

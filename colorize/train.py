@@ -776,7 +776,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
     storage.check_output(out_fs, out_path, config.out, "--out")
-    with storage.OutputLock(out_fs, out_path, config.out, "--out", settings) as lock:
+    with storage.output_lock(out_fs, out_path, config.out, "--out", settings) as lock:
         return _train(config, settings, out_fs, out_path, lock)
 
 

@@ -8,9 +8,10 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -122,8 +123,8 @@ def output_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
     """Another process holding ``folder``'s output lock, as a running job does, until the block ends
     (it is then killed: the kernel, not the holder, releases the lock)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, pyarrow.fs as fs; from colorize.storage import OutputLock; "
-         "lock = OutputLock(fs.LocalFileSystem(), sys.argv[1], sys.argv[1], '--output'); lock.acquire(); print('held', flush=True); "
+        [sys.executable, "-c", "import sys, time, pyarrow.fs as fs; from colorize.storage import output_lock; "
+         "lock = output_lock(fs.LocalFileSystem(), sys.argv[1], sys.argv[1], '--output'); lock.acquire(); print('held', flush=True); "
          "time.sleep(600)", str(folder)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
     )
@@ -133,3 +134,23 @@ def output_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+@contextmanager
+def another_run_starts_after(owner: Any, name: str, folder: Path, first_writes: Callable[[], None],
+                             monkeypatch: Any) -> Iterator[list[subprocess.Popen]]:
+    """Within the block, the first return from ``owner.name`` is followed by another run taking
+    ``folder``'s lock (:func:`output_held_elsewhere`, until the block ends) and making
+    ``first_writes()``: a run that starts while this one is between its first look at the folder
+    and its lock. Yields a list that then holds the other run's process."""
+    original, holders = getattr(owner, name), []
+    with ExitStack() as other_run:
+        def then_another_run_starts(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            if not holders:
+                holders.append(other_run.enter_context(output_held_elsewhere(folder)))
+                first_writes()
+            return result
+
+        monkeypatch.setattr(owner, name, then_another_run_starts)
+        yield holders

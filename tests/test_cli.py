@@ -232,7 +232,7 @@ def test_a_second_job_into_an_s3_prefix_in_use_is_refused_and_touches_nothing(
     write_images(tmp_path / "in", 2)
     out = f"{s3.bucket('in-use')}/{command}"
     fs, path = storage.resolve(out, s3.settings)
-    with storage.OutputLock(fs, path, out, flags[1], s3.settings) as held:
+    with storage.output_lock(fs, path, out, flags[1], s3.settings) as held:
         held.acquire()
         result = colorize(command, flags[0], str(tmp_path / "in"), flags[1], out, "--s3-endpoint", s3.endpoint)
         assert [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))] == [storage.LOCK_FILE]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from PIL import Image
 from colorize import color, colorizer, pipeline, storage
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import BulkConfig, run
-from tests.helpers import encode, output_held_elsewhere, ray_processes, scene
+from tests.helpers import another_run_starts_after, encode, output_held_elsewhere, ray_processes, scene
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -337,18 +336,13 @@ def test_a_run_that_finds_its_output_made_while_listing_leaves_the_other_runs_fi
     folder = scene_pngs(tmp_path / "in", 2, 16)
     out = tmp_path / "out"
     in_flight = out / "images" / f"{storage.TEMP_PREFIX}{'0123456789abcdef' * 2}"  # write_bytes_atomic's temporary
-    listing, other_run = pipeline.sources.discover, contextlib.ExitStack()
-    holders = []
 
-    def listing_while_another_run_starts(*args, **kwargs):
-        found = listing(*args, **kwargs)
-        holders.append(other_run.enter_context(output_held_elsewhere(out)))  # it takes the lock
-        in_flight.parent.mkdir()
-        in_flight.write_bytes(b"half a PNG")  # and writes its first output
-        return found
+    def first_output() -> None:
+        in_flight.parent.mkdir(parents=True)
+        in_flight.write_bytes(b"half a PNG")
 
-    monkeypatch.setattr(pipeline.sources, "discover", listing_while_another_run_starts)
-    with other_run, pytest.raises(storage.InUse) as refused:
+    with another_run_starts_after(pipeline.sources, "discover", out, first_output, monkeypatch) as holders, \
+            pytest.raises(storage.InUse) as refused:
         run(BulkConfig(input=str(folder), output=str(out), weights=weights))
     assert f"out: in use by another run (pid {holders[0].pid} on " in str(refused.value)
     assert in_flight.read_bytes() == b"half a PNG"

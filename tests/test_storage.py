@@ -368,9 +368,9 @@ def test_an_output_folder_takes_one_run_at_a_time_and_a_killed_holder_frees_it(t
     """Two runs in one folder deleted each other's unfinished files and checkpoints."""
     out = tmp_path / "new" / "out"
     local = pafs.LocalFileSystem()
-    storage.OutputLock(local, str(out), "out", "--output").acquire_if_there()
+    storage.output_lock(local, str(out), "out", "--output").acquire_if_there()
     assert not out.exists()  # only a run's first write makes the folder
-    lock = storage.OutputLock(local, str(out), "out", "--output")
+    lock = storage.output_lock(local, str(out), "out", "--output")
     with output_held_elsewhere(out) as holder:
         with pytest.raises(storage.InUse, match=rf"out: in use by another run \(pid {holder.pid} on "
                                                 rf"{re.escape(socket.gethostname())}, since 20.* UTC\); one run per --output at a time"):
@@ -382,8 +382,8 @@ def test_an_output_folder_takes_one_run_at_a_time_and_a_killed_holder_frees_it(t
         lock.acquire()  # again: a no-op, not a second lock on the same folder
         assert (out / storage.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
         with pytest.raises(storage.InUse):
-            storage.OutputLock(local, str(out), "out", "--output").acquire()
-    with storage.OutputLock(local, str(out), "out", "--output") as again:  # released on leaving the block
+            storage.output_lock(local, str(out), "out", "--output").acquire()
+    with storage.output_lock(local, str(out), "out", "--output") as again:  # released on leaving the block
         again.acquire()
 
 
@@ -391,7 +391,7 @@ def test_a_folder_made_by_another_run_after_one_found_none_is_refused(tmp_path: 
     """What a run read of a folder that was not there yet (nothing) is stale once another run made it:
     a train resumed the other's checkpoints into a model of another width, a run relabelled its PNGs."""
     out = tmp_path / "out"
-    lock = storage.OutputLock(pafs.LocalFileSystem(), str(out), "out", "--out")
+    lock = storage.output_lock(pafs.LocalFileSystem(), str(out), "out", "--out")
     lock.acquire_if_there()
     with output_held_elsewhere(out) as holder:  # another run's, made while this one listed its data
         with pytest.raises(storage.InUse, match=f"out: in use by another run \\(pid {holder.pid} "):
@@ -409,7 +409,7 @@ def test_a_folder_that_cannot_be_locked_is_written_unlocked_with_a_warning(
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(storage.fcntl, "flock", no_locks)
-    with storage.OutputLock(pafs.LocalFileSystem(), str(tmp_path / "out"), "out", "--output") as lock:
+    with storage.output_lock(pafs.LocalFileSystem(), str(tmp_path / "out"), "out", "--output") as lock:
         lock.acquire()
         lock.acquire()
     assert capsys.readouterr().err.splitlines() == [
@@ -418,7 +418,7 @@ def test_a_folder_that_cannot_be_locked_is_written_unlocked_with_a_warning(
 
 def _s3_lock(s3: S3Server, uri: str) -> tuple[storage.OutputLock, pafs.FileSystem, str]:
     fs, path = storage.resolve(uri, s3.settings)
-    return storage.OutputLock(fs, path, uri, "--output", s3.settings), fs, storage.join(path, storage.LOCK_FILE)
+    return storage.output_lock(fs, path, uri, "--output", s3.settings), fs, storage.join(path, storage.LOCK_FILE)
 
 
 def test_an_s3_prefix_is_locked_and_a_lapsed_lock_taken_over(
@@ -438,13 +438,23 @@ def test_an_s3_prefix_is_locked_and_a_lapsed_lock_taken_over(
 
     monkeypatch.setattr(storage, "LOCK_LEASE_S", 1.0)  # and `second` renews only after 30 s
     time.sleep(2.5)
-    third = _s3_lock(s3, f"{bucket}/locked")[0]
-    third.acquire()
-    assert "locked: took over the lock of a stopped run (pid " in capsys.readouterr().err
+    third, fourth = (_s3_lock(s3, f"{bucket}/locked")[0] for _ in range(2))
+    put = storage._S3Lock._put_unless_taken
+
+    def fourth_puts_first(lock: storage._S3Lock, *args: object, **condition: str) -> str:
+        if lock is third:  # both found the lock lapsed; `fourth` takes it over between
+            fourth.acquire()   # `third`'s look and its put
+        return put(lock, *args, **condition)
+
+    monkeypatch.setattr(storage._S3Lock, "_put_unless_taken", fourth_puts_first)
+    with pytest.raises(storage.InUse, match="/locked: another run took the lock first; one run per --output at a time"):
+        third.acquire()
+    assert capsys.readouterr().err.count("locked: took over the lock of a stopped run (pid ") == 1
     taken = storage.read_bytes(fs, lock_key)
-    second.release()  # it no longer holds the lock, so leaves it be
-    assert storage.read_bytes(fs, lock_key) == taken
-    third.release()
+    for stale in (second, third):  # neither holds the lock, so each leaves it be
+        stale.release()
+        assert storage.read_bytes(fs, lock_key) == taken
+    fourth.release()
     assert not storage.exists(fs, lock_key)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
 from colorize.objectives import resolve_precision
 from colorize.train import TrainConfig, train
-from tests.helpers import free_ports, output_held_elsewhere, ray_processes, scene, write_images
+from tests.helpers import another_run_starts_after, free_ports, output_held_elsewhere, ray_processes, scene, write_images
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -174,19 +173,14 @@ def test_a_run_that_finds_its_out_made_while_loading_init_weights_is_refused(tmp
     of another run that made the folder while this one loaded its --init weights."""
     out = tmp_path / "run"
     snapshot = out / train_module.RUN_NAME / train_module.CHECKPOINT_SNAPSHOT
-    loading, other_run = colorizer.load_weights, contextlib.ExitStack()
-    holders = []
+    write_images(tmp_path / "in", 2)
 
-    def loading_while_another_run_starts(*args, **kwargs):
-        loaded = loading(*args, **kwargs)
-        holders.append(other_run.enter_context(output_held_elsewhere(out)))  # it takes the lock
+    def checkpoint_list() -> None:  # the other run is writing its list of checkpoints
         (out / train_module.RUN_NAME / "checkpoint_2026-12-07_00-00-00.000000").mkdir(parents=True)
-        snapshot.write_text('{"checkpoint_results": [')  # and is writing its list of checkpoints
-        return loaded
+        snapshot.write_text('{"checkpoint_results": [')
 
-    monkeypatch.setattr(colorizer, "load_weights", loading_while_another_run_starts)
-    with other_run, pytest.raises(storage.InUse) as refused:
-        write_images(tmp_path / "in", 2)
+    with another_run_starts_after(colorizer, "load_weights", out, checkpoint_list, monkeypatch) as holders, \
+            pytest.raises(storage.InUse) as refused:
         train(TrainConfig(data=str(tmp_path / "in"), out=str(out), init="bundled"))
     assert f"run: in use by another run (pid {holders[0].pid} on " in str(refused.value)
     assert snapshot.read_text() == '{"checkpoint_results": ['
