@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for stale in ("metrics.json", "holdout.png"):  # an earlier run's: beside this run's model.pt, they would lie
         (out / stale).unlink(missing_ok=True)
     trained = _train(args, variant, budget, photos, out, device=device, init=init, labels=labels, pretrained=pretrained)
-    _write_results(args, out, config, photos, trained, with_classes=labels is not None)
+    _write_results(args, out, config, photos, trained, device=device, with_classes=labels is not None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -315,7 +315,7 @@ def _train(args: argparse.Namespace, variant: ablation.Variant, budget: ablation
 
 
 def _write_results(args: argparse.Namespace, out: Path, config: ModelConfig, photos: Photos, trained: Trained, *,
-                   with_classes: bool) -> None:
+                   device: torch.device, with_classes: bool) -> None:
     """``holdout.png`` (grey, prediction and truth of 8 held-out photos) and ``metrics.json``, and the scores printed."""
     model = trained.model
     holdout = np.concatenate(list(photos.holdouts.values()))
@@ -329,7 +329,7 @@ def _write_results(args: argparse.Namespace, out: Path, config: ModelConfig, pho
         "psnr_weight": args.psnr_weight, "init": args.init, "epochs": round(trained.epochs, 2),
         "batch_size": args.batch_size, "lr": args.lr, "shift": args.shift, "seconds": round(trained.seconds, 1),
         "hardware": ablation.hardware(args.device), "threads": args.threads,
-        "precision": resolve_precision(args.precision, torch.device(args.device)),
+        "precision": resolve_precision(args.precision, device),
         "weights_id": colorizer.weights_id((out / "model.pt").read_bytes()), "kept_epoch": trained.kept_epoch,
         "holdout": trained.scores, "curve": trained.curve, "unreadable": photos.unreadable,
     }
