@@ -701,10 +701,13 @@ def _remove_unregistered_checkpoints(fs: pafs.FileSystem, out: str) -> None:
     kept = set(_registered_checkpoints(fs, out))
     if not kept:  # no snapshot: nothing says which are stray
         return
-    for folder in _checkpoint_folders(fs, out):
-        if folder not in kept:
-            with contextlib.suppress(OSError):
-                fs.delete_dir(folder)
+    stray = [folder for folder in _checkpoint_folders(fs, out) if folder not in kept]
+    for folder in stray:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(folder)
+    if stray:
+        print(f"removed {len(stray)} checkpoint folder(s) that Ray Train never registered, left by a stopped run or a lost "
+              "worker", flush=True)
 
 
 def _export(fs: pafs.FileSystem, out: str, read: Callable[[str], bytes | None]) -> None:
@@ -823,6 +826,7 @@ def _train(config: TrainConfig, settings: storage.S3Settings, out_fs: pafs.FileS
         _check_resources(config, cpus)  # before anything is written or sampled
     datasets = _datasets(config, train_source, val_source, class_index)
     lock.acquire()  # a new --out: before its first write
+    _remove_unregistered_checkpoints(out_fs, out_path)  # a stopped run's: else each stop would leave its last one or two
     class_weights = _class_weights(config, train_source, out_fs, out_path, earlier[0] if earlier else None)
     # The class names beside the config: what a resumed run checks its data against.
     storage.write_json(out_fs, storage.join(out_path, "config.json"), {**asdict(config), **({"classes": classes} if classes else {})})

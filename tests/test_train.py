@@ -202,7 +202,7 @@ def test_the_curve_gets_a_panel_of_its_own_for_a_training_loss_with_extra_terms(
 
 
 def test_checkpoints_ray_never_registered_are_removed(trained: tuple[Path, dict], images: Path, tmp_path: Path,
-                                                       capsys) -> None:
+                                                       capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run stopped within seconds of writing a checkpoint left its folder for ever: Ray's
     retention deletes only the checkpoints it registered. And an older registered checkpoint
     whose folder is gone is left out too: Ray checks every folder its list names, not only the last."""
@@ -214,12 +214,27 @@ def test_checkpoints_ray_never_registered_are_removed(trained: tuple[Path, dict]
     (stray / "model.pt").write_bytes(b"never registered")
     summary = train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
 
-    assert f"leaving out checkpoint {older} (its folder is gone)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"leaving out checkpoint {older} (its folder is gone)" in printed
+    assert "removed 1 checkpoint folder(s) that Ray Train never registered, left by a stopped run" in printed
     assert summary["resumed_at"] == [3] and [r["epoch"] for r in history(out)] == [1, 2, 3, 4, 5]
     snapshot = json.loads((out / "train" / "checkpoint_manager_snapshot.json").read_text())
     kept = sorted(c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"])
     assert sorted(p.name for p in (out / "train").glob("checkpoint_*") if p.is_dir()) == kept and len(kept) == 2
-    stray.mkdir()  # left by a stopped run, then a re-run with nothing to do
+
+    # Removed by the next run as it starts: a run stopped again and again (preemptible nodes)
+    # left one or two more each time, 23 MB each for the default model, until one ran to its end.
+    stray.mkdir()
+
+    def stopped_again(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_fit", stopped_again)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(data=str(images), out=str(out), epochs=6, **TINY))
+    assert not stray.exists()
+    stray.mkdir()  # then a re-run with nothing to do
     train(TrainConfig(data=str(images), out=str(out), epochs=5, **TINY))
     assert not stray.exists()
 
