@@ -149,6 +149,18 @@ def test_a_local_write_cut_short_leaves_the_old_content_whole(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == [path]  # and no temporary left beside it
 
 
+def test_an_s3_write_cut_short_leaves_no_incomplete_upload(s3: S3Server, bucket: str) -> None:
+    """Every object began as a multipart upload: a process killed mid-write (a job killed, a
+    worker lost) left an incomplete one, billed on AWS until aborted, that no rerun removed."""
+    code = ("import os, sys; from colorize import storage; "
+            "fs, path = storage.resolve(sys.argv[1], storage.S3Settings.from_env(sys.argv[2])); "
+            "stream = fs.open_output_stream(path); stream.write(b'half a PNG'); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, f"{bucket}/cut/x.png", s3.endpoint], check=True, cwd=Path(__file__).parents[1])
+    assert s3.client().list_multipart_uploads(Bucket=bucket.removeprefix("s3://")).get("Uploads", []) == []
+    fs, path = storage.resolve(f"{bucket}/cut/x.png", s3.settings)
+    assert not storage.exists(fs, path)
+
+
 def test_overwrite_leaves_no_temporaries(root: tuple[pafs.FileSystem, str]) -> None:
     fs, base = root
     path = storage.join(base, "same.bin")
