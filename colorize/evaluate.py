@@ -103,7 +103,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     if config.out:  # checked before the work, not after it
         out_fs, out_path = storage.resolve(config.out, settings)
-        storage.check_output(out_fs, out_path, config.out, "--out")
+        storage.check_output(out_fs, out_path, config.out, "--out", settings)
     model, weights = colorizer.load_weights(
         config.weights, settings, temperature=config.temperature, saturation=config.saturation
     )

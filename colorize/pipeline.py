@@ -763,7 +763,7 @@ def run(config: BulkConfig) -> dict[str, Any]:
     started = time.perf_counter()
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_root = storage.resolve(config.output, settings)
-    storage.check_output(out_fs, out_root, config.output, "--output")
+    storage.check_output(out_fs, out_root, config.output, "--output", settings)
     with storage.output_lock(out_fs, out_root, config.output, "--output", settings) as lock:
         return _run(config, settings, out_fs, out_root, lock, started)
 

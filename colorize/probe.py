@@ -101,7 +101,7 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     if config.out:  # checked before the work, not after it
         out_fs, out_path = storage.resolve(config.out, settings)
-        storage.check_output(out_fs, out_path, config.out, "--out")
+        storage.check_output(out_fs, out_path, config.out, "--out", settings)
     trained, weights_id = colorizer.load_weights(config.weights, settings)
     torch.manual_seed(config.seed)
     random_init = build_model(trained.config).eval()

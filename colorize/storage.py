@@ -619,12 +619,13 @@ def _s3_client(settings: S3Settings) -> Any:
     )
 
 
-def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
+def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> None:
     """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
     forbidden, is a file, lies in a bucket that does not exist, or (locally) in a folder that
     cannot be written to (the first write would fail, after the work had started); ``path``
-    itself need not exist yet. On S3 it writes and deletes an empty object there (after which
-    Arrow keeps a new prefix as an empty folder marker, ``out/``, which listings pass over)."""
+    itself need not exist yet. On S3 it writes an empty object there and deletes it, through
+    boto3 with ``settings`` (Arrow's delete left a new prefix an empty folder marker, ``out/``,
+    in a run refused for another reason, which wrote nothing)."""
     with _errors(fs, uri):
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
@@ -644,8 +645,9 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str) -> None:
         else:  # keys that may read but not write: evaluate's report was lost after all its work
             probe = join(path, f"{TEMP_PREFIX}write-check-{uuid.uuid4().hex}")
             fs.open_output_stream(probe).close()
-            with contextlib.suppress(OSError):  # a store may let one write but not delete
-                fs.delete_file(probe)
+            with contextlib.suppress(Exception):  # a store may let one write but not delete
+                bucket, _, key = probe.partition("/")
+                _s3_client(settings or S3Settings.from_env()).delete_object(Bucket=bucket, Key=key)
 
 
 def safe_relpath(relpath: str) -> str:

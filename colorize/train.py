@@ -778,7 +778,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the last epoch's metrics and where the model went."""
     settings = storage.S3Settings.from_env(config.s3_endpoint)
     out_fs, out_path = storage.resolve(config.out, settings)
-    storage.check_output(out_fs, out_path, config.out, "--out")
+    storage.check_output(out_fs, out_path, config.out, "--out", settings)
     with storage.output_lock(out_fs, out_path, config.out, "--out", settings) as lock:
         return _train(config, settings, out_fs, out_path, lock)
 
