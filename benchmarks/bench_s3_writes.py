@@ -5,7 +5,7 @@
 A real S3 server (SeaweedFS, from the test extra) on loopback takes ``--objects`` objects of
 each size through :func:`colorize.storage.write_bytes_atomic`, as the bulk job writes a PNG
 or a Parquet part: with the project's filesystem (``allow_delayed_open``: the object is put
-when its stream closes, in one PUT up to Arrow's 10 MB part size) and with one built as
+when its stream closes, in one PUT below Arrow's 10 MiB part size) and with one built as
 before it (the baseline: every object a multipart upload, create, part and complete, three
 requests). The two take turns, round by round; each one's best round is reported. On
 loopback a request costs about a millisecond; on AWS, tens.

@@ -159,7 +159,7 @@ def s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         region=settings.region,
         allow_bucket_creation=True,
-        # An object is put when its stream closes, in one PUT up to Arrow's 10 MB part size: the
+        # An object is put when its stream closes, in one PUT below Arrow's 10 MiB part size: the
         # default opened a multipart upload for every object, two requests more for each PNG,
         # and a process killed mid-write left an incomplete upload (billed until aborted).
         allow_delayed_open=True,
