@@ -660,6 +660,10 @@ def _already_done(fs: pafs.FileSystem, root: str, formats: tuple[str, ...]) -> D
         with ThreadPoolExecutor(max_workers=16) as pool:
             for relpaths in pool.map(lambda path: _relpaths(fs, path), parts):
                 rows.update(relpaths)
+    if fs.type_name == "local":  # the driver's records too (_SUMMARY.json, failed/failed.parquet); S3 leaves no temporaries
+        for folder in (root, storage.join(root, sources.FAILED_FOLDER)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                unfinished += [e.path for e in os.scandir(folder) if e.is_file() and storage.is_unfinished(fs, e.path)]
     return Done(formats, frozenset(pngs), frozenset(rows), tuple(unfinished))
 
 

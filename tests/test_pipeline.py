@@ -168,11 +168,16 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     (out / "images" / "5.png").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     (out / "images" / f"{storage.TEMP_PREFIX}{'5f3a' * 8}").write_bytes(b"half a PNG")  # a killed run was writing it
+    (out / "failed").mkdir(exist_ok=True)
+    records = (out / f"{storage.TEMP_PREFIX}{'7b2d' * 8}", out / "failed" / f"{storage.TEMP_PREFIX}{'e04c' * 8}")
+    for record in records:
+        record.write_bytes(b"half a record")  # _SUMMARY.json or failed.parquet, where the driver was killed
     (folder / ".tmp-holiday.png").write_bytes((folder / "0.png").read_bytes())  # an input: its output is no such file
 
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
 
     assert (summary["written"], summary["skipped"], summary["inputs"]) == (3, 4, 7)
+    assert not any(record.exists() for record in records)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
     pngs = [".tmp-holiday.png", *(f"{i}.png" for i in range(6))]
     assert sorted(p.name for p in (out / "images").iterdir()) == pngs
