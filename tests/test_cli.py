@@ -409,6 +409,19 @@ def test_sigterm_while_the_command_is_still_importing_stops_it_as_ctrl_c(tmp_pat
     assert err.splitlines()[-1] in ("colorize: interrupted", "colorize run: interrupted"), err
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_after_the_command_has_finished_ends_it_with_its_status_and_no_traceback(stop: int) -> None:
+    """Ctrl-C while Ray shut down, after the summary, raised KeyboardInterrupt into the teardown:
+    'Exception ignored in ...' and a traceback below the command's last line. Here the signal
+    comes from an exit handler, as Ray's shutdown is one, of a command that found 3 inputs failed."""
+    code = ("import atexit, os, sys, time; from colorize import cli, entry; "
+            "cli.main = lambda argv: print('3 inputs failed', flush=True) or cli.EXIT_SOME_FAILED; "
+            f"atexit.register(lambda: (os.kill(os.getpid(), {int(stop)}), time.sleep(30))); "
+            "sys.exit(entry.main(['run']))")
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (cli.EXIT_SOME_FAILED, "3 inputs failed\n", "")
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: str, tmp_path: Path, stop: int) -> None:
