@@ -23,10 +23,11 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -77,9 +78,14 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CONNECT_TIMEOUT_S = 10.0
 _POLL_S = 2.0
 _SETTLE_TIMEOUT_S = 30.0  # a job whose log stream ended reaches its final status within this
+# Following a job rides out a job server that stops answering for this long: the tunnel that
+# `ray dashboard` or `kubectl port-forward` keeps open drops and is started again.
+_RECONNECT_S = 300.0
+_NETWORK_ERRORS = (requests.RequestException, ConnectionError, aiohttp.ClientError)
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _HTTP_ERROR = re.compile(r"Request failed with status code \d+: (.*)", re.DOTALL)
 _RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
+_T = TypeVar("_T")
 
 
 class ClusterError(ValueError):
@@ -421,7 +427,7 @@ def _use_token_if_given() -> None:
     Config.initialize("")  # Ray reads the mode once per process; read it again, as Ray itself does
 
 
-def _network_reason(error: requests.RequestException) -> str:
+def _network_reason(error: Exception) -> str:
     if isinstance(error, requests.Timeout):
         return f"no answer in {_CONNECT_TIMEOUT_S:.0f} s"
     match = _ERRNO_TEXT.search(str(error))
@@ -435,7 +441,7 @@ def _errors(url: str, redact: Redactor) -> Iterator[None]:
         yield
     except BrokenPipeError:  # stdout's reader left (| head): not the server, and the caller says so quietly
         raise
-    except (requests.RequestException, ConnectionError, aiohttp.ClientError) as error:
+    except _NETWORK_ERRORS as error:
         raise ClusterError(f"lost the Ray job server at {url} ({_network_reason(error)})") from error
     except AuthenticationError as error:  # HTTP 401 or 403 from a cluster with token auth, or a bad token file
         mode = os.environ.get("RAY_AUTH_MODE", "")
@@ -531,12 +537,15 @@ def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor)
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
 
+    def patiently(call: Callable[[str], _T]) -> _T:
+        return _reconnecting(lambda: call(job_id), url, job_id)
+
     def poll(why: str) -> None:
         print(f"colorize: the log stream {why}; polling every {_POLL_S:.0f} s instead", file=sys.stderr, flush=True)
-        while not client.get_job_status(job_id).is_terminal():
-            write(client.get_job_logs(job_id)[written:])
+        while not patiently(client.get_job_status).is_terminal():
+            write(patiently(client.get_job_logs)[written:])
             time.sleep(_POLL_S)
-        write(client.get_job_logs(job_id)[written:])
+        write(patiently(client.get_job_logs)[written:])
 
     with _errors(url, redact):
         client.get_job_info(job_id)  # an unknown id is an error here, not a broken stream
@@ -545,15 +554,46 @@ def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor)
         except (RuntimeError, aiohttp.ClientError) as error:
             poll(f"broke off ({error})")
         deadline = time.monotonic() + _SETTLE_TIMEOUT_S
-        while not (info := client.get_job_info(job_id)).status.is_terminal() and time.monotonic() < deadline:
+        while not (info := patiently(client.get_job_info)).status.is_terminal() and time.monotonic() < deadline:
             time.sleep(0.2)
         if not info.status.is_terminal():
             # The stream closed cleanly before the job ended (the head lost the driver node's log
             # agent): follow the rest by polling rather than report a running job as failed.
             poll("ended before the job did")
-            info = client.get_job_info(job_id)
+            info = patiently(client.get_job_info)
+        else:  # what the job printed after a stream that closed cleanly before it ended
+            write(patiently(client.get_job_logs)[written:])
         sys.stdout.write(redact.flush())
     return info
+
+
+def _reconnecting(call: Callable[[], _T], url: str, job_id: str) -> _T:
+    """``call()``, tried again every _POLL_S while the job server does not answer, for up to _RECONNECT_S.
+
+    A follower reaches the server through a tunnel (`ray dashboard`'s SSH, `kubectl
+    port-forward`) that drops now and then; one refused request ended hours of following, though
+    the job ran on. Says on stderr when the server went and when it came back."""
+    lost_since = None
+    while True:
+        try:
+            result = call()
+        except _NETWORK_ERRORS as error:
+            reason = _network_reason(error)
+            if lost_since is None:
+                lost_since = time.monotonic()
+                print(f"colorize: lost the Ray job server at {url} ({reason}); trying again every {_POLL_S:.0f} s "
+                      f"for up to {_RECONNECT_S:.0f} s (the job itself runs on)", file=sys.stderr, flush=True)
+            elif time.monotonic() - lost_since >= _RECONNECT_S:
+                raise ClusterError(
+                    f"lost the Ray job server at {url} ({reason}) for {_RECONNECT_S:.0f} s; {job_id} may still be "
+                    f"running: colorize jobs logs {job_id} --follow --address {url}"
+                ) from error
+            time.sleep(_POLL_S)
+            continue
+        if lost_since is not None:
+            print(f"colorize: reached the job server again after {time.monotonic() - lost_since:.0f} s",
+                  file=sys.stderr, flush=True)
+        return result
 
 
 def _outcome(info: JobDetails) -> str:

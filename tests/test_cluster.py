@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pyarrow.parquet as pq
@@ -361,6 +363,86 @@ def test_a_running_job_can_be_stopped(cluster: Cluster, images: Path, tmp_path: 
     assert re.search(rf"^colorize jobs logs: {job_id} STOPPED", followed.err, re.MULTILINE)
     assert client.get_job_status(job_id) == JobStatus.STOPPED
     assert submit.exit_status(client.get_job_info(job_id)) == submit.EXIT_JOB_STOPPED
+
+
+class _Tunnel:
+    """A TCP forwarder to a local port that can be cut and opened again, as the SSH tunnel of
+    `ray dashboard` or a `kubectl port-forward` drops and is started again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_ports(1)[0]
+        self._target = target_port
+        self._open = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        server = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        server.settimeout(0.1)
+        self._open.set()
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and break every open one."""
+        self._open.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        with server:
+            while self._open.is_set():
+                try:
+                    near, _ = server.accept()
+                except TimeoutError:
+                    continue
+                far = socket.create_connection(("127.0.0.1", self._target))
+                with self._lock:
+                    self._sockets += [near, far]
+                for source, sink in ((near, far), (far, near)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.timeout(300)
+def test_following_a_job_rides_out_a_dropped_tunnel(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """One refused request ended the follow ("lost the Ray job server"), though the job ran on."""
+    monkeypatch.setattr(submit, "_POLL_S", 0.5)
+    client = submit.connect(cluster.url)
+    job_id = client.submit_job(
+        entrypoint="""python -c "import time; [(print(f'line {i}', flush=True), time.sleep(0.5)) for i in range(16)]" """
+    )
+    tunnel = _Tunnel(int(urlsplit(cluster.url).port))
+    tunnel.open()
+
+    def drop_while_running() -> None:
+        deadline = time.monotonic() + 120
+        while "line 2" not in client.get_job_logs(job_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        tunnel.cut()
+        time.sleep(3)  # six lines go by
+        tunnel.open()
+
+    dropper = threading.Thread(target=drop_while_running)
+    dropper.start()
+    info = submit.follow(submit.connect(f"http://127.0.0.1:{tunnel.port}"), job_id, "http://tunnel", submit.Redactor(()))
+    dropper.join()
+    tunnel.cut()
+
+    out, err = capsys.readouterr()
+    assert info.status == JobStatus.SUCCEEDED
+    assert re.findall(r"^line \d+$", out, re.MULTILINE) == [f"line {i}" for i in range(16)]  # none lost, none twice
+    assert "colorize: lost the Ray job server at http://tunnel" in err
+    assert "colorize: reached the job server again" in err
 
 
 @pytest.mark.timeout(300)
@@ -809,6 +891,31 @@ def test_a_log_stream_that_ends_before_the_job_is_followed_by_polling(monkeypatc
     assert info.status == JobStatus.SUCCEEDED and submit.exit_status(info) == 0  # not "failed" while running
     assert out == "epoch 1\nepoch 2\ndone\n"
     assert "ended before the job did" in err
+
+
+def test_a_log_stream_that_ends_just_before_the_job_loses_none_of_its_last_lines(capsys) -> None:
+    """The job ended within the wait for its status, and what it printed after the stream closed went unseen."""
+    client = _ShortStreamClient(["epoch 1\n", "epoch 1\nepoch 2\ndone\n"])
+
+    info = submit.follow(client, "job", "http://h:8265", submit.Redactor(()))
+
+    assert info.status == JobStatus.SUCCEEDED
+    assert capsys.readouterr() == ("epoch 1\nepoch 2\ndone\n", "")
+
+
+def test_following_gives_up_on_a_job_server_gone_for_good(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setattr(submit, "_POLL_S", 0.0)
+    monkeypatch.setattr(submit, "_RECONNECT_S", 0.5)
+    client = _NoStreamClient(["epoch 1\n", "epoch 1\nepoch 2\n"])
+    answered = client.get_job_status
+    # Answers the check for an unknown id, then is gone.
+    client.get_job_status = lambda job_id: (answered(job_id) if client._polls == 0 else
+                                            requests.get(f"http://127.0.0.1:{free_ports(1)[0]}", timeout=5))
+
+    with pytest.raises(submit.ClusterError, match=r"^lost the Ray job server at http://h:8265 \(connection refused\) "
+                       r"for 0 s; job may still be running: colorize jobs logs job --follow --address http://h:8265$"):
+        submit.follow(client, "job", "http://h:8265", submit.Redactor(()))
+    assert capsys.readouterr().err.count("lost the Ray job server") == 1  # said once, not at every try
 
 
 # --- the configs under cluster/ ----------------------------------------------------------------
