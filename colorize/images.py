@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from colorize import color, errors
 from colorize.options import MAX_PIXELS
@@ -43,12 +43,18 @@ def _luminance_tables() -> np.ndarray:
 _Y_TABLES = _luminance_tables()
 
 
+METADATA_BYTES = 16 * 2**20  # an image's EXIF, XMP, ICC profile and thumbnails together
+# Pillow refused a PNG with a text or ICC chunk that unpacks to over 1 MB as corrupt; Photoshop's
+# XMP history and large printer profiles pass that. This module reads every image there is.
+PngImagePlugin.MAX_TEXT_CHUNK = METADATA_BYTES
+
+
 def max_encoded_bytes(max_pixels: int) -> int:
     """The most bytes an input of at most ``max_pixels`` can take, encoded: 8 a pixel (16-bit
-    RGBA, uncompressed, the largest form any supported format stores) and 16 MiB of metadata
-    (EXIF, ICC profiles, thumbnails). Larger files and archive members are refused unread, so
-    that a 20 GB file named .jpg fails alone instead of exhausting a worker's memory."""
-    return 8 * max_pixels + 16 * 2**20
+    RGBA, uncompressed, the largest form any supported format stores) and METADATA_BYTES.
+    Larger files and archive members are refused unread, so that a 20 GB file named .jpg
+    fails alone instead of exhausting a worker's memory."""
+    return 8 * max_pixels + METADATA_BYTES
 
 
 class ImageError(ValueError):
@@ -77,7 +83,7 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only
         except UnidentifiedImageError:
-            raise ImageError("not an image (unrecognised format)") from None
+            raise ImageError(_unreadable_format(data)) from None
         except Image.DecompressionBombError:
             raise ImageError(f"over --max-pixels {max_pixels:,}: refused before decoding, as a decompression bomb") from None
         except Exception as error:  # noqa: BLE001 - format plugins raise OSError, ValueError, SyntaxError, struct.error...
@@ -96,6 +102,23 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
             raise
         except Exception as error:  # noqa: BLE001 - as above, while decoding the pixels
             raise ImageError(f"corrupt or truncated image: {errors.one_line(error, with_type=False)}") from None
+
+
+# Formats Pillow has no decoder for, by their first bytes: an ISO-BMFF ``ftyp`` brand (HEIF, as
+# phones store photos) or JPEG XL's codestream and container signatures.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_JPEG_XL = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+
+
+def _unreadable_format(data: bytes) -> str:
+    """Why Pillow found no image in ``data``: a format it cannot read, named, or none at all."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        name = "HEIF/HEIC"
+    elif data.startswith(_JPEG_XL):
+        name = "JPEG XL"
+    else:
+        return "not an image (unrecognised format)"
+    return f"a {name} image, a format this Pillow cannot decode: convert it to JPEG or PNG"
 
 
 def _check_png_checksums(data: bytes) -> None:
@@ -171,9 +194,7 @@ def _lightness_and_alpha(img: Image.Image) -> Decoded:
         img = img.convert("RGB")
     img = to_srgb(img)
     if img.mode.startswith("I"):
-        # 16-bit PNG grey (and PIL's 32-bit "I", which 16-bit PNGs used to open as); values
-        # past 16 bits are clipped to white.
-        L = _grey16_lightness()[np.clip(np.asarray(img), 0, 65535)]
+        L = _grey16_lightness()[_grey16(img)]
     elif img.mode in ("1", "L"):
         L = lightness(np.asarray(img.convert("L"), dtype=np.uint8))
     elif img.mode in ("RGB", "CMYK", "YCbCr"):
@@ -195,7 +216,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if not (img.mode in _DECODED_MODES or img.mode.startswith("I")):
         raise ImageError(f"unsupported image mode {img.mode!r}")
     if img.mode.startswith("I"):
-        grey = np.asarray(img, dtype=np.float32) / 257.0  # 65535 -> 255
+        grey = _grey16(img).astype(np.float32) / 257.0  # 65535 -> 255
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
     elif img.mode in ("La", "RGBa"):
         img = img.convert(img.mode.upper())  # premultiplied alpha; Pillow converts La to LA only
@@ -204,6 +225,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode not in _PROFILE_SPACES.values():
         img = img.convert("RGB")
     return to_srgb(img).convert("RGB")
+
+
+def _grey16(img: Image.Image) -> np.ndarray:
+    """The values of a 16-bit grey image: "I;16" and the like, and PIL's 32-bit "I", as 16-bit
+    PNGs used to open. An "I" image with values outside 0-65535 (a 32-bit TIFF) is refused:
+    clipped, its brighter half came out white without a word."""
+    values = np.asarray(img)
+    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageError(f"32-bit grey with values from {values.min()} to {values.max()}, outside the 16-bit range "
+                         "0-65535 that is read: convert it to 16 or 8 bits")
+    return values
 
 
 # The modes decode() reads, besides 16-bit grey (I, I;16...).

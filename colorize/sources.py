@@ -21,6 +21,7 @@ import re
 import stat
 import sys
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -124,19 +125,19 @@ def discover(input_uri: str, settings: storage.S3Settings, *, exclude: str | Non
     names = output_names([r for r, a in zip(relpaths, archives) if not a])
     # An archive's members go in a folder of its name; two names the same up to case would be
     # one folder on a case-blind filesystem (macOS, Windows), so each gains a hash of its path.
-    folders = Counter(r.lower() for r, a in zip(relpaths, archives) if a)
-    outputs = [(relpath if folders[relpath.lower()] == 1 else f"{relpath}-{_hash(relpath)}") if archive else next(names)
+    folders = Counter(name_key(r) for r, a in zip(relpaths, archives) if a)
+    outputs = [(relpath if folders[name_key(relpath)] == 1 else f"{relpath}-{_hash(relpath)}") if archive else next(names)
                for relpath, archive in zip(relpaths, archives)]
     # Only a manifest can name two inputs alike: /data/x.jpg and s3://data/x.jpg.
     shadowed = _shadowed(zip(uris, outputs))
     # Only S3 can hold an archive x.tar and a key x.tar/a.jpg, whose output a member may have.
-    archive_at = {output.lower(): uri for uri, output, archive in zip(uris, outputs, archives) if archive}
+    archive_at = {name_key(output): uri for uri, output, archive in zip(uris, outputs, archives) if archive}
     items = []
     for uri, output, archive, error in zip(uris, outputs, archives, reasons):
         if uri in shadowed and not error:
             error = (f"its output name {output!r} is that of {shadowed[uri]}, listed before it, "
                      "whose output it would overwrite")
-        inside = next((archive_at[f] for f in _folders([output.lower()]) if f in archive_at), None) if archive_at else None
+        inside = next((archive_at[f] for f in _folders([name_key(output)]) if f in archive_at), None) if archive_at else None
         if inside is not None and not archive and not error:
             error = f"its output {output!r} lies in that of archive {inside}, whose members are written there"
         items.append(Item("archive" if archive else "file", uri, output, error))
@@ -263,10 +264,10 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
     """Output names for input relpaths: the extension replaced by ``.png``.
 
     Names must stay apart on every filesystem an output may land on, so where two would be
-    the same up to case (``a.jpg`` and ``a.webp``; ``b.png`` and ``b.png.jpg``; ``C.jpg`` and
-    ``c.gif``), or one would be a folder another needs (``p.jpg`` beside ``p.png/q.jpg``), the
-    inputs concerned keep their whole names plus ``.png``; where even those clash (``C.jpg``
-    and ``c.jpg``), they gain a hash of the relpath. A name or folder of over 255 bytes, which
+    the same up to case and accents' encoding (:func:`name_key`: ``a.jpg`` and ``a.webp``;
+    ``b.png`` and ``b.png.jpg``; ``C.jpg`` and ``c.gif``), or one would be a folder another
+    needs (``p.jpg`` beside ``p.png/q.jpg``), the inputs concerned keep their whole names plus
+    ``.png``; where even those clash (``C.jpg`` and ``c.jpg``), they gain a hash of the relpath. A name or folder of over 255 bytes, which
     no local filesystem takes, is cut short and gains a hash too (:func:`_fit_name`). The same relpaths always get
     the same names, so a resumed run finds its outputs.
     """
@@ -274,7 +275,7 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
     level = [0] * len(distinct)  # 0: stem; 1: whole name; 2: whole name and hash
     while True:
         names = [_output_name(r, lv) for r, lv in zip(distinct, level)]
-        keys = [name.lower() for name in names]  # as case-blind filesystems compare names
+        keys = [name_key(name) for name in names]
         counts = Counter(keys)
         whole = Counter(key for key, lv in zip(keys, level) if lv)  # whole names clash only among themselves
         folders = _folders(keys)
@@ -285,6 +286,13 @@ def output_names(relpaths: list[str]) -> Iterator[str]:
             return (fitted[relpath] for relpath in relpaths)
         for i in clashing:
             level[i] += 1
+
+
+def name_key(name: str) -> str:
+    """``name`` as the filesystems that outputs may land on compare names: case-blind (macOS,
+    Windows), and on macOS with an accent composed or not (``é`` or ``e`` + U+0301, as Linux
+    and Mac tools spell it) the same."""
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def _output_name(relpath: str, level: int) -> str:
@@ -577,8 +585,15 @@ def _open_zip(raw: object, path: str) -> zipfile.ZipFile:
 
 
 def _is_image_member(name: str) -> bool:
-    return not name.endswith("/") and name.lower().endswith(IMAGE_SUFFIXES)
+    return not name.endswith("/") and name.lower().endswith(IMAGE_SUFFIXES) and not _is_macos_metadata(name)
 
 
 def _is_nested_archive(name: str) -> bool:
-    return not name.endswith("/") and is_archive(name)
+    return not name.endswith("/") and is_archive(name) and not _is_macos_metadata(name)
+
+
+def _is_macos_metadata(name: str) -> bool:
+    """The metadata that macOS packs beside each file (``__MACOSX/._a.jpg`` in a Finder zip,
+    ``._a.jpg`` in a tar made with its tar): named as the file, never an image."""
+    parts = name.split("/")
+    return parts[-1].startswith("._") or "__MACOSX" in parts

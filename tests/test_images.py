@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 from colorize import color, colorizer, data, images, imagesets, metrics, plots
 from colorize.models import ModelConfig, build_model
@@ -165,6 +165,55 @@ def test_a_16_bit_grey_png_reads_as_its_own_grey_for_training_evaluation_and_the
     assert train["ok"].all() and np.abs(train["L"][0, 0] - expected_L).max() < 0.5  # 8 bits, not 16
     assert np.array_equal(train["rgb"][0], probe) and np.abs(probe[..., 0] - grey16 / 257.0).max() <= 0.5
     assert (probe[..., 0] == probe[..., 1]).all() and (probe[..., 1] == probe[..., 2]).all()
+
+
+def test_a_png_with_megabytes_of_metadata_is_coloured_not_called_corrupt() -> None:
+    """Pillow refuses a text or ICC chunk that unpacks to over 1 MB: Photoshop's XMP history,
+    a large printer profile. The bulk job listed such PNGs as "corrupt or truncated"."""
+    pixels = scene(np.random.default_rng(3), 48)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", "<rdf:li>history step</rdf:li>" * 100_000, zip=True)  # 3 MB
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
+    payload = buffer.getvalue()
+    assert len(payload) < 100_000  # compressed: the metadata is not what makes the file large
+
+    decoded = images.decode(payload, max_pixels=10**6)
+    train = data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=8, augment=False, with_rgb=True)
+
+    assert np.abs(decoded.L - images.lightness(pixels)).max() < 0.01
+    assert train["ok"].all()
+
+
+def test_a_32_bit_grey_image_past_16_bits_is_refused_not_clipped_to_white() -> None:
+    """A 32-bit TIFF ramp to 131070 read its brighter half as white, for the bulk job and training alike."""
+    ramp = np.linspace(0, 131_070, 64).astype(np.int32).reshape(8, 8)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, mode="I").save(buffer, format="TIFF")
+    payload = buffer.getvalue()
+
+    with pytest.raises(images.ImageError, match=r"^32-bit grey with values from 0 to 131070, outside the 16-bit range"):
+        images.decode(payload, max_pixels=10**6)
+    train = data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=8, augment=False)
+    assert not train["ok"].any()
+    # The same in 16 bits is read as its grey.
+    buffer = io.BytesIO()
+    Image.fromarray(ramp // 2, mode="I").save(buffer, format="TIFF")
+    assert images.decode(buffer.getvalue(), max_pixels=10**6).L.max() > 99.9
+
+
+@pytest.mark.parametrize(("head", "name"), [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIF/HEIC"),  # an iPhone photo's first box
+    (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00mif1heic", "HEIF/HEIC"),
+    (b"\xff\x0a\xfa\x1f", "JPEG XL"),  # a bare codestream
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n\x00\x00\x00\x14ftypjxl ", "JPEG XL"),  # the container
+])
+def test_an_image_format_pillow_cannot_read_is_named(head: bytes, name: str) -> None:
+    """Phone archives hold HEIC photos, listed as "not an image", as if damaged."""
+    with pytest.raises(images.ImageError, match=rf"^a {name} image, a format this Pillow cannot decode: convert it"):
+        images.decode(head + bytes(200), max_pixels=10**6)
+    with pytest.raises(images.ImageError, match=r"^not an image \(unrecognised format\)$"):
+        images.decode(b"\x00\x00\x00\x18ftypisom" + bytes(200), max_pixels=10**6)  # an MP4 video
 
 
 def _png_declaring(width: int, height: int) -> bytes:

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -70,6 +71,24 @@ def test_output_names_stay_apart_on_case_blind_filesystems_and_never_need_a_file
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env={**os.environ, "PYTHONHASHSEED": seed}, cwd=Path(__file__).parents[1])
         assert other.stdout.strip() == repr(names)
+
+
+def test_names_spelled_with_composed_and_decomposed_accents_get_outputs_apart() -> None:
+    """café.jpg from Linux (é) and from a Mac (e + U+0301) both wrote café.png: one file on macOS."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    relpaths = [f"{nfc}.jpg", f"{nfd}.jpg", f"{nfd}.tar/{nfc}.png"]
+    names = list(sources.output_names(relpaths))
+    keys = {unicodedata.normalize("NFC", n).lower() for n in names}
+    assert len(keys) == 3 and not keys & sources._folders(keys)
+    for name, relpath in zip(names[:2], relpaths[:2]):  # the same up to accents and case: hashed
+        assert re.fullmatch(re.escape(relpath) + r"-[0-9a-f]{8}\.png", name), name
+
+
+def test_archives_named_alike_up_to_accents_write_to_folders_apart(tmp_path: Path) -> None:
+    for form in ("NFC", "NFD"):
+        (tmp_path / unicodedata.normalize(form, "café.tar")).write_bytes(_tar_of([("p.png", _good_png(0))]))
+    outputs = [item.relpath for item in sources.discover(str(tmp_path), storage.S3Settings())]
+    assert len(outputs) == 2 and len({unicodedata.normalize("NFC", o).lower() for o in outputs}) == 2, outputs
 
 
 def test_an_output_name_over_255_bytes_is_cut_short_and_kept_distinct() -> None:
@@ -595,6 +614,23 @@ def test_archive_members_count_by_image_extension_in_any_case(tmp_path: Path) ->
             tar.addfile(info, io.BytesIO(payload))
 
     assert [m.name for m in sources.archive_members(LOCAL, str(path), "shard.tar")] == ["a.jpg", "b.JFIF", "c.jpe", "d.avif"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_the_metadata_macos_packs_beside_each_file_is_not_an_input(tmp_path: Path, kind: str) -> None:
+    """A Finder zip holds __MACOSX/._a.jpg for each a.jpg, and macOS's tar ._a.jpg: every one
+    was listed as failed ("not an image"), and the run ended with exit status 3."""
+    names = ["a.jpg", "__MACOSX/._a.jpg", "sub/b.png", "__MACOSX/sub/._b.png", "./._c.png", "sub/._d.tar"]
+    path = tmp_path / f"photos.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            for name in names:
+                archive.writestr(name, _good_png(0))
+    else:
+        path.write_bytes(_tar_of([(name, _good_png(0)) for name in names]))
+
+    members = list(sources.archive_members(LOCAL, str(path), path.name))
+    assert [(m.name, m.error) for m in members] == [("a.jpg", ""), ("sub/b.png", "")]
 
 
 def test_links_inside_a_tar_fail_alone_and_dot_slash_names_are_kept(tmp_path: Path) -> None:
