@@ -68,15 +68,20 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (the benchmarks' counts use it too)."""
+def positive_int(text: str, least: int = 1) -> int:
+    """An argparse type: a whole number of at least ``least`` (the benchmarks' counts use it too)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a whole number of at least 0, as numpy's seeds are."""
+    return positive_int(text, least=0)
 
 
 def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
@@ -151,6 +156,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="use only N training images (smoke tests; a seeded subset of a folder, the first N of Parquet or CIFAR-10)")
     p.add_argument("--val-limit", type=positive_int, default=1000, help="validation images per epoch (default: 1000)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from; -1 retries forever (default: 2)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the model's initial weights and each worker's shuffle; crops and flips are drawn afresh "
+                   "each run (default: 0)")
     p.add_argument("--s3-endpoint", help=S3_ENDPOINT_HELP)
     p.set_defaults(handler=_train, build_config=_train_config)
 

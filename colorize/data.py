@@ -129,7 +129,7 @@ def locate(uri: str, *, settings: storage.S3Settings | None = None, limit: int |
         archive = " (training does not read archives: extract it, or pack it as Parquet shards)" if any(
             p.lower().endswith(ARCHIVE_SUFFIXES) for p in found) else ""
         raise DataError(f"{uri}: no image files found ({', '.join(IMAGE_SUFFIXES)}){archive}")
-    # Class folders list class by class: shuffle once (seeded, so runs are repeatable) so that
+    # Class folders list class by class: shuffle once (seeded, so every run reads the same order) so that
     # every block, and any --limit subset, mixes the classes.
     random.Random(0).shuffle(files)
     return Source(uri, "files", fs, path, tuple(files[:limit] if limit else files), listed=tuple(files),

@@ -132,6 +132,8 @@ def probe(config: ProbeConfig) -> dict[str, Any]:
         "classes": len(train.classes),
         "chance": float(np.bincount(test.labels).max() / len(test_y)),
         "test_images_in_train": _shared_images(train.rgb, test.rgb),
+        "seed": config.seed,  # of the subsets, the random encoder and the probe: the report's numbers depend on it
+        "epochs": config.epochs,
     }
     if report["test_images_in_train"]:
         print(f"warning: {report['test_images_in_train']} of the {len(test_y)} test/ images are also in train/ "

@@ -118,6 +118,7 @@ class TrainConfig:
     limit: int | None = None
     val_limit: int = 1000
     max_failures: int = 2
+    seed: int = 0
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -284,6 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     class_weights = loop_config.get("class_weights")
     class_weights = torch.tensor(class_weights, device=device) if class_weights else None
 
+    torch.manual_seed(config.seed)  # the same initial weights on every worker and in every run of this seed
     model = build_model(config.model_config(loop_config.get("classes", 0)))
     discriminator = PatchDiscriminator() if config.gan_weight else None
     states, start_epoch, history, resumed_at = {}, 0, [], []
@@ -328,7 +330,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         set_lr(cosine_lr(config.lr, epoch, config.epochs), optimizer, adversary)
         row = {"epoch": epoch + 1, "precision": precision,
-               **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world, precision)}
+               **_train_epoch(model, shard, optimizer, adversary, config, class_weights, device, world, precision,
+                              shuffle_seed=_shuffle_seed(config.seed, epoch, rank))}
         examples: list[tuple[str, np.ndarray]] = []
         if rank == 0 and config.val:
             # The bare module: a DDP forward would wait for collectives the other ranks never join.
@@ -348,6 +351,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
         if not row["images"]:
             break  # nothing readable: the driver says so, rather than training epochs of nothing
+
+
+def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """A worker's shuffle seed for one epoch: another order each epoch and on each worker."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _ingest_options(*, preserve_order: bool) -> ray.data.ExecutionOptions:
@@ -386,8 +394,10 @@ def _train_epoch(
     device: torch.device,
     world: int,
     precision: str,
+    shuffle_seed: int,
 ) -> dict[str, Any]:
-    """One pass over this worker's shard; the epoch's figures, summed over all workers.
+    """One pass over this worker's shard, shuffled within a window of batches as ``shuffle_seed``
+    says; the epoch's figures, summed over all workers.
 
     BatchNorm's running statistics are then re-estimated from this worker's last
     :data:`PRECISE_BN_BATCHES` batches (:func:`~colorize.objectives.recalibrate_batchnorm`), so
@@ -399,7 +409,8 @@ def _train_epoch(
     totals = torch.zeros(4, dtype=torch.float64)  # loss * n, images, skipped (unreadable), dropped
     lockstep = dist.is_available() and dist.is_initialized() and world > 1
     for batch in shard.iter_torch_batches(
-        batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch
+        batch_size=per_worker_batch, device=device, local_shuffle_buffer_size=4 * per_worker_batch,
+        local_shuffle_seed=shuffle_seed,
     ):
         keep = batch["ok"].bool()
         readable = int(keep.sum())

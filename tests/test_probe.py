@@ -57,6 +57,7 @@ def test_the_probe_reports_both_encoders_and_separates_easy_classes(labelled: Pa
     assert report["train_images"] == 64 and report["test_images"] == 96 and report["classes"] == 2
     assert report["features"] == 4 + 8 + 16
     assert report["chance"] == 0.5 and report["test_images_in_train"] == 0
+    assert report["seed"] == 0 and report["epochs"] == 20  # what the numbers depend on, beside the data and weights
     assert report["accuracy_colourisation"] > 0.9 and report["accuracy_random_init"] > 0.9
     for name in ("accuracy_colourisation", "accuracy_random_init"):  # exact fractions, not float32's 0.8799999952316284
         assert report[name] == round(report[name] * 96) / 96

@@ -108,6 +108,26 @@ def test_a_second_call_with_the_same_out_resumes(trained: tuple[Path, dict], ima
     assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 5
 
 
+def test_the_seed_fixes_the_initial_weights_and_each_epochs_shuffle(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+    """Nothing was seeded: two runs of the same settings started from other weights."""
+    config = TrainConfig(data=str(images), out=str(tmp_path / "run"), epochs=1, seed=7, **{**TINY, "lr": 1e-9})
+    train(config)
+
+    trained = colorizer.load_weights(str(tmp_path / "run" / "model.pt"))[0].state_dict()
+
+    def initial(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return build_model(config.model_config(0)).state_dict()
+
+    # At a learning rate too small to move a weight, the model is the one it started from: seed 7's.
+    weights = [name for name in trained if name.endswith("weight")]
+    assert all(torch.allclose(trained[name], initial(7)[name], atol=1e-5) for name in weights)
+    assert not all(torch.allclose(trained[name], initial(0)[name], atol=1e-5) for name in weights)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 7
+    seeds = {train_module._shuffle_seed(seed, epoch, rank) for seed in (0, 7) for epoch in range(3) for rank in range(2)}
+    assert len(seeds) == 12 and train_module._shuffle_seed(7, 1, 0) == train_module._shuffle_seed(7, 1, 0)
+
+
 def _registered(out: Path) -> list[str]:
     snapshot = json.loads((out / "train" / train_module.CHECKPOINT_SNAPSHOT).read_text())
     return [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]]
