@@ -346,6 +346,8 @@ def test_quick_start_on_the_samples_with_the_bundled_model(ray_cluster: str, tmp
     samples = [p for p in (REPO / "samples").rglob("*") if p.is_file()]
     assert summary["inputs"] == summary["written"] == len(samples)
     assert "written" in result.stderr.splitlines()[-1]
+    # Ray Data's plans and its "Progress bars disabled" warning: noise beside the run's own lines.
+    assert "Execution plan" not in result.stderr and "Progress bars" not in result.stderr, result.stderr
 
 
 @pytest.mark.timeout(600)

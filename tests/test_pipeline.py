@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from colorize import color, colorizer, pipeline, storage
+from colorize import cli, color, colorizer, pipeline, storage
 from colorize.models import ModelConfig, build_model
 from colorize.pipeline import BulkConfig, run
 from tests.helpers import another_run_starts_after, encode, output_held_elsewhere, ray_processes, scene
@@ -160,7 +160,8 @@ def test_broken_inputs_are_listed_and_the_good_ones_written(ray_cluster: str, we
     assert set(shown) <= {f"  failed: {folder / name}: {error}" for name, error in failed.items()}
 
 
-def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path, capsys) -> None:
+def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: str, tmp_path: Path, capfd,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     folder = scene_pngs(tmp_path / "in", 6, 24)
     out = tmp_path / "out"
     run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
@@ -173,10 +174,15 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     for record in records:
         record.write_bytes(b"half a record")  # _SUMMARY.json or failed.parquet, where the driver was killed
     (folder / ".tmp-holiday.png").write_bytes((folder / "0.png").read_bytes())  # an input: its output is no such file
+    capfd.readouterr()
+    monkeypatch.setattr(pipeline, "PROGRESS_S", 0.0)  # a progress line after every block
 
     summary = run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))
 
     assert (summary["written"], summary["skipped"], summary["inputs"]) == (3, 4, 7)
+    said = capfd.readouterr().err
+    assert re.search(r"^3/3 files \(3 written, 0 failed\) in \d+ s, [\d.]+ images/s$", said, re.MULTILINE), said
+    monkeypatch.setattr(pipeline, "PROGRESS_S", 10.0)
     assert not any(record.exists() for record in records)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in before} == before
     pngs = [".tmp-holiday.png", *(f"{i}.png" for i in range(6))]
@@ -187,7 +193,7 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     (folder / "4.png").rename(folder / "renamed.png")  # its old PNG stays, and is said to
     assert run(BulkConfig(input=str(folder), output=str(out), weights=weights, formats=("png",)))["written"] == 1
     assert "1 PNG(s) under images/ come from no input found now (renamed or removed since), such as 4.png" \
-        in capsys.readouterr().err
+        in capfd.readouterr().err
     (folder / "renamed.png").rename(folder / "4.png")
     (out / "images" / "renamed.png").unlink()
 
@@ -199,6 +205,36 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
     assert sorted(p.name for p in (out / "images").iterdir()) == pngs
     for p in (out / "images").iterdir():  # the same pixels, stored without compression
         assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
+
+
+def test_ctrl_c_while_colouring_says_that_the_same_command_goes_on(ray_cluster: str, weights: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Training said how to resume; a run said only "interrupted"."""
+    folder = scene_pngs(tmp_path / "in", 3, 24)
+
+    def ctrl_c(*args) -> str:  # noqa: ANN002 - at the first progress line, with a block written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(pipeline, "_progress", ctrl_c)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status = cli.main(["run", "--input", str(folder), "--output", str(tmp_path / "out"), "--weights", weights])
+    finally:
+        signal.signal(signal.SIGTERM, before)  # cli.main's handler, for this process's later tests
+
+    assert status == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "colorize run: interrupted; what is written is kept, and the same command goes on with the rest"
+
+
+def test_progress_lines_say_how_many_how_fast_and_how_long_is_left() -> None:
+    counts = {"written": 1180, "failed": 20, "skipped": 0}
+    assert pipeline._progress(counts, 5000, 60.0) == "1,200/5,000 files (1,180 written, 20 failed) in 60 s, 20.0 images/s, about 3 min left"
+    assert pipeline._progress(counts, 1500, 60.0).endswith(", about 15 s left")
+    # Archives' members are counted as they are read: no total, and no time left to tell.
+    assert pipeline._progress({**counts, "skipped": 300}, None, 60.0) == \
+        "1,500 images (1,180 written, 20 failed, 300 done before) in 60 s, 25.0 images/s"
 
 
 def test_a_relative_input_resumed_from_another_working_folder_is_not_redone(
