@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import posixpath
 import shutil
@@ -887,10 +886,7 @@ def _colourise(todo: list[sources.Item], done: Done, config: BulkConfig, setting
     write = {"output": config.output, "settings": settings, "formats": config.formats,
              "png_level": config.png_level, "weights_id": weights_id, "overwrite": config.overwrite}
     ds = _plan(task_rows(todo, done), config, colorizer.weights_bytes(model), read, write)
-    # In place of Ray Data's progress bars (see _plan), lines of _progress, and no plans.
-    for name, level in (("ray.data._internal.progress", logging.ERROR),  # "Progress bars disabled. To enable, ..."
-                        ("ray.data._internal.execution.streaming_executor", logging.WARNING)):  # plans, "finished in"
-        logging.getLogger(name).setLevel(level)
+    raycluster.quiet_ray_data()  # lines of _progress, in place of Ray Data's bars (see _plan) and plans
     files = None if any(item.kind == "archive" for item in todo) else len(todo)  # members are counted as they come
     started = last = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

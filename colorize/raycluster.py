@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,14 @@ ANSWER_SECONDS = 5.0  # for a TCP connection to the address's head node, and its
 # server that takes connections (an HTTP port) retried for ever, like one where none does.
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 HTTP2_SETTINGS = 4  # the frame type, in the 4th byte of a frame header
+
+
+def quiet_ray_data() -> None:
+    """In this process, no Ray Data notices of each dataset's plan and end, nor that its
+    progress bars are off: a run's own lines say how far it is (a training run printed five
+    such lines an epoch beside its one). Its warnings and errors still show."""
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled. To enable, ..."
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
 class NoCluster(ValueError):

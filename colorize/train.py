@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import re
 import sys
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -33,9 +35,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import (
-    Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, WorkerGroupError,
+    Checkpoint, CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError,
+    WorkerGroupError,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution import context as train_execution_context
 from torch import nn
 
 from colorize import color, colorizer, data, errors, evaluate, metrics, plots, quantize, raycluster, storage
@@ -276,6 +280,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     and with ``--init`` the ``init`` weights (bytes) that a run with no checkpoint starts from.
     """
     config = TrainConfig.from_dict(loop_config["config"])
+    raycluster.quiet_ray_data()  # the validation set's, which runs here
+    # Each report's checkpoint and metrics in full, at INFO through a logger named by its file
+    # (which Ray Train's own level, set in _trainer, does not reach).
+    logging.getLogger(train_execution_context.__file__).setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # As many torch threads as CPUs reserved: more would fight Ray Data's decode tasks for the
@@ -360,7 +368,9 @@ def _shuffle_seed(seed: int, epoch: int, rank: int) -> int:
 
 def _ingest_options(*, preserve_order: bool) -> ray.data.ExecutionOptions:
     """Ray Train's default options for feeding a dataset to the workers, kept in order if asked."""
-    options = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray Train's own use of an option Ray Data deprecated, told to every user
+        warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
+        options = DataConfig.default_ingest_options()
     options.preserve_order = options.preserve_order or preserve_order
     return options
 
@@ -901,6 +911,9 @@ def _trainer(config: TrainConfig, loop_config: dict[str, Any], datasets: dict[st
             storage_filesystem=out_fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (resources requested, each checkpoint, each report's
+            # metrics in full) outnumbered the epoch lines 6 to 1; its warnings and errors stay.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

@@ -449,3 +449,5 @@ def test_ctrl_c_during_training_says_how_to_resume_and_exits_130(ray_cluster: st
 
     assert proc.returncode == 130, stderr[-3000:]
     assert f"colorize train: interrupted; the same command resumes from the last checkpoint in {out}" in stderr
+    # Ray's noise about a checkpoint reported, and its warning of an option Ray Train itself passes.
+    assert "Reporting training result" not in stderr and "exclude_resources" not in stderr, stderr[-3000:]
