@@ -619,9 +619,14 @@ def _s3_client(settings: S3Settings) -> Any:
     )
 
 
+# Names a new output folder is refused under: an image's, a model's, a report's.
+_FILE_NAMES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".pt", ".json", ".parquet")
+
+
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> None:
     """Fail fast with a StorageError if output folder or prefix ``path`` cannot be reached, is
-    forbidden, is a file, lies in a bucket that does not exist, or (locally) in a folder that
+    forbidden, is a file or would be a new folder named as one (``cat.png``), lies in a bucket
+    that does not exist, or (locally) in a folder that
     cannot be written to (the first write would fail, after the work had started); ``path``
     itself need not exist yet. On S3 it writes an empty object there and deletes it, through
     boto3 with ``settings`` (Arrow's delete left a new prefix an empty folder marker, ``out/``,
@@ -630,6 +635,11 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: 
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
+        if kind == pafs.FileType.NotFound and path.lower().endswith(_FILE_NAMES):
+            # `--output cat_colour.png` made a folder of that name, its one image in images/ inside.
+            raise StorageError(f"{uri}: a file's name; {flag} takes a folder or an s3:// prefix, which the command "
+                               "fills with its outputs (name one, such as "
+                               f"{posixpath.splitext(posixpath.basename(path))[0] or 'out'})")
         if kind == pafs.FileType.NotFound and _bucket_missing(fs, path):
             raise StorageError(f"{uri}: {_no_such_bucket(fs)}")
         if fs.type_name == "local":

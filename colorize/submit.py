@@ -203,6 +203,14 @@ def runtime_env(config: SubmitConfig, environ: Mapping[str, str] = os.environ) -
     return result
 
 
+def keys_left_here(job: Sequence[str], env_vars: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``job`` reads or writes S3 while this shell holds AWS keys that the job is not sent.
+    A job that worked here then failed on the cluster with "access denied (check AWS_ACCESS_KEY_ID ...)",
+    which pointed at keys that were set, only not on the cluster."""
+    uses_s3 = any(arg.startswith("s3://") or "=s3://" in arg for arg in job)
+    return uses_s3 and bool(environ.get("AWS_ACCESS_KEY_ID")) and "AWS_ACCESS_KEY_ID" not in env_vars
+
+
 def _relative_inputs(job: Sequence[str]) -> list[tuple[str, str]]:
     """(flag, path) for each input of ``job`` given as a relative local path (``--init bundled`` is none)."""
     from colorize import cli  # see check_job
@@ -477,6 +485,9 @@ def submit(config: SubmitConfig) -> int:
     where = f"with {env['working_dir']}" if "working_dir" in env else "with the colorize installed there"
     _status(redact(f"submitting {job_id} to {url} {where}: {command}"))
     _status(redact(f"environment: {describe_env(env['env_vars'])}"))
+    if keys_left_here(config.job, env["env_vars"]):
+        _status("note: this shell's AWS keys stay here; the job reads s3:// with the cluster's own credentials "
+                "(an instance profile), or with this shell's if you add --aws-credentials")
     # Ray's default excludes are part of WORKING_DIR_EXCLUDES; clearing them here only stops
     # Ray warning that each is excluded now.
     with _environ(RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES=""), _errors(url, redact):

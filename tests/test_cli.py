@@ -306,6 +306,12 @@ def test_an_output_that_is_a_file_is_refused_before_the_work(tmp_path: Path) -> 
         assert_one_error_line(result, "is a file; --out takes a folder")
     result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "afile"))
     assert_one_error_line(result, "is a file; --output takes a folder")
+    # Not there yet, but named as a file: a folder of that name held the image in images/.
+    result = colorize("run", "--input", str(REPO / "samples"), "--output", str(tmp_path / "colour.png"))
+    assert_one_error_line(result, "colour.png: a file's name; --output takes a folder", "(name one, such as colour)")
+    assert not (tmp_path / "colour.png").exists()
+    result = colorize("evaluate", "--data", str(REPO / "samples"), "--out", str(tmp_path / "report.json"))
+    assert_one_error_line(result, "report.json: a file's name; --out takes a folder")
 
 
 def test_submit_checks_the_job_s_settings_too() -> None:

@@ -756,6 +756,17 @@ def test_a_relative_input_must_name_something_uploaded(tmp_path: Path, job: tupl
             submit.runtime_env(config, {})
 
 
+def test_a_job_on_s3_is_told_when_this_shells_aws_keys_stay_behind() -> None:
+    """The job failed on the cluster with "access denied (check AWS_ACCESS_KEY_ID ...)", keys that were set here."""
+    job = ("run", "--input", "s3://photos/in", "--output", "s3://photos/out")
+    keys = {"AWS_ACCESS_KEY_ID": "AKIA1234", "AWS_SECRET_ACCESS_KEY": "secret"}
+    assert submit.keys_left_here(job, {}, keys)
+    assert submit.keys_left_here(("train", "--data=s3://b/d", "--out", "/tmp/o"), {}, keys)
+    assert not submit.keys_left_here(job, {"AWS_ACCESS_KEY_ID": "AKIA1234"}, keys)  # --aws-credentials or --env sent them
+    assert not submit.keys_left_here(job, {}, {})  # no keys here: the cluster's, as meant
+    assert not submit.keys_left_here(("run", "--input", "/data/in", "--output", "/data/out"), {}, keys)
+
+
 def test_secrets_are_redacted_in_messages_and_in_logs_that_arrive_in_pieces() -> None:
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DB_PASSWORD": "hunter22", "AWS_REGION": "eu-west-1"}
     assert submit.describe_env(env) == "AWS_SECRET_ACCESS_KEY=*** DB_PASSWORD=*** AWS_REGION=eu-west-1"
