@@ -80,8 +80,11 @@ def positive_int(text: str, least: int = 1) -> int:
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a whole number of at least 0, as numpy's seeds are."""
-    return positive_int(text, least=0)
+    """An argparse type: a whole number from 0 to 2**32 - 1, as numpy's legacy and torch's CUDA seeds are."""
+    value = positive_int(text, least=0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be below 2**32 = {2**32}, got {value}")
+    return value
 
 
 def _number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:

@@ -229,13 +229,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _grey16(img: Image.Image) -> np.ndarray:
     """The values of a 16-bit grey image: "I;16" and the like, and PIL's 32-bit "I", as 16-bit
-    PNGs used to open. An "I" image with values outside 0-65535 (a 32-bit TIFF) is refused:
-    clipped, its brighter half came out white without a word."""
+    PNGs used to open and signed 16-bit TIFFs open (their values below 0 read as black). An "I"
+    image with values past 65535 (a 32-bit TIFF) is refused: clipped, its brighter half came
+    out white without a word."""
     values = np.asarray(img)
-    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-        raise ImageError(f"32-bit grey with values from {values.min()} to {values.max()}, outside the 16-bit range "
-                         "0-65535 that is read: convert it to 16 or 8 bits")
-    return values
+    if img.mode == "I" and values.size and values.max() > 65535:
+        raise ImageError(f"32-bit grey with values up to {values.max()}, past the 16-bit range 0-65535 that is read: "
+                         "convert it to 16 or 8 bits")
+    return np.clip(values, 0, None) if img.mode == "I" else values
 
 
 # The modes decode() reads, besides 16-bit grey (I, I;16...).

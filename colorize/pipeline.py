@@ -816,7 +816,8 @@ def _run(config: BulkConfig, settings: storage.S3Settings, out_fs: pafs.FileSyst
     try:
         counts, failures, written = _colourise(todo, done, config, settings, model, weights_id)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt("what is written is kept, and the same command goes on with the rest") from None
+        goes_on = "starts over" if config.overwrite else "goes on with the rest"
+        raise KeyboardInterrupt(f"what is written is kept, and the same command {goes_on}") from None
 
     failed_path = storage.join(out_root, sources.FAILED_FOLDER, "failed.parquet")
     listed = failures + _earlier_failures(out_fs, failed_path, found[len(items):])

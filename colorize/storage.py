@@ -620,7 +620,7 @@ def _s3_client(settings: S3Settings) -> Any:
 
 
 # Names a new output folder is refused under: an image's, a model's, a report's.
-_FILE_NAMES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".pt", ".json", ".parquet")
+_FILE_NAMES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".gif", ".bmp", ".pt", ".json")
 
 
 def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: S3Settings | None = None) -> None:
@@ -635,7 +635,7 @@ def check_output(fs: pafs.FileSystem, path: str, uri: str, flag: str, settings: 
         kind = fs.get_file_info(path).type
         if kind == pafs.FileType.File:
             raise StorageError(f"{uri}: is a file; {flag} takes a folder or an s3:// prefix")
-        if kind == pafs.FileType.NotFound and path.lower().endswith(_FILE_NAMES):
+        if kind == pafs.FileType.NotFound and path.lower().endswith(_FILE_NAMES) and not uri.endswith("/"):
             # `--output cat_colour.png` made a folder of that name, its one image in images/ inside.
             raise StorageError(f"{uri}: a file's name; {flag} takes a folder or an s3:// prefix, which the command "
                                "fills with its outputs (name one, such as "

@@ -82,6 +82,8 @@ _SETTLE_TIMEOUT_S = 30.0  # a job whose log stream ended reaches its final statu
 # `ray dashboard` or `kubectl port-forward` keeps open drops and is started again.
 _RECONNECT_S = 300.0
 _NETWORK_ERRORS = (requests.RequestException, ConnectionError, aiohttp.ClientError)
+# What a proxy or ingress in front of a head that restarts answers in its place.
+_PROXY_BETWEEN = re.compile(r"Request failed with status code (502|503|504)\b")
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _HTTP_ERROR = re.compile(r"Request failed with status code \d+: (.*)", re.DOTALL)
 _RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
@@ -572,8 +574,9 @@ def follow(client: JobSubmissionClient, job_id: str, url: str, redact: Redactor)
             # agent): follow the rest by polling rather than report a running job as failed.
             poll("ended before the job did")
             info = patiently(client.get_job_info)
-        else:  # what the job printed after a stream that closed cleanly before it ended
-            write(patiently(client.get_job_logs)[written:])
+        else:  # what the job printed after a stream that closed cleanly before it ended, if the server still answers
+            with contextlib.suppress(*_NETWORK_ERRORS):
+                write(client.get_job_logs(job_id)[written:])
         sys.stdout.write(redact.flush())
     return info
 
@@ -588,8 +591,11 @@ def _reconnecting(call: Callable[[], _T], url: str, job_id: str) -> _T:
     while True:
         try:
             result = call()
-        except _NETWORK_ERRORS as error:
-            reason = _network_reason(error)
+        except (*_NETWORK_ERRORS, RuntimeError) as error:  # the SDK's RuntimeError: an HTTP error answer
+            proxy = _PROXY_BETWEEN.match(str(error)) if isinstance(error, RuntimeError) else None
+            if isinstance(error, RuntimeError) and proxy is None:
+                raise  # the job server's own answer: an unknown job, say
+            reason = f"HTTP {proxy.group(1)} from a proxy in front of it" if proxy else _network_reason(error)
             if lost_since is None:
                 lost_since = time.monotonic()
                 print(f"colorize: lost the Ray job server at {url} ({reason}); trying again every {_POLL_S:.0f} s "

@@ -60,7 +60,7 @@ EXPORTED = ("model.pt", "curve.png", "grid.png", "state.json")  # what OUT/ gets
 ARCHITECTURE = ("model", "width", "depth", "image_size", "head", "attention", "semantic")
 # What else shapes the training, which a resume may change, saying so.
 LEARNING = ("data", "val", "limit", "batch_size", "lr", "loss", "rebalance", "gan_weight", "cf_weight", "psnr_weight",
-            "num_workers", "precision")
+            "num_workers", "precision", "seed")
 # What a config's None means without --init (with it: the --init weights' own).
 DEFAULT_ARCHITECTURE = {"model": "unet", "width": 32, "depth": 3, "image_size": 32, "head": "regression",
                         "attention": False, "temperature": ModelConfig.temperature}

@@ -914,6 +914,41 @@ def test_a_log_stream_that_ends_just_before_the_job_loses_none_of_its_last_lines
     assert capsys.readouterr() == ("epoch 1\nepoch 2\ndone\n", "")
 
 
+class _ProxiedClient(_NoStreamClient):
+    """A job server behind a proxy that answers 502 for a while as the head restarts, then 404 for a job it lost."""
+
+    def __init__(self, logs: list[str], failures: list[str]) -> None:
+        super().__init__(logs)
+        self._failures = failures  # the SDK's error for each poll that fails, in turn
+
+    def get_job_status(self, job_id: str) -> JobStatus:
+        if self._polls and self._failures:
+            raise RuntimeError(f"Request failed with status code {self._failures.pop(0)}.")
+        return super().get_job_status(job_id)
+
+
+def test_following_rides_out_a_proxy_s_bad_gateway_but_not_the_servers_own_errors(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(submit, "_POLL_S", 0.0)
+    logs = ["epoch 1\n", "epoch 1\nepoch 2\n", "epoch 1\nepoch 2\ndone\n"]
+    info = submit.follow(_ProxiedClient(logs, ["502: Bad Gateway", "503: "]), "job", "http://h:8265", submit.Redactor(()))
+    assert info.status == JobStatus.SUCCEEDED
+    out, err = capsys.readouterr()
+    assert out == "epoch 1\nepoch 2\ndone\n" and "(HTTP 502 from a proxy in front of it)" in err
+
+    with pytest.raises(submit.ClusterError, match=r"^http://h:8265: Job job does not exist$"):
+        submit.follow(_ProxiedClient(logs, ["404: Job job does not exist"]), "job", "http://h:8265", submit.Redactor(()))
+
+
+def test_a_job_that_ended_is_not_failed_for_a_server_gone_after(monkeypatch, capsys) -> None:
+    """Its last lines were fetched through the retries: a SUCCEEDED job ended the command with 2, 5 minutes on."""
+    monkeypatch.setattr(submit, "_RECONNECT_S", 0.0)
+    client = _ShortStreamClient(["epoch 1\n", "epoch 1\ndone\n"])
+    client.get_job_logs = lambda job_id: requests.get(f"http://127.0.0.1:{free_ports(1)[0]}", timeout=5)
+
+    assert submit.follow(client, "job", "http://h:8265", submit.Redactor(())).status == JobStatus.SUCCEEDED
+    assert capsys.readouterr().out == "epoch 1\n"
+
+
 def test_following_gives_up_on_a_job_server_gone_for_good(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(submit, "_POLL_S", 0.0)
     monkeypatch.setattr(submit, "_RECONNECT_S", 0.5)

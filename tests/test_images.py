@@ -192,14 +192,15 @@ def test_a_32_bit_grey_image_past_16_bits_is_refused_not_clipped_to_white() -> N
     Image.fromarray(ramp, mode="I").save(buffer, format="TIFF")
     payload = buffer.getvalue()
 
-    with pytest.raises(images.ImageError, match=r"^32-bit grey with values from 0 to 131070, outside the 16-bit range"):
+    with pytest.raises(images.ImageError, match=r"^32-bit grey with values up to 131070, past the 16-bit range"):
         images.decode(payload, max_pixels=10**6)
     train = data.prepare_batch({"bytes": np.array([payload], dtype=object)}, image_size=8, augment=False)
     assert not train["ok"].any()
-    # The same in 16 bits is read as its grey.
+    # The same in 16 bits is read as its grey, and signed 16-bit values below 0 (elevation maps) as black.
     buffer = io.BytesIO()
-    Image.fromarray(ramp // 2, mode="I").save(buffer, format="TIFF")
-    assert images.decode(buffer.getvalue(), max_pixels=10**6).L.max() > 99.9
+    Image.fromarray(ramp // 2 - 3, mode="I").save(buffer, format="TIFF")
+    L = images.decode(buffer.getvalue(), max_pixels=10**6).L
+    assert L[0, 0] == 0 and L.max() > 99.9
 
 
 @pytest.mark.parametrize(("head", "name"), [

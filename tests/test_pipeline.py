@@ -207,8 +207,10 @@ def test_a_resumed_run_writes_only_what_is_missing(ray_cluster: str, weights: st
         assert np.array_equal(np.asarray(Image.open(p)), level1[p.name][1]) and p.stat().st_size > level1[p.name][0]
 
 
+@pytest.mark.parametrize(("flags", "goes_on"), [((), "goes on with the rest"), (("--overwrite",), "starts over")])
 def test_ctrl_c_while_colouring_says_that_the_same_command_goes_on(ray_cluster: str, weights: str, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch, capsys,
+                                                                   flags: tuple, goes_on: str) -> None:
     """Training said how to resume; a run said only "interrupted"."""
     folder = scene_pngs(tmp_path / "in", 3, 24)
 
@@ -219,13 +221,13 @@ def test_ctrl_c_while_colouring_says_that_the_same_command_goes_on(ray_cluster: 
     monkeypatch.setattr(pipeline, "_progress", ctrl_c)
     before = signal.getsignal(signal.SIGTERM)
     try:
-        status = cli.main(["run", "--input", str(folder), "--output", str(tmp_path / "out"), "--weights", weights])
+        status = cli.main(["run", "--input", str(folder), "--output", str(tmp_path / "out"), "--weights", weights, *flags])
     finally:
         signal.signal(signal.SIGTERM, before)  # cli.main's handler, for this process's later tests
 
     assert status == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.splitlines()[-1] == \
-        "colorize run: interrupted; what is written is kept, and the same command goes on with the rest"
+        f"colorize run: interrupted; what is written is kept, and the same command {goes_on}"
 
 
 def test_progress_lines_say_how_many_how_fast_and_how_long_is_left() -> None:

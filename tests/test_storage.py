@@ -276,6 +276,16 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_
     storage.check_output(pafs.LocalFileSystem(), str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b"), "--out")
 
 
+def test_a_new_output_named_as_a_file_is_refused_unless_written_as_a_folder(tmp_path: Path) -> None:
+    local = pafs.LocalFileSystem()
+    with pytest.raises(StorageError, match=r"colour\.png: a file's name; --output takes a folder .* such as colour\)$"):
+        storage.check_output(local, str(tmp_path / "colour.png"), str(tmp_path / "colour.png"), "--output")
+    storage.check_output(local, str(tmp_path / "colour.png"), f"{tmp_path / 'colour.png'}/", "--output")  # a slash: a folder
+    storage.check_output(local, str(tmp_path / "rows.parquet"), str(tmp_path / "rows.parquet"), "--output")  # a dataset's name
+    (tmp_path / "old.png").mkdir()  # a folder there already: what it is, whatever its name
+    storage.check_output(local, str(tmp_path / "old.png"), str(tmp_path / "old.png"), "--output")
+
+
 def test_an_endpoint_that_drops_every_connection_is_tried_a_bounded_number_of_times() -> None:
     """Fails fast by count, not by clock: the SDK's default would retry ten times with backoff."""
     listener = socket.create_server(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ import ray
 import torch
 from PIL import Image
 
-from colorize import colorizer, data, errors, storage
+from colorize import cli, colorizer, data, errors, storage
 from colorize import train as train_module
 from colorize.images import max_encoded_bytes
 from colorize.models import ModelConfig, build_model
@@ -108,7 +108,7 @@ def test_a_second_call_with_the_same_out_resumes(trained: tuple[Path, dict], ima
     assert (Path(out) / "model.pt").read_bytes() == model and history(Path(out))[-1]["epoch"] == 5
 
 
-def test_the_seed_fixes_the_initial_weights_and_each_epochs_shuffle(ray_cluster: str, images: Path, tmp_path: Path) -> None:
+def test_the_seed_fixes_the_initial_weights_and_seeds_each_epoch_and_worker_apart(ray_cluster: str, images: Path, tmp_path: Path) -> None:
     """Nothing was seeded: two runs of the same settings started from other weights."""
     config = TrainConfig(data=str(images), out=str(tmp_path / "run"), epochs=1, seed=7, **{**TINY, "lr": 1e-9})
     train(config)
@@ -126,6 +126,8 @@ def test_the_seed_fixes_the_initial_weights_and_each_epochs_shuffle(ray_cluster:
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 7
     seeds = {train_module._shuffle_seed(seed, epoch, rank) for seed in (0, 7) for epoch in range(3) for rank in range(2)}
     assert len(seeds) == 12 and train_module._shuffle_seed(7, 1, 0) == train_module._shuffle_seed(7, 1, 0)
+    with pytest.raises(SystemExit):  # a seed past 32 bits failed in the worker, with a traceback
+        cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", "--seed", str(2**32)])
 
 
 def _registered(out: Path) -> list[str]:
