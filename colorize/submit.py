@@ -86,6 +86,7 @@ _NETWORK_ERRORS = (requests.RequestException, ConnectionError, aiohttp.ClientErr
 _PROXY_BETWEEN = re.compile(r"Request failed with status code (502|503|504)\b")
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _HTTP_ERROR = re.compile(r"Request failed with status code \d+: (.*)", re.DOTALL)
+_NO_MODULE = re.compile(r"No module named '((?:colorize|jobs|ray|torch|torchvision|pyarrow|PIL|boto3)\b[\w.]*)'")
 _RAISED = re.compile(r"[\w.]*(Error|Exception): ")  # a traceback's last line: "OSError: [Errno 2] ..."
 _T = TypeVar("_T")
 
@@ -635,6 +636,12 @@ def _message(info: JobDetails) -> str:
         why = [text for text in lines if text.startswith("ERROR:")] or [text for text in lines if _RAISED.match(text)]
         if why:
             line = f"{line.rstrip('.')}: {why[-1]}"
+    missing = _NO_MODULE.search(info.message)
+    if missing and line != "-":
+        # A `ray start` run from a Python without the project ("No module named 'jobs'"): the
+        # job's exit code 1 said nothing of it.
+        line = (f"{line.rstrip('.')}; the cluster's Python has no module {missing.group(1)!r}: start its Ray from "
+                "the environment colorize is installed in, or use the image that cluster/Dockerfile builds")
     return line or "-"
 
 

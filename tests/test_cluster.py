@@ -814,6 +814,20 @@ def test_a_runtime_env_that_failed_to_set_up_says_why() -> None:
         "environment: RuntimeError: Failed to execute command: pip install ...")
 
 
+def test_a_job_that_cannot_import_the_project_says_the_cluster_lacks_it() -> None:
+    """A `ray start` from a Python without colorize: the job failed with "exit code 1" and no more."""
+    message = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+               "/usr/bin/python3: Error while finding module specification for 'jobs.colorize' "
+               "(ModuleNotFoundError: No module named 'jobs')\n")
+    failed = JobDetails(type="SUBMISSION", entrypoint="e", status=JobStatus.FAILED, message=message, submission_id="j")
+    assert submit._outcome(failed) == (
+        "j FAILED: Job entrypoint command failed with exit code 1; the cluster's Python has no module 'jobs': start its "
+        "Ray from the environment colorize is installed in, or use the image that cluster/Dockerfile builds")
+    own = message.replace("No module named 'jobs'", "No module named 'mylib'")  # the user's own code's: not ours to explain
+    assert submit._outcome(JobDetails(type="SUBMISSION", entrypoint="e", status=JobStatus.FAILED, message=own,
+                                      submission_id="j")) == "j FAILED: Job entrypoint command failed with exit code 1"
+
+
 def test_a_job_server_error_sent_as_a_traceback_is_told_by_its_last_line() -> None:
     answer = ("Request failed with status code 400: Traceback (most recent call last):\n"
               '  File "ray/dashboard/modules/job/job_head.py", line 1, in submit_job\n'
