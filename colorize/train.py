@@ -335,6 +335,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         adversary.optimizer.load_state_dict(states["discriminator_optimizer"])
 
     shard = ray.train.get_dataset_shard("train")
+    # Fine-tuning: the --init weights' scores first, so the epochs' say whether it helps.
+    fine_tuning = rank == 0 and config.val and loop_config.get("init") and not checkpoint
+    before = _init_scores(model, config, device) if fine_tuning else {}
     for epoch in range(start_epoch, config.epochs):
         set_lr(cosine_lr(config.lr, epoch, config.epochs), optimizer, adversary)
         row = {"epoch": epoch + 1, "precision": precision,
@@ -348,6 +351,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 limit=config.val_limit, loss=config.loss,
             )
             row.update(val_metrics)
+        if epoch == start_epoch:
+            row.update(before)
         history.append(row)
         if rank == 0:
             _say(_progress_line(row, config.epochs))
@@ -459,10 +464,32 @@ def _train_epoch(
     }
 
 
+def _init_scores(model: nn.Module, config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """The ``--init`` weights' validation scores, said before the first epoch, as ``init_*``
+    beside that epoch's. A fine-tune that only made the model worse said nothing of it."""
+    scores, _ = validate(
+        colorizer.unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
+        limit=config.val_limit, loss=config.loss,
+    )
+    if scores.get("val_images"):
+        _say(f"before training, the --init weights:  {_val_text(scores)}")
+    return {f"init_{name}": scores[name] for name in INIT_SCORES if name in scores}
+
+
+# The --init weights' scores that the first epoch's row keeps, as init_val_psnr and so on.
+INIT_SCORES = ("val_mse", "val_psnr", "val_ssim", "val_colourfulness", "val_delta_colourfulness")
+
+
 def _say(line: str) -> None:
     """Print a progress line from a train worker once. Ray Train's print patch sends a plain
     print both to the worker's stdout and to its logger, and Ray forwards both to the driver."""
     print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _val_text(row: dict[str, Any]) -> str:
+    return (f"val: mse {row['val_mse']:.5f} psnr {row['val_psnr']:.2f} dB ssim {row['val_ssim']:.3f} "
+            f"cf {row['val_colourfulness']:.1f}/{row['val_colourfulness_truth']:.1f}  "
+            f"(gray: mse {row['gray_mse']:.5f} psnr {row['gray_psnr']:.2f} dB)")
 
 
 def _progress_line(row: dict[str, Any], epochs: int) -> str:
@@ -475,11 +502,7 @@ def _progress_line(row: dict[str, Any], epochs: int) -> str:
     if row.get("dropped"):
         line += f"  dropped {row['dropped']} readable (in steps where a worker had none)"
     if "val_psnr" in row:
-        line += (
-            f"  val: mse {row['val_mse']:.5f} psnr {row['val_psnr']:.2f} dB ssim {row['val_ssim']:.3f} "
-            f"cf {row['val_colourfulness']:.1f}/{row['val_colourfulness_truth']:.1f}  "
-            f"(gray: mse {row['gray_mse']:.5f} psnr {row['gray_psnr']:.2f} dB)"
-        )
+        line += f"  {_val_text(row)}"
         if "val_class_accuracy" in row:
             line += f"  classes {100 * row['val_class_accuracy']:.1f}% right"
         if row.get("val_unreadable"):

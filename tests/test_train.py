@@ -346,10 +346,14 @@ def test_fine_tuning_the_bundled_model_keeps_its_architecture_and_starts_from_it
     # A learning rate too small to move a weight by 1e-4 in two steps: what comes out is what went in.
     config = dict(data=str(tmp_path / "scenes"), out=str(out), init="bundled", semantic=True, image_size=32,
                   epochs=1, batch_size=16, lr=1e-7, num_workers=2, cpus_per_worker=0.5)
-    train(TrainConfig(**config))
+    train(TrainConfig(**config, val=str(tmp_path / "scenes"), val_limit=16))
     summary = train(TrainConfig(**{**config, "epochs": 2}))
 
     assert summary["resumed_at"] == [1] and summary["images"] == 32
+    # The --init weights were scored before the first epoch (a fine-tune that only hurt said nothing), once.
+    first, second = history(out)
+    assert np.isfinite(first["init_val_psnr"]) and first["init_val_psnr"] != first["val_psnr"]
+    assert {"init_val_ssim", "init_val_delta_colourfulness"} <= set(first) and not any(k.startswith("init_") for k in second)
     bundled, _ = colorizer.load_weights(None)
     tuned, _ = colorizer.load_weights(str(out / "model.pt"))
     # The bundled model's shape, at the resolution asked for, with a class head for the two folders.
