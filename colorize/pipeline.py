@@ -723,7 +723,7 @@ def _plan(
         # downstream; with one operator whose outputs are status rows, that held one of two
         # cores idle for much of a run (2,000 images: 24-27 s with it, 19-20 s without).
         ds.context.op_resource_reservation_enabled = False
-        return _without_progress_bars(ds)
+        return ds
     ds = _per_call(tasks, read_and_decode, num_cpus=TASK_CPUS, fn_kwargs={**read, "packed": True})
     use_gpu = config.num_gpus > 0
     actors, actor_cpus = actor_pool(config.num_gpus, config.actors)
@@ -740,15 +740,8 @@ def _plan(
         num_gpus=1 if use_gpu else None,
         num_cpus=actor_cpus,
     )
-    return _without_progress_bars(ds.map_batches(compose_and_write, fn_kwargs=write, batch_size=config.batch_size,
-                                                 batch_format="numpy", zero_copy_batch=True, num_cpus=TASK_CPUS))
-
-
-def _without_progress_bars(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Ray Data's bar counted blocks of 32 files, its total changing as they came (0% for the
-    first 13 s of a 21 s run); :func:`_colourise`'s lines say what a user asks: how many, how long."""
-    ds.context.enable_progress_bars = False
-    return ds
+    return ds.map_batches(compose_and_write, fn_kwargs=write, batch_size=config.batch_size, batch_format="numpy",
+                          zero_copy_batch=True, num_cpus=TASK_CPUS)
 
 
 def _per_call(tasks: list[dict[str, Any]], fn, **options: Any) -> ray.data.Dataset:  # noqa: ANN001
@@ -886,8 +879,12 @@ def _colourise(todo: list[sources.Item], done: Done, config: BulkConfig, setting
             "chunk": config.batch_size}
     write = {"output": config.output, "settings": settings, "formats": config.formats,
              "png_level": config.png_level, "weights_id": weights_id, "overwrite": config.overwrite}
+    # Ray Data's bar counted blocks of 32 files, its total changing as they came (0% for the first
+    # 13 s of a 21 s run); lines of _progress say what a user asks, how many and how long, in its
+    # place and that of its plans. (A dataset takes the context as it is when made.)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    raycluster.quiet_ray_data()
     ds = _plan(task_rows(todo, done), config, colorizer.weights_bytes(model), read, write)
-    raycluster.quiet_ray_data()  # lines of _progress, in place of Ray Data's bars (see _plan) and plans
     files = None if any(item.kind == "archive" for item in todo) else len(todo)  # members are counted as they come
     started = last = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

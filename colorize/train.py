@@ -345,11 +345,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                               shuffle_seed=_shuffle_seed(config.seed, epoch, rank))}
         examples: list[tuple[str, np.ndarray]] = []
         if rank == 0 and config.val:
-            # The bare module: a DDP forward would wait for collectives the other ranks never join.
-            val_metrics, examples = validate(
-                colorizer.unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
-                limit=config.val_limit, loss=config.loss,
-            )
+            val_metrics, examples = _validate_on_val(model, config, device)
             row.update(val_metrics)
         if epoch == start_epoch:
             row.update(before)
@@ -464,13 +460,17 @@ def _train_epoch(
     }
 
 
+def _validate_on_val(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[dict[str, float], list]:
+    """:func:`validate` on the ``--val`` set, by rank 0 alone: with the bare module, as a DDP
+    forward would wait for collectives the other ranks never join."""
+    batches = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device)
+    return validate(colorizer.unwrap(model), batches, limit=config.val_limit, loss=config.loss)
+
+
 def _init_scores(model: nn.Module, config: TrainConfig, device: torch.device) -> dict[str, float]:
     """The ``--init`` weights' validation scores, said before the first epoch, as ``init_*``
     beside that epoch's. A fine-tune that only made the model worse said nothing of it."""
-    scores, _ = validate(
-        colorizer.unwrap(model), ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=256, device=device),
-        limit=config.val_limit, loss=config.loss,
-    )
+    scores, _ = _validate_on_val(model, config, device)
     if scores.get("val_images"):
         _say(f"before training, the --init weights:  {_val_text(scores)}")
     return {f"init_{name}": scores[name] for name in INIT_SCORES if name in scores}
